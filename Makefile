@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:  make demo  |  make test
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: demo test setup clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU-only machines get the CPU build of torch first, so the project's `torch` requirement does not
+	# pull several GB of CUDA wheels; machines with an NVIDIA driver get the default (CUDA) build.
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PY) -m pip install -q torch; \
+	else \
+	  $(PY) -m pip install -q torch==$(TORCH_VERSION) || \
+	  $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) jobs/bco.py
+
+test: setup
+	$(PY) -m pytest -q --timeout=1200 tests
+
+clean:
+	rm -rf outputs mlflow.db .pytest_cache

@@ -1,0 +1,294 @@
+"""One typed config for a bco-ray job: dataclasses, loaded from YAML, overridden by `--key.sub=value`,
+validated before any Ray work starts.
+
+The algorithm's defaults follow the reference BCOTrainer (lr 5e-7, beta 0.1, warmup 0.1, max_length
+1024, max_prompt_length 512, UDM prompt_sample_size 1024, density ratio clamped to [0.5, 10]).
+Model and data default to the embedded tiny assets, so a job runs with no hub access.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bco_ray.builtin import BUILTIN_EMBEDDER, BUILTIN_EVAL, BUILTIN_MODEL, BUILTIN_TRAIN
+
+
+class ConfigError(ValueError):
+    """A bad config value: the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    policy: str = BUILTIN_MODEL          # hub id or local directory (from_pretrained), or builtin:tiny-qwen2
+    reference: str | None = None         # None: the policy's initial weights
+    tokenizer: str | None = None         # None: the policy's tokenizer
+    revision: str | None = None          # hub revision for policy/reference/tokenizer
+    dtype: str = "auto"                  # auto: bfloat16 on GPU, float32 on CPU
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = BUILTIN_TRAIN           # .jsonl/.json/.parquet file, a directory of them, or hf:<dataset id>[:split]
+    eval: str | None = BUILTIN_EVAL
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    on_bad_rows: str = "error"           # error | skip
+    seed: int = 42                       # shuffle seed of the pass
+
+
+@dataclass
+class UDMConfig:
+    enabled: bool = True
+    embedding_model: str = BUILTIN_EMBEDDER
+    prompt_sample_size: int = 1024
+    min_density_ratio: float = 0.5
+    max_density_ratio: float = 10.0
+    max_embed_length: int = 256
+
+
+@dataclass
+class PrecomputeConfig:
+    cache_dir: str | None = None         # None: <output_dir>/cache ; any pyarrow/fsspec URI (s3://...) works
+    force: bool = False
+    batch_size: int = 256                # rows handed to one actor call
+    token_budget: int = 16384            # padded tokens per forward inside an actor call
+    ref_actors: tuple[int, int] = (1, 1)     # ActorPoolStrategy(min_size, max_size)
+    embed_actors: tuple[int, int] = (1, 1)
+    num_gpus_per_actor: float = 0.0      # >0 puts each scoring actor on a GPU
+    logp_chunk_size: int = 1024
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    micro_batch_size: int = 8            # rows per worker per forward
+    gradient_accumulation_steps: int = 1
+    lr: float = 5e-7
+    beta: float = 0.1
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "linear"         # linear | cosine | constant
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    num_epochs: int = 1
+    max_steps: int = -1                  # >0 caps optimizer steps
+    logging_steps: int = 1
+    eval_steps: int = 0                  # 0: evaluate at the end only
+    save_steps: int = 0                  # 0: no intermediate checkpoints
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    storage_path: str | None = None     # Ray Train storage (checkpoints); None: <output_dir>/ray. Shared/cloud on clusters
+    seed: int = 42
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bf16: str = "auto"                   # auto | true | false
+    gradient_checkpointing: bool = False
+    disable_dropout: bool = True
+    resources_timeout_s: float = 600.0   # fail clearly instead of waiting forever for workers
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None      # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "bco-ray"
+    run_name: str | None = None          # None: generated; the same name resumes a stopped run
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    udm: UDMConfig = field(default_factory=UDMConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        return flatten(self.to_dict())
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ---------------------------------------------------------------- building from dicts, with checks
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{path}': expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, path + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config field '{path}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"config field '{path}': expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config field '{path}': expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config field '{path}': expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config field '{path}': expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config field '{path}': expected a string, got {value!r}")
+        return str(value)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{path}': expected a list, got {value!r}")
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"config field '{path}': expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, path) for v, a in zip(value, args))
+        return [_coerce(v, args[0], path) for v in value]
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            guess = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean '{prefix}{guess[0]}'?" if guess else f" Known fields: {', '.join(names)}."
+            raise ConfigError(f"unknown config field '{prefix}{key}'.{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--train.lr=1e-6 --udm.enabled false` → {"train": {"lr": 1e-6}, "udm": {"enabled": False}}."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"   # a bare flag: --precompute.force
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    if overrides:
+        data = _merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that need no cluster. Raises ConfigError naming the field and the fix."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    t, d, u, p = cfg.train, cfg.data, cfg.udm, cfg.precompute
+    need(t.beta > 0, f"train.beta must be > 0 (got {t.beta}); the reference default is 0.1")
+    need(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3 (got {t.zero_stage})")
+    need(t.num_workers >= 1, f"train.num_workers must be >= 1 (got {t.num_workers})")
+    need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")
+    need(t.gradient_accumulation_steps >= 1,
+         f"train.gradient_accumulation_steps must be >= 1 (got {t.gradient_accumulation_steps})")
+    need(t.lr >= 0, f"train.lr must be >= 0 (got {t.lr})")
+    need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
+    need(t.lr_scheduler in ("linear", "cosine", "constant"),
+         f"train.lr_scheduler must be linear, cosine or constant (got {t.lr_scheduler!r})")
+    need(t.num_epochs >= 1, f"train.num_epochs must be >= 1 (got {t.num_epochs})")
+    need(t.max_steps == -1 or t.max_steps > 0, f"train.max_steps must be -1 (no cap) or > 0 (got {t.max_steps})")
+    need(t.logging_steps >= 1, f"train.logging_steps must be >= 1 (got {t.logging_steps})")
+    need(t.bf16 in ("auto", "true", "false"), f"train.bf16 must be auto, true or false (got {t.bf16!r})")
+    need(not t.offload_params or t.zero_stage == 3,
+         "train.offload_params needs train.zero_stage=3 (DeepSpeed offloads parameters only under ZeRO-3)")
+    need(not t.offload_optimizer or t.zero_stage >= 1,
+         "train.offload_optimizer needs train.zero_stage >= 1")
+    need(d.max_length >= 2, f"data.max_length must be >= 2 (got {d.max_length})")
+    need(0 < d.max_prompt_length < d.max_length,
+         f"data.max_prompt_length ({d.max_prompt_length}) must be > 0 and < data.max_length ({d.max_length})")
+    need(d.on_bad_rows in ("error", "skip"), f"data.on_bad_rows must be error or skip (got {d.on_bad_rows!r})")
+    need(u.min_density_ratio > 0, f"udm.min_density_ratio must be > 0 (got {u.min_density_ratio})")
+    need(u.min_density_ratio <= u.max_density_ratio,
+         f"udm.min_density_ratio ({u.min_density_ratio}) must be <= udm.max_density_ratio ({u.max_density_ratio})")
+    need(u.prompt_sample_size >= 2, f"udm.prompt_sample_size must be >= 2 (got {u.prompt_sample_size})")
+    for name, (lo, hi) in (("ref_actors", p.ref_actors), ("embed_actors", p.embed_actors)):
+        need(1 <= lo <= hi, f"precompute.{name} must be [min, max] with 1 <= min <= max (got [{lo}, {hi}])")
+    need(p.num_gpus_per_actor >= 0, f"precompute.num_gpus_per_actor must be >= 0 (got {p.num_gpus_per_actor})")
+    need(p.batch_size >= 1 and p.token_budget >= 1, "precompute.batch_size and precompute.token_budget must be >= 1")
+    need(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+         f"model.dtype must be auto, float32, bfloat16 or float16 (got {cfg.model.dtype!r})")

@@ -1,0 +1,157 @@
+"""A whole bco-ray job, driver side: check inputs → Ray → MLflow run → precompute pass → Ray Train →
+artifacts. `jobs/bco.py` is a thin command line around `run_job`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from bco_ray.builtin import resolve_embedder, resolve_model
+from bco_ray.config import Config
+from bco_ray.data.checks import check_data
+from bco_ray.models import load_tokenizer
+
+log = logging.getLogger("bco_ray")
+
+
+def resolve_paths(cfg: Config):
+    from bco_ray.precompute.pipeline import Paths
+    models_dir = str(Path(cfg.output_dir).resolve() / "models")
+    policy = resolve_model(cfg.model.policy, models_dir)
+    reference = resolve_model(cfg.model.reference, models_dir) if cfg.model.reference else policy
+    tokenizer = resolve_model(cfg.model.tokenizer, models_dir) if cfg.model.tokenizer else policy
+    for name, p in (("model.policy", policy), ("model.reference", reference), ("model.tokenizer", tokenizer)):
+        if (p.startswith((".", "/")) or os.sep in p and not p.count("/") == 1) and not os.path.exists(p):
+            raise FileNotFoundError(f"{name}: {p} does not exist; give a local model directory or a hub id")
+    tok = load_tokenizer(tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
+    embedder = resolve_embedder(cfg.udm.embedding_model) if cfg.udm.enabled else None
+    return Paths(policy=policy, reference=reference, tokenizer=tokenizer, embedder=embedder,
+                 pad_id=tok.pad_token_id), tok
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    env = {"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "")}
+    env = {k: v for k, v in env.items() if v}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env} if env else None)
+        return
+    try:                       # a cluster started with `ray start` on this machine
+        ray.init(address="auto", runtime_env={"env_vars": env} if env else None)
+    except ConnectionError:    # none: a local Ray, with enough logical CPUs for the pass's actor pools
+        ray.init(num_cpus=max(os.cpu_count() or 1, 8), runtime_env={"env_vars": env} if env else None)
+
+
+def run_job(cfg: Config) -> dict:
+    """Run the job; returns a dict with the MLflow run, output locations and final metrics."""
+    from bco_ray.tracking import mlflow_run
+    t0 = time.time()
+    data_report = check_data(cfg)                         # before any Ray work: bad rows fail here
+    paths, tok = resolve_paths(cfg)
+    run_name = cfg.mlflow.run_name or time.strftime("bco-%Y%m%d-%H%M%S")
+    out_dir = Path(cfg.output_dir).resolve() / "runs" / run_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uri, run_id, resumed = mlflow_run.open_run(cfg, run_name)
+    print(f"[bco-ray] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
+          f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: mlflow ui --backend-store-uri {uri}", flush=True)
+    try:
+        init_ray(cfg)
+        result = _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report)
+    except KeyboardInterrupt:
+        mlflow_run.close_run("KILLED", "interrupted")
+        raise
+    except BaseException as e:
+        mlflow_run.close_run("FAILED", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+        raise
+    mlflow_run.close_run("FINISHED")
+    result.update(run_id=run_id, tracking_uri=uri, run_name=run_name, seconds=round(time.time() - t0, 1))
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"[bco-ray] done in {result['seconds']} s: model at {result['model_dir']}, outputs in {out_dir}", flush=True)
+    return result
+
+
+def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
+    import mlflow
+    import ray
+    import ray.data
+    from mlflow.tracking import MlflowClient
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from bco_ray.precompute.pipeline import run_precompute
+    from bco_ray.tracking import mlflow_run, plots
+    from bco_ray.train.loop import train_loop_per_worker
+
+    t = cfg.train
+    pre = run_precompute(cfg, paths)
+    print(f"[bco-ray] precompute {'reused' if pre.reused else 'computed'}: {pre.dir}", flush=True)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    mlflow_run.set_tags({**mlflow_run.version_tags(), "precompute.cache_key": pre.key,
+                         "precompute.reused": pre.reused, "dataset.train": data_report["train"]["fingerprint"],
+                         "num_workers": t.num_workers, "num_gpus": gpus if t.use_gpu else 0})
+    tr = pre.summary["train"]
+    mlflow.log_metrics({f"precompute/{k}": v for k, v in {
+        "rows": tr["rows"], "tokens": tr["tokens"], "chosen": tr["chosen"], "rejected": tr["rejected"],
+        "padding_fraction": tr["padding_fraction"], "mean_rejected_weight": tr["mean_rejected_weight"],
+        "seconds": pre.summary.get("seconds", 0.0), **{f"dropped/{k}": v for k, v in pre.summary["dropped"].items()},
+    }.items()})
+    if pre.summary.get("udm"):
+        mlflow.log_metrics(pre.summary["udm"])
+    mlflow.log_dict(pre.summary, "precompute/summary.json")
+
+    datasets = {"train": ray.data.read_parquet(pre.train)}
+    if pre.eval:
+        datasets["eval"] = ray.data.read_parquet(pre.eval)
+    storage = t.storage_path or str(Path(cfg.output_dir).resolve() / "ray")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "policy_path": paths.policy, "tokenizer_path": paths.tokenizer,
+                           "pad_id": paths.pad_id, "train_rows": tr["rows"], "has_eval": bool(pre.eval),
+                           "mlflow": {"tracking_uri": uri, "run_id": run_id}},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    final_ckpt = result.checkpoint
+    with final_ckpt.as_directory() as d:
+        model_dir = out_dir / "model"
+        if not model_dir.exists():
+            import shutil
+            tmp = Path(tempfile.mkdtemp(dir=out_dir))
+            shutil.copytree(Path(d) / "model", tmp / "model")
+            os.replace(tmp / "model", model_dir)
+            tmp.rmdir()
+        final = json.loads((Path(d) / "final.json").read_text())
+    mlflow.log_artifacts(str(model_dir), "model")
+    client = MlflowClient(uri)
+    with tempfile.TemporaryDirectory() as d:
+        for p in plots.plot_run(client, run_id, d):
+            mlflow.log_artifact(p, "plots")
+        if cfg.udm.enabled:
+            mlflow.log_artifact(plots.plot_weight_hist(tr["weight_hist"], os.path.join(d, "udm_weights.png")),
+                                "plots")
+    if cfg.udm.enabled:
+        mlflow.log_artifact(_local(f"{pre.dir}/classifier.pkl"), "udm")
+    return {"model_dir": str(model_dir), "precompute_dir": pre.dir, "precompute_reused": pre.reused,
+            "checkpoint": final_ckpt.path, "final": final, "out_dir": str(out_dir)}
+
+
+def _local(uri: str) -> str:
+    """A local copy of a (possibly remote) file, for mlflow.log_artifact."""
+    import fsspec
+    if "://" not in uri:
+        return uri
+    dst = os.path.join(tempfile.mkdtemp(), os.path.basename(uri))
+    fsspec.core.url_to_fs(uri)[0].get(uri.split("://", 1)[1], dst)
+    return dst

@@ -1,0 +1,46 @@
+"""Evaluation on the eval split: no δ update, metrics from all ranks (loss, rewards, accuracy, ROC AUC)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.metrics import roc_auc_score
+
+from bco_ray.train.metrics import WindowSums
+from bco_ray.train.step import bco_forward, collate
+
+
+@torch.no_grad()
+def evaluate(model, eval_shard, delta, cfg, pad_id: int, device, rank: int, world: int) -> dict[str, float]:
+    """Every rank reads the whole (small) eval split and scores micro-batches j with j % world == rank.
+    All ranks run the same number of forwards (ZeRO-3 gathers need every rank): a rank with no batch
+    left repeats its last one and drops the result."""
+    was_training = model.training
+    model.eval()
+    batches = list(eval_shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"))
+    n_rounds = (len(batches) + world - 1) // world
+    sums, margins, labels = WindowSums(), [], []
+    for r in range(n_rounds):
+        j = r * world + rank
+        raw = batches[min(j, len(batches) - 1)]
+        batch = {k: v.to(device) for k, v in collate(raw, pad_id).items()}
+        losses, rewards, logps = bco_forward(model, batch, delta, cfg.train.beta,
+                                             cfg.precompute.logp_chunk_size, update_delta=False)
+        if j < len(batches):
+            sums.add(losses, rewards, logps, batch["label"], 0)
+            margins.append((rewards - delta.mean).float().cpu().numpy())
+            labels.append(batch["label"].cpu().numpy())
+    if was_training:
+        model.train()
+    m = sums.reduce()
+    local = (np.concatenate(margins) if margins else np.zeros(0), np.concatenate(labels) if labels else np.zeros(0))
+    gathered = [local]
+    if dist.is_available() and dist.is_initialized() and world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, local)
+    z = np.concatenate([g[0] for g in gathered])
+    y = np.concatenate([g[1] for g in gathered]).astype(bool)
+    out = {f"eval/{k}": v for k, v in m.items() if k != "tokens"}
+    out["eval/accuracy"] = float(((z > 0) == y).mean()) if len(y) else float("nan")
+    out["eval/auc"] = float(roc_auc_score(y, z)) if 0 < y.sum() < len(y) else float("nan")
+    return out

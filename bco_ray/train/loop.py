@@ -1,0 +1,179 @@
+"""The training recipe a Ray Train worker runs, top to bottom:
+build the policy → DeepSpeed engine → resume from the latest checkpoint → for each micro-batch of this
+worker's shard: BCO forward, backward, step → log / evaluate / checkpoint → save the final model."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import deepspeed
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+from transformers import get_scheduler
+
+from bco_ray.bco.loss import RunningMean
+from bco_ray.config import Config, load_config
+from bco_ray.models import load_causal_lm, pick_dtype
+from bco_ray.train.ds_config import deepspeed_config, use_bf16
+from bco_ray.train.evaluate import evaluate
+from bco_ray.train.metrics import WindowSums
+from bco_ray.train.step import bco_forward, collate
+from bco_ray.tracking.step_logger import StepLogger
+
+
+def build_policy(cfg: Config, policy_path: str, on_gpu: bool):
+    t = cfg.train
+    model = load_causal_lm(policy_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+                           attn_implementation=cfg.model.attn_implementation,
+                           dtype=torch.bfloat16 if use_bf16(t, on_gpu) else torch.float32)
+    if t.disable_dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        if hasattr(model.config, "attention_dropout"):
+            model.config.attention_dropout = 0.0
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if t.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+                                                 target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
+    return model
+
+
+def save_final_model(engine, model, out_dir: str, tokenizer_path: str, rank: int, zero_stage: int) -> None:
+    """Hugging Face format (safetensors + tokenizer + generation config); ZeRO-3 shards gathered first."""
+    from transformers import AutoTokenizer
+    params = list(model.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else _null()
+    with ctx:
+        if rank == 0:
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out_dir)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = load_config(overrides=config["cfg"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = t.use_gpu and torch.cuda.is_available()
+    device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
+    torch.manual_seed(t.seed)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+
+    # Steps are fixed up front from the pass's row count, so every rank runs the same number of them.
+    rows_per_rank = config["train_rows"] // world
+    micro_per_epoch = rows_per_rank // t.micro_batch_size
+    steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{config['train_rows']} training rows give no full optimizer step with "
+                         f"{world} workers × micro_batch_size {t.micro_batch_size} × gradient_accumulation_steps "
+                         f"{t.gradient_accumulation_steps}; lower them or add data")
+    micro_per_epoch = steps_per_epoch * t.gradient_accumulation_steps
+    total_steps = steps_per_epoch * t.num_epochs if t.max_steps < 0 else t.max_steps
+    warmup = math.ceil(t.warmup_ratio * total_steps)
+
+    model = build_policy(cfg, config["policy_path"], on_gpu)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(t, world, on_gpu),
+        lr_scheduler=lambda opt: get_scheduler(t.lr_scheduler, opt, num_warmup_steps=warmup,
+                                               num_training_steps=total_steps))
+    delta = RunningMean()
+    step, epoch, skip = 0, 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag="ds")
+        delta.load_state_dict(client["delta"])
+        step, epoch, skip = client["step"], client["epoch"], client["micro_in_epoch"]
+        torch.set_rng_state(client["rng"])
+        if rank == 0:
+            print(f"[bco-ray] resumed from checkpoint at step {step} (epoch {epoch}, δ={delta.mean:.6f})")
+
+    logger = StepLogger(config.get("mlflow"), rank, buffered=t.save_steps > 0)
+    pad_id = config["pad_id"]
+    window, t_window = WindowSums(), time.time()
+    shard = ray.train.get_dataset_shard("train")
+    eval_ds = ray.train.get_dataset_shard("eval") if config.get("has_eval") else None
+
+    def checkpoint(metrics: dict, micro_in_epoch: int, ep: int) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag="ds", client_state={
+                "delta": delta.state_dict(), "step": step, "epoch": ep, "micro_in_epoch": micro_in_epoch,
+                "rng": torch.get_rng_state()})
+            logger.flush()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"checkpoint_step{step:07d}")
+
+    while step < total_steps:                      # epochs; max_steps may run past num_epochs
+        micro, step_at_start = 0, step
+        batches = shard.iter_batches(batch_size=t.micro_batch_size, batch_format="numpy", drop_last=True)
+        for raw in batches:
+            if micro >= micro_per_epoch or step >= total_steps:
+                break
+            if micro < skip:                       # resuming mid-epoch: these were trained already
+                micro += 1
+                continue
+            batch = {k: v.to(device) for k, v in collate(raw, pad_id).items()}
+            lr = scheduler.get_last_lr()[0]
+            losses, rewards, logps = bco_forward(engine.module, batch, delta, t.beta, cfg.precompute.logp_chunk_size)
+            engine.backward(losses.mean())
+            engine.step()
+            window.add(losses, rewards, logps, batch["label"], int(batch["attention_mask"].sum()))
+            micro += 1
+            if micro % t.gradient_accumulation_steps:
+                continue
+            step += 1
+            if step % t.logging_steps == 0 or step == total_steps:
+                m = window.reduce()
+                elapsed = time.time() - t_window
+                m.update({"delta": delta.mean, "learning_rate": lr, "epoch": epoch + micro / micro_per_epoch,
+                          "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                          "tokens_per_second": m.pop("tokens") / max(elapsed, 1e-9),
+                          "samples_per_second": (m["count/chosen"] + m["count/rejected"]) / max(elapsed, 1e-9)})
+                logger.log(m, step)
+                window.reset()
+                t_window = time.time()
+            if eval_ds is not None and t.eval_steps > 0 and step % t.eval_steps == 0 and step < total_steps:
+                logger.log(evaluate(engine.module, eval_ds, delta, cfg, pad_id, device, rank, world), step)
+            if t.save_steps > 0 and step % t.save_steps == 0 and step < total_steps:
+                at_end = micro >= micro_per_epoch
+                checkpoint({"step": step}, 0 if at_end else micro, epoch + 1 if at_end else epoch)
+        if step == step_at_start and skip == 0:
+            raise RuntimeError(f"rank {rank}: the training shard yielded no full micro-batch in epoch {epoch}")
+        skip = 0
+        epoch += 1
+
+    final = {"step": step, "delta": delta.mean}
+    if eval_ds is not None:
+        ev = evaluate(engine.module, eval_ds, delta, cfg, pad_id, device, rank, world)
+        logger.log(ev, step)
+        final.update(ev)
+    logger.flush()
+    with tempfile.TemporaryDirectory() as d:
+        save_final_model(engine, engine.module, os.path.join(d, "model"), config["tokenizer_path"], rank,
+                         t.zero_stage)
+        if rank == 0:
+            with open(os.path.join(d, "final.json"), "w") as f:
+                json.dump(final, f)
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
+                         checkpoint_dir_name=f"final_step{step:07d}")
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,39 @@
+"""One BCO forward on a micro-batch: policy log-probs → rewards → δ update (all ranks) → per-row losses.
+Plain torch, no Ray: the same function runs in a Ray Train worker and in the unit tests."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bco_ray.bco.logprobs import policy_completion_logps
+from bco_ray.bco.loss import RunningMean, bco_losses
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token ids of a micro-batch (columns from the precomputed Parquet) into tensors."""
+    seqs = [np.asarray(s, dtype=np.int64) for s in batch["input_ids"]]
+    n = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), n), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), n), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return {
+        "input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+        "prompt_len": torch.as_tensor(np.asarray(batch["prompt_len"], dtype=np.int64)),
+        "label": torch.as_tensor(np.asarray(batch["label"], dtype=bool)),
+        "ref_logps": torch.as_tensor(np.asarray(batch["ref_logps"], dtype=np.float32)),
+        "udm_weight": torch.as_tensor(np.asarray(batch["udm_weight"], dtype=np.float32)),
+    }
+
+
+def bco_forward(model, batch: dict[str, torch.Tensor], delta: RunningMean, beta: float,
+                chunk_size: int = 1024, update_delta: bool = True):
+    """(per-row losses, rewards, policy log-probs). With update_delta, δ first absorbs this micro-batch's
+    rewards from every rank (as the reference does before computing the loss)."""
+    logps = policy_completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
+                                    chunk_size)
+    if update_delta:
+        delta.update(beta * (logps.detach() - batch["ref_logps"]))
+    losses, rewards = bco_losses(logps, batch["ref_logps"], batch["label"], batch["udm_weight"], beta, delta.mean)
+    return losses, rewards, logps

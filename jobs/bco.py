@@ -1,0 +1,45 @@
+"""Run a BCO job: Ray Data precompute → Ray Train + DeepSpeed → MLflow.
+
+    python jobs/bco.py                                   # embedded defaults (configs/tiny.yaml)
+    python jobs/bco.py --config configs/X.yaml --train.lr=1e-6
+    ray job submit --working-dir . -- python jobs/bco.py --config configs/X.yaml
+
+Connects to the Ray cluster it runs in (or one started with `ray start` here), else starts a local Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bco_ray.config import ConfigError, load_config  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    except ConfigError as e:
+        print(f"bco-ray: config error: {e}", file=sys.stderr)
+        return 2
+    from bco_ray.data.checks import DataError
+    from bco_ray.data.formats import DataFormatError
+    from bco_ray.run import run_job
+    try:
+        run_job(cfg)
+    except (DataError, DataFormatError, FileNotFoundError) as e:
+        print(f"bco-ray: input error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
