@@ -78,7 +78,8 @@ def test_implicit_prompt_text():
 
 def test_implicit_prompt_conversational():
     shared = msgs(("system", "be brief"), ("user", "2+2?"))
-    row = {"chosen": shared + msgs(("assistant", "4")), "rejected": shared + msgs(("assistant", "5"))}
+    row = {"chosen": shared + msgs(("assistant", "4")),
+           "rejected": shared + msgs(("assistant", "5"))}
     check_row(row, source=SRC, index=0, fmt="implicit")
     assert to_unpaired(row, "implicit") == [
         {"prompt": shared, "completion": msgs(("assistant", "4")), "label": True},
@@ -218,6 +219,14 @@ def test_parquet_input(tmp_path):
     assert s["bad_reasons"] == {"empty_rejected": 1}
 
 
-def test_unsupported_extension(tmp_path):
+def test_unreadable_files(tmp_path):
     with pytest.raises(DataFormatError, match="unsupported file type"):
         validate_source(str(tmp_path / "d.csv"))
+    (tmp_path / "d.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataFormatError, match="d.parquet: cannot be read as Parquet"):
+        validate_source(str(tmp_path / "d.parquet"))
+
+
+def test_error_with_a_ready_message():
+    err = DataFormatError("ds row 3: custom problem")
+    assert str(err) == "ds row 3: custom problem" and isinstance(err, ValueError)

@@ -30,12 +30,16 @@ SKIP_HINT = "Fix the row or pass --data.on_bad_rows=skip."
 
 
 class DataFormatError(ValueError):
-    """A bad input row or file. The message names the source, row, field and a fix;
-    ``reason`` is a short key used to count bad rows in skip mode."""
+    """A bad input row or file. The message reads "<source> row <index>, field '<field>':
+    <problem>. <hint>"; ``reason`` is a short key used to count bad rows in skip mode.
+    ``DataFormatError("full message")`` (no problem) uses the message as given."""
 
-    def __init__(self, source: str, problem: str, *, index: int | None = None,
+    def __init__(self, source: str, problem: str | None = None, *, index: int | None = None,
                  field: str | None = None, reason: str = "invalid", hint: str = SKIP_HINT):
         self.source, self.index, self.field, self.reason = source, index, field, reason
+        if problem is None:
+            super().__init__(str(source))
+            return
         where = str(source) + (f" row {index}" if index is not None else "")
         where += f", field '{field}'" if field is not None else ""
         super().__init__(f"{where}: {problem}. {hint}".strip())
@@ -142,7 +146,8 @@ def check_row(row: dict, *, source: str, index: int, fmt: str) -> None:
         if kinds[f] != kinds[fields[0]]:
             raise DataFormatError(
                 source, f"is a {'string' if kinds[f] == 'str' else 'list of messages'} but "
-                f"'{fields[0]}' is not; a row's text fields must be all strings or all conversations",
+                f"'{fields[0]}' is not; a row's text fields must be all strings or all "
+                "conversations",
                 index=index, field=f, reason="mixed_text_types")
     if fmt == "unpaired" and as_label(row["label"]) is None:
         raise DataFormatError(source, "expected a boolean (true/false or 0/1), got "
@@ -225,7 +230,8 @@ def _iter_parquet(path: str, batch_size: int = 1024) -> Iterator[tuple[int, Any]
         try:
             batches = pq.ParquetFile(f).iter_batches(batch_size=batch_size)
         except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DataFormatError(path, f"cannot be read as Parquet ({e})", reason="invalid_parquet",
+            raise DataFormatError(path, f"cannot be read as Parquet ({e})",
+                                  reason="invalid_parquet",
                                   hint="Check the file or convert it to JSON Lines.") from e
         index = 0
         for batch in batches:
@@ -331,7 +337,7 @@ def _combine(errors: list[DataFormatError]) -> DataFormatError:
         return errors[0]
     first = errors[0]
     more = "\n  ".join(str(e) for e in errors[1:])
-    combined = DataFormatError(first.source, "", index=first.index, field=first.field,
+    combined = DataFormatError(f"{first}\n{len(errors) - 1} more bad rows:\n  {more}",
                                reason=first.reason)
-    combined.args = (f"{first}\n{len(errors) - 1} more bad rows:\n  {more}",)
+    combined.source, combined.index, combined.field = first.source, first.index, first.field
     return combined

@@ -43,7 +43,7 @@ def _messages(value: Any) -> list[dict]:
 
 
 def render(tokenizer: Any, prompt: Any, completion: Any) -> tuple[str, str]:
-    """Return (prompt_text, completion_text): strings unchanged, conversations via the chat template."""
+    """(prompt_text, completion_text): strings unchanged, conversations via the chat template."""
     if isinstance(prompt, str) and isinstance(completion, str):
         return prompt, completion
     if isinstance(prompt, str) or isinstance(completion, str):
