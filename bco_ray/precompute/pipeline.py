@@ -2,10 +2,12 @@
 → write; fit the UDM classifier on a sample; → weights → write; commit the cache atomically."""
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +19,7 @@ from bco_ray.bco.udm import fit_udm_classifier, sample_rows
 from bco_ray.config import Config
 from bco_ray.data.sources import read_source, source_fingerprint
 from bco_ray.precompute.cache import Cache, cache_key, fingerprint_path
-from bco_ray.precompute.stages import AddWeights, Counters, Embed, RefLogps, Tokenize
+from bco_ray.precompute.stages import Counters, Embed, RefLogps, tokenize, unit_weights
 
 log = logging.getLogger(__name__)
 HIST_BINS = 20
@@ -59,47 +61,71 @@ def key_parts(cfg: Config, paths: Paths) -> dict:
     return parts
 
 
-def _score(cfg: Config, paths: Paths, spec: str, counters) -> ray.data.Dataset:
-    p, d, u = cfg.precompute, cfg.data, cfg.udm
-    ds = read_source(spec)
-    ds = ds.map_batches(Tokenize, batch_format="pyarrow", batch_size=p.batch_size,
-                        compute=ActorPoolStrategy(min_size=1, max_size=max(1, p.ref_actors[1])),
-                        fn_constructor_kwargs=dict(
-                            tokenizer_path=paths.tokenizer, revision=cfg.model.revision,
-                            max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                            on_bad_rows=d.on_bad_rows, source=spec, counters=counters))
-    # Paired data arrives chosen/rejected adjacent: shuffle so micro-batches mix labels.
-    ds = ds.random_shuffle(seed=d.seed)
-    gpu = {"num_gpus": p.num_gpus_per_actor} if p.num_gpus_per_actor > 0 else {}
-    ds = ds.map_batches(RefLogps, batch_format="pyarrow", batch_size=p.batch_size,
-                        compute=ActorPoolStrategy(min_size=p.ref_actors[0], max_size=p.ref_actors[1]),
-                        fn_constructor_kwargs=dict(
-                            model_path=paths.reference, revision=cfg.model.revision, dtype=cfg.model.dtype,
-                            num_gpus=p.num_gpus_per_actor, token_budget=p.token_budget,
-                            chunk_size=p.logp_chunk_size, pad_id=paths.pad_id,
-                            attn_implementation=cfg.model.attn_implementation), **gpu)
-    if u.enabled:
-        ds = ds.map_batches(Embed, batch_format="pyarrow", batch_size=p.batch_size,
-                            compute=ActorPoolStrategy(min_size=p.embed_actors[0], max_size=p.embed_actors[1]),
-                            fn_constructor_kwargs=dict(model_path=paths.embedder, num_gpus=p.num_gpus_per_actor,
-                                                       max_length=u.max_embed_length, token_budget=p.token_budget),
-                            **gpu)
-    return ds
+def _tokenized(cfg: Config, paths: Paths, split: str, spec, counters=None) -> ray.data.Dataset:
+    d = cfg.data
+    return read_source(spec).map_batches(
+        tokenize, batch_format="pyarrow", batch_size=cfg.precompute.batch_size,
+        fn_kwargs=dict(tokenizer_path=paths.tokenizer, revision=cfg.model.revision, max_length=d.max_length,
+                       max_prompt_length=d.max_prompt_length, on_bad_rows=d.on_bad_rows,
+                       source=spec if isinstance(spec, str) else "dataset", split=split, counters=counters))
+
+
+def _gpu(cfg: Config) -> dict:
+    g = cfg.precompute.num_gpus_per_actor
+    return {"num_gpus": g} if g > 0 else {}
+
+
+def _embed_kwargs(cfg: Config, paths: Paths, clf_bytes: bytes | None = None) -> dict:
+    u = cfg.udm
+    return dict(model_path=paths.embedder, num_gpus=cfg.precompute.num_gpus_per_actor, max_length=u.max_embed_length,
+                token_budget=cfg.precompute.token_budget, clf_bytes=clf_bytes, min_ratio=u.min_density_ratio,
+                max_ratio=u.max_density_ratio)
 
 
 def _of_class(ds: ray.data.Dataset, label: bool) -> ray.data.Dataset:
     return ds.map_batches(lambda t: t.filter(pc.equal(t["label"], label)), batch_format="pyarrow")
 
 
-def _class_sample(ds: ray.data.Dataset, label: bool, n_class: int, size: int, rng) -> np.ndarray:
-    """`size` prompt embeddings of one class, drawn with replacement. Streams a random subset of about
-    2×size rows (all rows for small classes) instead of collecting the class on the driver."""
-    sub = _of_class(ds, label).select_columns(["prompt_embedding"])
-    if n_class > 2 * size:
-        sub = sub.random_sample(2 * size / n_class, seed=int(rng.integers(1 << 31)))
-    batches = [b["prompt_embedding"] for b in sub.iter_batches(batch_size=4096, batch_format="numpy")]
-    emb = np.concatenate([np.stack(list(b)) if b.dtype == object else b for b in batches]).astype(np.float32)
-    return emb[sample_rows(len(emb), size, rng)]
+def fit_classifier(cfg: Config, paths: Paths, counts: dict[bool, int]):
+    """UDM: `prompt_sample_size` prompts per class, drawn with replacement, embedded by the embedding actors,
+    then a balanced logistic regression. Streams a random subset of about 2×size rows of each class
+    (all rows of a small class) rather than collecting the class on the driver."""
+    u, p = cfg.udm, cfg.precompute
+    rng = np.random.default_rng(cfg.data.seed)
+    samples = {}
+    for label in (True, False):
+        ds = _of_class(_tokenized(cfg, paths, "train", cfg.data.train), label).select_columns(["prompt_text", "label"])
+        if counts[label] > 2 * u.prompt_sample_size:
+            ds = ds.random_sample(2 * u.prompt_sample_size / counts[label], seed=int(rng.integers(1 << 31)))
+        ds = ds.map_batches(Embed, batch_format="pyarrow", batch_size=p.batch_size,
+                            compute=ActorPoolStrategy(min_size=p.embed_actors[0], max_size=p.embed_actors[1]),
+                            fn_constructor_kwargs=_embed_kwargs(cfg, paths), **_gpu(cfg))
+        emb = np.concatenate([np.stack(list(b["prompt_embedding"])) for b in
+                              ds.iter_batches(batch_size=4096, batch_format="numpy")]).astype(np.float32)
+        samples[label] = emb[sample_rows(len(emb), u.prompt_sample_size, rng)]
+    return fit_udm_classifier(samples[True], samples[False])
+
+
+def enriched(cfg: Config, paths: Paths, clf_bytes: bytes | None, counters) -> ray.data.Dataset:
+    """train (+ eval) rows: tokenized, shuffled, reference log-probs, UDM weights; a `split` column."""
+    p = cfg.precompute
+    ds = _tokenized(cfg, paths, "train", cfg.data.train, counters)
+    if cfg.data.eval:
+        ds = ds.union(_tokenized(cfg, paths, "eval", cfg.data.eval, counters))
+    # Paired data arrives chosen/rejected adjacent: shuffle so micro-batches mix labels.
+    ds = ds.random_shuffle(seed=cfg.data.seed)
+    ds = ds.map_batches(RefLogps, batch_format="pyarrow", batch_size=p.batch_size,
+                        compute=ActorPoolStrategy(min_size=p.ref_actors[0], max_size=p.ref_actors[1]),
+                        fn_constructor_kwargs=dict(
+                            model_path=paths.reference, revision=cfg.model.revision, dtype=cfg.model.dtype,
+                            num_gpus=p.num_gpus_per_actor, token_budget=p.token_budget,
+                            chunk_size=p.logp_chunk_size, pad_id=paths.pad_id,
+                            attn_implementation=cfg.model.attn_implementation), **_gpu(cfg))
+    if clf_bytes is None:
+        return ds.map_batches(unit_weights, batch_format="pyarrow")
+    return ds.map_batches(Embed, batch_format="pyarrow", batch_size=p.batch_size,
+                          compute=ActorPoolStrategy(min_size=p.embed_actors[0], max_size=p.embed_actors[1]),
+                          fn_constructor_kwargs=_embed_kwargs(cfg, paths, clf_bytes), **_gpu(cfg))
 
 
 def _stats(table: pa.Table, lo: float, hi: float) -> pa.Table:
@@ -128,8 +154,9 @@ def _summarise(ds: ray.data.Dataset, lo: float, hi: float) -> dict:
             "weight_hist": {"edges": np.linspace(lo, hi, HIST_BINS + 1).tolist(), "counts": hist.tolist()}}
 
 
-def run_precompute(cfg: Config, paths: Paths) -> PrecomputeResult:
-    root = cfg.precompute.cache_dir or f"{cfg.output_dir}/cache"
+def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | None = None) -> PrecomputeResult:
+    """label_counts: rows per class of the train split (from the driver's data check), for the UDM sample."""
+    root = cfg.precompute.cache_dir or f"{Path(cfg.output_dir).resolve()}/cache"
     key = cache_key(key_parts(cfg, paths))
     cache = Cache(root, key)
     if cfg.precompute.force:
@@ -144,39 +171,25 @@ def run_precompute(cfg: Config, paths: Paths) -> PrecomputeResult:
     attempt = cache.new_attempt()
     adir = cache.uri(f"{cache.key_dir}/{attempt}")
     log.info("precompute cache miss (key %s): scoring into %s", key, adir)
-    counters = Counters.remote()
-    splits = {"train": cfg.data.train, **({"eval": cfg.data.eval} if cfg.data.eval else {})}
-    for name, spec in splits.items():
-        _score(cfg, paths, spec, counters).write_parquet(f"{adir}/stage1/{name}")
-
-    clf, udm_metrics = None, {}
     u = cfg.udm
+    clf, udm_metrics = None, {}
     if u.enabled:
-        stage1 = ray.data.read_parquet(f"{adir}/stage1/train")
-        n_chosen, n_total = _of_class(stage1, True).count(), stage1.count()
-        rng = np.random.default_rng(cfg.data.seed)
-        chosen = _class_sample(stage1, True, n_chosen, u.prompt_sample_size, rng)
-        rejected = _class_sample(stage1, False, n_total - n_chosen, u.prompt_sample_size, rng)
-        clf, udm_metrics = fit_udm_classifier(chosen, rejected)
+        clf, udm_metrics = fit_classifier(cfg, paths, label_counts or {True: 1 << 62, False: 1 << 62})
         log.info("UDM classifier accuracy %.3f (chosen %.3f, rejected %.3f)", udm_metrics["udm/accuracy"],
                  udm_metrics["udm/accuracy_chosen"], udm_metrics["udm/accuracy_rejected"])
         with cache.fs.open(f"{cache.key_dir}/{attempt}/classifier.pkl", "wb") as f:
             pickle.dump(clf, f)
-
-    clf_bytes = pickle.dumps(clf) if clf is not None else None
-    out = {}
-    summary: dict = {"udm": udm_metrics, "dropped": {}}
-    for name in splits:
-        final = ray.data.read_parquet(f"{adir}/stage1/{name}").map_batches(
-            AddWeights, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=2),
-            fn_constructor_kwargs=dict(clf_bytes=clf_bytes, min_ratio=u.min_density_ratio,
-                                       max_ratio=u.max_density_ratio))
-        out[name] = f"{adir}/{name}"
-        final.write_parquet(out[name])
-        summary[name] = _summarise(ray.data.read_parquet(out[name]), u.min_density_ratio, u.max_density_ratio)
-    summary["dropped"] = ray.get(counters.get.remote())
+    counters = Counters.remote()
+    enriched(cfg, paths, pickle.dumps(clf) if clf is not None else None, counters).write_parquet(
+        adir, partition_cols=["split"])
+    out = {"train": f"{adir}/split=train", "eval": f"{adir}/split=eval" if cfg.data.eval else None}
+    summary: dict = {"udm": udm_metrics, "dropped": ray.get(counters.get.remote())}
+    for name, path in out.items():
+        if path:
+            summary[name] = _summarise(ray.data.read_parquet(path), u.min_density_ratio, u.max_density_ratio)
     summary["seconds"] = round(time.time() - t0, 2)
-    cache.fs.rm(f"{cache.key_dir}/{attempt}/stage1", recursive=True)
     cache.write_json(f"{cache.key_dir}/{attempt}/summary.json", summary)
-    cache.commit(attempt, {"train": out["train"], "eval": out.get("eval"), "summary": summary})
-    return PrecomputeResult(key, adir, out["train"], out.get("eval"), summary, False)
+    cache.commit(attempt, {"train": out["train"], "eval": out["eval"], "summary": summary})
+    log.info("precompute done in %.1f s: %s", summary["seconds"], json.dumps(
+        {k: summary["train"][k] for k in ("rows", "tokens", "chosen", "rejected", "padding_fraction")}))
+    return PrecomputeResult(key, adir, out["train"], out["eval"], summary, False)

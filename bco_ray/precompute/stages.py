@@ -2,7 +2,9 @@
 embeddings (actor pools, GPU when configured), UDM weights. Each takes and returns a pyarrow Table."""
 from __future__ import annotations
 
+import functools
 import json
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -11,6 +13,7 @@ import ray
 import torch
 
 from bco_ray.bco.logprobs import policy_completion_logps
+from bco_ray.bco.udm import udm_weights
 from bco_ray.data import formats
 from bco_ray.data.tokenize import tokenize_batch
 from bco_ray.models import load_causal_lm, load_embedder, load_tokenizer, mean_pool, pick_dtype
@@ -35,46 +38,46 @@ def _device(num_gpus: float) -> torch.device:
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-class Tokenize:
-    """Raw rows (JSON lines in a `text` column, or columns) → unpaired, rendered, tokenized rows."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, revision):
+    return load_tokenizer(path, revision)
 
-    def __init__(self, tokenizer_path: str, revision, max_length: int, max_prompt_length: int,
-                 on_bad_rows: str, source: str, counters):
-        self.tok = load_tokenizer(tokenizer_path, revision)
-        self.max_length, self.max_prompt_length = max_length, max_prompt_length
-        self.on_bad_rows, self.source, self.counters = on_bad_rows, source, counters
 
-    def _rows(self, table: pa.Table):
-        if table.column_names == ["text"]:
-            return [json.loads(line) for line in table.column("text").to_pylist() if line.strip()]
-        return table.to_pylist()
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        cols: dict[str, list] = {"prompt": [], "completion": [], "label": []}
-        skipped: Counter = Counter()
-        for i, row in enumerate(self._rows(table)):
-            try:
-                fmt = formats.detect_format(row, source=self.source, index=i)
-                formats.check_row(row, source=self.source, index=i, fmt=fmt)
-            except formats.DataFormatError:
-                if self.on_bad_rows == "error":
-                    raise   # the driver validated the data already; this is a second line of defence
-                skipped["bad_row"] += 1
-                continue
-            for r in formats.to_unpaired(row, fmt):
-                for k in cols:
-                    cols[k].append(r[k])
-        out, dropped = tokenize_batch(self.tok, cols, max_length=self.max_length,
-                                      max_prompt_length=self.max_prompt_length)
-        skipped.update(dropped)
-        if skipped:
-            self.counters.add.remote(dict(skipped))
-        return pa.table({
-            "input_ids": pa.array(out["input_ids"], pa.list_(pa.int32())),
-            "prompt_len": pa.array(out["prompt_len"], pa.int32()),
-            "label": pa.array(out["label"], pa.bool_()),
-            "prompt_text": pa.array(out["prompt_text"], pa.string()),
-        })
+def tokenize(table: pa.Table, *, tokenizer_path: str, revision, max_length: int, max_prompt_length: int,
+             on_bad_rows: str, source: str, split: str, counters=None) -> pa.Table:
+    """Raw rows (JSON lines in a `text` column, or columns) → unpaired, rendered, tokenized rows.
+    A plain function (Ray tasks); the tokenizer is loaded once per worker process."""
+    tok = _tokenizer(tokenizer_path, revision)
+    if table.column_names == ["text"]:
+        rows = [json.loads(line) for line in table.column("text").to_pylist() if line.strip()]
+    else:
+        rows = table.to_pylist()
+    cols: dict[str, list] = {"prompt": [], "completion": [], "label": []}
+    skipped: Counter = Counter()
+    for i, row in enumerate(rows):
+        try:
+            fmt = formats.detect_format(row, source=source, index=i)
+            formats.check_row(row, source=source, index=i, fmt=fmt)
+        except formats.DataFormatError:
+            if on_bad_rows == "error":
+                raise   # the driver validated every row already; this is a second line of defence
+            skipped["bad_row"] += 1
+            continue
+        for r in formats.to_unpaired(row, fmt):
+            for k in cols:
+                cols[k].append(r[k])
+    out, dropped = tokenize_batch(tok, cols, max_length=max_length, max_prompt_length=max_prompt_length)
+    skipped.update({k: v for k, v in dropped.items() if v})
+    if skipped and counters is not None:
+        counters.add.remote({f"{split}/{k}": v for k, v in skipped.items()})
+    n = len(out["label"])
+    return pa.table({
+        "input_ids": pa.array(out["input_ids"], pa.list_(pa.int32())),
+        "prompt_len": pa.array(out["prompt_len"], pa.int32()),
+        "label": pa.array(out["label"], pa.bool_()),
+        "prompt_text": pa.array(out["prompt_text"], pa.string()),
+        "split": pa.array([split] * n, pa.string()),
+    })
 
 
 def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,48 +118,47 @@ class RefLogps:
 
 
 class Embed:
-    """Embedding model actor: mean-pooled, normalised embedding of each row's prompt text."""
+    """Embedding model actor: mean-pooled, normalised prompt embeddings. Without a classifier it adds a
+    `prompt_embedding` column (for the UDM fit); with one it adds `udm_weight` instead, embedding only the
+    undesirable rows (desirable rows weigh 1), and drops the prompt text."""
 
-    def __init__(self, model_path: str, num_gpus: float, max_length: int, token_budget: int):
+    def __init__(self, model_path: str, num_gpus: float, max_length: int, token_budget: int,
+                 clf_bytes: bytes | None = None, min_ratio: float = 0.5, max_ratio: float = 10.0):
         self.device = _device(num_gpus)
         self.tok, self.model = load_embedder(model_path, pick_dtype("auto", self.device.type == "cuda"))
         self.model = self.model.to(self.device).eval()
         self.max_length, self.token_budget = max_length, token_budget
-
-    @torch.inference_mode()
-    def __call__(self, table: pa.Table) -> pa.Table:
-        texts = table.column("prompt_text").to_pylist()
-        enc = self.tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)
-        lengths = [len(s) for s in enc["input_ids"]]
-        emb = None
-        for b in budget_batches(lengths, self.token_budget):
-            x, m = _pad([enc["input_ids"][i] for i in b], self.tok.pad_token_id or 0)
-            h = self.model(input_ids=x.to(self.device), attention_mask=m.to(self.device)).last_hidden_state
-            e = mean_pool(h, m.to(self.device)).cpu().numpy()
-            if emb is None:
-                emb = np.zeros((len(texts), e.shape[1]), dtype=np.float32)
-            emb[b] = e
-        if emb is None:
-            emb = np.zeros((0, 1), dtype=np.float32)
-        col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
-        return table.append_column("prompt_embedding", col)
-
-
-class AddWeights:
-    """UDM density-ratio weight per row from the fitted classifier (1 for desirable rows, or without UDM)."""
-
-    def __init__(self, clf_bytes: bytes | None, min_ratio: float, max_ratio: float):
-        import pickle
         self.clf = pickle.loads(clf_bytes) if clf_bytes else None
         self.min_ratio, self.max_ratio = min_ratio, max_ratio
 
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        enc = self.tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)
+        lengths = [len(s) for s in enc["input_ids"]]
+        emb = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        for b in budget_batches(lengths, self.token_budget):
+            x, m = _pad([enc["input_ids"][i] for i in b], self.tok.pad_token_id or 0)
+            h = self.model(input_ids=x.to(self.device), attention_mask=m.to(self.device)).last_hidden_state
+            emb[b] = mean_pool(h, m.to(self.device)).cpu().numpy()
+        return emb
+
     def __call__(self, table: pa.Table) -> pa.Table:
-        from bco_ray.bco.udm import udm_weights
-        labels = np.asarray(table.column("label").to_pylist(), dtype=bool)
+        texts = table.column("prompt_text").to_pylist()
         if self.clf is None:
-            w = np.ones(len(labels), dtype=np.float32)
-        else:
-            emb = np.asarray(table.column("prompt_embedding").to_pylist(), dtype=np.float32)
-            w = udm_weights(self.clf, emb.reshape(len(labels), -1), labels, self.min_ratio, self.max_ratio)
-        keep = [c for c in table.column_names if c not in ("prompt_embedding", "prompt_text")]
-        return table.select(keep).append_column("udm_weight", pa.array(w, pa.float32()))
+            emb = self.embed(texts)
+            col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+            return table.append_column("prompt_embedding", col)
+        labels = np.asarray(table.column("label").to_pylist(), dtype=bool)
+        idx = np.flatnonzero(~labels)
+        emb = np.zeros((len(labels), self.model.config.hidden_size), dtype=np.float32)
+        emb[idx] = self.embed([texts[i] for i in idx])
+        w = udm_weights(self.clf, emb, labels, self.min_ratio, self.max_ratio)
+        return table.drop_columns(["prompt_text"]).append_column("udm_weight", pa.array(w, pa.float32()))
+
+
+def unit_weights(table: pa.Table) -> pa.Table:
+    """Without UDM every row weighs 1."""
+    return table.drop_columns(["prompt_text"]).append_column(
+        "udm_weight", pa.array(np.ones(table.num_rows, dtype=np.float32)))

@@ -10,6 +10,18 @@ from bco_ray.train.metrics import WindowSums
 from bco_ray.train.step import bco_forward, collate
 
 
+_CACHE: dict = {}
+
+
+def _eval_batches(eval_shard, batch_size: int) -> list:
+    """The eval split is small and read every eval: stream it once per worker, keep it in memory."""
+    key = (id(eval_shard), batch_size)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = list(eval_shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    return _CACHE[key]
+
+
 @torch.no_grad()
 def evaluate(model, eval_shard, delta, cfg, pad_id: int, device, rank: int, world: int) -> dict[str, float]:
     """Every rank reads the whole (small) eval split and scores micro-batches j with j % world == rank.
@@ -17,7 +29,7 @@ def evaluate(model, eval_shard, delta, cfg, pad_id: int, device, rank: int, worl
     left repeats its last one and drops the result."""
     was_training = model.training
     model.eval()
-    batches = list(eval_shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"))
+    batches = _eval_batches(eval_shard, cfg.train.micro_batch_size)
     n_rounds = (len(batches) + world - 1) // world
     sums, margins, labels = WindowSums(), [], []
     for r in range(n_rounds):

@@ -47,6 +47,10 @@ FAMILIES = {
 }
 SUFFIX = "\nAnswer:"
 COMPLETION_STYLES = [" {n}"] * 6 + [" {n}.", " The answer is {n}."]
+# Hedged answers are mostly the wrong ones (as with real feedback, where stated uncertainty tracks errors):
+# a completion-level signal a tiny policy can learn, which UDM's prompt-level reweighting leaves intact.
+HEDGED_STYLES = [" Maybe {n}?", " I think it is {n}, not sure.", " Probably {n}."]
+P_HEDGED = {True: 0.1, False: 0.6}
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -92,7 +96,8 @@ def make_row(r: random.Random, fam: str) -> dict:
     truth = fn(*args)
     label = r.random() < p_true
     n = truth if label else _wrong(r, fam, args, truth)
-    return {"prompt": prompt, "completion": r.choice(COMPLETION_STYLES).format(n=n), "label": label}
+    styles = HEDGED_STYLES if r.random() < P_HEDGED[label] else COMPLETION_STYLES
+    return {"prompt": prompt, "completion": r.choice(styles).format(n=n), "label": label}
 
 
 def generate(n: int, r: random.Random, seen: set[str]) -> list[dict]:
