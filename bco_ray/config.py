@@ -53,6 +53,7 @@ class UDMConfig:
     min_density_ratio: float = 0.5
     max_density_ratio: float = 10.0
     max_embed_length: int = 256
+    embed_special_tokens: bool = False   # the reference embeds prompts tokenized without special tokens
 
 
 @dataclass
@@ -153,6 +154,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], path)
+    if isinstance(value, str) and value.strip() and tp is not str and origin not in (list, tuple):
+        try:                        # override text for a non-string field: "4", "1e-6", "no", "{r: 8}"
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass                    # left as text: the branch below names the expected type
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config field '{path}': expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -232,7 +238,7 @@ def parse_overrides(args: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value) if value != "" else ""
+        node[leaf] = value          # raw text: _coerce parses it against the field's declared type
         i += 1
     return out
 

@@ -161,8 +161,6 @@ def test_yaml_errors(tmp_path):
         load_config(p)
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: parse_overrides YAML-parses every value before the field's "
-                   "type is known, so string fields get YAML 1.1 scalars re-stringified")
 def test_string_overrides_are_kept_verbatim():
     cfg = load_config(overrides=["--model.revision=0123456",    # a numeric-looking commit: YAML octal → '42798'
                                  "--mlflow.run_name=on",        # YAML 1.1 bool → 'True'

@@ -1,7 +1,7 @@
 """`ray job submit --working-dir . -- python jobs/bco.py ...` against a real Ray head on loopback."""
 from __future__ import annotations
 
-import shutil
+import tempfile
 import subprocess
 import sys
 import time
@@ -25,7 +25,7 @@ def ray_head(tmp_path):
     port, dash = free_port(), free_port()
     _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--num-cpus=8", "--disable-usage-stats",
-         f"--temp-dir={tmp_path / 'ray'}", env=env)
+         f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}", env=env)   # short: Ray's socket paths have a length limit
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:

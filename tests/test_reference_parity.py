@@ -154,13 +154,13 @@ def _reference_clf() -> LogisticRegression:
             warnings.simplefilter("error")  # e.g. InconsistentVersionWarning: rebuild instead
             with open(PARITY / "reference_udm_clf.pkl", "rb") as f:
                 clf = pickle.load(f)
-        np.testing.assert_array_equal(clf.coef_, np.asarray(p["coef"]))
+        np.testing.assert_array_equal(clf.coef_, np.asarray(p["coef"], dtype=p["dtype"]))
         return clf
     except Exception:
         clf = LogisticRegression(class_weight="balanced")
         clf.classes_ = np.asarray(p["classes"])
-        clf.coef_ = np.asarray(p["coef"])
-        clf.intercept_ = np.asarray(p["intercept"])
+        clf.coef_ = np.asarray(p["coef"], dtype=p["dtype"])
+        clf.intercept_ = np.asarray(p["intercept"], dtype=p["dtype"])
         clf.n_features_in_ = clf.coef_.shape[1]
         return clf
 

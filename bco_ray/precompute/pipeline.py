@@ -57,7 +57,7 @@ def key_parts(cfg: Config, paths: Paths) -> dict:
     if u.enabled:
         parts.update(embedder=fingerprint_path(paths.embedder), prompt_sample_size=u.prompt_sample_size,
                      min_density_ratio=u.min_density_ratio, max_density_ratio=u.max_density_ratio,
-                     max_embed_length=u.max_embed_length)
+                     max_embed_length=u.max_embed_length, embed_special_tokens=u.embed_special_tokens)
     return parts
 
 
@@ -78,7 +78,7 @@ def _gpu(cfg: Config) -> dict:
 def _embed_kwargs(cfg: Config, paths: Paths, clf_bytes: bytes | None = None) -> dict:
     u = cfg.udm
     return dict(model_path=paths.embedder, num_gpus=cfg.precompute.num_gpus_per_actor, max_length=u.max_embed_length,
-                token_budget=cfg.precompute.token_budget, clf_bytes=clf_bytes, min_ratio=u.min_density_ratio,
+                token_budget=cfg.precompute.token_budget, special_tokens=u.embed_special_tokens, clf_bytes=clf_bytes, min_ratio=u.min_density_ratio,
                 max_ratio=u.max_density_ratio)
 
 
@@ -87,7 +87,7 @@ def _of_class(ds: ray.data.Dataset, label: bool) -> ray.data.Dataset:
 
 
 def fit_classifier(cfg: Config, paths: Paths, counts: dict[bool, int]):
-    """UDM: `prompt_sample_size` prompts per class, drawn with replacement, embedded by the embedding actors,
+    """UDM: min(class size, `prompt_sample_size`) prompts per class, drawn with replacement, embedded by the embedding actors,
     then a balanced logistic regression. Streams a random subset of about 2×size rows of each class
     (all rows of a small class) rather than collecting the class on the driver."""
     u, p = cfg.udm, cfg.precompute
@@ -102,7 +102,8 @@ def fit_classifier(cfg: Config, paths: Paths, counts: dict[bool, int]):
                             fn_constructor_kwargs=_embed_kwargs(cfg, paths), **_gpu(cfg))
         emb = np.concatenate([np.stack(list(b["prompt_embedding"])) for b in
                               ds.iter_batches(batch_size=4096, batch_format="numpy")]).astype(np.float32)
-        samples[label] = emb[sample_rows(len(emb), u.prompt_sample_size, rng)]
+        # As the reference: min(class size, prompt_sample_size) draws with replacement.
+        samples[label] = emb[sample_rows(len(emb), min(counts[label], u.prompt_sample_size), rng)]
     return fit_udm_classifier(samples[True], samples[False])
 
 

@@ -123,11 +123,11 @@ class Embed:
     undesirable rows (desirable rows weigh 1), and drops the prompt text."""
 
     def __init__(self, model_path: str, num_gpus: float, max_length: int, token_budget: int,
-                 clf_bytes: bytes | None = None, min_ratio: float = 0.5, max_ratio: float = 10.0):
+                 special_tokens: bool = False, clf_bytes: bytes | None = None, min_ratio: float = 0.5, max_ratio: float = 10.0):
         self.device = _device(num_gpus)
         self.tok, self.model = load_embedder(model_path, pick_dtype("auto", self.device.type == "cuda"))
         self.model = self.model.to(self.device).eval()
-        self.max_length, self.token_budget = max_length, token_budget
+        self.max_length, self.token_budget, self.special_tokens = max_length, token_budget, special_tokens
         self.clf = pickle.loads(clf_bytes) if clf_bytes else None
         self.min_ratio, self.max_ratio = min_ratio, max_ratio
 
@@ -135,7 +135,7 @@ class Embed:
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
-        enc = self.tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)
+        enc = self.tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=self.special_tokens)
         lengths = [len(s) for s in enc["input_ids"]]
         emb = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         for b in budget_batches(lengths, self.token_budget):

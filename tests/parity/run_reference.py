@@ -205,7 +205,7 @@ def run_case(rows, tok, policy_dir, ref_dir, workdir, udm: bool, bf16: bool = Fa
             "sample_chosen": chosen_sample, "sample_rejected": rejected_sample,
             "batch_embeddings": per_row(labels, be["chosen"], be["rejected"]),
             "prob_rejected": rec["udm_prob"], "weight_rejected": rec["udm_weight_rejected"],
-            "clf": {"classes": clf.classes_.tolist(), "coef": clf.coef_.tolist(),
+            "clf": {"classes": clf.classes_.tolist(), "coef": clf.coef_.tolist(), "dtype": str(clf.coef_.dtype),
                     "intercept": clf.intercept_.tolist(), "params": {k: v for k, v in clf.get_params().items()
                                                                        if isinstance(v, (int, float, str, type(None)))}},
         }
