@@ -34,22 +34,24 @@ def resolve_paths(cfg: Config):
 
 
 def init_ray(cfg: Config) -> None:
+    """Join the cluster this job runs in (`ray job submit` sets RAY_ADDRESS; its runtime env applies), or one
+    started with `ray start` on this machine, else start a local Ray. Workers get the MLflow URI explicitly
+    in their config, so nothing else needs to travel in the environment."""
     import ray
+    import ray.data
     if ray.is_initialized():
         return
-    import ray.data
     # Ray 2.60's new Parquet datasource (v2) spends ~10 s per read listing files, even for one small
-    # local file; the v1 reader does the same work in well under a second.
+    # local file; the v1 reader does the same work in well under a second. The context travels with
+    # every dataset this driver builds.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    env = {"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", ""), "RAY_DATA_USE_DATASOURCE_V2": "0"}
-    env = {k: v for k, v in env.items() if v}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env} if env else None)
+        ray.init()
         return
-    try:                       # a cluster started with `ray start` on this machine
-        ray.init(address="auto", runtime_env={"env_vars": env} if env else None)
-    except ConnectionError:    # none: a local Ray, with enough logical CPUs for the pass's actor pools
-        ray.init(num_cpus=max(os.cpu_count() or 1, 8), runtime_env={"env_vars": env} if env else None)
+    try:
+        ray.init(address="auto")
+    except ConnectionError:    # no cluster: a local Ray, with enough logical CPUs for the pass's actor pools
+        ray.init(num_cpus=max(os.cpu_count() or 1, 8))
 
 
 def run_job(cfg: Config) -> dict:
