@@ -74,6 +74,7 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
+    save_merged: bool = True             # also save the adapter merged into the base model (plain HF model)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -81,6 +82,7 @@ class LoraConfig:
 class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
+    cpus_per_worker: float = 1.0
     micro_batch_size: int = 8            # rows per worker per forward
     gradient_accumulation_steps: int = 1
     lr: float = 5e-7
@@ -105,6 +107,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     disable_dropout: bool = True
     resources_timeout_s: float = 600.0   # fail clearly instead of waiting forever for workers
+    inject_failure_at_step: int = 0      # testing: rank 1 (or 0) dies once when reaching this step
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -1,52 +1,98 @@
 """The job's MLflow run, owned by the driver: created (or resumed by run name), params and tags,
-artifacts at the end, and a terminal status (FINISHED / FAILED / KILLED)."""
+artifacts at the end, and a terminal status (FINISHED / FAILED / KILLED).
+
+Where runs go: `mlflow.tracking_uri` in the config, else `$MLFLOW_TRACKING_URI`, else a SQLite store
+`mlflow.db` in the working directory. Relative local stores are made absolute, so Ray workers (whose working
+directory is not the driver's) write into the same store; on a cluster, point it at an `mlflow server`.
+"""
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import mlflow
+import yaml
 from mlflow.tracking import MlflowClient
 
 from bco_ray.config import Config
 
-MAX_PARAM_LEN = 6000
+log = logging.getLogger(__name__)
+
+try:                                                  # MLflow's own limits, with its 3.x values as fallback
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+except ImportError:                                   # pragma: no cover
+    MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH = 250, 6000, 8000
+MAX_PARAM_LEN = MAX_PARAM_VAL_LENGTH
+TRUNCATED = "…[truncated; full value in config.yaml]"
+ERROR_TAG = "error"
+# Environment that tells an MLflow client where (and as whom) to log: handed to Ray Train workers, so a worker
+# on another node logs to the server the driver names (see `worker_env`).
+_CLIENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+               "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+               "MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+MODEL_TASK = "text-generation"
+# The transformers flavour saves from a loaded pipeline: above this many bytes of weights the driver does not
+# load the model and the checkpoint is logged as a plain directory instead (override with the variable).
+MODEL_FLAVOUR_MAX_BYTES = int(os.environ.get("BCO_RAY_MLFLOW_MODEL_MAX_BYTES", 4 << 30))
+
+
+# ------------------------------------------------------------------------------------------ where runs go
+def normalize_uri(uri: str) -> str:
+    """Local stores as absolute URIs: `sqlite:///rel.db` → `sqlite:////abs/rel.db`, `mlruns` → `file:///abs/mlruns`."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rest = uri[len("sqlite:///"):]
+        path, q, query = rest.partition("?")
+        if path and path != ":memory:":
+            return f"sqlite:///{Path(path).resolve()}{q}{query}"
+        return uri
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return Path(uri[len("file:"):]).resolve().as_uri()
+    if "://" not in uri and ":" not in uri.split("/")[0]:
+        return Path(uri).resolve().as_uri()           # a bare path: MLflow's file store
+    return uri
 
 
 def tracking_uri(cfg: Config) -> str:
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return normalize_uri(uri) if uri else f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def worker_env(uri: str) -> dict[str, str]:
+    """Environment for Ray Train workers (`RunConfig(worker_runtime_env={"env_vars": ...})`): the driver's
+    tracking URI and any MLflow client settings (auth, TLS, retries) it has, so workers log where it does."""
+    env = {k: os.environ[k] for k in _CLIENT_ENV if os.environ.get(k)}
+    env["MLFLOW_TRACKING_URI"] = uri
+    return env
+
+
+# --------------------------------------------------------------------------------------------- tags
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[2])
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parents[2]).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    """HEAD of the checkout the job runs from; in a `ray job submit` working dir (no .git) `$GIT_COMMIT`."""
+    return _git("rev-parse", "HEAD") or os.environ.get("BCO_RAY_GIT_COMMIT") or os.environ.get("GIT_COMMIT")
 
 
-def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
-    """(tracking uri, run id, resumed): an unfinished run of the same name in the experiment is continued."""
-    uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.set_experiment(cfg.mlflow.experiment)
-    client = MlflowClient(uri)
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{run_name}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    if found and found[0].info.status != "FINISHED":
-        run = mlflow.start_run(run_id=found[0].info.run_id)
-        return uri, run.info.run_id, True
-    run = mlflow.start_run(run_name=run_name)
-    params = {k: ("" if v is None else str(v))[:MAX_PARAM_LEN] for k, v in cfg.flat().items()}
-    mlflow.log_params(params)
-    mlflow.log_dict(cfg.to_dict(), "config.yaml")
-    return uri, run.info.run_id, False
-
-
-def set_tags(tags: dict) -> None:
-    mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+def git_tags() -> dict:
+    commit = git_commit()
+    if not commit:
+        return {}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def version_tags() -> dict:
@@ -54,13 +100,192 @@ def version_tags() -> dict:
     import ray
     import torch
     import transformers
-    return {"git_commit": git_commit(), "version.ray": ray.__version__, "version.deepspeed": deepspeed.__version__,
-            "version.torch": torch.__version__, "version.transformers": transformers.__version__}
+    return {**git_tags(), "version.ray": ray.__version__, "version.deepspeed": deepspeed.__version__,
+            "version.torch": torch.__version__, "version.transformers": transformers.__version__,
+            "version.mlflow": mlflow.__version__}
+
+
+def set_tags(tags: dict) -> None:
+    mlflow.set_tags({k[:MAX_ENTITY_KEY_LENGTH]: str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()
+                     if v is not None})
+
+
+# ------------------------------------------------------------------------------------------- params
+def _param_value(v: Any) -> str:
+    if v is None:
+        return "None"
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, default=str)
+    return str(v)
+
+
+def config_params(cfg: Config) -> dict[str, str]:
+    """The resolved config, flattened (`train.lr`, `udm.enabled`, ...), within MLflow's limits: values longer
+    than a param may hold are truncated with a marker (config.yaml has them whole)."""
+    out = {}
+    for k, v in cfg.flat().items():
+        s = _param_value(v)
+        if len(s) > MAX_PARAM_VAL_LENGTH:
+            s = s[:MAX_PARAM_VAL_LENGTH - len(TRUNCATED)] + TRUNCATED
+        out[k[:MAX_ENTITY_KEY_LENGTH]] = s
+    return out
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as plain YAML (tuples as lists), loadable by `load_config`."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------ lifecycle
+def _find_unfinished(client: MlflowClient, experiment_id: str, run_name: str):
+    quote = "'" if "'" not in run_name else '"'
+    found = client.search_runs([experiment_id], filter_string=f"attributes.run_name = {quote}{run_name}{quote}",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found and found[0].info.status != "FINISHED" else None
+
+
+def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
+    """(tracking uri, run id, resumed). The latest run of this name in the experiment is continued when it did
+    not finish (FAILED, KILLED, or still RUNNING after a crash): its params stay, its steps are not logged twice."""
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.set_experiment(cfg.mlflow.experiment)
+    client = MlflowClient(uri)
+    params = config_params(cfg)
+    previous = _find_unfinished(client, exp.experiment_id, run_name)
+    if previous is not None:
+        run = mlflow.start_run(run_id=previous.info.run_id)
+        run_id = run.info.run_id
+        if ERROR_TAG in previous.data.tags:          # the failure it had is history now
+            client.delete_tag(run_id, ERROR_TAG)
+        old = previous.data.params
+        missing = {k: v for k, v in params.items() if k not in old}
+        if missing:
+            mlflow.log_params(missing)
+        changed = sorted(k for k, v in params.items() if k in old and old[k] != v)
+        attempts = int(previous.data.tags.get("resume.count", "0")) + 1
+        tags = {"resume.count": attempts, "resume.previous_status": previous.info.status}
+        if changed:
+            # MLflow params cannot change: the run keeps the first values, the new ones are here and in the config.
+            log.warning("resuming MLflow run %s with a changed config (%s); its params keep the first values",
+                        run_id, ", ".join(changed))
+            tags["resume.changed_params"] = ", ".join(f"{k}: {old[k]} -> {params[k]}" for k in changed)
+            mlflow.log_text(config_yaml(cfg), f"config.resume-{attempts}.yaml")
+        set_tags(tags)
+        return uri, run_id, True
+    run = mlflow.start_run(run_name=run_name)
+    mlflow.log_params(params)
+    mlflow.log_text(config_yaml(cfg), "config.yaml")
+    try:
+        set_tags(version_tags())
+    except Exception as e:                          # tags are nice to have; never fail a job over them
+        log.warning("could not collect version tags: %s", e)
+    return uri, run.info.run_id, False
 
 
 def close_run(status: str = "FINISHED", error: str | None = None) -> None:
     if mlflow.active_run() is None:
         return
     if error:
-        mlflow.set_tag("error", error[:5000])
+        mlflow.set_tag(ERROR_TAG, error[:MAX_TAG_VAL_LENGTH])
+        mlflow.set_tag("error_type", error.split(":", 1)[0][:200])
     mlflow.end_run(status=status)
+
+
+# -------------------------------------------------------------------------------------- precompute
+def log_precompute(summary: dict, run_id: str | None = None, client: MlflowClient | None = None) -> None:
+    """Precompute summary metrics (`precompute/*`, `udm/*`) at step 0 and `precompute/summary.json`. Idempotent:
+    a resumed run that has them already is left as it is, so step 0 appears once in every history."""
+    run_id = run_id or mlflow.active_run().info.run_id
+    client = client or MlflowClient()
+    tr = summary.get("train", {})
+    metrics = {f"precompute/{k}": tr[k] for k in ("rows", "tokens", "chosen", "rejected", "padding_fraction",
+                                                   "mean_rejected_weight") if k in tr}
+    metrics["precompute/seconds"] = summary.get("seconds", 0.0)
+    metrics.update({f"precompute/dropped/{k}": v for k, v in (summary.get("dropped") or {}).items()})
+    metrics.update(summary.get("udm") or {})
+    have = client.get_run(run_id).data.metrics
+    new = {k: float(v) for k, v in metrics.items() if k not in have and isinstance(v, (int, float))}
+    if new:
+        mlflow.log_metrics(new, step=0)
+    if "precompute/summary.json" not in {a.path for a in client.list_artifacts(run_id, "precompute")}:
+        mlflow.log_dict(summary, "precompute/summary.json")
+
+
+# ------------------------------------------------------------------------------------------- artifacts
+def _weights_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.iterdir()
+               if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
+
+
+def save_transformers_model(model_dir: str, dst: str, description: str = "") -> None:
+    """`model_dir` (a Hugging Face checkpoint with its tokenizer) as an MLflow transformers-flavour model at
+    `dst`, task text-generation, without any hub access. First from the checkpoint path (no weights loaded; not
+    every MLflow/transformers pair supports it), else from the model loaded on CPU."""
+    import mlflow.transformers
+    import transformers
+    from huggingface_hub import ModelCard
+    reqs = [f"transformers=={transformers.__version__}", f"torch=={_version('torch')}",
+            f"safetensors=={_version('safetensors')}", f"tokenizers=={_version('tokenizers')}"]
+    kw = dict(task=MODEL_TASK, pip_requirements=reqs,
+              model_card=ModelCard(f"---\nlibrary_name: transformers\n---\n{description or 'BCO-trained policy.'}\n"))
+    try:
+        mlflow.transformers.save_model(transformers_model=str(model_dir), path=dst, **kw)
+        return
+    except Exception as e:
+        log.info("transformers flavour from the checkpoint path failed (%s); saving from the loaded model", e)
+        shutil.rmtree(dst, ignore_errors=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    mlflow.transformers.save_model(transformers_model={"model": model, "tokenizer": tok}, path=dst, **kw)
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+    return version(pkg)
+
+
+def log_model(model_dir: str, artifact_path: str = "model", description: str = "") -> str:
+    """The final model into the active run at `artifact_path`: an MLflow model of the transformers flavour
+    (`mlflow.transformers.load_model("runs:/<id>/model")` gives a text-generation pipeline), or, when that
+    flavour cannot be used (too large to load on the driver, an unsupported model, an MLflow error), the plain
+    Hugging Face directory. Returns the format used, also set as tag `model.format`."""
+    src = Path(model_dir)
+    fmt = "hf-directory"
+    if _weights_bytes(src) <= MODEL_FLAVOUR_MAX_BYTES:
+        with tempfile.TemporaryDirectory() as d:
+            dst = os.path.join(d, artifact_path.rstrip("/").rsplit("/", 1)[-1])
+            try:
+                save_transformers_model(str(src), dst, description)
+                fmt = "mlflow-transformers"
+            except Exception as e:
+                log.warning("could not save the model in MLflow's transformers flavour (%s: %s); logging the "
+                            "Hugging Face directory instead", type(e).__name__, e)
+            if fmt == "mlflow-transformers":
+                mlflow.log_artifacts(dst, artifact_path)
+    if fmt == "hf-directory":
+        mlflow.log_artifacts(str(src), artifact_path)
+    mlflow.set_tag("model.format", fmt)
+    return fmt
+
+
+def log_plots(client: MlflowClient, run_id: str, weight_hist: dict | None = None, title: str | None = None,
+              mean_weight: float | None = None) -> list[str]:
+    """Matplotlib PNGs of the run's metric histories, an overview page and the UDM weight histogram (when
+    given) into the run's `plots/`; returns their artifact paths."""
+    from bco_ray.tracking import plots
+    with tempfile.TemporaryDirectory() as d:
+        paths = plots.plot_run(client, run_id, d, title=title)
+        if weight_hist:
+            paths.append(plots.plot_weight_hist(weight_hist, os.path.join(d, "udm_weights.png"), title=title,
+                                                mean=mean_weight))
+        for p in paths:
+            mlflow.log_artifact(p, "plots")
+    return [f"plots/{os.path.basename(p)}" for p in paths]

@@ -1,7 +1,12 @@
-"""PNG plots of a finished run, drawn from its MLflow metric history (matplotlib, no display)."""
+"""PNG plots of a finished run, drawn from its MLflow metric history (matplotlib, no display).
+
+One PNG per panel (loss, rewards chosen/rejected, margins, δ, eval AUC/accuracy), an `overview.png` with all
+of them (and the learning rate) on one page, and the UDM weight histogram. Noisy training curves get an
+exponential moving average over the raw points; evaluation points are drawn as markers."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import matplotlib
 
@@ -9,43 +14,158 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-PANELS = [("loss", ["loss", "eval/loss"]), ("rewards", ["rewards/chosen", "rewards/rejected"]),
-          ("margins", ["rewards/margins"]), ("delta", ["delta"]), ("eval_auc", ["eval/auc", "eval/accuracy"])]
+DPI = 120
+COLORS = {"loss": "#1f77b4", "eval/loss": "#d62728", "rewards/chosen": "#2ca02c", "rewards/rejected": "#d62728",
+          "rewards/margins": "#9467bd", "delta": "#ff7f0e", "eval/auc": "#1f77b4", "eval/accuracy": "#2ca02c",
+          "learning_rate": "#7f7f7f"}
+LABELS = {"loss": "train loss", "eval/loss": "eval loss", "rewards/chosen": "chosen (desirable)",
+          "rewards/rejected": "rejected (undesirable)", "rewards/margins": "chosen − rejected",
+          "delta": "δ (running mean reward)", "eval/auc": "eval ROC AUC", "eval/accuracy": "eval accuracy",
+          "learning_rate": "learning rate"}
 
 
-def plot_run(client: MlflowClient, run_id: str, out_dir: str) -> list[str]:
+@dataclass
+class Panel:
+    name: str                       # file name stem
+    title: str
+    keys: list[str]
+    ylabel: str = ""
+    zero_line: bool = False         # a y = 0 reference
+    unit_range: bool = False        # values in [0, 1]: fixed axis, chance line at 0.5
+    sci: bool = False
+    smooth: bool = True             # EMA over the raw points when there are many (not for δ, lr: smooth already)
+    eval_keys: set[str] = field(default_factory=set)
+
+
+PANELS = [
+    Panel("loss", "BCO loss", ["loss", "eval/loss"], "loss", eval_keys={"eval/loss"}),
+    Panel("rewards", "Implicit rewards β·(log π − log π_ref)", ["rewards/chosen", "rewards/rejected"], "reward",
+          zero_line=True),
+    Panel("margins", "Reward margin (chosen − rejected)", ["rewards/margins"], "margin", zero_line=True),
+    Panel("delta", "Reward shift δ", ["delta"], "δ", zero_line=True, smooth=False),
+    Panel("eval_auc", "Evaluation: reward as a classifier of the label", ["eval/auc", "eval/accuracy"], "score",
+          unit_range=True, eval_keys={"eval/auc", "eval/accuracy"}),
+]
+OVERVIEW_EXTRA = Panel("learning_rate", "Learning rate", ["learning_rate"], "lr", sci=True, smooth=False)
+
+
+def ema(values: list[float], alpha: float | None = None) -> list[float]:
+    """Exponential moving average, bias-corrected so the first points are not pulled towards 0."""
+    if alpha is None:
+        alpha = min(0.5, 10.0 / max(len(values), 1))
+    out, m, w = [], 0.0, 0.0
+    for v in values:
+        m = (1 - alpha) * m + alpha * v
+        w = (1 - alpha) * w + alpha
+        out.append(m / w)
+    return out
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of a metric, one point per step (the latest logged, should a step repeat)."""
+    by_step = {}
+    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+        by_step[m.step] = m.value
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _draw(ax, panel: Panel, series: dict[str, tuple[list[int], list[float]]], title: str | None = None) -> bool:
+    drawn = False
+    for i, key in enumerate(panel.keys):
+        steps, values = series.get(key, ([], []))
+        if not steps:
+            continue
+        color = COLORS.get(key)
+        label = LABELS.get(key, key)
+        if key in panel.eval_keys or len(steps) < 3:
+            ax.plot(steps, values, marker="o", ms=5, lw=1.5, color=color, label=label)
+            # the last value, written next to it (one series above its point, the next below)
+            ax.annotate(f"{values[-1]:.3g}", (steps[-1], values[-1]), textcoords="offset points", ha="right",
+                        xytext=(-6, 7 if i % 2 == 0 else -13), fontsize=8, color=color)
+        elif len(steps) > 20 and panel.smooth:
+            ax.plot(steps, values, lw=0.8, alpha=0.3, color=color)
+            ax.plot(steps, ema(values), lw=1.8, color=color, label=f"{label} (EMA)")
+        else:
+            ax.plot(steps, values, marker="." if len(steps) <= 30 else None, ms=6, lw=1.5, color=color, label=label)
+        drawn = True
+    if not drawn:
+        return False
+    if panel.zero_line:
+        ax.axhline(0, color="k", lw=0.7, alpha=0.5)
+    if panel.unit_range:
+        ax.axhline(0.5, color="k", lw=0.7, ls="--", alpha=0.5, label="chance")
+        ax.set_ylim(-0.02, 1.02)
+    if panel.sci:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.set_title(panel.title + (f"  ·  {title}" if title else ""), fontsize=10)
+    ax.set_xlabel("optimizer step")
+    if panel.ylabel:
+        ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8, loc="best")
+    return True
+
+
+def plot_run(client: MlflowClient, run_id: str, out_dir: str, title: str | None = None) -> list[str]:
+    """PNG files written to out_dir: one per panel with data, then overview.png. `title` (e.g. the run name)
+    heads every figure."""
     os.makedirs(out_dir, exist_ok=True)
+    if title is None:
+        run = client.get_run(run_id)
+        title = run.info.run_name or run_id
+    panels = PANELS + [OVERVIEW_EXTRA]
+    series = {k: history(client, run_id, k) for p in panels for k in p.keys}
     paths = []
-    for name, keys in PANELS:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        drawn = False
-        for key in keys:
-            hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-            if hist:
-                ax.plot([m.step for m in hist], [m.value for m in hist], marker="." if len(hist) < 30 else None,
-                        label=key)
-                drawn = True
-        if drawn:
-            ax.set_xlabel("optimizer step")
-            ax.set_title(name)
-            ax.grid(alpha=0.3)
-            ax.legend()
+    for panel in PANELS:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if _draw(ax, panel, series, title):
             fig.tight_layout()
-            path = os.path.join(out_dir, f"{name}.png")
-            fig.savefig(path, dpi=100)
+            path = os.path.join(out_dir, f"{panel.name}.png")
+            fig.savefig(path, dpi=DPI)
             paths.append(path)
         plt.close(fig)
+    with_data = [p for p in panels if any(series[k][0] for k in p.keys)]
+    if with_data:
+        cols = 3 if len(with_data) > 4 else 2 if len(with_data) > 1 else 1
+        rows = -(-len(with_data) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+        for ax, panel in zip(axes.flat, with_data):
+            _draw(ax, panel, series)
+        for ax in list(axes.flat)[len(with_data):]:
+            ax.axis("off")
+        fig.suptitle(f"{title}: training overview", fontsize=12)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "overview.png")
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+        paths.append(path)
     return paths
 
 
-def plot_weight_hist(hist: dict, out_path: str) -> str:
+def plot_weight_hist(hist: dict, out_path: str, title: str | None = None, mean: float | None = None) -> str:
+    """Bar chart of the UDM density-ratio weights of the undesirable rows (edges/counts from the pass);
+    `mean`: the exact mean weight (else estimated from the bins)."""
     edges, counts = hist["edges"], hist["counts"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge", edgecolor="k")
-    ax.set_xlabel("UDM weight of undesirable rows")
+    total = sum(counts)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", color="#9467bd", edgecolor="white", lw=0.8)
+    if total:
+        exact = mean is not None
+        if not exact:
+            mean = sum((a + w / 2) * c for a, w, c in zip(edges[:-1], widths, counts)) / total
+        ax.axvline(mean, color="k", ls="--", lw=1, label=f"mean {mean:.2f}" if exact else f"mean ≈ {mean:.2f}")
+        ax.axvline(1.0, color="#ff7f0e", lw=1, label="w = 1 (no reweighting)")
+        ax.legend(fontsize=8)
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("UDM weight w = clamp(p / (1 − p)) of an undesirable row")
     ax.set_ylabel("rows")
-    ax.set_title("UDM density-ratio weights")
+    ax.set_title(f"UDM density-ratio weights of {total:,} undesirable rows" + (f"  ·  {title}" if title else ""),
+                 fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    fig.savefig(out_path, dpi=DPI)
     plt.close(fig)
     return out_path

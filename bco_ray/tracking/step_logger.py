@@ -1,37 +1,70 @@
 """Per-step metrics from rank 0 into the job's MLflow run (created by the driver, id passed in).
 
-With checkpoints on, points are buffered and flushed when a checkpoint is saved: a worker that dies
-and resumes from that checkpoint re-logs nothing twice, so every step appears once in the history."""
+`step` is the optimizer step. With checkpoints on, points are buffered and flushed when a checkpoint is
+saved: a worker that dies and resumes from that checkpoint re-logs nothing twice. On top of that, the
+points the run already holds (a resumed job, a restart without a checkpoint) are read once at start and
+never logged again, so every (metric, step) appears once in the history.
+
+The tracking URI comes from the driver (`mlflow_info["tracking_uri"]`), else the worker's
+`$MLFLOW_TRACKING_URI` (set through the Ray Train worker runtime env). A tracking server that is briefly
+unreachable does not stop training: the points stay buffered and go out with the next flush."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+MAX_PENDING = 200_000          # points kept while the server is unreachable; the oldest are dropped beyond
+
 
 class StepLogger:
     def __init__(self, mlflow_info: dict | None, rank: int, buffered: bool):
-        self.active = rank == 0 and mlflow_info is not None
-        self.client = MlflowClient(mlflow_info["tracking_uri"]) if self.active else None
+        self.active = rank == 0 and bool(mlflow_info) and bool(mlflow_info.get("run_id"))
         self.run_id = mlflow_info["run_id"] if self.active else None
+        uri = (mlflow_info or {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        self.client = MlflowClient(uri) if self.active else None
         self.buffered = buffered
         self.pending: list[Metric] = []
+        self.logged: set[tuple[str, int]] = self._existing() if self.active else set()
+
+    def _existing(self) -> set[tuple[str, int]]:
+        """(key, step) points the run holds already."""
+        try:
+            keys = self.client.get_run(self.run_id).data.metrics.keys()
+            return {(k, m.step) for k in keys for m in self.client.get_metric_history(self.run_id, k)}
+        except Exception as e:      # noqa: BLE001 - a fresh run has nothing to skip; never fail training
+            print(f"[bco-ray] warning: could not read the MLflow run's metric history ({e})", file=sys.stderr)
+            return set()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
             return
         ts = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()
-                         if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        for k, v in metrics.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(float(v)):
+                continue
+            if (k, step) in self.logged:
+                continue
+            self.logged.add((k, step))
+            self.pending.append(Metric(k, float(v), ts, step))
         print(f"[bco-ray] step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                     if isinstance(v, (int, float))), flush=True)
         if not self.buffered:
             self.flush()
 
     def flush(self) -> None:
-        if self.active and self.pending:
-            for i in range(0, len(self.pending), 1000):
-                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
-            self.pending = []
+        if not (self.active and self.pending):
+            return
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+                del self.pending[:1000]
+        except Exception as e:      # noqa: BLE001 - keep training; retry with the next flush
+            if len(self.pending) > MAX_PENDING:
+                del self.pending[:len(self.pending) - MAX_PENDING]
+            print(f"[bco-ray] warning: MLflow logging failed ({type(e).__name__}: {e}); "
+                  f"{len(self.pending)} points kept for the next flush", file=sys.stderr, flush=True)

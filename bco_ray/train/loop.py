@@ -47,16 +47,53 @@ def build_policy(cfg: Config, policy_path: str, on_gpu: bool):
     return model
 
 
-def save_final_model(engine, model, out_dir: str, tokenizer_path: str, rank: int, zero_stage: int) -> None:
-    """Hugging Face format (safetensors + tokenizer + generation config); ZeRO-3 shards gathered first."""
+def save_final_model(model, out_dir: str, tokenizer_path: str, rank: int, zero_stage: int,
+                     lora_merged: bool = False) -> None:
+    """Hugging Face format (safetensors + tokenizer + generation config); ZeRO-3 shards gathered first.
+    With LoRA, `out_dir` holds the adapter (loadable with peft) and, if asked, `out_dir/merged` the merged model."""
     from transformers import AutoTokenizer
     params = list(model.parameters())
     ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else _null()
     with ctx:
         if rank == 0:
+            tok = AutoTokenizer.from_pretrained(tokenizer_path)
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-            AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out_dir)
+            tok.save_pretrained(out_dir)
+            if lora_merged and hasattr(model, "merge_and_unload"):
+                import copy
+                merged = copy.deepcopy(model).merge_and_unload()
+                merged.save_pretrained(os.path.join(out_dir, "merged"), safe_serialization=True)
+                tok.save_pretrained(os.path.join(out_dir, "merged"))
+
+
+def _maybe_inject_failure(at_step: int, step: int, micro: int, gas: int, rank: int, world: int,
+                          storage_dir: str) -> None:
+    """Testing switch (train.inject_failure_at_step): the last rank dies, once per run, right after the
+    optimizer step `at_step`, so that Ray Train must replace it and resume from the latest checkpoint."""
+    if at_step <= 0 or step != at_step or micro % gas or rank != world - 1:
+        return
+    marker = os.path.join(storage_dir, f"injected_failure_step{at_step}")
+    if os.path.exists(marker):
+        return
+    os.makedirs(storage_dir, exist_ok=True)
+    open(marker, "w").close()
+    print(f"[bco-ray] injected failure: rank {rank} exits at step {step}", flush=True)
+    os._exit(1)
+
+
+def _report_finished(d: str, rank: int) -> None:
+    """Re-running a finished run name: report its final model again instead of training from scratch."""
+    import shutil
+    with open(os.path.join(d, "final.json")) as f:
+        final = json.load(f)
+    with tempfile.TemporaryDirectory() as out:
+        if rank == 0:
+            shutil.copytree(os.path.join(d, "model"), os.path.join(out, "model"))
+            shutil.copy(os.path.join(d, "final.json"), out)
+            print(f"[bco-ray] run already finished at step {final.get('step')}; nothing to train", flush=True)
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None,
+                         checkpoint_dir_name=f"final_step{final.get('step', 0):07d}_again")
 
 
 class _null:
@@ -100,6 +137,9 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
+            if os.path.exists(os.path.join(d, "final.json")):     # this run name already finished
+                _report_finished(d, rank)
+                return
             _, client = engine.load_checkpoint(d, tag="ds")
         delta.load_state_dict(client["delta"])
         step, epoch, skip = client["step"], client["epoch"], client["micro_in_epoch"]
@@ -114,13 +154,21 @@ def train_loop_per_worker(config: dict) -> None:
     eval_ds = ray.train.get_dataset_shard("eval") if config.get("has_eval") else None
 
     def checkpoint(metrics: dict, micro_in_epoch: int, ep: int) -> None:
+        """Every rank's DeepSpeed state, δ, data position and RNG; Ray merges the ranks' files into one
+        checkpoint directory on the run's storage and keeps the last `keep_checkpoints`."""
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag="ds", client_state={
                 "delta": delta.state_dict(), "step": step, "epoch": ep, "micro_in_epoch": micro_in_epoch,
                 "rng": torch.get_rng_state()})
+            with open(os.path.join(d, f"rank{rank}.json"), "w") as f:
+                json.dump({"rank": rank, "node_id": ctx.get_node_id() if hasattr(ctx, "get_node_id") else
+                           ray.get_runtime_context().get_node_id(), "step": step}, f)
             logger.flush()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"checkpoint_step{step:07d}")
+        # Reports are registered by the controller asynchronously: wait, so that a worker dying right
+        # after this point still restarts from this checkpoint (not from the previous one).
+        ray.train.get_all_reported_checkpoints()
 
     while step < total_steps:                      # epochs; max_steps may run past num_epochs
         micro, step_at_start = 0, step
@@ -136,6 +184,8 @@ def train_loop_per_worker(config: dict) -> None:
             losses, rewards, logps = bco_forward(engine.module, batch, delta, t.beta, cfg.precompute.logp_chunk_size)
             engine.backward(losses.mean())
             engine.step()
+            _maybe_inject_failure(t.inject_failure_at_step, step + 1, micro + 1, t.gradient_accumulation_steps,
+                                  rank, world, config["storage_dir"])
             window.add(losses, rewards, logps, batch["label"], int(batch["attention_mask"].sum()))
             micro += 1
             if micro % t.gradient_accumulation_steps:
@@ -168,8 +218,8 @@ def train_loop_per_worker(config: dict) -> None:
         final.update(ev)
     logger.flush()
     with tempfile.TemporaryDirectory() as d:
-        save_final_model(engine, engine.module, os.path.join(d, "model"), config["tokenizer_path"], rank,
-                         t.zero_stage)
+        save_final_model(engine.module, os.path.join(d, "model"), config["tokenizer_path"], rank, t.zero_stage,
+                         lora_merged=t.lora.enabled and t.lora.save_merged)
         if rank == 0:
             with open(os.path.join(d, "final.json"), "w") as f:
                 json.dump(final, f)

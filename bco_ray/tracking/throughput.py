@@ -1,0 +1,82 @@
+"""Model FLOPs utilisation (MFU) for the per-step metrics, on GPU.
+
+Training FLOPs per token follow the usual dense-transformer estimate (Kaplan et al.; PaLM appendix B):
+6·N for the forward and backward matmuls of N parameters, plus 12·L·d·T for attention scores over a
+sequence of T tokens (L layers, width d). BCO trains only the policy (reference log-probs are precomputed),
+so this is the whole model work per trained token. MFU = achieved FLOP/s ÷ (GPUs × peak FLOP/s)."""
+from __future__ import annotations
+
+import os
+
+# Dense peak tensor throughput in FLOP/s per GPU (no sparsity), by a substring of the device name, most
+# specific first. fp32 matmuls are assumed to run on TF32 tensor cores where the GPU has them.
+PEAK_FLOPS = [
+    ("GH200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("H800", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "fp32": 1100e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("A800", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
+    ("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),      # approximate: not in a datasheet
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 62e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
+    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
+]
+
+
+def peak_flops(device_name: str, dtype: str = "bf16") -> float | None:
+    """Peak FLOP/s of one GPU for a dtype ("bf16", "fp16", "fp32"), or None when unknown.
+    `$BCO_RAY_PEAK_TFLOPS` overrides the table (e.g. for a GPU it does not know)."""
+    env = os.environ.get("BCO_RAY_PEAK_TFLOPS")
+    if env:
+        return float(env) * 1e12
+    for key, peaks in PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return peaks.get(dtype) or peaks.get("fp16")
+    return None
+
+
+def param_count(model) -> int:
+    """All parameters, including ZeRO-3 partitioned ones (whose local tensors are empty)."""
+    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters())
+
+
+def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:
+    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+
+
+def mfu(tokens_per_second: float, flops_token: float, num_gpus: int, peak: float) -> float:
+    return tokens_per_second * flops_token / (max(num_gpus, 1) * peak)
+
+
+class MFUMeter:
+    """`meter(tokens_per_second, mean_seq_len)` → MFU in [0, 1] for tokens/s summed over all workers."""
+
+    def __init__(self, n_params: int, n_layers: int, hidden: int, num_gpus: int, peak: float):
+        self.n_params, self.n_layers, self.hidden, self.num_gpus, self.peak = n_params, n_layers, hidden, num_gpus, peak
+
+    @classmethod
+    def for_model(cls, model, num_gpus: int, dtype: str = "bf16", device_name: str | None = None):
+        """None when off GPU or the GPU's peak is unknown (then no `mfu` is logged)."""
+        import torch
+        if device_name is None:
+            if not torch.cuda.is_available():
+                return None
+            device_name = torch.cuda.get_device_name()
+        peak = peak_flops(device_name, dtype)
+        if peak is None:
+            return None
+        cfg = getattr(model, "config", None)
+        get = (lambda *names: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), 0)) if cfg else (lambda *n: 0)
+        return cls(param_count(model), int(get("num_hidden_layers", "n_layer", "num_layers")),
+                   int(get("hidden_size", "n_embd", "d_model")), num_gpus, peak)
+
+    def __call__(self, tokens_per_second: float, mean_seq_len: float) -> float:
+        return mfu(tokens_per_second, flops_per_token(self.n_params, self.n_layers, self.hidden, mean_seq_len),
+                   self.num_gpus, self.peak)
