@@ -45,13 +45,17 @@ def init_ray(cfg: Config) -> None:
     # local file; the v1 reader does the same work in well under a second. The context travels with
     # every dataset this driver builds.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    if os.environ.get("RAY_ADDRESS"):
+    local = {"address": "local", "num_cpus": max(os.cpu_count() or 1, 8)}   # enough logical CPUs for the actor pools
+    address = os.environ.get("RAY_ADDRESS")
+    if address == "local":     # RAY_ADDRESS=local: always a fresh local Ray, even if a cluster runs here
+        ray.init(**local)
+    elif address:
         ray.init()
-        return
-    try:
-        ray.init(address="auto")
-    except ConnectionError:    # no cluster: a local Ray, with enough logical CPUs for the pass's actor pools
-        ray.init(num_cpus=max(os.cpu_count() or 1, 8))
+    else:
+        try:
+            ray.init(address="auto")
+        except ConnectionError:
+            ray.init(**local)
 
 
 def run_job(cfg: Config) -> dict:

@@ -25,7 +25,7 @@ def free_port() -> int:
 def job_env(**extra) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = "local"        # never join a cluster that happens to run on this machine
     env.update(PYTHONUNBUFFERED="1", **extra)
     return env
 

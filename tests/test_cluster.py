@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,7 @@ def autoscaling_head(monkeypatch):
     cfg["provider"]["gcs_address"] = f"127.0.0.1:{port}"
     (Path(tmp) / "autoscaling.yaml").write_text(yaml.safe_dump(cfg))
     env = job_env(RAY_AUTH_MODE="disabled", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    env.pop("RAY_ADDRESS", None)                     # it would override every --address below
     head_cpus = cfg["available_node_types"][cfg["head_node_type"]]["resources"]["CPU"]
     head = subprocess.Popen(
         [RAY_BIN, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
@@ -144,6 +146,7 @@ def autoscaling_head(monkeypatch):
         yield address, env, tmp, port
     finally:
         _stop(head, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _wait_for_head(address: str, head: subprocess.Popen, tmp: str, timeout: float = 120) -> None:
@@ -162,7 +165,12 @@ def _wait_for_head(address: str, head: subprocess.Popen, tmp: str, timeout: floa
 
 
 def _submit(address: str, env: dict, submission_id: str, *job_args: str) -> None:
-    cmd = ["job", "submit", f"--address={address}", "--working-dir", str(ROOT),
+    # `local://`: the checkout is already on every (fake) node, as the project is on a cluster's nodes after
+    # `ray up`. An uploaded working_dir cannot work on fake nodes: they share this machine's disk and the
+    # head's session dir, and each new node's runtime-env agent deletes and re-unpacks the one shared copy
+    # (download_and_unpack_package(overwrite=True)) under the running workers' feet. The upload itself is
+    # covered by test_ray_job_submit.py.
+    cmd = ["job", "submit", f"--address={address}", "--working-dir", f"local://{ROOT}",
            "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), f"--submission-id={submission_id}",
            "--no-wait", "--", "python", "jobs/bco.py", *job_args]
     for _ in range(30):                              # the head's job agent registers a little after the head
@@ -215,7 +223,7 @@ def test_autoscaler_adds_workers_and_job_succeeds(autoscaling_head, tmp_path):
     out = tmp_path / "out"
     _submit(address, env, "bco-autoscale", f"--output_dir={out}",
             f"--mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "--train.num_workers=2",
-            "--train.max_steps=4", "--train.eval_steps=0", "--udm.prompt_sample_size=128", "--data.eval=none")
+            "--train.max_steps=4", "--train.eval_steps=0", "--udm.enabled=false", "--data.eval=none")
     status, seen = _follow(address, "bco-autoscale", timeout=420)
     log = _logs(address, env, "bco-autoscale")
     (tmp_path / "job.log").write_text(log)

@@ -23,6 +23,7 @@ def _ray(*args, env, timeout=180, check=True):
 def ray_head(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")     # the head and this test's job client alike
     env = job_env(RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS")
     port, dash = free_port(), free_port()
     _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--num-cpus=8", "--disable-usage-stats",

@@ -31,12 +31,13 @@ except ImportError:                                   # pragma: no cover
 MAX_PARAM_LEN = MAX_PARAM_VAL_LENGTH
 TRUNCATED = "…[truncated; full value in config.yaml]"
 ERROR_TAG = "error"
-# Environment that tells an MLflow client where (and as whom) to log: handed to Ray Train workers, so a worker
-# on another node logs to the server the driver names (see `worker_env`).
-_CLIENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-               "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
-               "MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+ERROR_TYPE_TAG = "error_type"
+# MLflow client settings handed to Ray Train workers with the tracking URI (see `worker_env`). Credentials
+# (MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD) are deliberately not among them: a worker runtime env is shown in
+# Ray's dashboard and state export. Set those in the job's runtime env (configs/runtime_env.yaml) or the nodes'.
+_CLIENT_ENV = ("MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
 MODEL_TASK = "text-generation"
 # The transformers flavour saves from a loaded pipeline: above this many bytes of weights the driver does not
 # load the model and the checkpoint is logged as a plain directory instead (override with the variable).
@@ -66,10 +67,18 @@ def tracking_uri(cfg: Config) -> str:
 
 def worker_env(uri: str) -> dict[str, str]:
     """Environment for Ray Train workers (`RunConfig(worker_runtime_env={"env_vars": ...})`): the driver's
-    tracking URI and any MLflow client settings (auth, TLS, retries) it has, so workers log where it does."""
+    tracking URI and its MLflow client settings (TLS, retries), so a worker on any node logs where the driver does."""
     env = {k: os.environ[k] for k in _CLIENT_ENV if os.environ.get(k)}
     env["MLFLOW_TRACKING_URI"] = uri
     return env
+
+
+def view_hint(uri: str, run_id: str) -> str:
+    """How to look at the run: its page on a tracking server, or the `mlflow ui` command for a local store."""
+    if uri.startswith(("http://", "https://")):
+        exp_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+        return f"open {uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 # --------------------------------------------------------------------------------------------- tags
@@ -143,6 +152,10 @@ def config_yaml(cfg: Config) -> str:
 
 
 # ------------------------------------------------------------------------------------------ lifecycle
+def _clip(s: str, n: int = 80) -> str:
+    return s if len(s) <= n else s[:n - 1] + "…"
+
+
 def _find_unfinished(client: MlflowClient, experiment_id: str, run_name: str):
     quote = "'" if "'" not in run_name else '"'
     found = client.search_runs([experiment_id], filter_string=f"attributes.run_name = {quote}{run_name}{quote}",
@@ -162,8 +175,9 @@ def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
     if previous is not None:
         run = mlflow.start_run(run_id=previous.info.run_id)
         run_id = run.info.run_id
-        if ERROR_TAG in previous.data.tags:          # the failure it had is history now
-            client.delete_tag(run_id, ERROR_TAG)
+        for tag in (ERROR_TAG, ERROR_TYPE_TAG):       # the failure it had is history now
+            if tag in previous.data.tags:
+                client.delete_tag(run_id, tag)
         old = previous.data.params
         missing = {k: v for k, v in params.items() if k not in old}
         if missing:
@@ -175,7 +189,7 @@ def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
             # MLflow params cannot change: the run keeps the first values, the new ones are here and in the config.
             log.warning("resuming MLflow run %s with a changed config (%s); its params keep the first values",
                         run_id, ", ".join(changed))
-            tags["resume.changed_params"] = ", ".join(f"{k}: {old[k]} -> {params[k]}" for k in changed)
+            tags["resume.changed_params"] = ", ".join(f"{k}: {_clip(old[k])} -> {_clip(params[k])}" for k in changed)
             mlflow.log_text(config_yaml(cfg), f"config.resume-{attempts}.yaml")
         set_tags(tags)
         return uri, run_id, True
@@ -194,7 +208,7 @@ def close_run(status: str = "FINISHED", error: str | None = None) -> None:
         return
     if error:
         mlflow.set_tag(ERROR_TAG, error[:MAX_TAG_VAL_LENGTH])
-        mlflow.set_tag("error_type", error.split(":", 1)[0][:200])
+        mlflow.set_tag(ERROR_TYPE_TAG, error.split(":", 1)[0][:200])
     mlflow.end_run(status=status)
 
 
@@ -254,23 +268,24 @@ def _version(pkg: str) -> str:
 
 def log_model(model_dir: str, artifact_path: str = "model", description: str = "") -> str:
     """The final model into the active run at `artifact_path`: an MLflow model of the transformers flavour
-    (`mlflow.transformers.load_model("runs:/<id>/model")` gives a text-generation pipeline), or, when that
-    flavour cannot be used (too large to load on the driver, an unsupported model, an MLflow error), the plain
-    Hugging Face directory. Returns the format used, also set as tag `model.format`."""
+    (`mlflow.transformers.load_model("runs:/<id>/model")` gives a text-generation pipeline), or the plain
+    directory where that flavour cannot be used: a LoRA adapter (logged as saved, with `merged/` if there),
+    weights above MODEL_FLAVOUR_MAX_BYTES (not loaded on the driver), or an error from MLflow. Returns the
+    format used ("mlflow-transformers", "hf-directory", "peft-adapter"), also set as tag `model.format`."""
     src = Path(model_dir)
-    fmt = "hf-directory"
-    if _weights_bytes(src) <= MODEL_FLAVOUR_MAX_BYTES:
+    fmt = "peft-adapter" if (src / "adapter_config.json").exists() else "hf-directory"
+    if fmt == "hf-directory" and _weights_bytes(src) <= MODEL_FLAVOUR_MAX_BYTES:
         with tempfile.TemporaryDirectory() as d:
-            dst = os.path.join(d, artifact_path.rstrip("/").rsplit("/", 1)[-1])
+            dst = os.path.join(d, "mlflow_model")
             try:
                 save_transformers_model(str(src), dst, description)
                 fmt = "mlflow-transformers"
-            except Exception as e:
+            except Exception as e:                  # noqa: BLE001 - the plain directory is the fallback
                 log.warning("could not save the model in MLflow's transformers flavour (%s: %s); logging the "
                             "Hugging Face directory instead", type(e).__name__, e)
             if fmt == "mlflow-transformers":
                 mlflow.log_artifacts(dst, artifact_path)
-    if fmt == "hf-directory":
+    if fmt != "mlflow-transformers":
         mlflow.log_artifacts(str(src), artifact_path)
     mlflow.set_tag("model.format", fmt)
     return fmt
