@@ -1,0 +1,51 @@
+"""Run only the Ray Data pass: tokenize → reference log-probs → UDM weights, into the precompute cache.
+
+    python jobs/precompute.py --config configs/X.yaml [--precompute.force]
+
+A later `jobs/bco.py` with the same model, data and pass settings reuses the cache instead of recomputing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bco_ray.config import ConfigError, load_config  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    except ConfigError as e:
+        print(f"bco-ray: config error: {e}", file=sys.stderr)
+        return 2
+    from bco_ray.data.checks import DataError, check_data
+    from bco_ray.data.formats import DataFormatError
+    from bco_ray.precompute.pipeline import run_precompute
+    from bco_ray.run import init_ray, resolve_paths
+    try:
+        report = check_data(cfg)
+        paths, _ = resolve_paths(cfg)
+    except (DataError, DataFormatError, FileNotFoundError) as e:
+        print(f"bco-ray: input error: {e}", file=sys.stderr)
+        return 2
+    init_ray(cfg)
+    labels = report["train"]["labels"]
+    pre = run_precompute(cfg, paths, {True: labels["true"], False: labels["false"]})
+    print(f"[bco-ray] precompute {'reused (cache hit)' if pre.reused else 'computed'}: {pre.dir}")
+    print(json.dumps(pre.summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
