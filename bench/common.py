@@ -59,7 +59,11 @@ def pick_attn(requested: str, device: torch.device) -> str:
     if requested != "auto":
         return requested
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+        try:
+            import flash_attn  # noqa: F401  (a build for another torch fails here, not mid-benchmark)
+            return "flash_attention_2"
+        except Exception as e:
+            print(f"flash_attn present but unusable ({type(e).__name__}: {e}); using sdpa", flush=True)
     return "sdpa"
 
 

@@ -83,160 +83,200 @@ def test_runtime_env_excludes_outputs_and_caches():
 
 
 # ------------------------------------------------------------------------------- autoscaling, locally
-def _descendants(pid: int) -> list:
-    import psutil
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+class FakeCluster:
+    """A Ray head with no CPUs whose autoscaler launches `fake_multinode` worker nodes (tests/fake_cluster/)."""
 
+    def __init__(self, root: Path):
+        self.tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths have a length limit
+        self.port, dash = free_port(), free_port()
+        self.address = f"http://127.0.0.1:{dash}"
+        self.out = root                             # job outputs, shared by the tests of this module
+        cfg = yaml.safe_load(FAKE_CLUSTER.read_text())
+        cfg["provider"]["gcs_address"] = f"127.0.0.1:{self.port}"
+        self.config = Path(self.tmp) / "autoscaling.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.env = job_env(RAY_AUTH_MODE="disabled", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+        self.env.pop("RAY_ADDRESS", None)          # it would override every --address below
+        head_cpus = cfg["available_node_types"][cfg["head_node_type"]]["resources"]["CPU"]
+        self.head = subprocess.Popen(
+            [RAY_BIN, "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+             f"--num-cpus={head_cpus}", "--object-store-memory=200000000", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={self.tmp}",
+             f"--autoscaling-config={self.config}"],
+            env=self.env, stdout=open(Path(self.tmp) / "ray_start.log", "w"), stderr=subprocess.STDOUT)
 
-def _stop(head: subprocess.Popen, tmp: str) -> None:
-    """Stop this test's cluster only (never `ray stop`: it would end every Ray on the machine): the
-    `ray start --block` process and everything it or the autoscaler started, found by pid, then any
-    process left whose command line names this cluster's own temp dir."""
-    import psutil
-    procs = _descendants(head.pid)
-    head.send_signal(signal.SIGTERM)                 # --block: tears down the head's own processes
-    try:
-        head.wait(30)
-    except subprocess.TimeoutExpired:
-        head.kill()
-    time.sleep(2)
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if tmp in " ".join(p.info["cmdline"] or []):
-                procs.append(p)
-        except psutil.Error:
-            pass
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    def wait_for_head(self, timeout: float = 120) -> None:
+        from ray.util.state import list_nodes
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.head.poll() is not None:
+                raise RuntimeError("ray start --head exited:\n" + (Path(self.tmp) / "ray_start.log").read_text())
+            try:
+                if any(n.is_head_node and n.state == "ALIVE" for n in list_nodes(address=self.address)):
+                    return
+            except Exception:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"the head at {self.address} did not come up in {timeout} s")
 
+    def nodes(self) -> list:
+        from ray.util.state import list_nodes
+        return list_nodes(address=self.address, detail=True)
 
-@pytest.fixture
-def autoscaling_head(monkeypatch):
-    """A Ray head with no CPUs and the fake multi-node autoscaler, on loopback; yields (address, env, tmp, gcs port)."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    tmp = tempfile.mkdtemp(prefix="ray-")            # short: Ray's socket paths have a length limit
-    port, dash = free_port(), free_port()
-    cfg = yaml.safe_load(FAKE_CLUSTER.read_text())
-    cfg["provider"]["gcs_address"] = f"127.0.0.1:{port}"
-    (Path(tmp) / "autoscaling.yaml").write_text(yaml.safe_dump(cfg))
-    env = job_env(RAY_AUTH_MODE="disabled", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    env.pop("RAY_ADDRESS", None)                     # it would override every --address below
-    head_cpus = cfg["available_node_types"][cfg["head_node_type"]]["resources"]["CPU"]
-    head = subprocess.Popen(
-        [RAY_BIN, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         f"--num-cpus={head_cpus}", "--object-store-memory=200000000", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={tmp}",
-         f"--autoscaling-config={Path(tmp) / 'autoscaling.yaml'}"],
-        env=env, stdout=open(Path(tmp) / "ray_start.log", "w"), stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        _wait_for_head(address, head, tmp)
-        yield address, env, tmp, port
-    finally:
-        _stop(head, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+    def submit(self, submission_id: str, *job_args: str) -> None:
+        """`ray job submit --no-wait` of jobs/bco.py, as docs/cluster.md does it.
 
-
-def _wait_for_head(address: str, head: subprocess.Popen, tmp: str, timeout: float = 120) -> None:
-    from ray.util.state import list_nodes
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if head.poll() is not None:
-            raise RuntimeError("ray start --head exited:\n" + (Path(tmp) / "ray_start.log").read_text()[-3000:])
-        try:
-            if any(n.is_head_node and n.state == "ALIVE" for n in list_nodes(address=address)):
+        The working dir is `local://<checkout>`: the code is already on every (fake) node, as the project is
+        on a cluster's nodes after `ray up`. An uploaded working dir cannot work on fake nodes: they share this
+        machine's disk and the head's session dir, so each new node's runtime-env agent deletes and re-unpacks
+        the one shared copy (download_and_unpack_package(overwrite=True)) under the running workers' feet.
+        The upload path is covered on a single node by test_ray_job_submit.py."""
+        cmd = [RAY_BIN, "job", "submit", f"--address={self.address}", "--working-dir", f"local://{ROOT}",
+               "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), f"--submission-id={submission_id}",
+               "--no-wait", "--", "python", "jobs/bco.py", f"--output_dir={self.out / 'outputs'}",
+               f"--mlflow.tracking_uri=sqlite:///{self.out / 'mlflow.db'}", *TINY, *job_args]
+        for _ in range(30):                         # the head's job agent registers a little after the head
+            proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+            if proc.returncode == 0:
                 return
-        except Exception:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"the head at {address} did not come up in {timeout} s")
+            if "No available agent" not in proc.stdout + proc.stderr:
+                raise AssertionError(proc.stdout + proc.stderr)
+            time.sleep(2)
+        raise AssertionError("no job agent on the head: " + proc.stdout + proc.stderr)
 
+    def follow(self, submission_ids: list[str], timeout: float) -> tuple[dict, dict]:
+        """Poll jobs until they end: ({id: final status}, {node id seen alive: (is head, resources)})."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+        client = JobSubmissionClient(self.address)
+        final = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+        seen: dict[str, tuple[bool, dict]] = {}
+        status: dict[str, str] = {}
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            status = {j: client.get_job_status(j) for j in submission_ids}
+            try:
+                for n in self.nodes():
+                    if n.state == "ALIVE":
+                        seen[n.node_id] = (n.is_head_node, dict(n.resources_total or {}))
+            except Exception:
+                pass
+            if all(s in final for s in status.values()):
+                return {j: str(s) for j, s in status.items()}, seen
+            time.sleep(2)
+        for j, s in status.items():
+            if s not in final:
+                client.stop_job(j)
+        return {j: f"TIMEOUT after {timeout} s ({s})" for j, s in status.items()}, seen
 
-def _submit(address: str, env: dict, submission_id: str, *job_args: str) -> None:
-    # `local://`: the checkout is already on every (fake) node, as the project is on a cluster's nodes after
-    # `ray up`. An uploaded working_dir cannot work on fake nodes: they share this machine's disk and the
-    # head's session dir, and each new node's runtime-env agent deletes and re-unpacks the one shared copy
-    # (download_and_unpack_package(overwrite=True)) under the running workers' feet. The upload itself is
-    # covered by test_ray_job_submit.py.
-    cmd = ["job", "submit", f"--address={address}", "--working-dir", f"local://{ROOT}",
-           "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), f"--submission-id={submission_id}",
-           "--no-wait", "--", "python", "jobs/bco.py", *job_args]
-    for _ in range(30):                              # the head's job agent registers a little after the head
-        proc = subprocess.run([RAY_BIN, *cmd], env=env, capture_output=True, text=True, timeout=120)
-        if proc.returncode == 0:
-            return
-        if "No available agent" not in proc.stdout + proc.stderr:
-            raise AssertionError(proc.stdout + proc.stderr)
-        time.sleep(2)
-    raise AssertionError("no job agent on the head: " + proc.stdout + proc.stderr)
+    def logs(self, submission_id: str) -> str:
+        proc = subprocess.run([RAY_BIN, "job", "logs", f"--address={self.address}", submission_id], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+        return proc.stdout + proc.stderr
 
+    def autoscaler_log(self) -> str:
+        return (Path(self.tmp) / "session_latest" / "logs" / "monitor.log").read_text()
 
-def _follow(address: str, submission_id: str, timeout: float) -> tuple[str, dict]:
-    """Poll the job until it ends; returns (final status, node ids seen alive → (is_head, resources))."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    from ray.util.state import list_nodes
-    client = JobSubmissionClient(address)
-    seen: dict[str, tuple[bool, dict]] = {}
-    t0 = time.time()
-    status = None
-    while time.time() - t0 < timeout:
-        status = client.get_job_status(submission_id)
+    def stop(self) -> None:
+        """This test's cluster only (never `ray stop`: it ends every Ray on the machine): the `ray start
+        --block` process and all it and the autoscaler started, by pid, then any process left whose
+        command line names this cluster's own temp dir."""
+        import psutil
         try:
-            for n in list_nodes(address=address, detail=True):
-                if n.state == "ALIVE":
-                    seen[n.node_id] = (n.is_head_node, dict(n.resources_total or {}))
-        except Exception:
-            pass
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return str(status), seen
+            procs = psutil.Process(self.head.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
+        self.head.send_signal(signal.SIGTERM)       # --block: tears down the head's own processes
+        try:
+            self.head.wait(30)
+        except subprocess.TimeoutExpired:
+            self.head.kill()
         time.sleep(2)
-    client.stop_job(submission_id)
-    return f"TIMEOUT after {timeout} s (last status {status})", seen
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if self.tmp in " ".join(p.info["cmdline"] or []):
+                    procs.append(p)
+            except psutil.Error:
+                pass
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        for p in psutil.wait_procs(procs, timeout=10)[1]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _logs(address: str, env: dict, submission_id: str) -> str:
-    proc = subprocess.run([RAY_BIN, "job", "logs", f"--address={address}", submission_id], env=env,
-                          capture_output=True, text=True, timeout=60)
-    return proc.stdout + proc.stderr
+# The tiny job, cut to what shows scaling: the pass (ReadText tasks, tokenize, the reference actor pool)
+# and a 2-worker Ray Train group; no UDM, no eval.
+TINY = ("--train.num_workers=2", "--train.max_steps=2", "--train.logging_steps=1", "--train.eval_steps=0",
+        "--udm.enabled=false", "--data.eval=none")
+
+
+@pytest.fixture(scope="module")
+def fake_cluster(tmp_path_factory):
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"        # this process's job and state clients
+    cluster = FakeCluster(tmp_path_factory.mktemp("fake_cluster"))
+    try:
+        cluster.wait_for_head()
+        yield cluster
+    finally:
+        cluster.stop()
+        if old is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = old
 
 
 @pytest.mark.e2e
-def test_autoscaler_adds_workers_and_job_succeeds(autoscaling_head, tmp_path):
-    address, env, tmp, port = autoscaling_head
-    from ray.util.state import list_nodes
-    before = list_nodes(address=address, detail=True)
-    assert [n.is_head_node for n in before if n.state == "ALIVE"] == [True], "starts with only a head"
-    assert not any(n.resources_total.get("CPU") for n in before)
+def test_autoscaler_adds_workers_and_job_succeeds(fake_cluster):
+    c = fake_cluster
+    before = [n for n in c.nodes() if n.state == "ALIVE"]
+    assert [n.is_head_node for n in before] == [True], "the cluster starts with only a head"
+    assert not before[0].resources_total.get("CPU"), "the head offers no CPUs: all work needs worker nodes"
 
-    out = tmp_path / "out"
-    _submit(address, env, "bco-autoscale", f"--output_dir={out}",
-            f"--mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "--train.num_workers=2",
-            "--train.max_steps=4", "--train.eval_steps=0", "--udm.enabled=false", "--data.eval=none")
-    status, seen = _follow(address, "bco-autoscale", timeout=420)
-    log = _logs(address, env, "bco-autoscale")
-    (tmp_path / "job.log").write_text(log)
-    monitor = (Path(tmp) / "session_latest" / "logs" / "monitor.log").read_text()
-    (tmp_path / "monitor.log").write_text(monitor)
-    assert status == "SUCCEEDED", f"{status}\n{log[-6000:]}\n--- autoscaler ---\n{monitor[-3000:]}"
+    c.submit("bco-autoscale")
+    status, seen = c.follow(["bco-autoscale"], timeout=420)
+    log, monitor = c.logs("bco-autoscale"), c.autoscaler_log()
+    (c.out / "bco-autoscale.log").write_text(log)
+    (c.out / "monitor.log").write_text(monitor)
+    assert status["bco-autoscale"] == "SUCCEEDED", f"{status}\n{log[-6000:]}\n--- autoscaler ---\n{monitor[-3000:]}"
     assert "[bco-ray] done" in log
-    assert list(out.glob("runs/*/model/model.safetensors"))
+    assert list((c.out / "outputs").glob("runs/*/model/model.safetensors"))
 
-    workers = {k: v for k, v in seen.items() if not v[0]}
+    # The autoscaler launched worker nodes of the config's worker type for the job's requests, and both the
+    # pass (actor pool) and the Ray Train worker group ran on them (the head has no CPU for either).
+    workers = [res for is_head, res in seen.values() if not is_head]
     assert workers, f"no worker node was ever alive; autoscaler log:\n{monitor[-3000:]}"
-    assert all(res.get("CPU") == 4 for _, res in workers.values())     # the fake cluster's `cpu4` type
-    assert "Launching" in monitor or "Adding" in monitor, monitor[-3000:]
-    status_out = subprocess.run([RAY_BIN, "status", f"--address=127.0.0.1:{port}"], env=env,
+    assert all(res.get("CPU") == 4 for res in workers), workers           # the fake cluster's `cpu4` type
+    assert "Launching 1 nodes, type cpu4" in monitor, monitor[-3000:]
+    assert "Attempting to start training worker group of size 2" in log
+    ray_status = subprocess.run([RAY_BIN, "status", f"--address=127.0.0.1:{c.port}"], env=c.env,
                                 capture_output=True, text=True, timeout=60).stdout
-    assert "cpu4" in status_out, status_out
+    assert "cpu4" in ray_status, ray_status
+
+
+@pytest.mark.e2e
+def test_job_fails_clearly_when_resources_never_come(fake_cluster):
+    """Requests the autoscaler cannot meet (this cluster has no GPU node type) end the job after
+    train.resources_timeout_s with an error that says what was asked for, instead of waiting forever:
+    GPU train workers (the pass is reused from the test above), and GPU actors for the pass."""
+    c = fake_cluster
+    c.submit("bco-gpu-train", "--train.use_gpu=true", "--train.resources_timeout_s=20")
+    c.submit("bco-gpu-pass", "--precompute.num_gpus_per_actor=1", "--train.resources_timeout_s=20",
+             f"--precompute.cache_dir={c.out / 'cache-gpu-pass'}")
+    t0 = time.time()
+    status, _ = c.follow(["bco-gpu-train", "bco-gpu-pass"], timeout=300)
+    elapsed = time.time() - t0
+    for job, stage in (("bco-gpu-train", "The Ray Train worker group"), ("bco-gpu-pass", "The precompute pass")):
+        log = c.logs(job)
+        (c.out / f"{job}.log").write_text(log)
+        assert status[job] == "FAILED", f"{job}: {status[job]}\n{log[-4000:]}"
+        assert f"bco-ray: resources error: {stage} could not get its resources within " \
+               "train.resources_timeout_s=20 s" in log, log[-4000:]
+        assert "GPU" in log.split("bco-ray: resources error:")[-1]
+    assert elapsed < 240

@@ -55,6 +55,8 @@ def normalize_uri(uri: str) -> str:
         return uri
     if uri.startswith("file:") and not uri.startswith("file:/"):
         return Path(uri[len("file:"):]).resolve().as_uri()
+    if uri in ("databricks", "databricks-uc", "uc"):     # MLflow's names for Databricks-hosted tracking
+        return uri
     if "://" not in uri and ":" not in uri.split("/")[0]:
         return Path(uri).resolve().as_uri()           # a bare path: MLflow's file store
     return uri

@@ -1,0 +1,458 @@
+"""MLflow tracking and run comparison.
+
+Unit tests (a local SQLite store, no Ray): params within MLflow's limits, tracking URIs, a resumed run that
+logs nothing twice, the transformers-flavour model, plots and the comparison on synthetic runs, MFU.
+
+End to end (marked e2e) against a real `mlflow server` on 127.0.0.1, started once for the module: the tiny
+job runs with β=0.1; a job with β=0.5 fails after its MLflow run is open (its precompute cache cannot be
+created) and is marked FAILED; re-run under the same name it continues that MLflow run to FINISHED (this
+time through $MLFLOW_TRACKING_URI); `jobs/compare.py` then compares the two β runs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from bco_ray.config import load_config
+from bco_ray.tracking import compare, mlflow_run, plots, throughput
+from bco_ray.tracking.step_logger import StepLogger
+from conftest import ROOT, free_port, job_env
+
+PLOTS = {"loss", "rewards", "margins", "delta", "eval_auc", "overview", "udm_weights"}
+STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "delta", "learning_rate", "grad_norm",
+             "logps/chosen", "logps/rejected", "tokens_per_second", "samples_per_second")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True)
+def _restore_mlflow_globals():
+    """mlflow.set_tracking_uri / set_experiment write os.environ; keep them from leaking into later tests."""
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    saved_uri = tracking_utils._tracking_uri
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    tracking_utils._tracking_uri = saved_uri
+    for k, v in saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory) -> str:
+    """One SQLite store for the unit tests (creating one costs several seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-unit') / 'mlflow.db'}"
+
+
+def _png(path) -> tuple[int, int, float]:
+    """(height, width, fraction of coloured pixels): empty axes are all black, white and grey (0.0); a
+    plot with its curves or bars drawn has colour (about 0.005 to 0.1 for ours)."""
+    rgb = mpimg.imread(str(path))[..., :3]
+    return rgb.shape[0], rgb.shape[1], float(((rgb.max(-1) - rgb.min(-1)) > 0.25).mean())
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+# ---------------------------------------------------------------------------------------------- units
+def test_params_are_the_flat_config_within_mlflow_limits():
+    cfg = load_config(overrides=["--train.lora.target_modules=" + ",".join(["x" * 60] * 200), "--train.beta=0.25"])
+    params = mlflow_run.config_params(cfg)
+    assert set(params) == set(cfg.flat())
+    assert params["train.beta"] == "0.25" and params["udm.enabled"] == "True" and params["model.reference"] == "None"
+    assert params["precompute.ref_actors"] == "[1, 1]"
+    long = params["train.lora.target_modules"]
+    assert len(long) == mlflow_run.MAX_PARAM_VAL_LENGTH and long.endswith(mlflow_run.TRUNCATED)
+    # The config artifact has the whole value, as YAML the config loader reads back.
+    back = yaml.safe_load(mlflow_run.config_yaml(cfg))
+    assert back["train"]["lora"]["target_modules"] == cfg.train.lora.target_modules
+    assert load_config(overrides=back).flat() == cfg.flat()
+
+
+def test_tracking_uri_resolution(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config()
+    assert mlflow_run.tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert mlflow_run.tracking_uri(cfg) == "http://mlflow.internal:5000"
+    cfg = load_config(overrides=["--mlflow.tracking_uri=sqlite:///runs/m.db"])      # config wins over the env
+    assert mlflow_run.tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve() / 'runs' / 'm.db'}"
+    assert mlflow_run.normalize_uri("mlruns") == (tmp_path.resolve() / "mlruns").as_uri()
+    assert mlflow_run.normalize_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert mlflow_run.normalize_uri("databricks") == "databricks"
+    # Ray Train workers get the driver's URI and client settings, never credentials.
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "secret")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    env = mlflow_run.worker_env("http://mlflow.internal:5000")
+    assert env == {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def test_failed_run_then_resume_logs_nothing_twice(local_store):
+    cfg = load_config(overrides=[f"--mlflow.tracking_uri={local_store}", "--mlflow.experiment=unit-resume"])
+    uri, run_id, resumed = mlflow_run.open_run(cfg, "r")
+    assert not resumed and uri == local_store
+    client = MlflowClient(uri)
+    summary = {"train": {"rows": 10, "tokens": 100, "chosen": 6, "rejected": 4, "padding_fraction": 0.1,
+                         "mean_rejected_weight": 1.5}, "udm": {"udm/accuracy": 0.7}, "dropped": {"empty": 1},
+               "seconds": 2.0}
+    mlflow_run.log_precompute(summary)
+    logger = StepLogger({"tracking_uri": uri, "run_id": run_id}, rank=0, buffered=True)
+    for step in (1, 2):
+        logger.log({"loss": 0.7 - step / 100, "nan_is_dropped": float("nan")}, step)
+    logger.flush()
+    mlflow_run.close_run("FAILED", "RuntimeError: worker died\nTraceback ...")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("RuntimeError: worker died")
+    assert run.data.tags["error_type"] == "RuntimeError" and "version.torch" in run.data.tags
+
+    # Same run name: the same MLflow run, the failure cleared, a changed param recorded (params are immutable).
+    cfg2 = load_config(overrides=[f"--mlflow.tracking_uri={local_store}", "--mlflow.experiment=unit-resume",
+                                  "--train.max_steps=4"])
+    _, run_id2, resumed = mlflow_run.open_run(cfg2, "r")
+    assert resumed and run_id2 == run_id
+    mlflow_run.log_precompute(summary)                          # a resumed job logs its precompute again
+    logger = StepLogger({"tracking_uri": uri, "run_id": run_id}, rank=0, buffered=False)
+    for step in (1, 2, 3, 4):                                   # restarted from scratch: steps 1, 2 again
+        logger.log({"loss": 1.0 + step}, step)
+    mlflow_run.close_run("FINISHED")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags and "error_type" not in run.data.tags
+    assert run.data.tags["resume.count"] == "1" and run.data.tags["resume.previous_status"] == "FAILED"
+    assert "train.max_steps: -1 -> 4" in run.data.tags["resume.changed_params"]
+    assert run.data.params["train.max_steps"] == "-1"
+    assert _steps(client, run_id, "loss") == [1, 2, 3, 4]
+    assert [m.value for m in client.get_metric_history(run_id, "loss") if m.step == 1] == [0.69]
+    assert _steps(client, run_id, "precompute/rows") == [0] and _steps(client, run_id, "udm/accuracy") == [0]
+    assert not client.get_metric_history(run_id, "nan_is_dropped")
+    arts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "config.resume-1.yaml", "precompute"} <= arts
+
+    # A finished run is not continued: the same name starts a new run.
+    _, run_id3, resumed = mlflow_run.open_run(cfg2, "r")
+    mlflow_run.close_run("FINISHED")
+    assert not resumed and run_id3 != run_id
+
+
+def test_step_logger_keeps_points_when_the_server_is_down(local_store):
+    mlflow.set_tracking_uri(local_store)
+    exp = mlflow.set_experiment("unit-down")
+    run_id = MlflowClient(local_store).create_run(exp.experiment_id).info.run_id
+    logger = StepLogger({"tracking_uri": local_store, "run_id": run_id}, rank=0, buffered=False)
+    good = logger.client
+    logger.client = MlflowClient("http://127.0.0.1:9")      # nothing listens: every call fails
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        logger.log({"loss": 0.5}, 1)                        # does not raise: training goes on
+    finally:
+        os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    assert len(logger.pending) == 1
+    logger.client = good
+    logger.log({"loss": 0.4}, 2)
+    assert not logger.pending and _steps(good, run_id, "loss") == [1, 2]
+    assert StepLogger({"tracking_uri": local_store, "run_id": run_id}, rank=1, buffered=False).active is False
+
+
+def test_model_is_logged_in_the_transformers_flavour(local_store, tmp_path):
+    from transformers import AutoTokenizer
+
+    from bco_ray.builtin import materialize_tiny_model, tokenizer_path
+    model_dir = materialize_tiny_model(tmp_path / "tiny")
+    AutoTokenizer.from_pretrained(str(tokenizer_path())).save_pretrained(str(model_dir))
+    mlflow.set_tracking_uri(local_store)
+    mlflow.set_experiment("unit-model")
+    with mlflow.start_run() as run:
+        assert mlflow_run.log_model(str(model_dir)) == "mlflow-transformers"
+        (tmp_path / "adapter").mkdir()
+        (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+        assert mlflow_run.log_model(str(tmp_path / "adapter"), "adapter") == "peft-adapter"
+    client = MlflowClient(local_store)
+    assert client.get_run(run.info.run_id).data.tags["model.format"] == "peft-adapter"    # the last one logged
+    assert "adapter/adapter_config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    from mlflow import transformers as mlflow_transformers
+    pipe = mlflow_transformers.load_model(f"runs:/{run.info.run_id}/model")
+    out = pipe("12+7=", max_new_tokens=3, do_sample=False)
+    assert out[0]["generated_text"].startswith("12+7=")
+
+
+def _synthetic_sweep(uri: str, experiment: str) -> dict[float, str]:
+    """Three finished β runs with 40 steps of noisy training curves and 2 evaluations, plus a failed run."""
+    import random
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.set_experiment(experiment)
+    client = MlflowClient(uri)
+    ids = {}
+    for beta in (0.1, 0.3, 1.0):
+        cfg = load_config(overrides=[f"--train.beta={beta}"])
+        run = client.create_run(exp.experiment_id, run_name=f"beta-{beta}")
+        rid = run.info.run_id
+        params = [mlflow.entities.Param(k, v) for k, v in mlflow_run.config_params(cfg).items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(rid, params=params[i:i + 100])
+        rng = random.Random(beta)
+        logger = StepLogger({"tracking_uri": uri, "run_id": rid}, rank=0, buffered=True)
+        for s in range(1, 41):
+            logger.log({"loss": 0.69 * math.exp(-s * beta / 20) + 0.04 * rng.random(),
+                        "rewards/chosen": s * beta / 50, "rewards/rejected": -s * beta / 40,
+                        "rewards/margins": s * beta * 0.045, "delta": s * beta * 0.001,
+                        "learning_rate": 5e-3 * min(1.0, s / 4) * (40 - s) / 40}, s)
+            if s % 20 == 0:
+                logger.log({"eval/auc": 0.5 + 0.4 * (1 - math.exp(-s * beta / 10)) - 0.05 * (s == 40),
+                            "eval/accuracy": 0.5 + 0.3 * (1 - math.exp(-s * beta / 10)), "eval/loss": 0.7 - s * beta / 100},
+                           s)
+        logger.flush()
+        client.set_terminated(rid, "FINISHED")
+        ids[beta] = rid
+    failed = client.create_run(exp.experiment_id, run_name="broken")
+    params = [mlflow.entities.Param(k, v) for k, v in mlflow_run.config_params(load_config(
+        overrides=["--train.beta=2.0"])).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(failed.info.run_id, params=params[i:i + 100])
+    client.set_terminated(failed.info.run_id, "FAILED")
+    return ids
+
+
+def test_compare_and_plots_on_synthetic_runs(local_store, tmp_path):
+    ids = _synthetic_sweep(local_store, "unit-sweep")
+    client = MlflowClient(local_store)
+    comp = compare.compare_runs(client, "unit-sweep", "eval/auc")
+    assert comp.mode == "max" and comp.varying == ["train.beta"]            # mlflow.* params are not "differences"
+    assert [r.name for r in comp.runs] == ["beta-1.0", "beta-0.3", "beta-0.1", "broken"]   # best first, no metric last
+    top = comp.runs[0]
+    assert top.best_step == 20 and top.final < top.best and top.last_step == 40
+    assert comp.runs[-1].status == "FAILED" and comp.runs[-1].final is None
+    text = compare.format_table(comp)
+    assert "train.beta" in text.splitlines()[3] and "beta-0.3" in text
+    paths = compare.write_outputs(comp, str(tmp_path / "cmp"))
+    rows = (tmp_path / "cmp" / "compare_unit-sweep_eval_auc.csv").read_text().splitlines()
+    assert rows[0].startswith("run,run_id,status,train.beta,eval/auc final,eval/auc best (max)")
+    assert len(rows) == 5 and ids[1.0] in rows[1]
+    assert "| train.beta |" in Path(paths["markdown"]).read_text()
+    loss = compare.compare_runs(client, "unit-sweep", "loss")
+    assert loss.mode == "min" and loss.runs[0].name == "beta-1.0"
+    loss_png = compare.write_outputs(loss, str(tmp_path / "cmp"))["png"]
+    for p in (paths["png"], loss_png):
+        h, w, colour = _png(p)
+        assert h > 400 and w > 800 and colour > 0.002, p
+    assert compare.direction("eval/loss") == "min" and compare.direction("rewards/margins") == "max"
+    with pytest.raises(compare.CompareError, match="unit-sweep"):
+        compare.compare_runs(client, "no-such-experiment")
+
+    files = plots.plot_run(client, ids[0.3], str(tmp_path / "plots"))
+    assert {Path(f).stem for f in files} == PLOTS - {"udm_weights"}
+    hist = {"edges": [0.5 + 0.475 * i for i in range(21)], "counts": [0, 5, 40, 60, 30, 10] + [0] * 13 + [2]}
+    files.append(plots.plot_weight_hist(hist, str(tmp_path / "plots" / "udm_weights.png"), "beta-0.3", mean=2.1))
+    for f in files:
+        assert _png(f)[2] > 0.002, f
+
+
+def test_mfu():
+    assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert throughput.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert throughput.peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 156e12
+    assert throughput.peak_flops("Some Future GPU") is None
+    import torch
+    model = torch.nn.Linear(1000, 1000)              # 1,001,000 params, no config: attention term 0
+    meter = throughput.MFUMeter.for_model(model, num_gpus=2, device_name="NVIDIA H100 80GB HBM3")
+    assert meter.n_params == 1_001_000 and meter.n_layers == 0
+    # 6·N FLOPs per token at 10k tokens/s on 2 GPUs of 989 TFLOP/s
+    assert meter(10_000, 100) == pytest.approx(6 * 1_001_000 * 10_000 / (2 * 989e12))
+    assert throughput.flops_per_token(100, 2, 8, 16) == 600 + 12 * 2 * 8 * 16
+    assert throughput.MFUMeter.for_model(model, 1, device_name="CPU") is None
+
+
+# ---------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a free loopback port, SQLite backend, artifacts served over HTTP."""
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(d / "server.log", "w")
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+                             "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env=job_env(), start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start:\n{(d / 'server.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)          # the server and its uvicorn worker
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+E2E_ARGS = ["--train.max_steps=4", "--train.logging_steps=1", "--train.eval_steps=0", "--udm.prompt_sample_size=64",
+            "--mlflow.experiment=beta-sweep"]
+
+
+def _job(tmp: Path, *overrides: str, env: dict | None = None, log: str = "job.log") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "jobs" / "bco.py"), f"--output_dir={tmp / 'outputs'}", *E2E_ARGS, *overrides]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=tmp, env=job_env(**(env or {})), capture_output=True, text=True, timeout=900)
+    (tmp / log).write_text(f"{' '.join(cmd)}\n{time.time() - t0:.1f} s\n{proc.stdout}\n----- stderr -----\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def jobs(mlflow_server, tmp_path_factory):
+    """The three jobs, in order, sharing one output dir (so one precompute pass); each run's state right after."""
+    tmp = tmp_path_factory.mktemp("mlflow-jobs")
+    client = MlflowClient(mlflow_server)
+    out: dict = {"tmp": tmp, "uri": mlflow_server}
+
+    def run_state(name: str):
+        exp = client.get_experiment_by_name("beta-sweep")
+        runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+        assert len(runs) == 1, [r.info.run_id for r in runs]
+        return runs[0]
+
+    proc = _job(tmp, f"--mlflow.tracking_uri={mlflow_server}", "--mlflow.run_name=beta-0.1", "--train.beta=0.1",
+                log="a.log")
+    assert proc.returncode == 0, (tmp / "a.log").read_text()[-6000:]
+    out["a"] = run_state("beta-0.1")
+
+    (tmp / "not-a-dir").write_text("a file where the precompute cache should go")
+    proc = _job(tmp, f"--mlflow.tracking_uri={mlflow_server}", "--mlflow.run_name=beta-0.5", "--train.beta=0.5",
+                f"--precompute.cache_dir={tmp / 'not-a-dir' / 'cache'}", log="failed.log")
+    out["failed_rc"] = proc.returncode
+    out["failed"] = run_state("beta-0.5")
+
+    # Same run name, the tracking server named by the environment this time, a working cache.
+    proc = _job(tmp, "--mlflow.run_name=beta-0.5", "--train.beta=0.5", env={"MLFLOW_TRACKING_URI": mlflow_server},
+                log="b.log")
+    assert proc.returncode == 0, (tmp / "b.log").read_text()[-6000:]
+    out["b"] = run_state("beta-0.5")
+    return out
+
+
+@pytest.mark.e2e
+def test_job_logs_params_tags_and_step_metrics(jobs):
+    run = jobs["a"]
+    client = MlflowClient(jobs["uri"])
+    assert run.info.status == "FINISHED"
+    expected = mlflow_run.config_params(load_config(overrides=[
+        f"--output_dir={jobs['tmp'] / 'outputs'}", *E2E_ARGS, f"--mlflow.tracking_uri={jobs['uri']}",
+        "--mlflow.run_name=beta-0.1", "--train.beta=0.1"]))
+    assert run.data.params == expected                          # the whole resolved config, flattened
+    tags = run.data.tags
+    for key in ("version.ray", "version.deepspeed", "version.torch", "precompute.cache_key", "dataset.train"):
+        assert tags.get(key), key
+    assert tags["num_workers"] == "2" and tags["num_gpus"] == "0" and tags["precompute.reused"] == "False"
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0:
+        assert len(tags["git_commit"]) == 40
+    for key in STEP_KEYS:
+        assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key     # step = optimizer step, each once
+    assert _steps(client, run.info.run_id, "eval/auc") == [4]
+    assert 0.0 <= run.data.metrics["eval/auc"] <= 1.0
+    for key in ("precompute/rows", "precompute/tokens", "precompute/padding_fraction", "udm/accuracy"):
+        assert _steps(client, run.info.run_id, key) == [0], key
+    assert run.data.metrics["precompute/rows"] > 2000
+
+
+@pytest.mark.e2e
+def test_job_logs_config_plots_classifier_and_model(jobs, tmp_path):
+    rid = jobs["a"].info.run_id
+    client = MlflowClient(jobs["uri"])
+    assert {"config.yaml", "plots", "model", "precompute", "udm"} <= {a.path for a in client.list_artifacts(rid)}
+    cfg = yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", str(tmp_path))).read_text())
+    assert cfg["train"]["beta"] == 0.1 and cfg["train"]["max_steps"] == 4
+    assert json.loads(Path(client.download_artifacts(rid, "precompute/summary.json", str(tmp_path))).read_text())["train"]
+    assert "udm/classifier.pkl" in {a.path for a in client.list_artifacts(rid, "udm")}
+    plot_dir = Path(client.download_artifacts(rid, "plots", str(tmp_path)))
+    assert {p.stem for p in plot_dir.glob("*.png")} == PLOTS
+    for p in plot_dir.glob("*.png"):
+        h, w, colour = _png(p)
+        assert h >= 400 and w >= 700 and colour > 0.002, p.name
+    keep = os.environ.get("BCO_RAY_KEEP_PLOTS")            # a directory to copy them to, for a look
+    if keep:
+        import shutil
+        shutil.copytree(plot_dir, Path(keep) / "job-plots", dirs_exist_ok=True)
+
+    assert jobs["a"].data.tags["model.format"] == "mlflow-transformers"
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(rid, "model")}
+    from mlflow import transformers as mlflow_transformers
+    mlflow.set_tracking_uri(jobs["uri"])
+    pipe = mlflow_transformers.load_model(f"runs:/{rid}/model")
+    assert pipe("3+4=", max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith("3+4=")
+
+
+@pytest.mark.e2e
+def test_failed_job_is_marked_failed_with_its_error(jobs):
+    run = jobs["failed"]
+    assert jobs["failed_rc"] != 0
+    assert run.info.status == "FAILED" and run.info.end_time
+    assert "not-a-dir" in run.data.tags["error"] and run.data.tags["error_type"]
+    assert run.data.params["train.beta"] == "0.5"
+
+
+@pytest.mark.e2e
+def test_rerun_continues_the_failed_run(jobs):
+    run, client = jobs["b"], MlflowClient(jobs["uri"])
+    assert run.info.run_id == jobs["failed"].info.run_id and run.info.status == "FINISHED"
+    assert "error" not in run.data.tags and run.data.tags["resume.previous_status"] == "FAILED"
+    assert "precompute.cache_dir" in run.data.tags["resume.changed_params"]
+    assert run.data.tags["precompute.reused"] == "True"        # the first job's pass: β is not in the cache key
+    for key in STEP_KEYS:
+        assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key
+    assert _steps(client, run.info.run_id, "precompute/rows") == [0]
+    assert run.data.tags["model.format"] == "mlflow-transformers"
+
+
+@pytest.mark.e2e
+def test_compare_cli_over_the_beta_runs(jobs, tmp_path):
+    out = tmp_path / "compare"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "compare.py"), "--experiment", "beta-sweep",
+                           "--metric", "loss", "--tracking-uri", jobs["uri"], "--out", str(out)],
+                          env=job_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("run "))
+    assert "train.beta" in header and "loss final" in header and "loss best (min)" in header
+    body = [line for line in lines if line.startswith(("beta-0.1 ", "beta-0.5 "))]
+    assert len(body) == 2 and any(" 0.1 " in b for b in body) and any(" 0.5 " in b for b in body)
+    csv_rows = (out / "compare_beta-sweep_loss.csv").read_text().splitlines()
+    assert "train.beta" in csv_rows[0].split(",") and len(csv_rows) == 3
+    assert (out / "compare_beta-sweep_loss.md").read_text().count("| beta-0.") == 2
+    h, w, colour = _png(out / "compare_beta-sweep_loss.png")
+    assert h >= 500 and w >= 1000 and colour > 0.002
+    assert (out / "compare_beta-sweep_loss.png").stat().st_size > 20_000
+    keep = os.environ.get("BCO_RAY_KEEP_PLOTS")
+    if keep:
+        import shutil
+        shutil.copytree(out, Path(keep) / "compare", dirs_exist_ok=True)
+
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "compare.py"), "--experiment", "nope",
+                          "--tracking-uri", jobs["uri"], "--out", str(out)], env=job_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "beta-sweep" in bad.stderr

@@ -1,0 +1,156 @@
+"""The precompute pass: cache keys, atomic commits, streaming through many blocks, token-budget batching."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pyarrow.parquet as pq
+import pytest
+
+from bco_ray.config import load_config
+from bco_ray.precompute.batching import budget_batches, padding_fraction
+from bco_ray.precompute.cache import Cache, cache_key, fingerprint_path
+from bco_ray.precompute.pipeline import Paths, key_parts
+
+
+# ------------------------------------------------------------------ token-budget batching
+def test_budget_batches_respect_budget_and_cut_padding():
+    rng = random.Random(0)
+    lengths = [rng.choice([rng.randint(8, 40), rng.randint(200, 512)]) for _ in range(512)]
+    batches = budget_batches(lengths, token_budget=4096)
+    assert sorted(i for b in batches for i in b) == list(range(512))          # every row exactly once
+    assert all(len(b) * max(lengths[i] for i in b) <= 4096 for b in batches)
+    real, padded = padding_fraction(lengths, batches)
+    fixed = [list(range(i, min(i + 16, 512))) for i in range(0, 512, 16)]      # dataset order, 16 rows
+    real2, padded2 = padding_fraction(lengths, fixed)
+    assert real == real2
+    waste, waste_fixed = 1 - real / padded, 1 - real2 / padded2
+    assert waste < 0.1 < 0.4 < waste_fixed, (waste, waste_fixed)
+
+
+def test_a_row_longer_than_the_budget_gets_its_own_batch():
+    assert budget_batches([10, 5000, 10], token_budget=100) == [[0, 2], [1]]
+
+
+# ------------------------------------------------------------------ cache key
+def _files(tmp_path):
+    model = tmp_path / "ref"
+    model.mkdir()
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "model.safetensors").write_bytes(b"\0" * 100)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    (tok / "tokenizer_config.json").write_text('{"chat_template": "x"}')
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    (emb / "model.safetensors").write_bytes(b"\1" * 10)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completion": "c", "label": True}) + "\n")
+    return Paths(policy=str(model), reference=str(model), tokenizer=str(tok), embedder=str(emb), pad_id=0), data
+
+
+def test_cache_key_changes_with_every_input(tmp_path):
+    paths, data = _files(tmp_path)
+    cfg = load_config(overrides={"data": {"train": str(data), "eval": None}})
+    key = lambda c=cfg, p=paths: cache_key(key_parts(c, p))  # noqa: E731
+    base = key()
+    assert key() == base                                                       # deterministic
+    changed = {}
+
+    def with_cfg(section, **kw):
+        return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **kw)})
+
+    changed["max_length"] = key(with_cfg("data", max_length=2048))
+    changed["max_prompt_length"] = key(with_cfg("data", max_prompt_length=256))
+    changed["seed"] = key(with_cfg("data", seed=7))
+    changed["udm off"] = key(with_cfg("udm", enabled=False))
+    changed["sample size"] = key(with_cfg("udm", prompt_sample_size=64))
+    changed["min ratio"] = key(with_cfg("udm", min_density_ratio=0.2))
+    changed["max ratio"] = key(with_cfg("udm", max_density_ratio=5.0))
+    changed["dtype"] = key(with_cfg("model", dtype="bfloat16"))
+    (tmp_path / "ref" / "model.safetensors").write_bytes(b"\0" * 99 + b"\1")      # new reference weights
+    changed["reference weights"] = key()
+    (tmp_path / "ref" / "model.safetensors").write_bytes(b"\0" * 100)
+    assert key() == base
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"chat_template": "y"}')  # new chat template
+    changed["chat template"] = key()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"chat_template": "x"}')
+    data.write_text(data.read_text() + json.dumps({"prompt": "q", "completion": "d", "label": False}) + "\n")
+    changed["dataset"] = key()
+    data.write_text(json.dumps({"prompt": "p", "completion": "c", "label": True}) + "\n")
+    (tmp_path / "emb" / "model.safetensors").write_bytes(b"\2" * 10)
+    changed["embedding model"] = key()
+    assert key(with_cfg("train", lr=1.0)) == changed["embedding model"]     # training settings: irrelevant
+    for what, k in changed.items():
+        assert k != base, what
+    assert fingerprint_path("org/some-model", "abc") == "id:org/some-model@abc"  # hub ids: id + revision
+
+
+# ------------------------------------------------------------------ atomic commit
+def test_an_uncommitted_attempt_is_never_trusted(tmp_path):
+    cache = Cache(str(tmp_path), "k1")
+    assert cache.complete() is None
+    attempt = cache.new_attempt()
+    (tmp_path / "k1" / attempt / "part-0.parquet").write_bytes(b"half a file")   # the pass dies here
+    assert cache.complete() is None
+    again = Cache(str(tmp_path), "k1")                                          # the next run starts anew
+    attempt2 = again.new_attempt()
+    assert attempt2 != attempt
+    again.write_json(f"{again.key_dir}/{attempt2}/summary.json", {"rows": 1})
+    again.commit(attempt2, {"train": "t"})
+    assert again.complete()["attempt"] == attempt2
+    assert not list(tmp_path.glob("k1/COMPLETE.json.tmp*"))                    # the marker was renamed in
+    (tmp_path / "k1" / attempt2 / "summary.json").unlink()                     # marker without its data
+    assert again.complete() is None
+    again.invalidate()
+    assert not (tmp_path / "k1" / "COMPLETE.json").exists()
+
+
+# ------------------------------------------------------------------ the real pass, on Ray
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    import ray.data
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.use_datasource_v2, ctx.enable_progress_bars = False, False
+    old = ctx.target_max_block_size
+    ctx.target_max_block_size = 32 * 1024        # force many small blocks: the pass must stream them
+    yield ray
+    ctx.target_max_block_size = old
+    ray.shutdown()
+
+
+@pytest.mark.e2e
+def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
+    from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
+    from bco_ray.data.checks import check_data
+    from bco_ray.precompute.pipeline import run_precompute
+    from bco_ray.run import resolve_paths
+    src = [json.loads(x) for x in open(resolve_data(BUILTIN_TRAIN))][:600]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in src))
+    cfg = load_config(overrides={"output_dir": str(tmp_path / "out"), "data": {
+        "train": str(data), "eval": None, "max_length": 64, "max_prompt_length": 48},
+        "udm": {"prompt_sample_size": 64}, "precompute": {"batch_size": 32}})
+    report = check_data(cfg)
+    paths, _ = resolve_paths(cfg)
+    labels = {True: report["train"]["labels"]["true"], False: report["train"]["labels"]["false"]}
+    first = run_precompute(cfg, paths, labels)
+    assert not first.reused
+    files = list((tmp_path / "out" / "cache").rglob("split=train/*.parquet"))
+    table = pq.read_table(files)
+    assert table.num_rows == 600 == first.summary["train"]["rows"]
+    assert len(files) > 1 or pq.ParquetFile(files[0]).metadata.num_row_groups > 1   # many blocks
+    assert {"input_ids", "prompt_len", "label", "ref_logps", "udm_weight"} <= set(table.column_names)
+    w = table.column("udm_weight").to_numpy()
+    lab = table.column("label").to_numpy(zero_copy_only=False)
+    assert (w[lab] == 1).all() and (w[~lab] >= 0.5).all() and (w[~lab] <= 10).all() and w[~lab].std() > 0
+    assert 0.5 < first.summary["udm"]["udm/accuracy"] <= 1
+    second = run_precompute(cfg, paths, labels)
+    assert second.reused and second.dir == first.dir
+    forced = run_precompute(dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, force=True)),
+                            paths, labels)
+    assert not forced.reused and forced.dir != first.dir
