@@ -477,7 +477,8 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def _with_trl_names(msg: str) -> str:
-    names = sorted({k for k, v in FIELD_MAP.items() if v != "output_dir" and v in msg})
+    import re
+    names = sorted({k for k, v in FIELD_MAP.items() if v != "output_dir" and re.search(rf"{re.escape(v)}\b(?!\.)", msg)})
     return f"{msg} (BCOConfig field: {', '.join(names)})" if names else msg
 
 

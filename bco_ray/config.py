@@ -84,6 +84,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     micro_batch_size: int = 8            # rows per worker per forward
+    bucket_window: int = 16              # micro-batches pooled and re-cut by length (1: dataset order)
     gradient_accumulation_steps: int = 1
     lr: float = 5e-7
     beta: float = 0.1

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, job_env
 
 TINY_DATA = ["--model", "tiny", "--rows", "12"]
@@ -34,13 +35,24 @@ def test_precompute_bench_smoke():
     assert res["logps_max_rel_diff"] < 1e-3          # float32 on CPU: both paths compute the same log-probs
 
 
+TRAIN_ARGS = [*TINY_DATA, "--seq-len", "24", "64", "--max-length", "64", "--baseline-batch-size", "4",
+              "--micro-batch-tokens", "256", "--warmup", "1"]
+
+
 def test_train_bench_smoke():
-    res, out = run_bench("train.py", *TINY_DATA, "--seq-len", "24", "64", "--max-length", "64",
-                         "--baseline-batch-size", "4", "--micro-batch-tokens", "256", "--warmup", "1", "--zero", "0", "2")
-    assert "RATIO ours(zero0)/baseline(zero0)" in out and "RATIO ours(zero2)/baseline(zero0)" in out
+    res, out = run_bench("train.py", *TRAIN_ARGS, "--zero", "0")
+    assert "RATIO ours(zero0)/baseline(zero0)" in out
     assert res["bench"] == "train" and res["precompute"]["seconds"] > 0
-    for key in ("zero0", "zero2"):
-        assert res["ours"][key]["tokens_per_s"] > 0 and res["ours"][key]["steps"] >= 1
-        assert res["ratios"][key]["train_tokens_per_s"] > 0 and res["ratios"][key]["e2e_tokens_per_s"] > 0
-    assert res["ours"]["zero2"]["optimizer"].startswith("DeepSpeed")
-    assert res["baseline"]["tokens_per_s"] > 0
+    assert res["ours"]["zero0"]["tokens_per_s"] > 0 and res["ours"]["zero0"]["steps"] >= 1
+    assert res["baseline"]["tokens_per_s"] > 0 and 0 < res["baseline"]["padding_fraction"] < 1
+    r = res["ratios"]["zero0"]
+    assert r["train_tokens_per_s"] > 0 and r["e2e_tokens_per_s"] > 0
+
+
+@pytest.mark.e2e
+def test_train_bench_deepspeed_smoke():
+    """The DeepSpeed path (single-process ZeRO-2 and ZeRO-3). Apart from the test above because DeepSpeed on a
+    fresh CPU machine first JIT-builds its shared-memory comm op (about a minute)."""
+    res, out = run_bench("train.py", *TRAIN_ARGS, "--zero", "2", "3", "--skip-baseline")
+    for z in ("zero2", "zero3"):
+        assert res["ours"][z]["tokens_per_s"] > 0 and res["ours"][z]["optimizer"].startswith("DeepSpeed")

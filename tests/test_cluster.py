@@ -4,7 +4,6 @@ schema, and an autoscaling run: a head with no CPUs (Ray's fake multi-node provi
 Ray Train worker group until the job succeeds."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -134,7 +133,8 @@ class FakeCluster:
         cmd = [RAY_BIN, "job", "submit", f"--address={self.address}", "--working-dir", f"local://{ROOT}",
                "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), f"--submission-id={submission_id}",
                "--no-wait", "--", "python", "jobs/bco.py", f"--output_dir={self.out / 'outputs'}",
-               f"--mlflow.tracking_uri=sqlite:///{self.out / 'mlflow.db'}", *TINY, *job_args]
+               f"--mlflow.tracking_uri=sqlite:///{self.out / 'mlflow.db'}", f"--mlflow.run_name={submission_id}",
+               *TINY, *job_args]
         for _ in range(30):                         # the head's job agent registers a little after the head
             proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:

@@ -22,7 +22,7 @@ from bco_ray.models import load_causal_lm, pick_dtype
 from bco_ray.train.ds_config import deepspeed_config, use_bf16
 from bco_ray.train.evaluate import evaluate
 from bco_ray.train.metrics import WindowSums
-from bco_ray.train.step import bco_forward, collate
+from bco_ray.train.step import bco_forward, collate, length_bucketed
 from bco_ray.tracking.step_logger import StepLogger
 
 
@@ -65,6 +65,15 @@ def save_final_model(model, out_dir: str, tokenizer_path: str, rank: int, zero_s
                 merged = copy.deepcopy(model).merge_and_unload()
                 merged.save_pretrained(os.path.join(out_dir, "merged"), safe_serialization=True)
                 tok.save_pretrained(os.path.join(out_dir, "merged"))
+
+
+def peak_bf16_flops() -> float | None:
+    """Dense bf16 peak of this GPU, for MFU (None when unknown)."""
+    name = torch.cuda.get_device_name()
+    for key, tflops in (("H100", 989), ("H200", 989), ("H800", 989), ("A100", 312), ("L40S", 362), ("A10", 125)):
+        if key in name:
+            return tflops * 1e12
+    return None
 
 
 def _maybe_inject_failure(at_step: int, step: int, micro: int, gas: int, rank: int, world: int,
@@ -132,6 +141,10 @@ def train_loop_per_worker(config: dict) -> None:
         config=deepspeed_config(t, world, on_gpu),
         lr_scheduler=lambda opt: get_scheduler(t.lr_scheduler, opt, num_warmup_steps=warmup,
                                                num_training_steps=total_steps))
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    n_layers = getattr(model.config, "num_hidden_layers", 0)
+    d_model = getattr(model.config, "hidden_size", 0)
+    peak_flops = peak_bf16_flops() if on_gpu else None
     delta = RunningMean()
     step, epoch, skip = 0, 0, 0
     ckpt = ray.train.get_checkpoint()
@@ -173,6 +186,8 @@ def train_loop_per_worker(config: dict) -> None:
     while step < total_steps:                      # epochs; max_steps may run past num_epochs
         micro, step_at_start = 0, step
         batches = shard.iter_batches(batch_size=t.micro_batch_size, batch_format="numpy", drop_last=True)
+        if t.bucket_window > 1:
+            batches = length_bucketed(batches, t.bucket_window, t.seed + epoch)
         for raw in batches:
             if micro >= micro_per_epoch or step >= total_steps:
                 break
@@ -186,7 +201,8 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             _maybe_inject_failure(t.inject_failure_at_step, step + 1, micro + 1, t.gradient_accumulation_steps,
                                   rank, world, config["storage_dir"])
-            window.add(losses, rewards, logps, batch["label"], int(batch["attention_mask"].sum()))
+            window.add(losses, rewards, logps, batch["label"], int(batch["attention_mask"].sum()),
+                       batch["attention_mask"].numel())
             micro += 1
             if micro % t.gradient_accumulation_steps:
                 continue
@@ -194,6 +210,11 @@ def train_loop_per_worker(config: dict) -> None:
             if step % t.logging_steps == 0 or step == total_steps:
                 m = window.reduce()
                 elapsed = time.time() - t_window
+                tps = m["tokens"] / max(elapsed, 1e-9)
+                if peak_flops:          # (6·N + 12·layers·d_model·seq) FLOPs per token, per GPU, over peak
+                    seq = m["tokens"] / max(m["count/chosen"] + m["count/rejected"], 1)
+                    flops_per_token = 6 * n_params + 12 * n_layers * d_model * seq
+                    m["mfu"] = flops_per_token * tps / world / peak_flops
                 m.update({"delta": delta.mean, "learning_rate": lr, "epoch": epoch + micro / micro_per_epoch,
                           "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                           "tokens_per_second": m.pop("tokens") / max(elapsed, 1e-9),

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 KEYS = ("loss_sum", "rows", "chosen_rewards", "chosen", "rejected_rewards", "rejected",
-        "chosen_logps", "rejected_logps", "tokens")
+        "chosen_logps", "rejected_logps", "tokens", "padded_tokens")
 
 
 class WindowSums:
@@ -16,11 +16,11 @@ class WindowSums:
         self.v = torch.zeros(len(KEYS), dtype=torch.float64)
 
     @torch.no_grad()
-    def add(self, losses, rewards, logps, labels, tokens: int) -> None:
+    def add(self, losses, rewards, logps, labels, tokens: int, padded_tokens: int = 0) -> None:
         lab = labels.bool().cpu()
         r, lp, ls = rewards.detach().double().cpu(), logps.detach().double().cpu(), losses.detach().double().cpu()
         self.v += torch.tensor([ls.sum(), len(lab), r[lab].sum(), lab.sum(), r[~lab].sum(), (~lab).sum(),
-                                lp[lab].sum(), lp[~lab].sum(), tokens], dtype=torch.float64)
+                                lp[lab].sum(), lp[~lab].sum(), tokens, padded_tokens], dtype=torch.float64)
 
     def reduce(self) -> dict[str, float]:
         v = self.v.clone()
@@ -29,6 +29,8 @@ class WindowSums:
         s = dict(zip(KEYS, v.tolist()))
         out = {"loss": s["loss_sum"] / max(s["rows"], 1), "count/chosen": s["chosen"],
                "count/rejected": s["rejected"], "tokens": s["tokens"]}
+        if s["padded_tokens"]:
+            out["padding_fraction"] = 1 - s["tokens"] / s["padded_tokens"]
         if s["chosen"]:
             out["rewards/chosen"] = s["chosen_rewards"] / s["chosen"]
             out["logps/chosen"] = s["chosen_logps"] / s["chosen"]

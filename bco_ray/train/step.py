@@ -27,6 +27,38 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
     }
 
 
+def _ragged(rows: list) -> np.ndarray:
+    """A 1-D object array of per-row arrays (numpy would build a 2-D array when all rows are equal)."""
+    out = np.empty(len(rows), dtype=object)
+    out[:] = [np.asarray(r) for r in rows]
+    return out
+
+
+def length_bucketed(batches, window: int, seed: int):
+    """Re-cut a stream of equal-size micro-batches: every `window` of them is pooled, sorted by length and
+    cut again into micro-batches of the same size (whose order is then shuffled), so that rows of similar
+    length are padded together. Rows per micro-batch stay fixed, so every rank still runs in lockstep."""
+    rng = np.random.default_rng(seed)
+    buf: list[dict] = []
+
+    def flush():
+        size = len(buf[0]["label"])
+        pooled = {k: _ragged([x for b in buf for x in b[k]]) if k == "input_ids" else
+                  np.concatenate([b[k] for b in buf]) for k in buf[0]}
+        order = np.argsort([len(x) for x in pooled["input_ids"]], kind="stable")
+        cuts = [order[i:i + size] for i in range(0, len(order), size)]
+        for j in rng.permutation(len(cuts)):
+            yield {k: v[cuts[j]] for k, v in pooled.items()}
+
+    for b in batches:
+        buf.append(b)
+        if len(buf) == window:
+            yield from flush()
+            buf = []
+    if buf:
+        yield from flush()
+
+
 def bco_forward(model, batch: dict[str, torch.Tensor], delta: RunningMean, beta: float,
                 chunk_size: int = 1024, update_delta: bool = True):
     """(per-row losses, rewards, policy log-probs). With update_delta, δ first absorbs this micro-batch's

@@ -1,0 +1,315 @@
+"""The drop-in Python API (`from bco_ray import BCOConfig, BCOTrainer`): TRL's BCOTrainer snippet, with a tiny
+model, tokenizer and dataset built here, trains end to end through Ray Data, Ray Train + DeepSpeed and MLflow;
+its step-0 numbers equal the config-file path's on the same inputs; UDM with a user embedding function (a tiny
+BartModel encoder) works; BCOConfig maps TRL's field names and rejects unknown ones.
+
+The three real runs share one local Ray in this process (module fixtures), to stay within a few minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bco_ray import BCOConfig, BCOTrainer
+from bco_ray.api import BCOConfigWarning, embedding_func_supported
+from bco_ray.builtin import ASSETS, materialize_tiny_model, tokenizer_path
+from bco_ray.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "train.jsonl").read_text().splitlines()[:48]]
+EVAL_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "eval.jsonl").read_text().splitlines()[:16]]
+STEP0_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+              "delta", "count/chosen", "count/rejected", "learning_rate")
+
+
+# =============================================================================== BCOConfig, no Ray
+def test_trl_field_names_map_onto_the_bco_ray_config(tmp_path):
+    args = BCOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=2,
+                     gradient_accumulation_steps=3, learning_rate=1e-6, num_train_epochs=2, max_steps=40,
+                     warmup_ratio=0.05, lr_scheduler_type="cosine", logging_steps=5, eval_strategy="steps",
+                     eval_steps=10, save_steps=20, seed=7, bf16=False, gradient_checkpointing=False, beta=0.2,
+                     max_length=256, max_prompt_length=128, prompt_sample_size=64, min_density_ratio=0.2,
+                     max_density_ratio=5.0, precompute_ref_log_probs=True, report_to="mlflow", run_name="r",
+                     deepspeed={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
+                     num_workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"),
+                     mlflow_tracking_uri="sqlite:///x.db", mlflow_experiment="e")
+    cfg = args.to_config()
+    t, d, u = cfg.train, cfg.data, cfg.udm
+    assert cfg.output_dir == str(tmp_path)
+    assert (t.micro_batch_size, t.gradient_accumulation_steps, t.lr, t.num_epochs, t.max_steps) == (4, 3, 1e-6, 2, 40)
+    assert (t.warmup_ratio, t.lr_scheduler, t.logging_steps, t.eval_steps, t.save_steps) == (0.05, "cosine", 5, 10, 20)
+    assert (t.seed, d.seed, t.bf16, t.gradient_checkpointing, t.beta) == (7, 7, "false", False, 0.2)
+    assert (d.max_length, d.max_prompt_length) == (256, 128)
+    assert (u.prompt_sample_size, u.min_density_ratio, u.max_density_ratio) == (64, 0.2, 5.0)
+    assert (t.zero_stage, t.offload_optimizer, t.num_workers, t.use_gpu) == (3, True, 2, False)
+    assert t.storage_path == str(tmp_path / "ray")
+    assert (cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name) == ("sqlite:///x.db", "e", "r")
+
+
+def test_trl_defaults():
+    cfg = BCOConfig().to_config()
+    assert cfg.train.lr == 5e-5 and cfg.train.num_epochs == 3 and cfg.train.micro_batch_size == 8
+    assert cfg.train.logging_steps == 10 and cfg.train.save_steps == 500 and cfg.train.eval_steps == 0
+    assert cfg.train.beta == 0.1 and cfg.train.warmup_ratio == 0.0 and cfg.train.gradient_checkpointing is True
+    assert cfg.data.max_length == 1024 and cfg.data.max_prompt_length == 512
+    assert cfg.train.num_workers == 1 and cfg.train.bf16 == "auto"
+    assert cfg.udm.prompt_sample_size == 1024 and (cfg.udm.min_density_ratio, cfg.udm.max_density_ratio) == (0.5, 10)
+
+
+def test_unknown_fields_error_and_meaningless_ones_warn():
+    with pytest.raises(TypeError, match=r"unknown field.*'learning_rat'.*did you mean 'learning_rate'"):
+        BCOConfig(output_dir="o", learning_rat=1e-6)
+    with pytest.raises(TypeError, match="'not_a_field'"):
+        BCOConfig(not_a_field=1)
+    with pytest.warns(BCOConfigWarning, match="remove_unused_columns"):
+        args = BCOConfig(output_dir="o", remove_unused_columns=False)
+    assert args.ignored_fields == {"remove_unused_columns": False}
+    with pytest.warns(BCOConfigWarning, match="always precomputes"):
+        BCOConfig(precompute_ref_log_probs=False)
+    with pytest.warns(BCOConfigWarning, match="MLflow only"):
+        BCOConfig(report_to=["wandb"])
+    with pytest.warns(BCOConfigWarning, match="max_completion_length"):
+        BCOConfig(max_completion_length=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BCOConfig(output_dir="o", beta=0.3, report_to="mlflow")          # no warning for mapped fields
+    # copies keep working (dataclasses.replace goes through __init__)
+    assert dataclasses.replace(BCOConfig(beta=0.3), seed=3).beta == 0.3
+
+
+def test_bad_values_name_the_bco_config_field():
+    with pytest.raises(ConfigError, match=r"train\.beta must be > 0.*BCOConfig field: beta"):
+        BCOConfig(beta=0).to_config()
+    with pytest.raises(ConfigError, match="BCOConfig field: max_length, max_prompt_length"):
+        BCOConfig(max_length=64, max_prompt_length=64).to_config()
+    with pytest.raises(ValueError, match="lr_scheduler_type"):
+        BCOConfig(lr_scheduler_type="polynomial").to_config()
+    with pytest.raises(ValueError, match="truncation_mode"):
+        BCOConfig(truncation_mode="keep_start")
+
+
+def test_steps_ratios_warmup_steps_and_overrides():
+    cfg = BCOConfig(max_steps=100, logging_steps=0.05, warmup_steps=10, eval_strategy="steps",
+                    save_strategy="no", bco_ray_overrides={"train.zero_stage": 1, "udm": {"max_embed_length": 64}}
+                    ).to_config()
+    assert cfg.train.logging_steps == 5 and cfg.train.eval_steps == 5 and cfg.train.save_steps == 0
+    assert cfg.train.zero_stage == 1 and cfg.udm.max_embed_length == 64
+    assert __import__("math").ceil(cfg.train.warmup_ratio * 100) == 10      # exactly 10 warmup steps
+    with pytest.raises(ValueError, match="warmup_steps"):
+        BCOConfig(warmup_steps=10).to_config()                              # no max_steps: no exact ratio
+
+
+def test_peft_config_maps_to_lora(tmp_path):
+    peft = pytest.importorskip("peft")
+    path = materialize_tiny_model(tmp_path / "m", seed=0)
+    trainer = BCOTrainer(model=str(path), args=BCOConfig(output_dir=str(tmp_path / "o")),
+                         train_dataset=TRAIN_ROWS,
+                         peft_config=peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                     target_modules=["q_proj", "v_proj"]))
+    lora = trainer.config.train.lora
+    assert (lora.enabled, lora.r, lora.alpha, lora.dropout, lora.target_modules) == (True, 4, 8, 0.1,
+                                                                                      ["q_proj", "v_proj"])
+    assert trainer.config.model.policy == str(path)                   # an id/path is passed through, not copied
+    assert trainer.config.udm.enabled is False                         # UDM only with an embedding function
+    assert Path(trainer.config.data.train).suffix == ".parquet"
+
+
+# ====================================================================================== real runs
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for this module's runs (never a cluster that happens to run on this machine)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ADDRESS", "local")
+        mp.setenv("RAY_DATA_USE_DATASOURCE_V2", "0")
+        yield
+    import ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """The tiny Qwen2 (seed 0) as the model, a second one (seed 1) as the reference, so rewards are not zero."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {"model_id": str(materialize_tiny_model(root / "policy", seed=0)),
+            "ref_id": str(materialize_tiny_model(root / "reference", seed=1))}
+
+
+@pytest.fixture(scope="module")
+def snippet(tmp_path_factory, tiny_models, local_ray):
+    """TRL's BCOTrainer snippet, only the import changed (plus an eval set and a few steps)."""
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("snippet")
+    model_id, ref_id = tiny_models["model_id"], tiny_models["ref_id"]
+    output_dir, batch_size, gradient_accumulation_steps = str(tmp / "out"), 8, 2
+    dataset = DatasetDict({"train": Dataset.from_list(TRAIN_ROWS), "test": Dataset.from_list(EVAL_ROWS)})
+
+    model = AutoModelForCausalLM.from_pretrained(model_id)
+    ref_model = AutoModelForCausalLM.from_pretrained(ref_id)
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    training_args = BCOConfig(output_dir=output_dir, per_device_train_batch_size=batch_size,
+                              gradient_accumulation_steps=gradient_accumulation_steps,
+                              learning_rate=1e-3, max_steps=3, logging_steps=1, run_name="snippet",
+                              mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", mlflow_experiment="api")
+    trainer = BCOTrainer(model=model, ref_model=ref_model, args=training_args, processing_class=tokenizer,
+                         train_dataset=dataset["train"], eval_dataset=dataset["test"])
+    result = trainer.train()
+    return SimpleNamespace(tmp=tmp, trainer=trainer, result=result, model=model, initial=initial,
+                           tokenizer=tokenizer, args=training_args)
+
+
+def _history(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_snippet_trains_through_ray_deepspeed_and_mlflow(snippet):
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    r, trainer = snippet.result, snippet.trainer
+    client = MlflowClient(r.tracking_uri)
+    run = client.get_run(r.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "snippet"
+    p = run.data.params
+    assert (p["train.num_workers"], p["train.zero_stage"], p["train.micro_batch_size"]) == ("1", "2", "8")
+    assert (p["train.gradient_accumulation_steps"], p["train.lr"], p["udm.enabled"]) == ("2", "0.001", "False")
+    assert sorted(_history(client, r.run_id, "loss")) == [1, 2, 3]
+    assert {"eval/loss", "eval/auc", "rewards/margins", "delta", "grad_norm"} <= set(run.data.metrics)
+    assert {"model", "config.yaml", "plots"} <= {a.path for a in client.list_artifacts(r.run_id)}
+
+    # the result: final metrics and where the outputs are
+    assert r.global_step == 3 and r.metrics["eval/loss"] == pytest.approx(run.data.metrics["eval/loss"])
+    assert r.training_loss == pytest.approx(sum(_history(client, r.run_id, "loss").values()) / 3)
+    assert Path(r.model_dir, "model.safetensors").is_file() and Path(r.output_dir, "result.json").is_file()
+
+    # in-memory inputs were saved once under <output_dir>/inputs, content-addressed
+    cfg = trainer.config
+    inputs = Path(snippet.args.output_dir).resolve() / "inputs"
+    assert Path(cfg.model.policy).parent == inputs / "models" and Path(cfg.model.reference).parent == inputs / "models"
+    assert cfg.model.policy != cfg.model.reference and Path(cfg.data.train).parent == inputs / "data"
+
+    # the model object the user holds now has the trained weights
+    trained = AutoModelForCausalLM.from_pretrained(r.model_dir)
+    state = snippet.model.state_dict()
+    assert trainer.model is snippet.model
+    assert max(float((state[k] - v).abs().max()) for k, v in snippet.initial.items()) > 1e-4
+    assert all(torch.equal(state[k], v) for k, v in trained.state_dict().items())
+
+    # save_model: the trained model and tokenizer, loadable with transformers
+    saved = trainer.save_model(str(snippet.tmp / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in state.items())
+    assert Path(saved, "tokenizer.json").is_file()
+
+
+def test_evaluate_matches_the_runs_final_eval(snippet):
+    """evaluate() runs here (no Ray, no DeepSpeed) with the trained model and the run's δ; on the run's eval split
+    and on the same rows handed over anew (tokenized and reference-scored here) it gives the run's numbers."""
+    r, trainer = snippet.result, snippet.trainer
+    for ev in (trainer.evaluate(), trainer.evaluate(eval_dataset=EVAL_ROWS)):
+        assert ev["eval_samples"] == len(EVAL_ROWS)
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "accuracy", "auc"):
+            assert ev[f"eval_{key}"] == pytest.approx(r.metrics[f"eval/{key}"], abs=2e-5), key
+
+
+def test_step0_numbers_equal_the_config_file_path(snippet, tiny_models, tmp_path):
+    """The same inputs through `jobs/bco.py --config <yaml>` (rows as JSON lines, models by path) give the same
+    step-0 numbers (the first logged step: all its micro-batches run before the first optimizer step)."""
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN_ROWS))
+    (tmp_path / "job.yaml").write_text(f"""
+output_dir: {tmp_path / 'outputs'}
+model:
+  policy: {tiny_models['model_id']}
+  reference: {tiny_models['ref_id']}
+data:
+  train: {tmp_path / 'train.jsonl'}
+  eval: null
+udm:
+  enabled: false
+train:
+  num_workers: 1
+  micro_batch_size: 8
+  gradient_accumulation_steps: 2
+  lr: 1.0e-3
+  warmup_ratio: 0.0
+  max_steps: 1
+  logging_steps: 1
+mlflow:
+  tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}
+  experiment: config-file
+  run_name: config-file
+""")
+    spec = importlib.util.spec_from_file_location("bco_job_cli", ROOT / "jobs" / "bco.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--config", str(tmp_path / "job.yaml")]) == 0
+    res = json.loads((tmp_path / "outputs" / "runs" / "config-file" / "result.json").read_text())
+
+    ours = MlflowClient(snippet.result.tracking_uri)
+    theirs = MlflowClient(res["tracking_uri"])
+    for key in STEP0_KEYS:
+        a = _history(ours, snippet.result.run_id, key)[1]
+        b = _history(theirs, res["run_id"], key)[1]
+        assert a == pytest.approx(b, abs=1e-6), (key, a, b)
+    assert abs(_history(ours, snippet.result.run_id, "rewards/margins")[1]) > 1e-3    # not a trivial step 0
+
+
+def _bart_embedder():
+    """A tiny BartModel; the embedding function mean-pools its encoder states (TRL docs' recipe)."""
+    from transformers import AutoTokenizer, BartConfig, BartModel
+    tok = AutoTokenizer.from_pretrained(tokenizer_path())
+    torch.manual_seed(0)
+    bart = BartModel(BartConfig(vocab_size=len(tok), d_model=24, encoder_layers=1, decoder_layers=1,
+                                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=48,
+                                decoder_ffn_dim=48, max_position_embeddings=256, pad_token_id=tok.pad_token_id)).eval()
+
+    def embed_prompt(input_ids, attention_mask, model):
+        hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    return functools.partial(embed_prompt, model=bart), tok, bart.config.d_model
+
+
+@pytest.mark.skipif(not embedding_func_supported(),
+                    reason="bco-ray lacks the udm.embedding_func hook (UDMConfig.embedding_func + Embed(func_path=...))")
+def test_udm_with_a_bart_embedding_function(tiny_models, tmp_path, local_ray):
+    """model as a path, ref_model=None (the model's initial weights), UDM through a user embedding function."""
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoTokenizer
+
+    embedding_func, embedding_tokenizer, dim = _bart_embedder()
+    args = BCOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-3,
+                     max_steps=2, logging_steps=1, prompt_sample_size=32, run_name="udm-bart",
+                     mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow_experiment="api-udm")
+    trainer = BCOTrainer(model=tiny_models["model_id"], ref_model=None, args=args,
+                         processing_class=AutoTokenizer.from_pretrained(tiny_models["model_id"]),
+                         train_dataset=TRAIN_ROWS, embedding_func=embedding_func,
+                         embedding_tokenizer=embedding_tokenizer)
+    assert trainer.config.udm.enabled and trainer.config.model.reference is None
+    result = trainer.train()
+
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert {"udm/accuracy", "loss", "delta"} <= set(run.data.metrics)
+    with open(Path(result.raw["precompute_dir"]) / "classifier.pkl", "rb") as f:
+        clf = pickle.load(f)
+    assert clf.n_features_in_ == dim                          # fitted on the BART function's embeddings
+    weight = run.data.metrics["precompute/mean_rejected_weight"]
+    assert weight != pytest.approx(1.0) and 0.5 <= weight <= 10.0
+    assert trainer.model.config.model_type == "qwen2"         # loaded from the run's model directory
