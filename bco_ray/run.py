@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import traceback
@@ -18,29 +19,72 @@ from bco_ray.models import load_tokenizer
 log = logging.getLogger("bco_ray")
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelError(ValueError):
+    """A model/tokenizer setting that cannot work: the message names the field and the fix."""
+
+
+def _check_model_path(field: str, p: str) -> None:
+    if "://" in p or os.path.exists(p):
+        return
+    if p.startswith((".", "/", "~")) or not _HUB_ID.match(p):
+        raise ModelError(f"{field}: {p!r} does not exist; give a local model directory or a hub id like org/name")
+
+
 def resolve_paths(cfg: Config):
+    """Model locations (builtin names materialised), checked before any Ray work: paths exist, the tokenizer
+    loads and has a pad token, and policy and reference share one vocabulary."""
+    from transformers import AutoConfig
+
     from bco_ray.precompute.pipeline import Paths
+    m = cfg.model
     models_dir = str(Path(cfg.output_dir).resolve() / "models")
-    policy = resolve_model(cfg.model.policy, models_dir)
-    reference = resolve_model(cfg.model.reference, models_dir) if cfg.model.reference else policy
-    tokenizer = resolve_model(cfg.model.tokenizer, models_dir) if cfg.model.tokenizer else policy
-    for name, p in (("model.policy", policy), ("model.reference", reference), ("model.tokenizer", tokenizer)):
-        if (p.startswith((".", "/")) or os.sep in p and not p.count("/") == 1) and not os.path.exists(p):
-            raise FileNotFoundError(f"{name}: {p} does not exist; give a local model directory or a hub id")
-    tok = load_tokenizer(tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
+    policy = resolve_model(m.policy, models_dir)
+    reference = resolve_model(m.reference, models_dir) if m.reference else policy
+    tokenizer = resolve_model(m.tokenizer, models_dir) if m.tokenizer else policy
+    for field, p in (("model.policy", policy), ("model.reference", reference), ("model.tokenizer", tokenizer)):
+        _check_model_path(field, p)
+    try:
+        tok = load_tokenizer(tokenizer, m.revision, m.trust_remote_code)
+        vocab = {f: AutoConfig.from_pretrained(p, revision=m.revision, trust_remote_code=m.trust_remote_code)
+                 .vocab_size for f, p in (("model.policy", policy), ("model.reference", reference))}
+    except OSError as e:
+        raise ModelError(f"model: cannot load {e}".splitlines()[0] + " (check model.policy / model.reference / "
+                         "model.tokenizer, and hub access or HF_HUB_OFFLINE)") from e
+    if vocab["model.policy"] != vocab["model.reference"]:
+        raise ModelError(f"model.policy has a vocabulary of {vocab['model.policy']} tokens but model.reference has "
+                         f"{vocab['model.reference']}: BCO compares their log-probs token by token, so both must "
+                         "use the same tokenizer (give a reference fine-tuned from the same base as the policy)")
+    if len(tok) > vocab["model.policy"]:
+        raise ModelError(f"model.tokenizer has {len(tok)} tokens, more than model.policy's vocabulary of "
+                         f"{vocab['model.policy']}; use the policy's own tokenizer")
     embedder = resolve_embedder(cfg.udm.embedding_model) if cfg.udm.enabled else None
+    if embedder is not None:
+        _check_model_path("udm.embedding_model", embedder)
     return Paths(policy=policy, reference=reference, tokenizer=tokenizer, embedder=embedder,
                  pad_id=tok.pad_token_id), tok
 
 
-def init_ray(cfg: Config) -> None:
+def check_resources(cfg: Config, started_locally: bool) -> None:
+    """GPUs asked for where there are none: an error now, not a job waiting forever. On a cluster that
+    may autoscale, GPU nodes can appear later, so the check applies to a Ray this job started itself."""
+    import ray
+    wants = cfg.train.use_gpu or cfg.precompute.num_gpus_per_actor > 0
+    if wants and started_locally and not ray.cluster_resources().get("GPU"):
+        raise ModelError("train.use_gpu / precompute.num_gpus_per_actor ask for GPUs but this Ray has none; "
+                         "set --train.use_gpu=false --precompute.num_gpus_per_actor=0, or submit to a GPU cluster")
+
+
+def init_ray(cfg: Config) -> bool:
     """Join the cluster this job runs in (`ray job submit` sets RAY_ADDRESS; its runtime env applies), or one
-    started with `ray start` on this machine, else start a local Ray. Workers get the MLflow URI explicitly
-    in their config, so nothing else needs to travel in the environment."""
+    started with `ray start` on this machine, else start a local Ray (returns True then). Workers get the
+    MLflow URI explicitly in their config, so nothing else needs to travel in the environment."""
     import ray
     import ray.data
     if ray.is_initialized():
-        return
+        return False
     # Ray 2.60's new Parquet datasource (v2) spends ~10 s per read listing files, even for one small
     # local file; the v1 reader does the same work in well under a second. The context travels with
     # every dataset this driver builds.
@@ -49,13 +93,16 @@ def init_ray(cfg: Config) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address == "local":     # RAY_ADDRESS=local: always a fresh local Ray, even if a cluster runs here
         ray.init(**local)
-    elif address:
+        return True
+    if address:
         ray.init()
-    else:
-        try:
-            ray.init(address="auto")
-        except ConnectionError:
-            ray.init(**local)
+        return False
+    try:
+        ray.init(address="auto")
+        return False
+    except ConnectionError:
+        ray.init(**local)
+        return True
 
 
 def run_job(cfg: Config) -> dict:
@@ -71,7 +118,7 @@ def run_job(cfg: Config) -> dict:
     print(f"[bco-ray] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
           f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: mlflow ui --backend-store-uri {uri}", flush=True)
     try:
-        init_ray(cfg)
+        check_resources(cfg, init_ray(cfg))
         result = _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report)
     except KeyboardInterrupt:
         mlflow_run.close_run("KILLED", "interrupted")

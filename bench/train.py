@@ -3,7 +3,8 @@
   ours      precompute: the `RefLogps` stage over all rows (timed: it is part of end-to-end), then
             `bco_forward` (completion-only, chunked lm_head) + backward + optimizer step on micro-batches cut
             by length bucketing (rows sorted by length within --window rows, cut at --micro-batch-tokens padded
-            tokens, batch order shuffled). No reference forward while training.
+            tokens, batch order shuffled; --bucketing trainer: the trainer loop's own `length_bucketed`, fixed
+            --micro-batch-size rows). No reference forward while training.
   baseline  as the reference implementation does: fixed --baseline-batch-size rows in dataset order padded to
             --max-length, a reference-model forward every step, full float32 logits → log_softmax → gather,
             the same BCO loss and optimizer.
@@ -20,7 +21,7 @@ epoch tokens / baseline tokens/s (its tokens/s already pays for the reference fo
 `RESULT {json}`.
 
     python bench/train.py --model tiny --rows 32 --zero 0                 # CPU smoke
-    python bench/train.py --model qwen0.5b --rows 2048 --zero 2 3 --baseline-steps 64
+    python bench/train.py --model qwen0.5b --rows 2048 --zero 2 3 --baseline-steps 64 --ds-adam torch
 """
 from __future__ import annotations
 
@@ -49,7 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing, each run")
     p.add_argument("--micro-batch-tokens", type=int, default=None, help="ours: padded tokens per micro-batch "
                    "(default: baseline-batch-size × max-length, the baseline's padded size)")
-    p.add_argument("--window", type=int, default=1024, help="ours: rows sorted by length together")
+    p.add_argument("--window", type=int, default=1024, help="ours, budget bucketing: rows sorted by length together")
+    p.add_argument("--bucketing", choices=["budget", "trainer"], default="budget",
+                   help="ours: budget = token-budget micro-batches (budget_batches); trainer = what the trainer "
+                   "loop does (step.length_bucketed: --micro-batch-size rows, --bucket-window micro-batches pooled)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="ours, trainer bucketing: rows per micro-batch")
+    p.add_argument("--bucket-window", type=int, default=16, help="ours, trainer bucketing: micro-batches pooled")
     p.add_argument("--baseline-batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--zero", type=int, nargs="+", choices=[0, 2, 3], default=[0])
@@ -113,7 +119,10 @@ class Updater:
 
     def close(self) -> None:
         if self.engine is not None and hasattr(self.engine, "destroy"):
-            self.engine.destroy()
+            try:
+                self.engine.destroy()
+            except Exception as e:                      # the figures are in; only clean-up failed
+                print(f"DeepSpeed engine.destroy() failed: {type(e).__name__}: {e}", flush=True)
         self.engine = self.module = self.opt = None
         C.free_memory()
 
@@ -237,7 +246,17 @@ def run_ours(a, zero, path, rows, ref_logps, device, dtype, lengths, n_params, s
         losses, _, _ = bco_forward(up.module, batch, delta, a.beta, a.chunk_size)
         up.step(losses.mean())
 
-    batches = bucketed(lengths, a.window, a.micro_batch_tokens, a.seed)
+    if a.bucketing == "budget":
+        batches = bucketed(lengths, a.window, a.micro_batch_tokens, a.seed)
+    else:                                                # the trainer's own re-cutting of fixed-size batches
+        from bco_ray.train.step import length_bucketed
+        mbs = a.micro_batch_size
+        ids = np.empty(len(lengths), dtype=object)
+        ids[:] = cols["input_ids"]
+        stream = ({"input_ids": ids[lo:lo + mbs], "label": cols["label"][lo:lo + mbs],     # drop_last, as the loop
+                   "idx": np.arange(lo, lo + mbs)}
+                  for lo in range(0, len(lengths) - mbs + 1, mbs))
+        batches = [d["idx"].tolist() for d in length_bucketed(stream, a.bucket_window, a.seed)]
     f = timed_steps(f"ours zero={zero}", batches, step, a, a.steps, device, lengths, n_params, shape, peak)
     f["optimizer"] = getattr(up, "optimizer_name", "torch.optim.AdamW")
     up.close()
@@ -275,6 +294,17 @@ def run_baseline(a, path, rows, device, dtype, lengths, n_params, shape, peak) -
     return f
 
 
+def guarded(name: str, fn) -> dict:
+    """A run that runs out of GPU memory is reported as such; the others still run."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError as e:
+        msg = str(e).splitlines()[0]
+    C.free_memory()
+    print(f"[{name}] out of GPU memory: {msg}", flush=True)
+    return {"error": f"OutOfMemoryError: {msg}"}
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     C.ensure_ray_importable()
@@ -295,24 +325,30 @@ def main(argv=None) -> int:
         print(f"model {a.model}: {counts['params_total'] / 1e6:.1f}M params, N (no input embedding) "
               f"{n_params / 1e6:.1f}M, {dtype}, init+save {t_init.seconds:.1f} s; ours attn={attn}, baseline "
               f"attn={a.baseline_attn}; peak {peak and peak / 1e12} TFLOP/s ({peak_src})", flush=True)
+        ours_mb = (f"{a.micro_batch_tokens} tokens/micro-batch" if a.bucketing == "budget" else
+                   f"{a.micro_batch_size} rows/micro-batch, {a.bucket_window} pooled (trainer bucketing)")
         print(f"data: {a.rows} rows, {sum(lengths)} tokens, length {min(lengths)}..{max(lengths)}; ours "
-              f"{a.micro_batch_tokens} tokens/micro-batch, baseline {a.baseline_batch_size}×{a.max_length}", flush=True)
+              f"{ours_mb}, baseline {a.baseline_batch_size}×{a.max_length}", flush=True)
         res = {"bench": "train", "model": a.model, "rows": a.rows, "epoch_tokens": sum(lengths),
                "dtype": str(dtype).removeprefix("torch."), "attn": attn, "baseline_attn": a.baseline_attn,
-               "micro_batch_tokens": a.micro_batch_tokens, "baseline_batch_size": a.baseline_batch_size,
+               "micro_batch_tokens": a.micro_batch_tokens, "bucketing": a.bucketing,
+               "baseline_batch_size": a.baseline_batch_size,
                "max_length": a.max_length, "gradient_checkpointing": a.gradient_checkpointing, "compile": a.compile,
                **counts, "peak_flops": peak, "peak_source": peak_src, **C.env_info(device)}
         ref_logps, res["precompute"] = precompute(a, path, rows, device, dtype)
         # The baseline first: should an engine leave memory behind, only our figures would pay for it.
-        base = None if a.skip_baseline else run_baseline(a, path, rows, device, dtype, lengths, n_params, shape, peak)
-        res["ours"] = {f"zero{z}": run_ours(a, z, path, rows, ref_logps, device, dtype, lengths, n_params, shape, peak)
-                       for z in a.zero}
-        if base:
-            res["baseline"], epoch = base, sum(lengths)
+        base = None if a.skip_baseline else guarded("baseline", lambda: run_baseline(
+            a, path, rows, device, dtype, lengths, n_params, shape, peak))
+        res["ours"] = {f"zero{z}": guarded(f"ours zero={z}", lambda z=z: run_ours(
+            a, z, path, rows, ref_logps, device, dtype, lengths, n_params, shape, peak)) for z in a.zero}
+        res["baseline"], epoch = base, sum(lengths)
+        if base and "error" not in base:
             base["e2e_tokens_per_s"] = base["tokens_per_s"]      # its steps already pay for the reference
-            for key, ours in res["ours"].items():
-                e2e = res["precompute"]["seconds"] + epoch / ours["tokens_per_s"]
-                ours["e2e_tokens_per_s"] = round(epoch / e2e, 1)
+        for key, ours in res["ours"].items():
+            if "error" in ours:
+                continue
+            ours["e2e_tokens_per_s"] = round(epoch / (res["precompute"]["seconds"] + epoch / ours["tokens_per_s"]), 1)
+            if base and "error" not in base:
                 r = res.setdefault("ratios", {})[key] = {
                     "train_tokens_per_s": C.ratio(ours["tokens_per_s"], base["tokens_per_s"]),
                     "e2e_tokens_per_s": C.ratio(ours["e2e_tokens_per_s"], base["e2e_tokens_per_s"]),

@@ -29,20 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.`udm.enabled` = 'True'\"")
     parser.add_argument("--extra", default="loss,rewards/margins,eval/auc",
                         help="comma-separated metrics shown with their final value")
+    parser.add_argument("--all-params", action="store_true",
+                        help="also list params that only say where things are written (output_dir, cache_dir, "
+                             "the tracking URI, ...) when they differ")
     parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
                         help="EMA-smooth the curves (default: when a curve has > 50 points)")
     args = parser.parse_args(argv)
 
     from mlflow.tracking import MlflowClient
 
-    from bco_ray.tracking.compare import CompareError, compare_runs, format_table, write_outputs
+    from bco_ray.tracking.compare import IGNORED_PARAMS, CompareError, compare_runs, format_table, write_outputs
     from bco_ray.tracking.mlflow_run import normalize_uri
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     uri = normalize_uri(uri) if uri else f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
     try:
         comp = compare_runs(MlflowClient(uri), args.experiment, args.metric, args.mode, args.filter,
-                            tuple(m for m in args.extra.split(",") if m))
+                            tuple(m for m in args.extra.split(",") if m),
+                            ("mlflow.run_name",) if args.all_params else IGNORED_PARAMS)
     except CompareError as e:
         print(f"compare: {e} (tracking URI {uri})", file=sys.stderr)
         return 2

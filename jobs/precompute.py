@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     from bco_ray.data.checks import DataError, check_data
     from bco_ray.data.formats import DataFormatError
     from bco_ray.precompute.pipeline import run_precompute
-    from bco_ray.run import init_ray, resolve_paths
+    from bco_ray.run import ModelError, init_ray, resolve_paths
     try:
         report = check_data(cfg)
         paths, _ = resolve_paths(cfg)
-    except (DataError, DataFormatError, FileNotFoundError) as e:
+    except (DataError, DataFormatError, ModelError, FileNotFoundError) as e:
         print(f"bco-ray: input error: {e}", file=sys.stderr)
         return 2
     init_ray(cfg)

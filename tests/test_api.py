@@ -227,7 +227,8 @@ def test_step0_numbers_equal_the_config_file_path(snippet, tiny_models, tmp_path
     step-0 numbers (the first logged step: all its micro-batches run before the first optimizer step)."""
     from mlflow.tracking import MlflowClient
 
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN_ROWS))
+    for name, rows in (("train", TRAIN_ROWS), ("eval", EVAL_ROWS)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "job.yaml").write_text(f"""
 output_dir: {tmp_path / 'outputs'}
 model:
@@ -235,7 +236,7 @@ model:
   reference: {tiny_models['ref_id']}
 data:
   train: {tmp_path / 'train.jsonl'}
-  eval: null
+  eval: {tmp_path / 'eval.jsonl'}     # the pass shuffles train and eval rows together: same eval, same order
 udm:
   enabled: false
 train:

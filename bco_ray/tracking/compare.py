@@ -17,8 +17,9 @@ from mlflow.tracking import MlflowClient
 # Substrings of metric names where lower is better; everything else (auc, accuracy, margins, rewards, mfu,
 # throughput) is taken as higher is better. `mode` overrides.
 LOWER_IS_BETTER = ("loss", "error", "perplexity", "ppl", "grad_norm", "seconds", "latency", "dropped")
-# Config params that differ between runs without describing them (names, where they are logged).
-IGNORED_PARAM_PREFIXES = ("mlflow.",)
+# Config params that differ between runs without changing what is trained: where runs are logged and where
+# outputs, caches and checkpoints are written. Left out of "params that differ" unless asked for.
+IGNORED_PARAMS = ("mlflow.", "output_dir", "precompute.cache_dir", "precompute.force", "train.storage_path")
 DEFAULT_EXTRA = ("loss", "rewards/margins", "eval/auc")
 
 
@@ -73,9 +74,12 @@ def direction(metric: str, mode: str = "auto") -> str:
     return "min" if any(s in metric.lower() for s in LOWER_IS_BETTER) else "max"
 
 
-def varying_params(param_sets: list[dict[str, str]], ignore=IGNORED_PARAM_PREFIXES) -> list[str]:
-    """Params whose value is not the same in every run (a param missing from a run counts as a value)."""
-    keys = sorted({k for p in param_sets for k in p if not k.startswith(tuple(ignore))})
+def varying_params(param_sets: list[dict[str, str]], ignore=IGNORED_PARAMS) -> list[str]:
+    """Params whose value is not the same in every run (a param missing from a run counts as a value);
+    `ignore`: names or prefixes (ending in ".") left out."""
+    def ignored(k: str) -> bool:
+        return any(k == i or (i.endswith(".") and k.startswith(i)) for i in ignore)
+    keys = sorted({k for p in param_sets for k in p if not ignored(k)})
     return [k for k in keys if len({p.get(k) for p in param_sets}) > 1]
 
 
@@ -114,7 +118,7 @@ def search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str
 
 
 def compare_runs(client: MlflowClient, experiment: str, metric: str = "eval/auc", mode: str = "auto",
-                 filter_string: str = "", extra_metrics=DEFAULT_EXTRA) -> Comparison:
+                 filter_string: str = "", extra_metrics=DEFAULT_EXTRA, ignore_params=IGNORED_PARAMS) -> Comparison:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
@@ -139,7 +143,7 @@ def compare_runs(client: MlflowClient, experiment: str, metric: str = "eval/auc"
     extra = [k for k in extra_metrics if k != metric and any(k in r.extra for r in rows)]
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda r: (r.best is None, sign * r.best if r.best is not None else 0.0))
-    return Comparison(experiment, metric, mode, varying_params([r.params for r in rows]), extra, rows)
+    return Comparison(experiment, metric, mode, varying_params([r.params for r in rows], ignore_params), extra, rows)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -200,7 +204,10 @@ def to_markdown(comp: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_label(row: RunRow, varying: list[str], max_params: int = 3) -> str:
+def run_label(row: RunRow, varying: list[str], max_params: int = 3, first: str | None = None) -> str:
+    """The run name and its values of the params that differ (`first` leads: the colour param of a sweep)."""
+    if first in varying:
+        varying = [first, *(p for p in varying if p != first)]
     shown = [f"{p.rsplit('.', 1)[-1] if _unique_leaf(p, varying) else p}={_clip(row.params.get(p, '–'), 24)}"
              for p in varying[:max_params]]
     return row.name + (f" ({', '.join(shown)})" if shown else "")
@@ -234,6 +241,8 @@ def plot_overlay(comp: Comparison, path: str, smooth: bool | None = None) -> str
     else:
         cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
         colours = [cmap(i % cmap.N) for i in range(len(runs))]
+    if runs and max(sum(_finite(v) for v in r.values) for r in runs) <= 1:
+        return _plot_bars(comp, runs, colours, cparam, path)
     fig, ax = plt.subplots(figsize=(9, 5))
     smoothed = False
     for r, c in zip(runs, colours):
@@ -242,7 +251,7 @@ def plot_overlay(comp: Comparison, path: str, smooth: bool | None = None) -> str
             continue
         steps, values = [p[0] for p in pts], [p[1] for p in pts]
         do_smooth = len(pts) > 50 if smooth is None else smooth and len(pts) > 2
-        label = run_label(r, comp.varying)
+        label = run_label(r, comp.varying, first=cparam)
         if do_smooth:
             smoothed = True
             ax.plot(steps, values, color=c, lw=0.8, alpha=0.25)
@@ -267,6 +276,37 @@ def plot_overlay(comp: Comparison, path: str, smooth: bool | None = None) -> str
             ax.legend(fontsize=8, title=legend_title, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         else:
             ax.legend(fontsize=9, title=legend_title, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_bars(comp: Comparison, runs: list[RunRow], colours: list, cparam: str | None, path: str) -> str:
+    """One value per run (e.g. an evaluation only at the end): a bar per run, its value written on it."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(runs) + 2), 5))
+    labels = [run_label(r, comp.varying, first=cparam).replace(" (", "\n(") for r in runs]
+    values = [r.best if r.best is not None else float("nan") for r in runs]
+    bars = ax.bar(range(len(runs)), values, color=colours, edgecolor="k", lw=0.6)
+    for b, r in zip(bars, runs):
+        if r.best is not None:
+            ax.annotate(f"{r.best:.4g}", (b.get_x() + b.get_width() / 2, r.best), textcoords="offset points",
+                        xytext=(0, 3), ha="center", fontsize=9)
+    finite = [v for v in values if _finite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        span = (hi - lo) or abs(hi) or 1.0
+        bottom = 0.0 if lo >= 0 and lo < 0.5 * hi else lo - 0.6 * span
+        ax.set_ylim(bottom, hi + 0.25 * span)
+    ax.set_xticks(range(len(runs)), labels, fontsize=8, rotation=0 if len(runs) <= 6 else 30,
+                  ha="center" if len(runs) <= 6 else "right")
+    ax.set_ylabel(comp.metric)
+    ax.grid(axis="y", alpha=0.3)
+    steps = sorted({r.steps[0] for r in runs if r.steps})
+    at = f" (at step {steps[0]})" if len(steps) == 1 else ""
+    ax.set_title(f"{comp.metric} of {len(runs)} run(s) of experiment '{comp.experiment}'{at}\n"
+                 f"one value per run; {'higher' if comp.mode == 'max' else 'lower'} is better", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -184,7 +184,8 @@ def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
         missing = {k: v for k, v in params.items() if k not in old}
         if missing:
             mlflow.log_params(missing)
-        changed = sorted(k for k, v in params.items() if k in old and old[k] != v)
+        # The URI may come from the config once and from $MLFLOW_TRACKING_URI the next time: same store, not a change.
+        changed = sorted(k for k, v in params.items() if k in old and old[k] != v and k != "mlflow.tracking_uri")
         attempts = int(previous.data.tags.get("resume.count", "0")) + 1
         tags = {"resume.count": attempts, "resume.previous_status": previous.info.status}
         if changed:
@@ -206,12 +207,21 @@ def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
 
 
 def close_run(status: str = "FINISHED", error: str | None = None) -> None:
-    if mlflow.active_run() is None:
+    """End the active run with `status`; with an error, its text (`error`) and type (`error_type`) as tags.
+    For a failing job this runs while the job's own exception propagates: a tracking server that cannot be
+    reached now is logged, not raised, so that the job's error stays the one reported."""
+    active = mlflow.active_run()
+    if active is None:
         return
-    if error:
-        mlflow.set_tag(ERROR_TAG, error[:MAX_TAG_VAL_LENGTH])
-        mlflow.set_tag(ERROR_TYPE_TAG, error.split(":", 1)[0][:200])
-    mlflow.end_run(status=status)
+    try:
+        if error:
+            mlflow.set_tags({ERROR_TAG: error[:MAX_TAG_VAL_LENGTH], ERROR_TYPE_TAG: error.split(":", 1)[0][:200]})
+        mlflow.end_run(status=status)
+    except Exception as e:                          # noqa: BLE001
+        if status == "FINISHED":
+            raise
+        log.error("could not mark MLflow run %s as %s (it may stay RUNNING; re-running the job continues it): %s",
+                  active.info.run_id, status, e)
 
 
 # -------------------------------------------------------------------------------------- precompute

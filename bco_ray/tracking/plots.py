@@ -70,7 +70,8 @@ def history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], lis
     return steps, [by_step[s] for s in steps]
 
 
-def _draw(ax, panel: Panel, series: dict[str, tuple[list[int], list[float]]], title: str | None = None) -> bool:
+def _draw(ax, panel: Panel, series: dict[str, tuple[list[int], list[float]]], title: str | None = None,
+          xlim: tuple[float, float] | None = None) -> bool:
     drawn = False
     for i, key in enumerate(panel.keys):
         steps, values = series.get(key, ([], []))
@@ -98,6 +99,8 @@ def _draw(ax, panel: Panel, series: dict[str, tuple[list[int], list[float]]], ti
         ax.set_ylim(-0.02, 1.02)
     if panel.sci:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if xlim:                        # every panel on the run's step range: an evaluation at the end sits at the end
+        ax.set_xlim(*xlim)
     ax.set_title(panel.title + (f"  ·  {title}" if title else ""), fontsize=10)
     ax.set_xlabel("optimizer step")
     if panel.ylabel:
@@ -117,10 +120,15 @@ def plot_run(client: MlflowClient, run_id: str, out_dir: str, title: str | None 
         title = run.info.run_name or run_id
     panels = PANELS + [OVERVIEW_EXTRA]
     series = {k: history(client, run_id, k) for p in panels for k in p.keys}
+    steps = [s for st, _ in series.values() for s in st]
+    xlim = None
+    if steps and max(steps) > min(steps):
+        pad = max(0.3, 0.03 * (max(steps) - min(steps)))
+        xlim = (min(steps) - pad, max(steps) + pad)
     paths = []
     for panel in PANELS:
         fig, ax = plt.subplots(figsize=(7, 4))
-        if _draw(ax, panel, series, title):
+        if _draw(ax, panel, series, title, xlim):
             fig.tight_layout()
             path = os.path.join(out_dir, f"{panel.name}.png")
             fig.savefig(path, dpi=DPI)
@@ -132,7 +140,7 @@ def plot_run(client: MlflowClient, run_id: str, out_dir: str, title: str | None 
         rows = -(-len(with_data) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
         for ax, panel in zip(axes.flat, with_data):
-            _draw(ax, panel, series)
+            _draw(ax, panel, series, xlim=xlim)
         for ax in list(axes.flat)[len(with_data):]:
             ax.axis("off")
         fig.suptitle(f"{title}: training overview", fontsize=12)

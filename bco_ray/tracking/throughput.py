@@ -1,4 +1,4 @@
-"""Model FLOPs utilisation (MFU) for the per-step metrics, on GPU.
+"""Model FLOPs utilisation (MFU) for the per-step metrics, on GPU (used by bco_ray/train/loop.py).
 
 Training FLOPs per token follow the usual dense-transformer estimate (Kaplan et al.; PaLM appendix B):
 6·N for the forward and backward matmuls of N parameters, plus 12·L·d·T for attention scores over a
@@ -22,7 +22,7 @@ PEAK_FLOPS = [
     ("A800", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
     ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
     ("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90e12}),
-    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),      # approximate: not in a datasheet
+    ("A10G", {}),                       # no published peak: no MFU rather than the A10's number
     ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 62e12}),
     ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
     ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
@@ -42,41 +42,9 @@ def peak_flops(device_name: str, dtype: str = "bf16") -> float | None:
     return None
 
 
-def param_count(model) -> int:
-    """All parameters, including ZeRO-3 partitioned ones (whose local tensors are empty)."""
-    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters())
-
-
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:
     return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
 
 
 def mfu(tokens_per_second: float, flops_token: float, num_gpus: int, peak: float) -> float:
     return tokens_per_second * flops_token / (max(num_gpus, 1) * peak)
-
-
-class MFUMeter:
-    """`meter(tokens_per_second, mean_seq_len)` → MFU in [0, 1] for tokens/s summed over all workers."""
-
-    def __init__(self, n_params: int, n_layers: int, hidden: int, num_gpus: int, peak: float):
-        self.n_params, self.n_layers, self.hidden, self.num_gpus, self.peak = n_params, n_layers, hidden, num_gpus, peak
-
-    @classmethod
-    def for_model(cls, model, num_gpus: int, dtype: str = "bf16", device_name: str | None = None):
-        """None when off GPU or the GPU's peak is unknown (then no `mfu` is logged)."""
-        import torch
-        if device_name is None:
-            if not torch.cuda.is_available():
-                return None
-            device_name = torch.cuda.get_device_name()
-        peak = peak_flops(device_name, dtype)
-        if peak is None:
-            return None
-        cfg = getattr(model, "config", None)
-        get = (lambda *names: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), 0)) if cfg else (lambda *n: 0)
-        return cls(param_count(model), int(get("num_hidden_layers", "n_layer", "num_layers")),
-                   int(get("hidden_size", "n_embd", "d_model")), num_gpus, peak)
-
-    def __call__(self, tokens_per_second: float, mean_seq_len: float) -> float:
-        return mfu(tokens_per_second, flops_per_token(self.n_params, self.n_layers, self.hidden, mean_seq_len),
-                   self.num_gpus, self.peak)
