@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--block-rows", type=int, default=256, help="ours: rows per RefLogps call (Ray Data batch_size)")
     p.add_argument("--chunk-size", type=int, default=1024, help="ours: completion positions per lm_head chunk")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
-    p.add_argument("--attn", default="auto", help="ours: auto (flash_attention_2 if importable, else sdpa) | sdpa | ...")
+    p.add_argument("--attn", default="auto", help="ours: auto (flash_attention_2 if importable, else sdpa) | sdpa")
     p.add_argument("--naive-attn", default="sdpa")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--ray", action="store_true", help="also time the Ray Data pass end to end")

@@ -51,8 +51,9 @@ def test_train_bench_smoke():
 
 @pytest.mark.e2e
 def test_train_bench_deepspeed_smoke():
-    """The DeepSpeed path (single-process ZeRO-2 and ZeRO-3), with the trainer loop's own bucketing. Apart from the test above because DeepSpeed on a
-    fresh CPU machine first JIT-builds its shared-memory comm op (about a minute)."""
+    """The DeepSpeed path (single-process ZeRO-2 and ZeRO-3), with the trainer loop's own bucketing. Apart from
+    the test above because DeepSpeed on a fresh CPU machine first JIT-builds its shared-memory comm op (about a
+    minute)."""
     res, out = run_bench("train.py", *TRAIN_ARGS, "--zero", "2", "3", "--skip-baseline",
                          "--bucketing", "trainer", "--micro-batch-size", "4", "--bucket-window", "2")
     assert res["bucketing"] == "trainer"
