@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: demo test setup clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml bco_ray/__init__.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU-only machines get the CPU build of torch first, so the project's `torch` requirement does not

@@ -1,6 +1,6 @@
 """bco-ray: BCO (Binary Classifier Optimization) on Ray Data, Ray Train + DeepSpeed and MLflow.
 
-`from bco_ray import BCOConfig, BCOTrainer` is the drop-in API for users of TRL's BCOTrainer (bco_ray/api.py);
+`from bco_ray import BCOConfig, BCOTrainer` is the drop-in API for users of TRL's BCOTrainer (bco_ray/api/);
 it is imported on first use, so that `import bco_ray.<module>` in Ray workers stays light.
 """
 from __future__ import annotations

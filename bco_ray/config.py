@@ -49,6 +49,8 @@ class DataConfig:
 class UDMConfig:
     enabled: bool = True
     embedding_model: str = BUILTIN_EMBEDDER
+    embedding_func: str | None = None    # path/URI of a cloudpickled {"func", "tokenizer"} (the Python API's
+                                         # embedding_func + embedding_tokenizer); used instead of embedding_model
     prompt_sample_size: int = 1024
     min_density_ratio: float = 0.5
     max_density_ratio: float = 10.0

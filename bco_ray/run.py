@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -17,6 +18,20 @@ from bco_ray.data.checks import check_data
 from bco_ray.models import load_tokenizer
 
 log = logging.getLogger("bco_ray")
+
+
+class ResourcesUnavailableError(RuntimeError):
+    """The cluster did not provide what the job asked for within train.resources_timeout_s."""
+
+
+def _unavailable(cfg: Config, what: str, asks: str) -> ResourcesUnavailableError:
+    import ray
+    have = ray.cluster_resources()
+    return ResourcesUnavailableError(
+        f"{what} did not get its resources within train.resources_timeout_s={cfg.train.resources_timeout_s:g} s: "
+        f"it asks for {asks}; the cluster has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU. "
+        f"Ask for less, give the cluster node types that fit (cluster.yaml: available_node_types, max_workers), "
+        f"or allow slow nodes more time (train.resources_timeout_s).")
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -89,6 +104,12 @@ def init_ray(cfg: Config) -> bool:
     # local file; the v1 reader does the same work in well under a second. The context travels with
     # every dataset this driver builds.
     ray.data.DataContext.get_current().use_datasource_v2 = False
+    # The pass's actor pools wait at most train.resources_timeout_s for their first actors (Ray Data's
+    # default, -1, waits forever for resources an autoscaler may never provide).
+    ray.data.DataContext.get_current().wait_for_min_actors_s = max(1, math.ceil(cfg.train.resources_timeout_s))
+    # Same config, same data order: the union of the train and eval reads must not depend on which
+    # read finishes first, or the seeded shuffle after it gives a different order from run to run.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     local = {"address": "local", "num_cpus": max(os.cpu_count() or 1, 8)}   # enough logical CPUs for the actor pools
     address = os.environ.get("RAY_ADDRESS")
     if address == "local":     # RAY_ADDRESS=local: always a fresh local Ray, even if a cluster runs here
@@ -116,7 +137,7 @@ def run_job(cfg: Config) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     uri, run_id, resumed = mlflow_run.open_run(cfg, run_name)
     print(f"[bco-ray] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
-          f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: mlflow ui --backend-store-uri {uri}", flush=True)
+          f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: {mlflow_run.view_hint(uri, run_id)}", flush=True)
     try:
         check_resources(cfg, init_ray(cfg))
         result = _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report)
@@ -142,26 +163,30 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from bco_ray.precompute.pipeline import run_precompute
-    from bco_ray.tracking import mlflow_run, plots
+    from bco_ray.tracking import mlflow_run
     from bco_ray.train.loop import train_loop_per_worker
 
     t = cfg.train
     labels = data_report["train"]["labels"]
-    pre = run_precompute(cfg, paths, {True: labels["true"], False: labels["false"]})
+    try:
+        pre = run_precompute(cfg, paths, {True: labels["true"], False: labels["false"]})
+    except Exception as e:
+        if isinstance(e, ray.exceptions.GetTimeoutError) and "starting actors" in str(e):
+            p = cfg.precompute
+            gpu = f", GPU: {p.num_gpus_per_actor:g}" if p.num_gpus_per_actor > 0 else ""
+            raise _unavailable(cfg, "The precompute pass", f"actors of {{CPU: 1{gpu}}} "
+                               f"(precompute.ref_actors={list(p.ref_actors)}, precompute.embed_actors="
+                               f"{list(p.embed_actors)}, precompute.num_gpus_per_actor)") from e
+        raise
     print(f"[bco-ray] precompute {'reused' if pre.reused else 'computed'}: {pre.dir}", flush=True)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    mlflow_run.set_tags({**mlflow_run.version_tags(), "precompute.cache_key": pre.key,
-                         "precompute.reused": pre.reused, "dataset.train": data_report["train"]["fingerprint"],
-                         "num_workers": t.num_workers, "num_gpus": gpus if t.use_gpu else 0})
+    mlflow_run.set_tags({"precompute.cache_key": pre.key, "precompute.reused": pre.reused,
+                         "dataset.train": data_report["train"]["fingerprint"],
+                         "dataset.eval": (data_report.get("eval") or {}).get("fingerprint"),
+                         "num_workers": t.num_workers, "num_gpus": t.num_workers if t.use_gpu else 0,
+                         "cluster_gpus": gpus})
     tr = pre.summary["train"]
-    mlflow.log_metrics({f"precompute/{k}": v for k, v in {
-        "rows": tr["rows"], "tokens": tr["tokens"], "chosen": tr["chosen"], "rejected": tr["rejected"],
-        "padding_fraction": tr["padding_fraction"], "mean_rejected_weight": tr["mean_rejected_weight"],
-        "seconds": pre.summary.get("seconds", 0.0), **{f"dropped/{k}": v for k, v in pre.summary["dropped"].items()},
-    }.items()})
-    if pre.summary.get("udm"):
-        mlflow.log_metrics(pre.summary["udm"])
-    mlflow.log_dict(pre.summary, "precompute/summary.json")
+    mlflow_run.log_precompute(pre.summary)          # step 0, once per run (a resumed run keeps its first)
 
     # Progress bars of the per-worker shards would interleave in the job log; the pass above keeps its own.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -169,6 +194,9 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
     if pre.eval:
         datasets["eval"] = ray.data.read_parquet(pre.eval)
     storage = t.storage_path or str(Path(cfg.output_dir).resolve() / "ray")
+    # How long the worker group's placement group may stay pending (autoscaling included); Ray Train
+    # passes the variable on from this driver to its controller.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(t.resources_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "policy_path": paths.policy, "tokenizer_path": paths.tokenizer,
@@ -179,12 +207,25 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(name=run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+                             # A worker group that does not start within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+                             # is retried train.max_failures times, then fails the run (Ray's default: forever).
+                             failure_config=FailureConfig(max_failures=t.max_failures,
+                                                          controller_failure_limit=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             worker_runtime_env={"env_vars": mlflow_run.worker_env(uri)}),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+    try:
+        result = trainer.fit()
+    except ControllerError as e:
+        if isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+            gpu = ", GPU: 1" if t.use_gpu else ""
+            raise _unavailable(cfg, "The Ray Train worker group", f"{t.num_workers} × {{CPU: {t.cpus_per_worker:g}{gpu}}} "
+                               "(train.num_workers, train.cpus_per_worker, train.use_gpu)") from e
+        raise
     final_ckpt = result.checkpoint
     with final_ckpt.as_directory() as d:
         model_dir = out_dir / "model"
@@ -195,14 +236,9 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
             os.replace(tmp / "model", model_dir)
             tmp.rmdir()
         final = json.loads((Path(d) / "final.json").read_text())
-    mlflow.log_artifacts(str(model_dir), "model")
-    client = MlflowClient(uri)
-    with tempfile.TemporaryDirectory() as d:
-        for p in plots.plot_run(client, run_id, d):
-            mlflow.log_artifact(p, "plots")
-        if cfg.udm.enabled:
-            mlflow.log_artifact(plots.plot_weight_hist(tr["weight_hist"], os.path.join(d, "udm_weights.png")),
-                                "plots")
+    mlflow_run.log_model(str(model_dir), description=f"BCO policy from bco-ray run '{run_name}' ({run_id}).")
+    mlflow_run.log_plots(MlflowClient(uri), run_id, tr["weight_hist"] if cfg.udm.enabled else None, title=run_name,
+                         mean_weight=tr["mean_rejected_weight"])
     if cfg.udm.enabled:
         mlflow.log_artifact(_local(f"{pre.dir}/classifier.pkl"), "udm")
     return {"model_dir": str(model_dir), "precompute_dir": pre.dir, "precompute_reused": pre.reused,

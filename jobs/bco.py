@@ -32,12 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bco_ray.data.checks import DataError
     from bco_ray.data.formats import DataFormatError
-    from bco_ray.run import ModelError, run_job
+    from bco_ray.run import ModelError, ResourcesUnavailableError, run_job
     try:
         run_job(cfg)
     except (DataError, DataFormatError, ModelError, FileNotFoundError) as e:
         print(f"bco-ray: input error: {e}", file=sys.stderr)
         return 2
+    except ResourcesUnavailableError as e:
+        print(f"bco-ray: resources error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

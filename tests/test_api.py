@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from bco_ray import BCOConfig, BCOTrainer
-from bco_ray.api import BCOConfigWarning, embedding_func_supported
+from bco_ray.api import BCOConfigWarning
+from bco_ray.api._io import embedding_func_supported
 from bco_ray.builtin import ASSETS, materialize_tiny_model, tokenizer_path
 from bco_ray.config import ConfigError
 
@@ -122,14 +123,49 @@ def test_peft_config_maps_to_lora(tmp_path):
     assert Path(trainer.config.data.train).suffix == ".parquet"
 
 
+def test_trainer_argument_checks_and_inputs_saved_once(tmp_path):
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoModelForCausalLM
+
+    path = str(materialize_tiny_model(tmp_path / "m", seed=0))
+    args = BCOConfig(output_dir=str(tmp_path / "o"))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(ValueError, match="processing_class"):
+        BCOTrainer(model=model, args=args, train_dataset=TRAIN_ROWS)
+    with pytest.raises(TypeError, match=r"DatasetDict: pass one split"):
+        BCOTrainer(model=path, args=args, train_dataset=DatasetDict({"train": Dataset.from_list(TRAIN_ROWS)}))
+    with pytest.raises(ValueError, match="both embedding_func and embedding_tokenizer"):
+        BCOTrainer(model=path, args=args, train_dataset=TRAIN_ROWS, embedding_func=lambda **kw: None)
+    if not embedding_func_supported():
+        with pytest.raises(NotImplementedError, match="udm.embedding_func"):
+            BCOTrainer(model=path, args=args, train_dataset=TRAIN_ROWS, embedding_func=lambda **kw: None,
+                       embedding_tokenizer=path)
+    with pytest.warns(BCOConfigWarning, match="callbacks"):
+        first = BCOTrainer(model=model, ref_model=model, args=args, processing_class=path,
+                           train_dataset=Dataset.from_list(TRAIN_ROWS), callbacks=[object()])
+    second = BCOTrainer(model=model, ref_model=AutoModelForCausalLM.from_pretrained(path), args=args,
+                        processing_class=path, train_dataset=TRAIN_ROWS)
+    # the same weights and rows are stored once; ref_model=model (or an identical copy) means no separate reference
+    assert first.config.model.policy == second.config.model.policy and first.config.model.reference is None
+    assert second.config.model.reference is None and first.config.data.train == second.config.data.train
+    assert len(list((tmp_path / "o" / "inputs" / "models").iterdir())) == 1
+
+
 # ====================================================================================== real runs
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for this module's runs (never a cluster that happens to run on this machine)."""
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    # The pass unions train and eval rows before its seeded shuffle; without preserve_order the union's block
+    # order follows which read finishes first, so the training order (and step 0) can change between two runs
+    # of the same inputs. Pinned here so that the two paths below are compared on the same micro-batches.
+    preserve, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_ADDRESS", "local")
         mp.setenv("RAY_DATA_USE_DATASOURCE_V2", "0")
         yield
+    ctx.execution_options.preserve_order = preserve
     import ray
     ray.shutdown()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import tempfile
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,8 @@ def ray_head(monkeypatch):
     env.pop("RAY_ADDRESS")
     port, dash = free_port(), free_port()
     _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=8", "--disable-usage-stats",
+         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--ray-client-server-port={free_port()}", "--num-cpus=8", "--disable-usage-stats",
          f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}", env=env)   # short: Ray's socket paths have a length limit
     try:
         yield f"http://127.0.0.1:{dash}", env

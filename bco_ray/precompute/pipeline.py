@@ -55,7 +55,8 @@ def key_parts(cfg: Config, paths: Paths) -> dict:
         "seed": d.seed, "on_bad_rows": d.on_bad_rows, "udm": u.enabled,
     }
     if u.enabled:
-        parts.update(embedder=fingerprint_path(paths.embedder), prompt_sample_size=u.prompt_sample_size,
+        parts.update(embedder=fingerprint_path(u.embedding_func or paths.embedder),
+                     prompt_sample_size=u.prompt_sample_size,
                      min_density_ratio=u.min_density_ratio, max_density_ratio=u.max_density_ratio,
                      max_embed_length=u.max_embed_length, embed_special_tokens=u.embed_special_tokens)
     return parts
@@ -79,7 +80,7 @@ def _embed_kwargs(cfg: Config, paths: Paths, clf_bytes: bytes | None = None) -> 
     u = cfg.udm
     return dict(model_path=paths.embedder, num_gpus=cfg.precompute.num_gpus_per_actor, max_length=u.max_embed_length,
                 token_budget=cfg.precompute.token_budget, special_tokens=u.embed_special_tokens, clf_bytes=clf_bytes, min_ratio=u.min_density_ratio,
-                max_ratio=u.max_density_ratio)
+                max_ratio=u.max_density_ratio, func_path=u.embedding_func)
 
 
 def _of_class(ds: ray.data.Dataset, label: bool) -> ray.data.Dataset:

@@ -7,6 +7,7 @@ import json
 import pickle
 from collections import Counter
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import ray
@@ -123,25 +124,41 @@ class Embed:
     undesirable rows (desirable rows weigh 1), and drops the prompt text."""
 
     def __init__(self, model_path: str, num_gpus: float, max_length: int, token_budget: int,
-                 special_tokens: bool = False, clf_bytes: bytes | None = None, min_ratio: float = 0.5, max_ratio: float = 10.0):
+                 special_tokens: bool = False, clf_bytes: bytes | None = None, min_ratio: float = 0.5, max_ratio: float = 10.0,
+                 func_path: str | None = None):
         self.device = _device(num_gpus)
-        self.tok, self.model = load_embedder(model_path, pick_dtype("auto", self.device.type == "cuda"))
-        self.model = self.model.to(self.device).eval()
+        self.func = self.model = None
+        if func_path:   # udm.embedding_func: a user callable(input_ids=, attention_mask=) -> [B, D] + its tokenizer
+            with fsspec.open(func_path, "rb") as f:
+                obj = pickle.load(f)
+            self.tok, self.func = obj["tokenizer"], obj["func"]
+        else:
+            self.tok, self.model = load_embedder(model_path, pick_dtype("auto", self.device.type == "cuda"))
+            self.model = self.model.to(self.device).eval()
         self.max_length, self.token_budget, self.special_tokens = max_length, token_budget, special_tokens
         self.clf = pickle.loads(clf_bytes) if clf_bytes else None
         self.min_ratio, self.max_ratio = min_ratio, max_ratio
+        self.dim = self.model.config.hidden_size if self.model is not None else (
+            int(self.clf.n_features_in_) if self.clf is not None else None)
+
+    def _forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        if self.func is not None:   # as the reference: the function's output as is (no pooling, no normalisation)
+            return torch.as_tensor(self.func(input_ids=x, attention_mask=m)).float()
+        return mean_pool(self.model(input_ids=x, attention_mask=m).last_hidden_state, m)
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> np.ndarray:
+        if self.dim is None:        # a user function and no classifier yet: probe its output width once
+            one = torch.ones((1, 1), dtype=torch.long, device=self.device)
+            self.dim = int(self._forward(one, one).shape[-1])
         if not texts:
-            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=np.float32)
         enc = self.tok(texts, truncation=True, max_length=self.max_length, add_special_tokens=self.special_tokens)
         lengths = [len(s) for s in enc["input_ids"]]
-        emb = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        emb = np.zeros((len(texts), self.dim), dtype=np.float32)
         for b in budget_batches(lengths, self.token_budget):
             x, m = _pad([enc["input_ids"][i] for i in b], self.tok.pad_token_id or 0)
-            h = self.model(input_ids=x.to(self.device), attention_mask=m.to(self.device)).last_hidden_state
-            emb[b] = mean_pool(h, m.to(self.device)).cpu().numpy()
+            emb[b] = self._forward(x.to(self.device), m.to(self.device)).cpu().numpy()
         return emb
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -152,7 +169,7 @@ class Embed:
             return table.append_column("prompt_embedding", col)
         labels = np.asarray(table.column("label").to_pylist(), dtype=bool)
         idx = np.flatnonzero(~labels)
-        emb = np.zeros((len(labels), self.model.config.hidden_size), dtype=np.float32)
+        emb = np.zeros((len(labels), self.dim), dtype=np.float32)
         emb[idx] = self.embed([texts[i] for i in idx])
         w = udm_weights(self.clf, emb, labels, self.min_ratio, self.max_ratio)
         return table.drop_columns(["prompt_text"]).append_column("udm_weight", pa.array(w, pa.float32()))

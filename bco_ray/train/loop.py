@@ -10,7 +10,6 @@ import tempfile
 import time
 
 import deepspeed
-import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
@@ -18,12 +17,13 @@ from transformers import get_scheduler
 
 from bco_ray.bco.loss import RunningMean
 from bco_ray.config import Config, load_config
-from bco_ray.models import load_causal_lm, pick_dtype
+from bco_ray.models import load_causal_lm
 from bco_ray.train.ds_config import deepspeed_config, use_bf16
 from bco_ray.train.evaluate import evaluate
 from bco_ray.train.metrics import WindowSums
 from bco_ray.train.step import bco_forward, collate, length_bucketed
 from bco_ray.tracking.step_logger import StepLogger
+from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops
 
 
 def build_policy(cfg: Config, policy_path: str, on_gpu: bool):
@@ -65,15 +65,6 @@ def save_final_model(model, out_dir: str, tokenizer_path: str, rank: int, zero_s
                 merged = copy.deepcopy(model).merge_and_unload()
                 merged.save_pretrained(os.path.join(out_dir, "merged"), safe_serialization=True)
                 tok.save_pretrained(os.path.join(out_dir, "merged"))
-
-
-def peak_bf16_flops() -> float | None:
-    """Dense bf16 peak of this GPU, for MFU (None when unknown)."""
-    name = torch.cuda.get_device_name()
-    for key, tflops in (("H100", 989), ("H200", 989), ("H800", 989), ("A100", 312), ("L40S", 362), ("A10", 125)):
-        if key in name:
-            return tflops * 1e12
-    return None
 
 
 def _maybe_inject_failure(at_step: int, step: int, micro: int, gas: int, rank: int, world: int,
@@ -144,7 +135,9 @@ def train_loop_per_worker(config: dict) -> None:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     n_layers = getattr(model.config, "num_hidden_layers", 0)
     d_model = getattr(model.config, "hidden_size", 0)
-    peak_flops = peak_bf16_flops() if on_gpu else None
+    # Dense peak of this GPU in the training dtype (H100 PCIe/NVL, fp32 → TF32, $BCO_RAY_PEAK_TFLOPS); None: no mfu.
+    peak_flops = gpu_peak_flops(torch.cuda.get_device_name(), "bf16" if use_bf16(t, on_gpu) else "fp32") \
+        if on_gpu else None
     delta = RunningMean()
     step, epoch, skip = 0, 0, 0
     ckpt = ray.train.get_checkpoint()
@@ -223,7 +216,9 @@ def train_loop_per_worker(config: dict) -> None:
                 window.reset()
                 t_window = time.time()
             if eval_ds is not None and t.eval_steps > 0 and step % t.eval_steps == 0 and step < total_steps:
+                t_eval = time.time()
                 logger.log(evaluate(engine.module, eval_ds, delta, cfg, pad_id, device, rank, world), step)
+                t_window += time.time() - t_eval      # evaluation time is not training throughput
             if t.save_steps > 0 and step % t.save_steps == 0 and step < total_steps:
                 at_end = micro >= micro_per_epoch
                 checkpoint({"step": step}, 0 if at_end else micro, epoch + 1 if at_end else epoch)

@@ -1,0 +1,19 @@
+"""Drop-in Python API for users of TRL's (deleted) `BCOTrainer`: the familiar snippet runs on Ray.
+
+    from bco_ray import BCOConfig, BCOTrainer          # was: from trl.experimental.bco import ...
+
+    training_args = BCOConfig(output_dir=output_dir, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    trainer = BCOTrainer(model=model, ref_model=ref_model, args=training_args,
+                         processing_class=tokenizer, train_dataset=dataset["train"])
+    result = trainer.train()     # Ray Data precompute → Ray Train + DeepSpeed → MLflow (bco_ray.run.run_job)
+
+`BCOConfig` takes the reference's field names (and TRL's defaults) and maps them onto bco-ray's typed
+`Config` (`BCOConfig.to_config`); fields of TRL/transformers with no meaning here are accepted with a
+warning, unknown names raise TypeError. `BCOTrainer` saves in-memory models, tokenizers, datasets and the
+UDM embedding function once, content-addressed, under `<output_dir>/inputs` (the workers and actors load them
+from there), builds the Config and runs the job. See docs/trl_migration.md.
+"""
+from bco_ray.api.config import BCOConfig, BCOConfigWarning
+from bco_ray.api.trainer import BCOTrainer, BCOTrainOutput
+
+__all__ = ["BCOConfig", "BCOTrainer", "BCOTrainOutput", "BCOConfigWarning"]

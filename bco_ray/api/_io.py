@@ -1,0 +1,161 @@
+"""Saving in-memory inputs (models, datasets, the UDM embedding function) where Ray workers can read them."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+from bco_ray.api.config import BCOConfigWarning
+
+
+def embedding_func_supported() -> bool:
+    """Whether this bco-ray has the `udm.embedding_func` hook (a user callable in the embedding actors)."""
+    from bco_ray.config import UDMConfig
+    return "embedding_func" in {f.name for f in dataclasses.fields(UDMConfig)}
+
+
+def _is_peft_model(m) -> bool:
+    return any(c.__name__ == "PeftModel" for c in type(m).__mro__)
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Move tmp to dest unless dest exists already (same content, by construction of its name)."""
+    if dest.exists():
+        return
+    if tmp.is_dir():
+        os.chmod(tmp, 0o755)
+    else:
+        os.chmod(tmp, 0o644)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not dest.exists():        # lost a race to a concurrent writer of the same content, else fail
+            raise
+
+
+def _as_dataset(ds, split: str):
+    import datasets
+    if isinstance(ds, datasets.Dataset):
+        return ds
+    if isinstance(ds, datasets.DatasetDict):
+        raise TypeError(f"{split}_dataset is a DatasetDict: pass one split, e.g. dataset['{split}']")
+    if isinstance(ds, datasets.IterableDataset):
+        return datasets.Dataset.from_list(list(ds))
+    if isinstance(ds, list):
+        return datasets.Dataset.from_list(ds)
+    if isinstance(ds, dict):
+        return datasets.Dataset.from_dict(ds)
+    if type(ds).__name__ == "DataFrame":
+        return datasets.Dataset.from_pandas(ds, preserve_index=False)
+    raise TypeError(f"{split}_dataset must be a datasets.Dataset, a list of rows, a DataFrame or a data path, "
+                    f"got {type(ds).__name__}")
+
+
+def _rows_of_spec(spec: str) -> list[dict]:
+    from bco_ray.data import formats
+    from bco_ray.data.sources import files_of
+    if spec.startswith("hf:"):
+        from bco_ray.data.sources import _hf
+        return list(_hf(spec))
+    rows = []
+    for f in files_of(spec):
+        for _, row in formats._iter_raw(f):
+            if isinstance(row, Exception):
+                raise row
+            rows.append(row)
+    return rows
+
+
+def _read_parquet_dir(uri: str):
+    import fsspec
+    import pyarrow.parquet as pq
+    fs, path = fsspec.core.url_to_fs(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+class _TableShard:
+    """What bco_ray.train.evaluate needs from a Ray dataset shard, over an in-memory pyarrow Table."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy", **_):
+        cols = ["input_ids", "prompt_len", "label", "ref_logps", "udm_weight"]
+        for i in range(0, self.table.num_rows, batch_size):
+            part = self.table.slice(i, batch_size)
+            yield {c: part.column(c).to_pylist() for c in cols}
+
+
+def _load_model_dir(path: str):
+    p = Path(path)
+    if (p / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+        return AutoPeftModelForCausalLM.from_pretrained(path)
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def _lora(pc) -> dict:
+    """A peft LoraConfig → bco-ray's train.lora."""
+    if type(pc).__name__ != "LoraConfig":
+        raise ValueError(f"peft_config must be a peft.LoraConfig (bco-ray trains LoRA adapters), got "
+                         f"{type(pc).__name__}")
+    targets = pc.target_modules
+    out: dict[str, Any] = {"enabled": True, "r": int(pc.r), "alpha": int(pc.lora_alpha),
+                           "dropout": float(pc.lora_dropout)}
+    if targets is not None:
+        if isinstance(targets, str):
+            raise ValueError("peft_config.target_modules as a regex string is not supported: list the modules")
+        out["target_modules"] = sorted(targets)
+    ignored = [k for k, default in (("bias", "none"), ("modules_to_save", None), ("use_rslora", False),
+                                    ("use_dora", False), ("layers_to_transform", None), ("init_lora_weights", True))
+               if getattr(pc, k, default) != default]
+    if ignored:
+        warnings.warn(f"peft_config: {ignored} are not passed on (bco-ray's LoRA takes r, lora_alpha, lora_dropout "
+                      "and target_modules)", BCOConfigWarning, stacklevel=4)
+    return out
+
+
+def _dumps_by_value(obj, cloudpickle) -> bytes:
+    """cloudpickle `obj`, with the user's own modules (scripts, test files, a project not installed on the
+    cluster) pickled by value, so the Ray actors need not import them. Installed packages and bco_ray stay
+    references."""
+    installed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                               *(sysconfig.get_paths().get(k) for k in ("stdlib", "purelib", "platlib")))
+                 if p}
+    local = []
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None)
+        if not f or name == "__main__" or name.split(".")[0] in ("bco_ray", "cloudpickle"):
+            continue
+        real = os.path.realpath(f)
+        if any(part in ("site-packages", "dist-packages") for part in Path(real).parts):
+            continue
+        if any(real.startswith(p + os.sep) for p in installed):
+            continue
+        local.append(mod)
+    registered = []
+    for mod in local:
+        try:
+            cloudpickle.register_pickle_by_value(mod)
+            registered.append(mod)
+        except (ValueError, TypeError):
+            pass
+    try:
+        return cloudpickle.dumps(obj)
+    finally:
+        for mod in registered:
+            try:
+                cloudpickle.unregister_pickle_by_value(mod)
+            except (ValueError, TypeError):
+                pass

@@ -1,0 +1,325 @@
+"""`BCOConfig`: TRL's BCOConfig field names and defaults, mapped onto bco-ray's typed Config."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bco_ray.config import Config
+
+from bco_ray.api._mapping import _SCHEDULERS, _known_foreign, _report_to, _to_config, _why_ignored
+
+
+class BCOConfigWarning(UserWarning):
+    """A TRL/transformers setting that has no effect in bco-ray (or is approximated)."""
+
+
+# BCOConfig field -> the bco-ray Config field it sets (the documented mapping; also used to name the
+# BCOConfig field in bco-ray's validation errors).
+def _value(v: Any) -> Any:
+    """Enum members of transformers (IntervalStrategy, SchedulerType, ...) as their plain values."""
+    return getattr(v, "value", v)
+
+
+@dataclass(init=False)
+class BCOConfig:
+    """TRL's `BCOConfig` field names and defaults (trl 1.13 `BCOConfig` = transformers `TrainingArguments` +
+    BCO fields), mapped onto bco-ray's `Config` by `to_config()`. Extra fields for Ray and MLflow at the end.
+
+    Only keyword arguments (plus `output_dir` as the one positional, as in TrainingArguments). Any other
+    TRL/transformers field is accepted and recorded in `ignored_fields` with a `BCOConfigWarning`; a name
+    that is neither raises TypeError."""
+
+    output_dir: str = "trainer_output"
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8          # used by BCOTrainer.evaluate(); the in-run eval uses the train size
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5                  # TrainingArguments' default, which trl's BCOConfig kept
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.0
+    warmup_steps: int | float = 0                # transformers 5: a float < 1 is a ratio
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int | float = 10              # trl's default (transformers: 500)
+    eval_strategy: str = "no"
+    eval_steps: int | float | None = None
+    save_strategy: str = "steps"
+    save_steps: int | float = 500
+    save_total_limit: int | None = None
+    seed: int = 42
+    data_seed: int | None = None
+    bf16: bool | None = None                     # None: bf16 on GPU, float32 on CPU (trl: None -> True)
+    gradient_checkpointing: bool = True          # trl's default
+    disable_dropout: bool = True
+    use_cpu: bool = False
+    deepspeed: str | dict | None = None          # a DeepSpeed JSON path or dict: ZeRO stage and offload are taken
+    report_to: str | list | None = None
+    run_name: str | None = None
+    # BCO fields
+    beta: float = 0.1
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    truncation_mode: str = "keep_end"
+    prompt_sample_size: int = 1024
+    min_density_ratio: float = 0.5
+    max_density_ratio: float = 10.0
+    precompute_ref_log_probs: bool | None = None  # trl default False; bco-ray always precomputes
+    model_init_kwargs: dict | None = None
+    # ---- bco-ray extras: Ray, MLflow and where inputs go
+    num_workers: int = 1                         # Ray Train workers (one DeepSpeed rank each), like `accelerate launch` processes
+    use_gpu: bool | None = None                  # None: GPUs when the Ray cluster has at least num_workers of them
+    storage_path: str | None = None              # Ray Train checkpoints; None: <output_dir>/ray. Shared or s3:// on clusters
+    mlflow_tracking_uri: str | None = None       # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    mlflow_experiment: str = "bco-ray"
+    udm_embedding_model: str | None = None       # UDM with a from_pretrained encoder (mean-pooled) instead of embedding_func
+    precompute_num_gpus_per_actor: float | None = None  # None: 0.5 with GPUs (ref + embedding pools share one), else 0
+    inputs_dir: str | None = None                # in-memory models/data/embedding func go here; None: <output_dir>/inputs
+    bco_ray_overrides: dict = field(default_factory=dict)   # any other bco-ray field: {"train.zero_stage": 3, ...}
+    ignored_fields: dict = field(default_factory=dict, repr=False)
+
+    def __init__(self, output_dir: str | None = None, **kwargs: Any):
+        names = [f.name for f in dataclasses.fields(self) if f.name != "ignored_fields"]
+        ignored = dict(kwargs.pop("ignored_fields", None) or {})     # dataclasses.replace / copy round trip
+        if "evaluation_strategy" in kwargs and "eval_strategy" not in kwargs:   # transformers < 4.46 name
+            kwargs["eval_strategy"] = kwargs.pop("evaluation_strategy")
+        unknown = [k for k in kwargs if k not in names and k not in _known_foreign()]
+        if unknown:
+            hints = []
+            for k in unknown:
+                guess = difflib.get_close_matches(k, names + sorted(_known_foreign()), n=1)
+                hints.append(f"'{k}'" + (f" (did you mean '{guess[0]}'?)" if guess else ""))
+            raise TypeError(f"BCOConfig got unknown field(s) {', '.join(hints)}: not a field of TRL's BCOConfig / "
+                            "transformers' TrainingArguments nor a bco-ray extra (see docs/trl_migration.md)")
+        for f in dataclasses.fields(self):
+            if f.default is not dataclasses.MISSING:
+                setattr(self, f.name, f.default)
+            else:
+                setattr(self, f.name, f.default_factory())
+        if output_dir is not None:
+            self.output_dir = output_dir
+        self.ignored_fields = {}
+        for k, v in ignored.items():
+            kwargs.setdefault(k, v)
+        for k, v in kwargs.items():
+            if k in names:
+                setattr(self, k, v)
+            else:
+                self.ignored_fields[k] = v
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        self.output_dir = os.fspath(self.output_dir) if self.output_dir is not None else "trainer_output"
+        for k, v in self.ignored_fields.items():
+            warnings.warn(f"BCOConfig.{k}={v!r} has no effect in bco-ray ({_why_ignored(k)})",
+                          BCOConfigWarning, stacklevel=3)
+        if self.precompute_ref_log_probs is False:
+            warnings.warn("BCOConfig.precompute_ref_log_probs=False: bco-ray always precomputes reference "
+                          "log-probs (in the Ray Data pass); the reference model is never loaded during training",
+                          BCOConfigWarning, stacklevel=3)
+        if str(_value(self.truncation_mode)) != "keep_end":
+            raise ValueError(f"BCOConfig.truncation_mode={self.truncation_mode!r} is not supported: bco-ray keeps "
+                             "the end of a long prompt (truncation_mode='keep_end', the default)")
+        reps = _report_to(self.report_to)
+        others = [r for r in reps if r not in ("mlflow", "all", "none")]
+        if others:
+            warnings.warn(f"BCOConfig.report_to={self.report_to!r}: bco-ray logs to MLflow only; {others} ignored",
+                          BCOConfigWarning, stacklevel=3)
+        if "none" in reps:
+            warnings.warn("BCOConfig.report_to='none': bco-ray always logs the run to MLflow "
+                          "(mlflow_tracking_uri, default sqlite:///<cwd>/mlflow.db)", BCOConfigWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------------------------- mapping
+    def overrides(self) -> dict:
+        """The bco-ray Config fields this BCOConfig sets, as a nested dict (load_config overrides)."""
+        o: dict[str, Any] = {}
+
+        def put(path: str, value: Any) -> None:
+            node = o
+            *parents, leaf = path.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+
+        def warn(msg: str) -> None:
+            warnings.warn(msg, BCOConfigWarning, stacklevel=4)
+
+        put("output_dir", self.output_dir)
+        put("train.micro_batch_size", self.per_device_train_batch_size)
+        put("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
+        put("train.lr", self.learning_rate)
+        put("train.max_steps", self.max_steps)
+        epochs = self.num_train_epochs
+        if float(epochs) != int(epochs):
+            if self.max_steps is None or self.max_steps <= 0:
+                warn(f"BCOConfig.num_train_epochs={epochs}: bco-ray trains whole epochs; rounded up to "
+                     f"{math.ceil(epochs)} (set max_steps for an exact budget)")
+            epochs = math.ceil(epochs)
+        put("train.num_epochs", int(epochs))
+        put("train.warmup_ratio", self._warmup_ratio())
+        sched = str(_value(self.lr_scheduler_type))
+        if sched not in _SCHEDULERS:
+            raise ValueError(f"BCOConfig.lr_scheduler_type={sched!r} is not supported by bco-ray; use one of "
+                             f"{', '.join(_SCHEDULERS)}")
+        put("train.lr_scheduler", sched)
+        put("train.weight_decay", self.weight_decay)
+        put("train.max_grad_norm", self.max_grad_norm)
+        put("train.logging_steps", self._steps("logging_steps", self.logging_steps, default=1))
+        put("train.eval_steps", self._eval_steps())
+        put("train.save_steps", self._save_steps())
+        if self.save_total_limit is not None:
+            put("train.keep_checkpoints", max(1, int(self.save_total_limit)))
+        put("train.seed", self.seed)
+        put("data.seed", self.seed if self.data_seed is None else self.data_seed)
+        put("train.bf16", "auto" if self.bf16 is None else ("true" if self.bf16 else "false"))
+        put("train.gradient_checkpointing", bool(self.gradient_checkpointing))
+        put("train.disable_dropout", bool(self.disable_dropout))
+        put("train.beta", self.beta)
+        max_length = self.max_length if self.max_length is not None else (1 << 31) - 1
+        put("data.max_length", max_length)
+        put("data.max_prompt_length", self.max_prompt_length if self.max_prompt_length is not None
+            else max_length - 1)
+        put("udm.prompt_sample_size", self.prompt_sample_size)
+        put("udm.min_density_ratio", self.min_density_ratio)
+        put("udm.max_density_ratio", self.max_density_ratio)
+        put("train.num_workers", self.num_workers)
+        if self.use_cpu:
+            put("train.use_gpu", False)
+        elif self.use_gpu is not None:
+            put("train.use_gpu", bool(self.use_gpu))
+        if self.precompute_num_gpus_per_actor is not None:
+            put("precompute.num_gpus_per_actor", self.precompute_num_gpus_per_actor)
+        elif self.use_gpu and not self.use_cpu:
+            put("precompute.num_gpus_per_actor", 0.5)
+        if self.storage_path is not None:
+            put("train.storage_path", self.storage_path)
+        put("mlflow.tracking_uri", self.mlflow_tracking_uri)
+        put("mlflow.experiment", self.mlflow_experiment)
+        put("mlflow.run_name", self.run_name)
+        if self.udm_embedding_model is not None:
+            put("udm.enabled", True)
+            put("udm.embedding_model", self.udm_embedding_model)
+        for k, v in self._deepspeed().items():
+            put(f"train.{k}", v)
+        for k, v in self._model_init_kwargs().items():
+            put(f"model.{k}", v)
+        return o
+
+    def to_config(self, **sections: dict) -> Config:
+        """The bco-ray Config (validated). `sections` ({"model": {...}, "data": {...}, "udm": {...}}) are merged
+        over the mapping (BCOTrainer passes the model, data and UDM locations there; without them the model and
+        data are bco-ray's embedded defaults), then `bco_ray_overrides` over everything."""
+        return _to_config(self.overrides(), sections, self.bco_ray_overrides)
+
+    # ------------------------------------------------------------------------------------- helpers
+    def _steps(self, name: str, value: Any, default: int) -> int:
+        """HF step counts: an int, or a float < 1 meaning a ratio of the total steps."""
+        if value is None:
+            return default
+        if isinstance(value, float) and 0 < value < 1:
+            if self.max_steps and self.max_steps > 0:
+                return max(1, math.ceil(value * self.max_steps))
+            warnings.warn(f"BCOConfig.{name}={value} is a ratio of the total steps, which bco-ray only knows "
+                          f"up front with max_steps > 0; using {default}", BCOConfigWarning, stacklevel=5)
+            return default
+        if float(value) != int(value):
+            raise ValueError(f"BCOConfig.{name} must be an integer or a ratio in (0, 1), got {value!r}")
+        return int(value)
+
+    def _warmup_ratio(self) -> float:
+        ws = self.warmup_steps
+        if not ws:
+            return float(self.warmup_ratio)
+        if self.warmup_ratio:
+            raise ValueError("BCOConfig: set warmup_ratio or warmup_steps, not both")
+        if isinstance(ws, float) and 0 < ws < 1:
+            return ws
+        if self.max_steps and self.max_steps > 0:
+            # bco-ray warms up ceil(ratio * total) steps: a hair under steps/total gives exactly `ws` steps
+            return min(max(0.0, (int(ws) - 1e-6) / self.max_steps), 0.999999)
+        raise ValueError(f"BCOConfig.warmup_steps={ws}: bco-ray sets warmup as a ratio of the total steps; "
+                         "use warmup_ratio, or set max_steps so that the ratio is exact")
+
+    def _eval_steps(self) -> int:
+        strategy = str(_value(self.eval_strategy))
+        if strategy == "steps":
+            return self._steps("eval_steps", self.eval_steps if self.eval_steps is not None else self.logging_steps,
+                               default=0)
+        if strategy == "epoch":
+            warnings.warn("BCOConfig.eval_strategy='epoch': bco-ray evaluates every eval_steps steps or at the end; "
+                          "evaluating at the end only", BCOConfigWarning, stacklevel=4)
+        elif strategy != "no":
+            raise ValueError(f"BCOConfig.eval_strategy must be 'no', 'steps' or 'epoch', got {strategy!r}")
+        elif self.eval_steps is not None:
+            warnings.warn("BCOConfig.eval_steps is ignored with eval_strategy='no' (as in transformers); "
+                          "set eval_strategy='steps'", BCOConfigWarning, stacklevel=4)
+        return 0
+
+    def _save_steps(self) -> int:
+        strategy = str(_value(self.save_strategy))
+        if strategy == "steps":
+            return self._steps("save_steps", self.save_steps, default=0)
+        if strategy in ("epoch", "best"):
+            warnings.warn(f"BCOConfig.save_strategy={strategy!r}: bco-ray checkpoints every save_steps steps; "
+                          "no intermediate checkpoints (the final model is always saved)", BCOConfigWarning,
+                          stacklevel=4)
+        elif strategy != "no":
+            raise ValueError(f"BCOConfig.save_strategy must be 'no', 'steps', 'epoch' or 'best', got {strategy!r}")
+        return 0
+
+    def _deepspeed(self) -> dict:
+        ds = self.deepspeed
+        if ds is None:
+            return {}
+        if isinstance(ds, (str, os.PathLike)):
+            ds = json.loads(Path(ds).read_text())
+        if not isinstance(ds, dict):
+            raise ValueError(f"BCOConfig.deepspeed must be a JSON file path or a dict, got {type(ds).__name__}")
+        out: dict = {}
+        zero = ds.get("zero_optimization") or {}
+        stage = zero.get("stage")
+        if stage is not None and stage != "auto":
+            out["zero_stage"] = int(stage)
+        for src, dst in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_params")):
+            dev = (zero.get(src) or {}).get("device", "none")
+            if dev not in (None, "none"):
+                out[dst] = True
+                if dev != "cpu":
+                    warnings.warn(f"BCOConfig.deepspeed: {src}.device={dev!r} -> bco-ray offloads to CPU",
+                                  BCOConfigWarning, stacklevel=4)
+        derived = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                   "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization",
+                   "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer"}
+        extra = sorted(k for k in ds if k not in derived)
+        zero_extra = sorted(k for k in zero if k not in ("stage", "offload_optimizer", "offload_param")
+                            and zero[k] != "auto")
+        if extra or zero_extra:
+            warnings.warn("BCOConfig.deepspeed: bco-ray builds the DeepSpeed config from the BCOConfig fields and "
+                          "takes only zero_optimization.stage / offload_optimizer / offload_param from yours; "
+                          f"ignored: {extra + ['zero_optimization.' + k for k in zero_extra]}", BCOConfigWarning,
+                          stacklevel=4)
+        return out
+
+    def _model_init_kwargs(self) -> dict:
+        kw = dict(self.model_init_kwargs or {})
+        out: dict = {}
+        dtype = kw.pop("dtype", None) or kw.pop("torch_dtype", None)
+        kw.pop("torch_dtype", None)
+        if dtype is not None:
+            name = str(dtype).replace("torch.", "")
+            out["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "float": "float32",
+                            "half": "float16"}.get(name, name)
+        for k in ("revision", "trust_remote_code", "attn_implementation"):
+            if k in kw:
+                out[k] = kw.pop(k)
+        if kw:
+            warnings.warn(f"BCOConfig.model_init_kwargs: {sorted(kw)} ignored (bco-ray takes dtype, revision, "
+                          "trust_remote_code and attn_implementation)", BCOConfigWarning, stacklevel=4)
+        return out

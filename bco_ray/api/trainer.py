@@ -1,0 +1,363 @@
+"""`BCOTrainer`: TRL's call shape, backed by the Ray pipeline (`bco_ray.run.run_job`)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from bco_ray.config import Config
+
+from bco_ray.api._io import (_TableShard, _as_dataset, _cuda, _dumps_by_value, _is_peft_model, _load_model_dir,
+                             _lora, _publish, _read_parquet_dir, _rows_of_spec, embedding_func_supported)
+from bco_ray.api._mapping import _to_config
+from bco_ray.api.config import BCOConfig, BCOConfigWarning
+
+
+@dataclass
+class BCOTrainOutput:
+    """What `BCOTrainer.train()` returns: transformers' TrainOutput fields plus where the results are."""
+    global_step: int
+    training_loss: float             # mean of the logged `loss` values of the run
+    metrics: dict                    # train_runtime, train_loss, and the last value of every MLflow metric
+    model_dir: str                   # the trained model, Hugging Face format (AutoModelForCausalLM.from_pretrained)
+    output_dir: str                  # <output_dir>/runs/<run_name>: result.json, model/
+    run_id: str                      # MLflow run
+    tracking_uri: str
+    run_name: str
+    raw: dict = field(repr=False, default_factory=dict)   # run_job's dict
+
+
+class BCOTrainer:
+    """TRL's `BCOTrainer` signature; `train()` runs the whole bco-ray job (bco_ray.run.run_job) on Ray.
+
+    `model` / `ref_model` / `processing_class` / `embedding_tokenizer`: objects (saved with save_pretrained) or
+    hub ids / local directories (passed through). `ref_model=None`: the model's initial weights.
+    `train_dataset` / `eval_dataset`: a `datasets.Dataset` (or a list of row dicts / a pandas DataFrame), saved
+    to Parquet; or a bco-ray data spec (a file, directory, fsspec URI or `hf:<id>[:split]`).
+    `embedding_func(input_ids=..., attention_mask=...) -> Tensor[B, D]` + `embedding_tokenizer`: UDM, as in TRL.
+    `peft_config`: a `peft.LoraConfig`, mapped to bco-ray's LoRA settings.
+    """
+
+    def __init__(self, model=None, ref_model=None, args: BCOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, data_collator=None, model_init=None, callbacks=None,
+                 optimizers=(None, None), preprocess_logits_for_metrics=None, peft_config=None,
+                 compute_metrics=None, model_adapter_name=None, ref_adapter_name=None,
+                 embedding_func: Callable | None = None, embedding_tokenizer=None):
+        if model_init is not None:
+            raise NotImplementedError("BCOTrainer(model_init=...) is not supported: pass model (an object, a hub "
+                                      "id or a local directory)")
+        if model is None:
+            raise ValueError("BCOTrainer needs a model (an object, a hub id or a local directory)")
+        if train_dataset is None:
+            raise ValueError("BCOTrainer needs a train_dataset")
+        if args is None:
+            args = BCOConfig()
+        if not isinstance(args, BCOConfig):
+            raise TypeError(f"args must be a bco_ray.BCOConfig, got {type(args).__name__}")
+        for name, value in (("data_collator", data_collator), ("callbacks", callbacks),
+                            ("preprocess_logits_for_metrics", preprocess_logits_for_metrics),
+                            ("compute_metrics", compute_metrics), ("model_adapter_name", model_adapter_name),
+                            ("ref_adapter_name", ref_adapter_name)):
+            if value is not None:
+                warnings.warn(f"BCOTrainer({name}=...) has no effect in bco-ray: the Ray workers run their own "
+                              "collation, loop and metrics", BCOConfigWarning, stacklevel=2)
+        if optimizers is not None and any(o is not None for o in optimizers):
+            warnings.warn("BCOTrainer(optimizers=...) has no effect in bco-ray: each worker builds DeepSpeed's AdamW "
+                          "and the lr_scheduler_type schedule", BCOConfigWarning, stacklevel=2)
+        if (embedding_func is None) != (embedding_tokenizer is None):
+            raise ValueError("UDM needs both embedding_func and embedding_tokenizer (as in TRL)")
+        if embedding_func is not None and not embedding_func_supported():
+            raise NotImplementedError(
+                "embedding_func needs bco-ray's udm.embedding_func hook (config.py UDMConfig.embedding_func, "
+                "used by bco_ray/precompute/stages.py Embed); this installation lacks it. Use "
+                "BCOConfig(udm_embedding_model=<encoder id or path>) for UDM with a mean-pooled encoder")
+        if _is_peft_model(model):
+            raise ValueError("pass the base model and peft_config=LoraConfig(...) instead of a PeftModel: the "
+                             "workers apply LoRA themselves")
+        if not isinstance(model, (str, os.PathLike)) and processing_class is None:
+            raise ValueError("processing_class (the tokenizer) must be given with an in-memory model")
+        if ref_model is model:
+            ref_model = None
+
+        self.args = args
+        self._model, self.ref_model, self.processing_class = model, ref_model, processing_class
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.embedding_func, self.embedding_tokenizer = embedding_func, embedding_tokenizer
+        self.peft_config = peft_config
+        self.result: BCOTrainOutput | None = None
+        self._trained_model = None
+        self.inputs_dir = Path(args.inputs_dir or Path(args.output_dir) / "inputs").resolve()
+        if "://" in str(args.inputs_dir or ""):
+            raise ValueError("BCOConfig.inputs_dir must be a local (or shared, mounted) path: models are loaded "
+                             "from it with from_pretrained")
+        self.config = self._build_config()
+
+    # ------------------------------------------------------------------------------- inputs → Config
+    def _build_config(self) -> Config:
+        a = self.args
+        o = a.overrides()
+        _to_config(o, {}, a.bco_ray_overrides)        # a bad setting fails here, before anything is saved
+        model: dict[str, Any] = {"policy": self._model_spec(self._model), "reference": None, "tokenizer": None}
+        if self.ref_model is not None:
+            ref = self._model_spec(self.ref_model)
+            model["reference"] = None if ref == model["policy"] else ref
+        if self.processing_class is not None:
+            model["tokenizer"] = self._tokenizer_spec(self.processing_class)
+        data = {"train": self._data_spec(self.train_dataset, "train"),
+                "eval": self._data_spec(self.eval_dataset, "eval") if self.eval_dataset is not None else None}
+        udm: dict[str, Any] = {"enabled": a.udm_embedding_model is not None}
+        if self.embedding_func is not None:
+            udm.update(enabled=True, embedding_func=self._save_embedding_func())
+        train: dict[str, Any] = {}
+        if self.peft_config is not None:
+            train["lora"] = _lora(self.peft_config)
+        return _to_config(o, {"model": model, "data": data, "udm": udm, "train": train}, a.bco_ray_overrides)
+
+    def _model_spec(self, m) -> str:
+        if isinstance(m, (str, os.PathLike)):
+            return os.fspath(m)
+        if not hasattr(m, "save_pretrained"):
+            raise TypeError(f"model/ref_model must be a transformers model, a hub id or a local path, got "
+                            f"{type(m).__name__}")
+        return self._save_dir("model", lambda d: m.save_pretrained(d, safe_serialization=True))
+
+    def _tokenizer_spec(self, tok) -> str:
+        if isinstance(tok, (str, os.PathLike)):
+            return os.fspath(tok)
+        if not hasattr(tok, "save_pretrained"):
+            raise TypeError(f"processing_class must be a tokenizer, got {type(tok).__name__}")
+        return self._save_dir("tokenizer", tok.save_pretrained)
+
+    def _save_dir(self, kind: str, save: Callable[[str], Any]) -> str:
+        """Save into a temporary directory, then move it to <inputs>/<kind>-<content hash>: saved once per
+        content (the policy and an identical reference share one copy, a re-run reuses the precompute cache)."""
+        from bco_ray.precompute.cache import fingerprint_path
+        root = self.inputs_dir / "models"
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
+        try:
+            save(str(tmp))
+            dest = root / f"{kind}-{fingerprint_path(str(tmp))[:16]}"
+            _publish(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(dest)
+
+    def _data_spec(self, ds, split: str) -> str:
+        if isinstance(ds, (str, os.PathLike)):
+            return os.fspath(ds)
+        ds = _as_dataset(ds, split)
+        from bco_ray.precompute.cache import fingerprint_path
+        root = self.inputs_dir / "data"
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".parquet", dir=root)
+        os.close(fd)
+        try:
+            ds.to_parquet(tmp)
+            dest = root / f"{split}-{fingerprint_path(tmp)[:16]}.parquet"
+            _publish(Path(tmp), dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return str(dest)
+
+    def _save_embedding_func(self) -> str:
+        import cloudpickle
+        from bco_ray.precompute.cache import fingerprint_path
+        tok = self.embedding_tokenizer
+        if isinstance(tok, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(os.fspath(tok))
+        root = self.inputs_dir / "udm"
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".embedding_func-", suffix=".pkl", dir=root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(_dumps_by_value({"func": self.embedding_func, "tokenizer": tok}, cloudpickle))
+            dest = root / f"embedding_func-{fingerprint_path(tmp)[:16]}.pkl"
+            _publish(Path(tmp), dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return str(dest)
+
+    # ------------------------------------------------------------------------------------ training
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs) -> BCOTrainOutput:
+        """Run the job: Ray Data precompute → Ray Train + DeepSpeed → MLflow. Blocks until it finishes; updates
+        the in-memory model (if one was given) with the trained weights."""
+        if resume_from_checkpoint:
+            warnings.warn("train(resume_from_checkpoint=...) is not needed: an unfinished run resumes from its "
+                          "latest checkpoint when it is started again with the same run_name", BCOConfigWarning,
+                          stacklevel=2)
+        from bco_ray.run import run_job
+        cfg = self.config
+        if self.args.use_gpu is None and not self.args.use_cpu:
+            cfg = self._auto_gpu(cfg)
+        t0 = time.time()
+        res = run_job(cfg)
+        self.result = self._train_output(res, time.time() - t0)
+        self._trained_model = None
+        if not isinstance(self._model, (str, os.PathLike)):
+            self._update_in_memory_model()
+        return self.result
+
+    def _auto_gpu(self, cfg: Config) -> Config:
+        import ray
+        from bco_ray.run import init_ray
+        init_ray(cfg)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus >= cfg.train.num_workers:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, use_gpu=True))
+            if self.args.precompute_num_gpus_per_actor is None:
+                cfg = dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, num_gpus_per_actor=0.5))
+        return cfg
+
+    def _train_output(self, res: dict, seconds: float) -> BCOTrainOutput:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(res["tracking_uri"])
+        run = client.get_run(res["run_id"])
+        losses = [m.value for m in client.get_metric_history(res["run_id"], "loss")]
+        training_loss = float(sum(losses) / len(losses)) if losses else float("nan")
+        metrics = dict(run.data.metrics)
+        metrics.update({k: v for k, v in res.get("final", {}).items() if isinstance(v, (int, float))})
+        metrics.update(train_runtime=round(seconds, 2), train_loss=training_loss)
+        return BCOTrainOutput(global_step=int(res.get("final", {}).get("step", 0)), training_loss=training_loss,
+                              metrics=metrics, model_dir=res["model_dir"], output_dir=res.get("out_dir", ""),
+                              run_id=res["run_id"], tracking_uri=res["tracking_uri"], run_name=res["run_name"],
+                              raw=res)
+
+    def _update_in_memory_model(self) -> None:
+        """The trained weights into the model object the user holds (as TRL trains it in place). With LoRA,
+        `trainer.model` becomes a PeftModel wrapping it (peft injects the adapters into it in place)."""
+        import torch
+        model_dir = Path(self.result.model_dir)
+        user = self._model
+        if (model_dir / "adapter_config.json").exists():
+            from peft import PeftModel
+            self._trained_model = PeftModel.from_pretrained(user, str(model_dir))
+            return
+        from transformers import AutoModelForCausalLM
+        dtype = next(user.parameters()).dtype
+        trained = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        with torch.no_grad():
+            missing, unexpected = user.load_state_dict(trained.state_dict(), strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"the trained model at {model_dir} does not match the model object "
+                               f"(missing {missing[:5]}, unexpected {unexpected[:5]}); load it with "
+                               "AutoModelForCausalLM.from_pretrained")
+        self._trained_model = user
+
+    @property
+    def model(self):
+        """The trained model after train() (the object you passed, updated; or loaded from the run's model
+        directory); before, the model you passed (loaded from its id/path on first access)."""
+        if self._trained_model is not None:
+            return self._trained_model
+        if self.result is not None:
+            self._trained_model = _load_model_dir(self.result.model_dir)
+            return self._trained_model
+        if isinstance(self._model, (str, os.PathLike)):
+            self._trained_model = _load_model_dir(self.config.model.policy)
+            return self._trained_model
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self.processing_class
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> str:
+        """The trained model (Hugging Face format, with its tokenizer) into `output_dir` (default args.output_dir)."""
+        out = Path(output_dir or self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.result is not None:
+            src = Path(self.result.model_dir)
+            for p in src.iterdir():
+                if p.is_dir():
+                    shutil.copytree(p, out / p.name, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(p, out / p.name)
+        elif not isinstance(self._model, (str, os.PathLike)):
+            self._model.save_pretrained(out, safe_serialization=True)
+            if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+                self.processing_class.save_pretrained(out)
+        else:
+            raise RuntimeError("nothing to save: train() has not run and the model was given as an id/path")
+        return str(out)
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """BCO eval metrics of the trained model, computed on this (driver) process, no DeepSpeed: loss,
+        rewards/*, logps/*, accuracy and AUC of the reward margin r − δ, with the run's final δ.
+
+        With no argument it scores the run's precomputed eval split (the one trained with): the numbers equal the
+        run's final `eval/*` metrics. A new `eval_dataset` is tokenized, scored by the reference model and
+        weighted by the run's UDM classifier here, then evaluated the same way."""
+        from bco_ray.bco.loss import RunningMean
+        from bco_ray.train.evaluate import evaluate as bco_evaluate
+        if self.result is None:
+            raise RuntimeError("evaluate() scores the trained model with the run's δ and UDM classifier: call "
+                               "train() first")
+        t0 = time.time()
+        cfg = self.config
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("no eval_dataset: pass one to evaluate() or to BCOTrainer")
+        if eval_dataset is None:
+            table = _read_parquet_dir(f"{self.result.raw['precompute_dir']}/split=eval")
+        else:
+            table = self._precompute_eval(eval_dataset)
+        model = self.model
+        import torch
+        device = next(model.parameters()).device
+        eval_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, micro_batch_size=self.args.per_device_eval_batch_size))
+        delta = RunningMean(mean=float(self.result.raw["final"]["delta"]), count=1.0)
+        from bco_ray.models import load_tokenizer
+        pad_id = load_tokenizer(cfg.model.tokenizer or cfg.model.policy, cfg.model.revision).pad_token_id
+        with torch.no_grad():
+            m = bco_evaluate(model, _TableShard(table), delta, eval_cfg, pad_id, device, rank=0, world=1)
+        out = {f"{metric_key_prefix}_{k.split('/', 1)[1]}": float(v) for k, v in m.items()}
+        out[f"{metric_key_prefix}_runtime"] = round(time.time() - t0, 3)
+        out[f"{metric_key_prefix}_samples"] = table.num_rows
+        return out
+
+    def _precompute_eval(self, eval_dataset):
+        """The Ray Data pass's stages, called directly on this process for one (small) eval set."""
+        import pickle
+
+        import pyarrow as pa
+
+        from bco_ray.precompute import pipeline, stages
+        from bco_ray.run import resolve_paths
+        cfg, p, d = self.config, self.config.precompute, self.config.data
+        paths, _ = resolve_paths(cfg)
+        if isinstance(eval_dataset, (str, os.PathLike)):
+            rows = _rows_of_spec(os.fspath(eval_dataset))
+        else:
+            rows = list(_as_dataset(eval_dataset, "eval"))
+        table = stages.tokenize(pa.Table.from_pylist(rows), tokenizer_path=paths.tokenizer,
+                                revision=cfg.model.revision, max_length=d.max_length,
+                                max_prompt_length=d.max_prompt_length, on_bad_rows=d.on_bad_rows,
+                                source="eval_dataset", split="eval")
+        gpus = 1.0 if _cuda() else 0.0
+        table = stages.RefLogps(model_path=paths.reference, revision=cfg.model.revision, dtype=cfg.model.dtype,
+                                num_gpus=gpus, token_budget=p.token_budget, chunk_size=p.logp_chunk_size,
+                                pad_id=paths.pad_id, attn_implementation=cfg.model.attn_implementation)(table)
+        if not cfg.udm.enabled:
+            return stages.unit_weights(table)
+        clf_path = f"{self.result.raw['precompute_dir']}/classifier.pkl"
+        import fsspec
+        with fsspec.open(clf_path, "rb") as f:
+            clf_bytes = f.read()
+        pickle.loads(clf_bytes)   # fail here, clearly, on a broken file
+        kwargs = pipeline._embed_kwargs(cfg, paths, clf_bytes)
+        kwargs["num_gpus"] = gpus
+        return stages.Embed(**kwargs)(table)
+
+
+# ============================================================================================ helpers
