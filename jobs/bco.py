@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bco_ray.config import ConfigError, load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from bco_ray.data.checks import DataError
     from bco_ray.data.formats import DataFormatError
     from bco_ray.run import ModelError, ResourcesUnavailableError, run_job
+    # `ray job stop` and schedulers send SIGTERM: end like Ctrl-C, so the MLflow run is marked KILLED
+    # (checkpoints and the precompute cache are committed atomically, so nothing half-written is trusted).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run_job(cfg)
     except (DataError, DataFormatError, ModelError, FileNotFoundError) as e:

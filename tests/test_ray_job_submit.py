@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,40 @@ def test_ray_job_submit_succeeds(ray_head, tmp_path):
     assert JobSubmissionClient(address).get_job_status("bco-submit-test") == JobStatus.SUCCEEDED
     assert "[bco-ray] done" in log
     assert list(out.glob("runs/*/model/model.safetensors"))
+
+
+def test_ray_job_stop_then_resubmit_resumes(ray_head, tmp_path):
+    """`ray job stop` mid-training: the run is marked KILLED, the last checkpoint stays; submitting the same
+    run name again resumes from it and finishes, continuing the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    address, env = ray_head
+    client = JobSubmissionClient(address)
+    out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    entry = (f"python jobs/bco.py --output_dir={out} --mlflow.tracking_uri={db} --mlflow.run_name=stopme "
+             "--train.max_steps=40 --train.save_steps=2 --train.eval_steps=0 --udm.prompt_sample_size=128 "
+             "--data.eval=none")
+    runtime_env = {"working_dir": str(ROOT), "excludes": [".git", ".venv", ".gpu", "outputs", "mlflow.db"]}
+    first = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    deadline = time.time() + 600
+    while not list((out / "ray" / "stopme").glob("checkpoint_step*")) and time.time() < deadline:
+        assert client.get_job_status(first) not in (JobStatus.FAILED, JobStatus.SUCCEEDED), client.get_job_logs(first)[-4000:]
+        time.sleep(2)
+    assert client.stop_job(first)
+    while client.get_job_status(first) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+        time.sleep(1)
+    assert client.get_job_status(first) == JobStatus.STOPPED
+    mlflow = MlflowClient(db)
+    exp = mlflow.get_experiment_by_name("bco-ray-tiny")
+    (run,) = mlflow.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'stopme'")
+    assert run.info.status in ("KILLED", "FAILED"), run.info.status
+    second = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    while client.get_job_status(second) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+        time.sleep(2)
+    logs = client.get_job_logs(second)
+    assert client.get_job_status(second) == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "resumed from checkpoint at step" in logs
+    (run2,) = mlflow.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'stopme'")
+    assert run2.info.run_id == run.info.run_id and run2.info.status == "FINISHED"
+    steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(2, 41, 2))                # each logged step once across the stop
