@@ -56,7 +56,7 @@ def test_zero3_worker_failure_resumes_from_checkpoint(tmp_path, cache_dir):
     assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
     assert (model_dir / "generation_config.json").exists()
     AutoModelForCausalLM.from_pretrained(model_dir)                 # ZeRO-3 shards were gathered
-    kept = sorted(p.name for p in (tmp_path / "outputs" / "ray" / "z3").glob("*_step*"))
+    kept = sorted(p.name for p in (tmp_path / "outputs" / "ray" / "z3").glob("*_step0*"))
     assert kept == ["checkpoint_step0000004", "final_step0000006"]     # keep_checkpoints=2: step 2 pruned
 
 
