@@ -219,10 +219,11 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge(base: dict, update: dict) -> dict:
+    """Nested dict update: sections merge, leaves of `update` win."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -259,7 +260,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: expected a mapping at the top level")
     if overrides:
-        data = _merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+        data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     cfg = _build(Config, data)
     validate(cfg)
     return cfg
@@ -304,3 +305,13 @@ def validate(cfg: Config) -> None:
     need(p.batch_size >= 1 and p.token_budget >= 1, "precompute.batch_size and precompute.token_budget must be >= 1")
     need(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
          f"model.dtype must be auto, float32, bfloat16 or float16 (got {cfg.model.dtype!r})")
+
+
+def config_from_cli(argv: list[str] | None, description: str, default_config: str | Path) -> Config:
+    """The job scripts' command line: `--config FILE` (default `default_config`) plus `--section.key=value`
+    overrides. Raises ConfigError."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {Path(default_config).name})")
+    args, overrides = parser.parse_known_args(argv)
+    return load_config(args.config or default_config, overrides)

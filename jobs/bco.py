@@ -8,7 +8,6 @@ Connects to the Ray cluster it runs in (or one started with `ray start` here), e
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bco_ray.config import ConfigError, load_config  # noqa: E402
+from bco_ray.config import ConfigError, config_from_cli  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -26,12 +25,9 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name})")
-    args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+        cfg = config_from_cli(argv, __doc__, DEFAULT_CONFIG)
     except ConfigError as e:
         print(f"bco-ray: config error: {e}", file=sys.stderr)
         return 2

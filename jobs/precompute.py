@@ -6,7 +6,6 @@ A later `jobs/bco.py` with the same model, data and pass settings reuses the cac
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -14,18 +13,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bco_ray.config import ConfigError, load_config  # noqa: E402
+from bco_ray.config import ConfigError, config_from_cli  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name})")
-    args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+        cfg = config_from_cli(argv, __doc__, DEFAULT_CONFIG)
     except ConfigError as e:
         print(f"bco-ray: config error: {e}", file=sys.stderr)
         return 2

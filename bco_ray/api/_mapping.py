@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from bco_ray.config import Config, ConfigError, load_config
+from bco_ray.config import Config, ConfigError, flatten, load_config, merge
 
 
 
@@ -103,20 +103,10 @@ def _report_to(v: Any) -> list[str]:
     return [str(x) for x in v]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _to_config(o: dict, sections: dict, extra: dict | None = None) -> Config:
-    o = _merge(o, sections)
-    for k, v in _flatten(extra or {}).items():
-        o = _merge(o, _nest(k, v))
+    o = merge(o, sections or {})
+    for k, v in flatten(extra or {}).items():
+        o = merge(o, _nest(k, v))
     try:
         return load_config(overrides=o)
     except ConfigError as e:
@@ -129,13 +119,6 @@ def _nest(path: str, value: Any) -> dict:
     for p in reversed(parents):
         d = {p: d}
     return d
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in (update or {}).items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _with_trl_names(msg: str) -> str:
