@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-fast setup clean
 
 $(VENV)/.installed: pyproject.toml bco_ray/__init__.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q --timeout=1200 tests
+
+# The edit loop: everything but the Ray jobs (unit tests, in-process DeepSpeed/gloo checks), a few minutes.
+test-fast: setup
+	$(PY) -m pytest -q --timeout=600 -m "not e2e" tests
 
 clean:
 	rm -rf outputs mlflow.db .pytest_cache

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -30,8 +30,8 @@ class ModelConfig:
     reference: str | None = None         # None: the policy's initial weights
     tokenizer: str | None = None         # None: the policy's tokenizer
     revision: str | None = None          # hub revision for policy/reference/tokenizer
-    dtype: str = "auto"                  # auto: bfloat16 on GPU, float32 on CPU
-    attn_implementation: str = "sdpa"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"   # auto: bfloat16 on GPU, float32 on CPU
+    attn_implementation: str = "auto"    # auto: transformers picks (sdpa if supported, else eager), or a name
     trust_remote_code: bool = False
 
 
@@ -41,7 +41,7 @@ class DataConfig:
     eval: str | None = BUILTIN_EVAL
     max_length: int = 1024
     max_prompt_length: int = 512
-    on_bad_rows: str = "error"           # error | skip
+    on_bad_rows: Literal["error", "skip"] = "error"
     seed: int = 42                       # shuffle seed of the pass
 
 
@@ -64,8 +64,8 @@ class PrecomputeConfig:
     force: bool = False
     batch_size: int = 256                # rows handed to one actor call
     token_budget: int = 16384            # padded tokens per forward inside an actor call
-    ref_actors: tuple[int, int] = (1, 1)     # ActorPoolStrategy(min_size, max_size)
-    embed_actors: tuple[int, int] = (1, 1)
+    ref_actors: tuple[int, int] = (1, 1)     # scoring actors (tokenize + reference + UDM embeddings): (min, max) pool size
+    local_shuffle_max_rows: int = 200_000    # up to this many train rows: one seeded permutation, not an all-to-all shuffle
     num_gpus_per_actor: float = 0.0      # >0 puts each scoring actor on a GPU
     logp_chunk_size: int = 1024
 
@@ -91,7 +91,7 @@ class TrainConfig:
     lr: float = 5e-7
     beta: float = 0.1
     warmup_ratio: float = 0.1
-    lr_scheduler: str = "linear"         # linear | cosine | constant
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     num_epochs: int = 1
@@ -103,14 +103,15 @@ class TrainConfig:
     max_failures: int = 0
     storage_path: str | None = None     # Ray Train storage (checkpoints); None: <output_dir>/ray. Shared/cloud on clusters
     seed: int = 42
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
-    bf16: str = "auto"                   # auto | true | false
+    bf16: Literal["auto"] | bool = "auto"   # auto: bf16 on GPU, float32 on CPU; true/false force it
     gradient_checkpointing: bool = False
     disable_dropout: bool = True
     resources_timeout_s: float = 600.0   # fail clearly instead of waiting forever for workers
     inject_failure_at_step: int = 0      # testing: rank 1 (or 0) dies once when reaching this step
+    record_rows: bool = False            # testing: each rank appends the row ids of every step to <storage>/rows/
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -159,7 +160,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
+        return _coerce(value, inner[0], path) if len(inner) == 1 else _coerce_alternatives(value, inner, path)
+    if origin is Literal:
+        return _coerce_choice(value, args, path)
     if isinstance(value, str) and value.strip() and tp is not str and origin not in (list, tuple):
         try:                        # override text for a non-string field: "4", "1e-6", "no", "{r: 8}"
             value = yaml.safe_load(value)
@@ -204,6 +207,72 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return tuple(_coerce(v, a, path) for v, a in zip(value, args))
         return [_coerce(v, args[0], path) for v in value]
     return value
+
+
+def _coerce_alternatives(value: Any, alternatives: list, path: str) -> Any:
+    """A union such as `Literal["auto"] | bool`: the first alternative that accepts the value; if none does, a
+    union of choices (Literal values, bool) gets the choice error, any other union the first alternative's."""
+    errors = []
+    for alt in alternatives:
+        try:
+            return _coerce(value, alt, path)
+        except ConfigError as e:
+            errors.append(e)
+    choices = _choices(alternatives)
+    raise _choice_error(value, choices, path) if choices is not None else errors[0]
+
+
+def _choices(alternatives: list) -> list | None:
+    """The values a union of Literal types (and bool: true/false) allows; None if it is not such a union."""
+    out: list = []
+    for alt in alternatives:
+        if typing.get_origin(alt) is not Literal and alt is not bool:
+            return None
+        out.extend(typing.get_args(alt) if alt is not bool else (True, False))
+    return out
+
+
+def _coerce_choice(value: Any, choices: tuple, path: str) -> Any:
+    """One of a Literal's values, given as YAML's native value (`true`, `3`) or as text (`"true"`, `"3"`;
+    `"Cosine"`: text matches case-insensitively; integral floats match ints)."""
+    candidates = [value] + ([value.strip().lower(), _yaml_scalar(value)] if isinstance(value, str) else [])
+    candidates += [int(v) for v in candidates if isinstance(v, float) and v.is_integer()]
+    for candidate in candidates:
+        for choice in choices:
+            if type(candidate) is type(choice) and candidate == choice:
+                return choice
+    raise _choice_error(value, list(choices), path)
+
+
+def _yaml_scalar(text: str) -> Any:
+    """`text` as YAML reads it when that is a scalar ("4" -> 4, "true" -> True), else the text itself."""
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if isinstance(parsed, (dict, list)) or parsed is None else parsed
+
+
+def _choice_error(value: Any, choices: list, path: str) -> ConfigError:
+    """'train.bf16 must be auto, true or false (got 'ture'). Did you mean 'true'?'"""
+    def name(c: Any) -> str:
+        return str(c).lower() if isinstance(c, bool) else str(c)
+    names = [name(c) for c in choices]
+    listed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+    shown = _yaml_scalar(value) if isinstance(value, str) else value
+    guess = difflib.get_close_matches(name(shown).lower(), names, n=1)
+    return ConfigError(f"{path} must be {listed} (got {shown!r})" + (f". Did you mean '{guess[0]}'?" if guess else ""))
+
+
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    """Every choice-typed (Literal) field of a Config built in code holds one of its choices."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is Literal or _choices([a for a in typing.get_args(tp) if a is not type(None)]):
+            _coerce(value, tp, prefix + f.name)
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -273,20 +342,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     t, d, u, p = cfg.train, cfg.data, cfg.udm, cfg.precompute
+    _check_choices(cfg)          # model.dtype, data.on_bad_rows, train.lr_scheduler / zero_stage / bf16, ...
     need(t.beta > 0, f"train.beta must be > 0 (got {t.beta}); the reference default is 0.1")
-    need(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3 (got {t.zero_stage})")
     need(t.num_workers >= 1, f"train.num_workers must be >= 1 (got {t.num_workers})")
     need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")
     need(t.gradient_accumulation_steps >= 1,
          f"train.gradient_accumulation_steps must be >= 1 (got {t.gradient_accumulation_steps})")
     need(t.lr >= 0, f"train.lr must be >= 0 (got {t.lr})")
     need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
-    need(t.lr_scheduler in ("linear", "cosine", "constant"),
-         f"train.lr_scheduler must be linear, cosine or constant (got {t.lr_scheduler!r})")
     need(t.num_epochs >= 1, f"train.num_epochs must be >= 1 (got {t.num_epochs})")
     need(t.max_steps == -1 or t.max_steps > 0, f"train.max_steps must be -1 (no cap) or > 0 (got {t.max_steps})")
     need(t.logging_steps >= 1, f"train.logging_steps must be >= 1 (got {t.logging_steps})")
-    need(t.bf16 in ("auto", "true", "false"), f"train.bf16 must be auto, true or false (got {t.bf16!r})")
     need(not t.offload_params or t.zero_stage == 3,
          "train.offload_params needs train.zero_stage=3 (DeepSpeed offloads parameters only under ZeRO-3)")
     need(not t.offload_optimizer or t.zero_stage >= 1,
@@ -294,17 +360,14 @@ def validate(cfg: Config) -> None:
     need(d.max_length >= 2, f"data.max_length must be >= 2 (got {d.max_length})")
     need(0 < d.max_prompt_length < d.max_length,
          f"data.max_prompt_length ({d.max_prompt_length}) must be > 0 and < data.max_length ({d.max_length})")
-    need(d.on_bad_rows in ("error", "skip"), f"data.on_bad_rows must be error or skip (got {d.on_bad_rows!r})")
     need(u.min_density_ratio > 0, f"udm.min_density_ratio must be > 0 (got {u.min_density_ratio})")
     need(u.min_density_ratio <= u.max_density_ratio,
          f"udm.min_density_ratio ({u.min_density_ratio}) must be <= udm.max_density_ratio ({u.max_density_ratio})")
     need(u.prompt_sample_size >= 2, f"udm.prompt_sample_size must be >= 2 (got {u.prompt_sample_size})")
-    for name, (lo, hi) in (("ref_actors", p.ref_actors), ("embed_actors", p.embed_actors)):
-        need(1 <= lo <= hi, f"precompute.{name} must be [min, max] with 1 <= min <= max (got [{lo}, {hi}])")
+    lo, hi = p.ref_actors
+    need(1 <= lo <= hi, f"precompute.ref_actors must be [min, max] with 1 <= min <= max (got [{lo}, {hi}])")
     need(p.num_gpus_per_actor >= 0, f"precompute.num_gpus_per_actor must be >= 0 (got {p.num_gpus_per_actor})")
     need(p.batch_size >= 1 and p.token_budget >= 1, "precompute.batch_size and precompute.token_budget must be >= 1")
-    need(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
-         f"model.dtype must be auto, float32, bfloat16 or float16 (got {cfg.model.dtype!r})")
 
 
 def config_from_cli(argv: list[str] | None, description: str, default_config: str | Path) -> Config:

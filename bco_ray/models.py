@@ -1,10 +1,11 @@
 """Loading models and tokenizers: one from_pretrained path for hub ids, local dirs and the builtin tiny model."""
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,62 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     return tok
 
 
+AUTO_ATTN = "auto"
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be built with the given settings: one message naming the model and the fix."""
+
+
+def attn_kwargs(attn_implementation: str | None) -> dict:
+    """from_pretrained/from_config keyword for `model.attn_implementation`: none for "auto" (or None), so
+    transformers picks what the model supports (sdpa where it can, else eager); the name otherwise."""
+    if attn_implementation in (None, "", AUTO_ATTN):
+        return {}
+    return {"attn_implementation": attn_implementation}
+
+
 def load_causal_lm(path: str, *, dtype: torch.dtype, revision: str | None = None,
-                   attn_implementation: str | None = "sdpa", trust_remote_code: bool = False):
+                   attn_implementation: str | None = AUTO_ATTN, trust_remote_code: bool = False):
     return AutoModelForCausalLM.from_pretrained(
-        path, revision=revision, dtype=dtype, attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code)
+        path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
+        **attn_kwargs(attn_implementation))
+
+
+def _build_error(config, attn_implementation: str | None, trust_remote_code: bool) -> Exception | None:
+    """Build the causal LM from its config on the meta device (no weights, no memory); the error, if any."""
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(copy.deepcopy(config), trust_remote_code=trust_remote_code,
+                                             **attn_kwargs(attn_implementation))
+    except Exception as e:  # noqa: BLE001 - any failure to build is reported, with its cause
+        return e
+    return None
+
+
+def _first_sentence(e: Exception) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text.split(". ")[0].rstrip(".")[:300]
+
+
+def check_model_loads(path: str, revision: str | None = None, trust_remote_code: bool = False,
+                      attn_implementation: str | None = AUTO_ATTN) -> None:
+    """Cheaply check that `path` builds as a causal LM with this attention setting, before any Ray work:
+    the config is read and the model built on the meta device (no weights loaded). Raises ModelLoadError."""
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path!r}: cannot read its config ({_first_sentence(e)})") from e
+    err = _build_error(config, attn_implementation, trust_remote_code)
+    if err is None:
+        return
+    if attn_kwargs(attn_implementation) and _build_error(config, AUTO_ATTN, trust_remote_code) is None:
+        raise ModelLoadError(
+            f"{path!r} cannot run with model.attn_implementation={attn_implementation!r} "
+            f"({_first_sentence(err)}); set model.attn_implementation=auto (the default: transformers picks "
+            f"what the model supports) or another implementation it supports, e.g. eager") from err
+    raise ModelLoadError(f"{path!r} cannot be built as a causal language model ({_first_sentence(err)}); "
+                         "give a decoder-only model with a causal LM head") from err
 
 
 def load_embedder(path: str, dtype: torch.dtype):

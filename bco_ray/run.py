@@ -16,6 +16,7 @@ from bco_ray.builtin import resolve_embedder, resolve_model
 from bco_ray.config import Config
 from bco_ray.data.checks import check_data
 from bco_ray.models import load_tokenizer
+from bco_ray.resources import PassResources, pass_resources, usable_cpus
 
 log = logging.getLogger("bco_ray")
 
@@ -75,6 +76,14 @@ def resolve_paths(cfg: Config):
     if len(tok) > vocab["model.policy"]:
         raise ModelError(f"model.tokenizer has {len(tok)} tokens, more than model.policy's vocabulary of "
                          f"{vocab['model.policy']}; use the policy's own tokenizer")
+    from bco_ray.models import ModelLoadError, check_model_loads
+    for field, p in {"model.policy": policy, "model.reference": reference}.items():
+        if field == "model.reference" and reference == policy:
+            continue
+        try:    # built on the meta device: an attention setting the model refuses fails here, not in an actor
+            check_model_loads(p, m.revision, m.trust_remote_code, m.attn_implementation)
+        except ModelLoadError as e:
+            raise ModelError(f"{field}: {e}") from e
     embedder = resolve_embedder(cfg.udm.embedding_model) if cfg.udm.enabled else None
     if embedder is not None:
         _check_model_path("udm.embedding_model", embedder)
@@ -110,7 +119,9 @@ def init_ray(cfg: Config) -> bool:
     # Same config, same data order: the union of the train and eval reads must not depend on which
     # read finishes first, or the seeded shuffle after it gives a different order from run to run.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    local = {"address": "local", "num_cpus": max(os.cpu_count() or 1, 8)}   # enough logical CPUs for the actor pools
+    # A local Ray gets the CPUs this process may use (affinity, cgroup quota): never more logical CPUs than
+    # real ones; the pass and the workers size themselves to what there is (bco_ray/resources.py).
+    local = {"address": "local", "num_cpus": usable_cpus()}
     address = os.environ.get("RAY_ADDRESS")
     if address == "local":     # RAY_ADDRESS=local: always a fresh local Ray, even if a cluster runs here
         ray.init(**local)
@@ -126,10 +137,45 @@ def init_ray(cfg: Config) -> bool:
         return True
 
 
+class Phases:
+    """Wall time of each phase of a job (`time/<phase>` metrics and the final line)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t = time.time()
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.seconds[f"time/{name}"] = round(now - self._t, 2)
+        self._t = now
+
+    def line(self) -> str:
+        return ", ".join(f"{k.split('/', 1)[1]} {v:.1f}" for k, v in self.seconds.items())
+
+
+def check_cluster_fits(cfg: Config, started_locally: bool) -> PassResources:
+    """Size the pass to the cluster, and fail now, naming what is missing, when the training worker group can
+    never fit: a cluster with CPUs that cannot grow (a local Ray, or a fixed cluster) with fewer CPUs than
+    train.num_workers × train.cpus_per_worker. A cluster with no CPUs yet (an autoscaling head) may grow."""
+    import ray
+    t = cfg.train
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    can_grow = cpus == 0 and not started_locally
+    need = t.num_workers * t.cpus_per_worker
+    if not can_grow and need > cpus + 1e-9:
+        raise ResourcesUnavailableError(
+            f"the Ray Train worker group needs {t.num_workers} × {t.cpus_per_worker:g} CPU = {need:g} CPU "
+            f"(train.num_workers × train.cpus_per_worker) but this cluster has {cpus:g} CPU and cannot grow; "
+            f"lower train.num_workers or train.cpus_per_worker (e.g. --train.cpus_per_worker={cpus / t.num_workers:g}), "
+            "or run on a larger cluster")
+    return pass_resources(cpus, cfg.precompute.ref_actors[1], can_grow)
+
+
 def run_job(cfg: Config) -> dict:
     """Run the job; returns a dict with the MLflow run, output locations and final metrics."""
     from bco_ray.tracking import mlflow_run
     t0 = time.time()
+    phases = Phases()
     data_report = check_data(cfg)                         # before any Ray work: bad rows fail here
     paths, tok = resolve_paths(cfg)
     run_name = cfg.mlflow.run_name or time.strftime("bco-%Y%m%d-%H%M%S")
@@ -138,9 +184,13 @@ def run_job(cfg: Config) -> dict:
     uri, run_id, resumed = mlflow_run.open_run(cfg, run_name)
     print(f"[bco-ray] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
           f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: {mlflow_run.view_hint(uri, run_id)}", flush=True)
+    phases.lap("checks")
     try:
-        check_resources(cfg, init_ray(cfg))
-        result = _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report)
+        local = init_ray(cfg)
+        phases.lap("ray_start")
+        check_resources(cfg, local)
+        res = check_cluster_fits(cfg, local)
+        result = _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res, phases)
     except KeyboardInterrupt:
         mlflow_run.close_run("KILLED", "interrupted")
         raise
@@ -148,13 +198,15 @@ def run_job(cfg: Config) -> dict:
         mlflow_run.close_run("FAILED", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
         raise
     mlflow_run.close_run("FINISHED")
-    result.update(run_id=run_id, tracking_uri=uri, run_name=run_name, seconds=round(time.time() - t0, 1))
+    result.update(run_id=run_id, tracking_uri=uri, run_name=run_name, seconds=round(time.time() - t0, 1),
+                  timings=phases.seconds)
     (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"[bco-ray] done in {result['seconds']} s: model at {result['model_dir']}, outputs in {out_dir}", flush=True)
+    print(f"[bco-ray] done in {result['seconds']} s ({phases.line()}): model at {result['model_dir']}, "
+          f"outputs in {out_dir}", flush=True)
     return result
 
 
-def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
+def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res: PassResources, phases: Phases) -> dict:
     import mlflow
     import ray
     import ray.data
@@ -169,15 +221,15 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
     t = cfg.train
     labels = data_report["train"]["labels"]
     try:
-        pre = run_precompute(cfg, paths, {True: labels["true"], False: labels["false"]})
+        pre = run_precompute(cfg, paths, {True: labels["true"], False: labels["false"]}, res)
     except Exception as e:
         if isinstance(e, ray.exceptions.GetTimeoutError) and "starting actors" in str(e):
             p = cfg.precompute
             gpu = f", GPU: {p.num_gpus_per_actor:g}" if p.num_gpus_per_actor > 0 else ""
-            raise _unavailable(cfg, "The precompute pass", f"actors of {{CPU: 1{gpu}}} "
-                               f"(precompute.ref_actors={list(p.ref_actors)}, precompute.embed_actors="
-                               f"{list(p.embed_actors)}, precompute.num_gpus_per_actor)") from e
+            raise _unavailable(cfg, "The precompute pass", f"actors of {{CPU: {res.actor_cpus:g}{gpu}}} "
+                               f"(precompute.ref_actors={list(p.ref_actors)}, precompute.num_gpus_per_actor)") from e
         raise
+    phases.lap("precompute")
     print(f"[bco-ray] precompute {'reused' if pre.reused else 'computed'}: {pre.dir}", flush=True)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     mlflow_run.set_tags({"precompute.cache_key": pre.key, "precompute.reused": pre.reused,
@@ -190,9 +242,11 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
 
     # Progress bars of the per-worker shards would interleave in the job log; the pass above keeps its own.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {"train": ray.data.read_parquet(pre.train)}
+    # The workers hold the CPUs while their shards stream in: the light Parquet reads that feed them ask for
+    # no CPU, or on a cluster the workers fill they would wait forever behind the workers that wait for them.
+    datasets = {"train": ray.data.read_parquet(pre.train, ray_remote_args={"num_cpus": 0})}
     if pre.eval:
-        datasets["eval"] = ray.data.read_parquet(pre.eval)
+        datasets["eval"] = ray.data.read_parquet(pre.eval, ray_remote_args={"num_cpus": 0})
     storage = t.storage_path or str(Path(cfg.output_dir).resolve() / "ray")
     # How long the worker group's placement group may stay pending (autoscaling included); Ray Train
     # passes the variable on from this driver to its controller.
@@ -202,7 +256,7 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
         train_loop_config={"cfg": cfg.to_dict(), "policy_path": paths.policy, "tokenizer_path": paths.tokenizer,
                            "pad_id": paths.pad_id, "train_rows": tr["rows"], "has_eval": bool(pre.eval),
                            "mlflow": {"tracking_uri": uri, "run_id": run_id},
-                           "storage_dir": f"{storage}/{run_name}"},
+                           "storage_dir": f"{storage}/{run_name}", "fit_started_at": time.time()},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
@@ -214,10 +268,15 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              worker_runtime_env={"env_vars": mlflow_run.worker_env(uri)}),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # Not split by Ray Data (whose streaming split hands blocks to whichever worker asks first): every
+        # worker reads the ordered split and takes its own rows of each global batch, so a resumed epoch
+        # replays exactly the rows the interrupted one had not trained (bco_ray/train/loop.py: rank_batches).
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.v2.api.exceptions import ControllerError
+    phases.lap("publish_precompute")
+    t_fit = time.time()
     try:
         result = trainer.fit()
     except ControllerError as e:
@@ -227,6 +286,7 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
                                "(train.num_workers, train.cpus_per_worker, train.use_gpu)") from e
         raise
     final_ckpt = result.checkpoint
+    phases.lap("fit")
     with final_ckpt.as_directory() as d:
         model_dir = out_dir / "model"
         if not model_dir.exists():
@@ -236,11 +296,21 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report) -> dict:
             os.replace(tmp / "model", model_dir)
             tmp.rmdir()
         final = json.loads((Path(d) / "final.json").read_text())
+    worker = final.get("timings", {})        # measured by rank 0: engine ready, training, evaluation, save
+    if "engine_ready_at" in worker:
+        phases.seconds["time/train_start"] = round(worker["engine_ready_at"] - t_fit, 2)
+    for k in ("train", "eval", "save"):
+        if k in worker:
+            phases.seconds[f"time/{k}"] = round(worker[k], 2)
+    phases.lap("collect_model")
     mlflow_run.log_model(str(model_dir), description=f"BCO policy from bco-ray run '{run_name}' ({run_id}).")
+    phases.lap("log_model")
     mlflow_run.log_plots(MlflowClient(uri), run_id, tr["weight_hist"] if cfg.udm.enabled else None, title=run_name,
                          mean_weight=tr["mean_rejected_weight"])
     if cfg.udm.enabled:
         mlflow.log_artifact(_local(f"{pre.dir}/classifier.pkl"), "udm")
+    phases.lap("plots")
+    mlflow.log_metrics(phases.seconds, step=int(final.get("step", 0)))
     return {"model_dir": str(model_dir), "precompute_dir": pre.dir, "precompute_reused": pre.reused,
             "checkpoint": final_ckpt.path, "final": final, "out_dir": str(out_dir)}
 

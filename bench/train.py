@@ -107,6 +107,12 @@ class Updater:
         self.module = self.engine.module
         self.optimizer_name = type(self.engine.optimizer).__name__
 
+    @property
+    def model(self):
+        """What the forward runs on: the DeepSpeed engine itself (as the training loop passes it to `bco_forward`:
+        the forward must run through the engine for ZeRO-3's micro-step bookkeeping), or the plain model at zero 0."""
+        return self.engine if self.engine is not None else self.module
+
     def step(self, loss: torch.Tensor) -> None:
         if self.engine is not None:
             self.engine.backward(loss)
@@ -243,7 +249,7 @@ def run_ours(a, zero, path, rows, ref_logps, device, dtype, lengths, n_params, s
     def step(b):
         raw = {k: [v[i] for i in b] if k == "input_ids" else v[b] for k, v in cols.items()}
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(raw, C.PAD_ID).items()}
-        losses, _, _ = bco_forward(up.module, batch, delta, a.beta, a.chunk_size)
+        losses, _, _ = bco_forward(up.model, batch, delta, a.beta, a.chunk_size)
         up.step(losses.mean())
 
     if a.bucketing == "budget":
@@ -279,7 +285,7 @@ def run_baseline(a, path, rows, device, dtype, lengths, n_params, shape, peak) -
         plen = torch.as_tensor([rows["prompt_len"][i] for i in b], device=device)
         with torch.no_grad():
             ref_lp = C.full_logits_logps(ref, ids, mask, plen)
-        lp = C.full_logits_logps(up.module, ids, mask, plen)
+        lp = C.full_logits_logps(up.model, ids, mask, plen)      # through the engine, as accelerate does
         delta.update(a.beta * (lp.detach() - ref_lp))
         losses, _ = bco_losses(lp, ref_lp, labels[b].to(device), torch.ones(len(b), device=device), a.beta, delta.mean)
         up.step(losses.mean())

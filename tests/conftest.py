@@ -1,15 +1,25 @@
-"""Shared test set-up: offline, loopback-only Ray, and helpers to run the real job as a user would."""
+"""Shared test set-up: offline, loopback-only Ray, and helpers to run the real job as a user would.
+
+Tiers: `make test-fast` runs the tests not marked `e2e` (no Ray job, no Ray cluster); `make test` runs all.
+Jobs share what a user's jobs would share: one Ray head per test session (`ray_head`: a real
+`ray start --head` on loopback with at most 2 CPUs, as a laptop or a small head node), and one precompute
+cache (`shared_cache`), so a test pays for its own behaviour, not for Ray's start or for a pass another test
+ran on the same inputs. Tests that need a cluster of their own (autoscaling, several nodes, 1 CPU) start it."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+RAY_BIN = str(Path(sys.executable).parent / "ray")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -30,13 +40,120 @@ def job_env(**extra) -> dict:
     return env
 
 
-def run_job(tmp: Path, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`python jobs/bco.py` with the embedded defaults, writing into tmp."""
+class RayHead:
+    """`ray start --head --block` on loopback with its own ports and temp dir, stopped by pid (never
+    `ray stop`, which ends every Ray on the machine). Clients need RAY_AUTH_MODE=disabled, as the head."""
+
+    def __init__(self, num_cpus: int, *extra: str, env: dict | None = None):
+        self.tmp = tempfile.mkdtemp(prefix="ray-")     # short: Ray's socket paths have a length limit
+        self.port, dash = free_port(), free_port()
+        self.gcs = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        self.env = env or job_env(RAY_AUTH_MODE="disabled")
+        self.env.pop("RAY_ADDRESS", None)
+        self.num_cpus = num_cpus
+        self._log = open(Path(self.tmp) / "ray_start.log", "w")
+        self.proc = subprocess.Popen(
+            [RAY_BIN, "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+             f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+             "--disable-usage-stats", f"--temp-dir={self.tmp}", *extra],
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: float = 180) -> RayHead:
+        """Until the job API answers (its agent registers a little after the head)."""
+        import urllib.request
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError("ray start --head exited:\n" + (Path(self.tmp) / "ray_start.log").read_text())
+            try:
+                with urllib.request.urlopen(f"{self.dashboard}/api/jobs/", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"the head at {self.dashboard} did not come up in {timeout} s")
+
+    def client_env(self, **extra) -> dict:
+        """The environment of a driver that joins this head (as `ray job submit` gives its entrypoint)."""
+        return {**job_env(RAY_AUTH_MODE="disabled", **extra), "RAY_ADDRESS": self.gcs}
+
+    def stop(self) -> None:
+        import psutil
+
+        def mine() -> list:
+            procs = []
+            for p in psutil.process_iter(["cmdline"]):
+                try:
+                    if self.tmp in " ".join(p.info["cmdline"] or []):
+                        procs.append(p)
+                except psutil.Error:
+                    pass
+            return procs
+
+        try:
+            head = psutil.Process(self.proc.pid)
+            procs = [head, *head.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for attempt in range(2):
+            procs = list({p.pid: p for p in procs + mine()}.values())
+            for p in procs:
+                try:
+                    p.terminate() if attempt == 0 else p.kill()
+                except psutil.Error:
+                    pass
+            procs = psutil.wait_procs(procs, timeout=10)[1]
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def small_cluster_cpus() -> int:
+    """A head the size of a laptop or a small head node: the CPUs this machine gives us, at most 2."""
+    from bco_ray.resources import usable_cpus
+    return min(usable_cpus(), 2)
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One real Ray head for the session's jobs, started with the real CPU count (at most 2)."""
+    head = RayHead(small_cluster_cpus())
+    try:
+        yield head.wait()
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One precompute cache for the session: jobs on the same inputs reuse one pass (the cache key says when)."""
+    return tmp_path_factory.mktemp("precompute-cache")
+
+
+def run_job(tmp: Path, *overrides: str, head: RayHead | None = None, cache: Path | None = None,
+            timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python jobs/bco.py` with the embedded defaults, writing into tmp; on `head` if given (else a local
+    Ray of its own, as `make demo`), with the precompute cache in `cache` if given."""
     cmd = [sys.executable, str(ROOT / "jobs" / "bco.py"), f"--output_dir={tmp / 'outputs'}",
-           f"--mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *overrides]
-    proc = subprocess.run(cmd, cwd=tmp, env=job_env(), capture_output=True, text=True, timeout=timeout)
-    (tmp / "job.log").write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
+           f"--mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+           *([f"--precompute.cache_dir={cache}"] if cache else []), *overrides]
+    env = head.client_env() if head else job_env()
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+    (tmp / "job.log").write_text(f"{' '.join(cmd)}\n{time.time() - t0:.1f} s\n{proc.stdout}\n"
+                                 f"----- stderr -----\n{proc.stderr}")
     return proc
+
+
+# The smallest job that still runs every stage: the pass (cached across tests), 2 Ray Train workers with
+# DeepSpeed, MLflow. UDM is off unless a test is about it.
+SMALL = ("--udm.enabled=false", "--data.eval=none", "--train.logging_steps=1", "--train.eval_steps=0")
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ model, tokenizer and dataset built here, trains end to end through Ray Data, Ray
 its step-0 numbers equal the config-file path's on the same inputs; UDM with a user embedding function (a tiny
 BartModel encoder) works; BCOConfig maps TRL's field names and rejects unknown ones.
 
-The three real runs share one local Ray in this process (module fixtures), to stay within a few minutes on 2 cores.
+The real runs (marked e2e) join the session's Ray head from this process (module fixtures).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_trl_field_names_map_onto_the_bco_ray_config(tmp_path):
     assert cfg.output_dir == str(tmp_path)
     assert (t.micro_batch_size, t.gradient_accumulation_steps, t.lr, t.num_epochs, t.max_steps) == (4, 3, 1e-6, 2, 40)
     assert (t.warmup_ratio, t.lr_scheduler, t.logging_steps, t.eval_steps, t.save_steps) == (0.05, "cosine", 5, 10, 20)
-    assert (t.seed, d.seed, t.bf16, t.gradient_checkpointing, t.beta) == (7, 7, "false", False, 0.2)
+    assert (t.seed, d.seed, t.bf16, t.gradient_checkpointing, t.beta) == (7, 7, False, False, 0.2)
     assert (d.max_length, d.max_prompt_length) == (256, 128)
     assert (u.prompt_sample_size, u.min_density_ratio, u.max_density_ratio) == (64, 0.2, 5.0)
     assert (t.zero_stage, t.offload_optimizer, t.num_workers, t.use_gpu) == (3, True, 2, False)
@@ -56,13 +56,38 @@ def test_trl_field_names_map_onto_the_bco_ray_config(tmp_path):
 
 
 def test_trl_defaults():
-    cfg = BCOConfig().to_config()
-    assert cfg.train.lr == 5e-5 and cfg.train.num_epochs == 3 and cfg.train.micro_batch_size == 8
+    """trl 1.13's BCOConfig defaults (all of them, from its source: tests/test_trl_defaults.py) as bco-ray runs them."""
+    args = BCOConfig()
+    assert args.learning_rate == 5e-7 and args.output_dir == "trainer_output"
+    cfg = args.to_config()
+    assert cfg.train.lr == 5e-7 and cfg.train.num_epochs == 3 and cfg.train.micro_batch_size == 8
     assert cfg.train.logging_steps == 10 and cfg.train.save_steps == 500 and cfg.train.eval_steps == 0
     assert cfg.train.beta == 0.1 and cfg.train.warmup_ratio == 0.0 and cfg.train.gradient_checkpointing is True
-    assert cfg.data.max_length == 1024 and cfg.data.max_prompt_length == 512
+    # trl 1.13 has no prompt limit: unset, max_prompt_length is max_length - 1 (the prompt is not cut)
+    assert cfg.data.max_length == 1024 and cfg.data.max_prompt_length == 1023
     assert cfg.train.num_workers == 1 and cfg.train.bf16 == "auto"
     assert cfg.udm.prompt_sample_size == 1024 and (cfg.udm.min_density_ratio, cfg.udm.max_density_ratio) == (0.5, 10)
+    assert cfg.model.trust_remote_code is False
+    assert BCOConfig(trust_remote_code=True).to_config().model.trust_remote_code is True     # a trl 1.13 field
+
+
+def test_max_length_alone_runs_with_trl_1_13_truncation():
+    """A TRL script that sets only max_length gets a valid prompt limit, max_length - 1, with which bco-ray's
+    truncation keeps the prompt whole and cuts the completion to the budget left, as trl 1.13 does."""
+    from bco_ray.data.tokenize import _build
+    cfg = BCOConfig(max_length=128).to_config()
+    assert (cfg.data.max_length, cfg.data.max_prompt_length) == (128, 127)
+    assert BCOConfig(max_length=128, max_prompt_length=32).to_config().data.max_prompt_length == 32   # set: kept
+    with pytest.warns(BCOConfigWarning, match="max_length=None: using 512"):
+        cfg = BCOConfig(max_length=None).to_config()                         # trl 1.13's BCOTrainer: 512
+    assert (cfg.data.max_length, cfg.data.max_prompt_length) == (512, 511)
+    # trl 1.13 (_process_tokens): budget = max_length - 1 (BOS) - 1 (EOS); completion[: budget - len(prompt)]
+    bos, eos, max_length = 1, 2, 16
+    prompt, completion = list(range(10, 20)), list(range(30, 40))            # 10 + 10 tokens > 16 - 2
+    _, ids, prompt_len = _build(prompt, prompt + completion, bos=bos, eos=eos, max_length=max_length,
+                                max_prompt_length=max_length - 1)
+    trl = [bos] + prompt + completion[:max_length - 2 - len(prompt)] + [eos]
+    assert ids == trl and prompt_len == 1 + len(prompt) and len(ids) == max_length
 
 
 def test_unknown_fields_error_and_meaningless_ones_warn():
@@ -153,8 +178,8 @@ def test_trainer_argument_checks_and_inputs_saved_once(tmp_path):
 
 # ====================================================================================== real runs
 @pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for this module's runs (never a cluster that happens to run on this machine)."""
+def local_ray(ray_head):
+    """This module's runs join the session's Ray head from this process, as a notebook user's would."""
     import ray.data
     ctx = ray.data.DataContext.get_current()
     # The pass unions train and eval rows before its seeded shuffle; without preserve_order the union's block
@@ -162,12 +187,13 @@ def local_ray():
     # of the same inputs. Pinned here so that the two paths below are compared on the same micro-batches.
     preserve, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ADDRESS", "local")
+        mp.setenv("RAY_ADDRESS", ray_head.gcs)
+        mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.setenv("RAY_DATA_USE_DATASOURCE_V2", "0")
         yield
+        import ray
+        ray.shutdown()
     ctx.execution_options.preserve_order = preserve
-    import ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +234,7 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
+@pytest.mark.e2e
 def test_snippet_trains_through_ray_deepspeed_and_mlflow(snippet):
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
@@ -225,6 +252,8 @@ def test_snippet_trains_through_ray_deepspeed_and_mlflow(snippet):
 
     # the result: final metrics and where the outputs are
     assert r.global_step == 3 and r.metrics["eval/loss"] == pytest.approx(run.data.metrics["eval/loss"])
+    # trainer.state as transformers' TrainerState, from the run's MLflow history
+    assert trainer.state.global_step == 3 and [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]
     assert r.training_loss == pytest.approx(sum(_history(client, r.run_id, "loss").values()) / 3)
     assert Path(r.model_dir, "model.safetensors").is_file() and Path(r.output_dir, "result.json").is_file()
 
@@ -248,6 +277,7 @@ def test_snippet_trains_through_ray_deepspeed_and_mlflow(snippet):
     assert Path(saved, "tokenizer.json").is_file()
 
 
+@pytest.mark.e2e
 def test_evaluate_matches_the_runs_final_eval(snippet):
     """evaluate() runs here (no Ray, no DeepSpeed) with the trained model and the run's δ; on the run's eval split
     and on the same rows handed over anew (tokenized and reference-scored here) it gives the run's numbers."""
@@ -258,6 +288,7 @@ def test_evaluate_matches_the_runs_final_eval(snippet):
             assert ev[f"eval_{key}"] == pytest.approx(r.metrics[f"eval/{key}"], abs=2e-5), key
 
 
+@pytest.mark.e2e
 def test_step0_numbers_equal_the_config_file_path(snippet, tiny_models, tmp_path):
     """The same inputs through `jobs/bco.py --config <yaml>` (rows as JSON lines, models by path) give the same
     step-0 numbers (the first logged step: all its micro-batches run before the first optimizer step)."""
@@ -320,6 +351,7 @@ def _bart_embedder():
     return functools.partial(embed_prompt, model=bart), tok, bart.config.d_model
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not embedding_func_supported(),
                     reason="bco-ray lacks the udm.embedding_func hook (UDMConfig.embedding_func + Embed(func_path=...))")
 def test_udm_with_a_bart_embedding_function(tiny_models, tmp_path, local_ray):

@@ -92,7 +92,7 @@ def test_overrides_and_coercion():
         "--precompute.force",              # bare flag → True
         "--train.use_gpu=True",
         "--precompute.ref_actors", "2,4",  # comma list → tuple[int, int]
-        "--precompute.embed_actors=[1, 3]",
+        "--precompute.local_shuffle_max_rows=1000",
         "--train.lora.target_modules=q_proj,v_proj",
         "--model.reference=none",          # optional field → None
         "--model.tokenizer=null",
@@ -105,7 +105,7 @@ def test_overrides_and_coercion():
     assert cfg.train.micro_batch_size == 2 and isinstance(cfg.train.micro_batch_size, int)
     assert cfg.udm.enabled is False
     assert cfg.precompute.force is True and cfg.train.use_gpu is True
-    assert cfg.precompute.ref_actors == (2, 4) and cfg.precompute.embed_actors == (1, 3)
+    assert cfg.precompute.ref_actors == (2, 4) and cfg.precompute.local_shuffle_max_rows == 1000
     assert cfg.train.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.model.reference is None and cfg.model.tokenizer is None
     assert cfg.mlflow.run_name == "my-run" and cfg.output_dir == "/tmp/x"
@@ -170,3 +170,65 @@ def test_string_overrides_are_kept_verbatim():
     assert cfg.mlflow.run_name == "on"
     assert cfg.mlflow.experiment == "1.10"
     assert cfg.model.policy == "org/m: v2"
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("false", False), ("auto", "auto"), ("True", True),
+                                         ('"true"', True), ("no", False)])
+def test_yaml_bf16_takes_yaml_values(tmp_path, text, value):
+    """`train.bf16: true` is YAML's boolean: accepted (and kept as a bool), as are auto and the quoted text."""
+    p = tmp_path / "c.yaml"
+    p.write_text(f"train:\n  bf16: {text}\n")
+    override = "--train.bf16=" + text.strip('"')
+    for got in (load_config(p).train.bf16, load_config(overrides=[override]).train.bf16):
+        assert got == value and type(got) is type(value)
+
+
+def test_choice_fields_take_yaml_native_values(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  dtype: bfloat16\ndata:\n  on_bad_rows: skip\n"
+                 "train:\n  lr_scheduler: Cosine\n  zero_stage: 3\n  offload_params: true\n")
+    cfg = load_config(p, ["--train.zero_stage=3"])
+    assert (cfg.model.dtype, cfg.data.on_bad_rows, cfg.train.lr_scheduler) == ("bfloat16", "skip", "cosine")
+    assert cfg.train.zero_stage == 3 and type(cfg.train.zero_stage) is int
+    assert load_config(overrides=cfg.to_dict()) == cfg                  # the workers' round trip
+    p.write_text('train:\n  zero_stage: "1"\n')
+    assert load_config(p).train.zero_stage == 1
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("train:\n  bf16: ture\n", "train.bf16 must be auto, true or false (got 'ture'). Did you mean 'true'?"),
+    ("train:\n  bf16: 1\n", "train.bf16 must be auto, true or false (got 1)"),
+    ("train:\n  lr_scheduler: cosin\n",
+     "train.lr_scheduler must be linear, cosine or constant (got 'cosin'). Did you mean 'cosine'?"),
+    ("train:\n  zero_stage: true\n", "train.zero_stage must be 0, 1, 2 or 3 (got True)"),
+    ("data:\n  on_bad_rows: skp\n", "data.on_bad_rows must be error or skip (got 'skp'). Did you mean 'skip'?"),
+    ("model:\n  dtype: bf16\n",
+     "model.dtype must be auto, float32, bfloat16 or float16 (got 'bf16'). Did you mean 'bfloat16'?"),
+])
+def test_bad_choice_names_the_field_and_the_close_match(tmp_path, yaml_text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert message in str(e.value)
+
+
+def test_validate_checks_choices_of_a_config_built_in_code():
+    from bco_ray.config import validate
+    cfg = Config()
+    cfg.train.lr_scheduler = "polynomial"
+    with pytest.raises(ConfigError, match="train.lr_scheduler must be linear, cosine or constant"):
+        validate(cfg)
+    cfg = Config()
+    cfg.train.bf16 = True
+    validate(cfg)
+
+
+def test_use_bf16_reads_the_typed_field():
+    from bco_ray.config import TrainConfig
+    from bco_ray.train.ds_config import deepspeed_config, use_bf16
+    assert [use_bf16(TrainConfig(bf16="auto"), gpu) for gpu in (True, False)] == [True, False]
+    assert [use_bf16(TrainConfig(bf16=True), gpu) for gpu in (True, False)] == [True, True]
+    assert [use_bf16(TrainConfig(bf16=False), gpu) for gpu in (True, False)] == [False, False]
+    assert use_bf16(TrainConfig(bf16="false"), True) is False                # the old text spelling, built in code
+    assert deepspeed_config(load_config(overrides=["--train.bf16=true"]).train, 1, False)["bf16"] == {"enabled": True}

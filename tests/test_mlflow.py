@@ -322,16 +322,17 @@ E2E_ARGS = ["--train.max_steps=4", "--train.logging_steps=1", "--train.eval_step
             "--mlflow.experiment=beta-sweep"]
 
 
-def _job(tmp: Path, *overrides: str, env: dict | None = None, log: str = "job.log") -> subprocess.CompletedProcess:
+def _job(tmp: Path, head, *overrides: str, env: dict | None = None, log: str = "job.log") -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "jobs" / "bco.py"), f"--output_dir={tmp / 'outputs'}", *E2E_ARGS, *overrides]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=tmp, env=job_env(**(env or {})), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=tmp, env=head.client_env(**(env or {})), capture_output=True, text=True,
+                          timeout=900)
     (tmp / log).write_text(f"{' '.join(cmd)}\n{time.time() - t0:.1f} s\n{proc.stdout}\n----- stderr -----\n{proc.stderr}")
     return proc
 
 
 @pytest.fixture(scope="module")
-def jobs(mlflow_server, tmp_path_factory):
+def jobs(mlflow_server, ray_head, tmp_path_factory):
     """The three jobs, in order, sharing one output dir (so one precompute pass); each run's state right after."""
     tmp = tmp_path_factory.mktemp("mlflow-jobs")
     client = MlflowClient(mlflow_server)
@@ -343,19 +344,19 @@ def jobs(mlflow_server, tmp_path_factory):
         assert len(runs) == 1, [r.info.run_id for r in runs]
         return runs[0]
 
-    proc = _job(tmp, f"--mlflow.tracking_uri={mlflow_server}", "--mlflow.run_name=beta-0.1", "--train.beta=0.1",
+    proc = _job(tmp, ray_head, f"--mlflow.tracking_uri={mlflow_server}", "--mlflow.run_name=beta-0.1", "--train.beta=0.1",
                 log="a.log")
     assert proc.returncode == 0, (tmp / "a.log").read_text()[-6000:]
     out["a"] = run_state("beta-0.1")
 
     (tmp / "not-a-dir").write_text("a file where the precompute cache should go")
-    proc = _job(tmp, f"--mlflow.tracking_uri={mlflow_server}", "--mlflow.run_name=beta-0.5", "--train.beta=0.5",
+    proc = _job(tmp, ray_head, f"--mlflow.tracking_uri={mlflow_server}", "--mlflow.run_name=beta-0.5", "--train.beta=0.5",
                 f"--precompute.cache_dir={tmp / 'not-a-dir' / 'cache'}", log="failed.log")
     out["failed_rc"] = proc.returncode
     out["failed"] = run_state("beta-0.5")
 
     # Same run name, the tracking server named by the environment this time, a working cache.
-    proc = _job(tmp, "--mlflow.run_name=beta-0.5", "--train.beta=0.5", env={"MLFLOW_TRACKING_URI": mlflow_server},
+    proc = _job(tmp, ray_head, "--mlflow.run_name=beta-0.5", "--train.beta=0.5", env={"MLFLOW_TRACKING_URI": mlflow_server},
                 log="b.log")
     assert proc.returncode == 0, (tmp / "b.log").read_text()[-6000:]
     out["b"] = run_state("beta-0.5")
@@ -384,6 +385,8 @@ def test_job_logs_params_tags_and_step_metrics(jobs):
     for key in ("precompute/rows", "precompute/tokens", "precompute/padding_fraction", "udm/accuracy"):
         assert _steps(client, run.info.run_id, key) == [0], key
     assert run.data.metrics["precompute/rows"] > 2000
+    for phase in ("checks", "ray_start", "precompute", "train_start", "train", "eval", "save", "log_model"):
+        assert run.data.metrics[f"time/{phase}"] >= 0, phase                # per-phase wall times of the job
 
 
 @pytest.mark.e2e

@@ -110,10 +110,13 @@ def test_an_uncommitted_attempt_is_never_trusted(tmp_path):
 
 # ------------------------------------------------------------------ the real pass, on Ray
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(ray_head):
+    """This process joins the session's 2-CPU head (as a driver would), with tiny blocks."""
     import ray
     import ray.data
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(address=ray_head.gcs, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2, ctx.enable_progress_bars = False, False
     old = ctx.target_max_block_size
@@ -125,6 +128,7 @@ def local_ray():
 
 @pytest.mark.e2e
 def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
+    import ray
     from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
     from bco_ray.data.checks import check_data
     from bco_ray.precompute.pipeline import run_precompute
@@ -132,19 +136,24 @@ def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
     src = [json.loads(x) for x in open(resolve_data(BUILTIN_TRAIN))][:600]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in src))
+    # local_shuffle_max_rows=0: Ray Data's all-to-all shuffle, the large-data path (the seeded local permutation
+    # of small data is what every other job here takes).
     cfg = load_config(overrides={"output_dir": str(tmp_path / "out"), "data": {
         "train": str(data), "eval": None, "max_length": 64, "max_prompt_length": 48},
-        "udm": {"prompt_sample_size": 64}, "precompute": {"batch_size": 32}})
+        "udm": {"prompt_sample_size": 64}, "precompute": {"batch_size": 32, "local_shuffle_max_rows": 0}})
     report = check_data(cfg)
     paths, _ = resolve_paths(cfg)
     labels = {True: report["train"]["labels"]["true"], False: report["train"]["labels"]["false"]}
-    first = run_precompute(cfg, paths, labels)
+    from bco_ray.resources import pass_resources
+    first = run_precompute(cfg, paths, labels, pass_resources(ray.cluster_resources()["CPU"], 1, False))
     assert not first.reused
     files = list((tmp_path / "out" / "cache").rglob("split=train/*.parquet"))
     table = pq.read_table(files)
     assert table.num_rows == 600 == first.summary["train"]["rows"]
     assert len(files) > 1 or pq.ParquetFile(files[0]).metadata.num_row_groups > 1   # many blocks
-    assert {"input_ids", "prompt_len", "label", "ref_logps", "udm_weight"} <= set(table.column_names)
+    assert {"input_ids", "prompt_len", "label", "ref_logps", "udm_weight", "row_id"} <= set(table.column_names)
+    assert not {"prompt_embedding", "prompt_text", "fit_sample"} & set(table.column_names)
+    assert not list((tmp_path / "out" / "cache").rglob("scored"))          # the intermediate pass is removed
     w = table.column("udm_weight").to_numpy()
     lab = table.column("label").to_numpy(zero_copy_only=False)
     assert (w[lab] == 1).all() and (w[~lab] >= 0.5).all() and (w[~lab] <= 10).all() and w[~lab].std() > 0

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
-from bco_ray.config import Config, ConfigError, flatten, load_config, merge
+from bco_ray.config import Config, ConfigError, TrainConfig, flatten, load_config, merge
 
 
 
@@ -38,6 +39,7 @@ FIELD_MAP: dict[str, str] = {
     "min_density_ratio": "udm.min_density_ratio",
     "max_density_ratio": "udm.max_density_ratio",
     "run_name": "mlflow.run_name",
+    "trust_remote_code": "model.trust_remote_code",
     "num_workers": "train.num_workers",
     "use_gpu": "train.use_gpu",
     "storage_path": "train.storage_path",
@@ -60,7 +62,8 @@ _TRL_ONLY = {
     "eval_do_concat_batches", "optim_target_modules", "hub_private_repo",
 }
 
-_SCHEDULERS = ("linear", "cosine", "constant")
+# linear, cosine, constant: the choices of bco-ray's train.lr_scheduler
+_SCHEDULERS: tuple[str, ...] = typing.get_args(typing.get_type_hints(TrainConfig)["lr_scheduler"])
 
 
 def _known_foreign() -> set[str]:
@@ -72,7 +75,8 @@ def _known_foreign() -> set[str]:
             names = {f.name for f in dataclasses.fields(TrainingArguments)}
         except Exception:   # noqa: BLE001 - a broken transformers import must not break the config
             names = set()
-        _FOREIGN = names | _TRL_ONLY
+        from bco_ray.api._trl_defaults import TRL_1_13_BCO_FIELDS
+        _FOREIGN = names | _TRL_ONLY | set(TRL_1_13_BCO_FIELDS)
     return _FOREIGN
 
 

@@ -31,16 +31,25 @@ def _value(v: Any) -> Any:
 class BCOConfig:
     """TRL's `BCOConfig` field names and defaults (trl 1.13 `BCOConfig` = transformers `TrainingArguments` +
     BCO fields), mapped onto bco-ray's `Config` by `to_config()`. Extra fields for Ray and MLflow at the end.
+    The defaults are checked against trl 1.13.0's source (recorded in `bco_ray/api/_trl_defaults.py`).
+
+    Truncation: trl 1.13 has no `max_prompt_length`; it never cuts the prompt and cuts the completion from the
+    right to the budget `max_length` leaves (BOS and EOS counted). bco-ray keeps `max_prompt_length` (and
+    `truncation_mode="keep_end"`) from older trl: a row longer than `max_length` keeps the last
+    `max_prompt_length` prompt tokens, then the completion is cut from the right to the remaining budget; a row
+    left with no completion token is dropped and counted. Unset (None), `max_prompt_length` is
+    `max_length - 1`: the prompt stays whole whenever one completion token still fits, i.e. trl 1.13's rule.
+    `max_length=None` is 512, with a warning, as in trl 1.13's BCOTrainer.
 
     Only keyword arguments (plus `output_dir` as the one positional, as in TrainingArguments). Any other
     TRL/transformers field is accepted and recorded in `ignored_fields` with a `BCOConfigWarning`; a name
     that is neither raises TypeError."""
 
-    output_dir: str = "trainer_output"
+    output_dir: str | None = None                # None: "trainer_output", as in TrainingArguments
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8          # used by BCOTrainer.evaluate(); the in-run eval uses the train size
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5                  # TrainingArguments' default, which trl's BCOConfig kept
+    learning_rate: float = 5e-7                  # trl's BCOConfig (TrainingArguments: 5e-5)
     num_train_epochs: float = 3.0
     max_steps: int = -1
     warmup_ratio: float = 0.0
@@ -56,7 +65,7 @@ class BCOConfig:
     save_total_limit: int | None = None
     seed: int = 42
     data_seed: int | None = None
-    bf16: bool | None = None                     # None: bf16 on GPU, float32 on CPU (trl: None -> True)
+    bf16: bool | None = None                     # None: bf16 on GPU, float32 on CPU (trl: None -> not fp16)
     gradient_checkpointing: bool = True          # trl's default
     disable_dropout: bool = True
     use_cpu: bool = False
@@ -66,13 +75,14 @@ class BCOConfig:
     # BCO fields
     beta: float = 0.1
     max_length: int | None = 1024
-    max_prompt_length: int | None = 512
+    max_prompt_length: int | None = None         # not in trl 1.13; None: max_length - 1 (the prompt is not cut)
     truncation_mode: str = "keep_end"
     prompt_sample_size: int = 1024
     min_density_ratio: float = 0.5
     max_density_ratio: float = 10.0
     precompute_ref_log_probs: bool | None = None  # trl default False; bco-ray always precomputes
     model_init_kwargs: dict | None = None
+    trust_remote_code: bool = False              # for models given as ids/paths (model.trust_remote_code)
     # ---- bco-ray extras: Ray, MLflow and where inputs go
     num_workers: int = 1                         # Ray Train workers (one DeepSpeed rank each), like `accelerate launch` processes
     use_gpu: bool | None = None                  # None: GPUs when the Ray cluster has at least num_workers of them
@@ -178,14 +188,13 @@ class BCOConfig:
             put("train.keep_checkpoints", max(1, int(self.save_total_limit)))
         put("train.seed", self.seed)
         put("data.seed", self.seed if self.data_seed is None else self.data_seed)
-        put("train.bf16", "auto" if self.bf16 is None else ("true" if self.bf16 else "false"))
+        put("train.bf16", "auto" if self.bf16 is None else bool(self.bf16))
         put("train.gradient_checkpointing", bool(self.gradient_checkpointing))
         put("train.disable_dropout", bool(self.disable_dropout))
         put("train.beta", self.beta)
-        max_length = self.max_length if self.max_length is not None else (1 << 31) - 1
+        max_length, max_prompt_length = self._lengths()
         put("data.max_length", max_length)
-        put("data.max_prompt_length", self.max_prompt_length if self.max_prompt_length is not None
-            else max_length - 1)
+        put("data.max_prompt_length", max_prompt_length)
         put("udm.prompt_sample_size", self.prompt_sample_size)
         put("udm.min_density_ratio", self.min_density_ratio)
         put("udm.max_density_ratio", self.max_density_ratio)
@@ -208,6 +217,8 @@ class BCOConfig:
             put("udm.embedding_model", self.udm_embedding_model)
         for k, v in self._deepspeed().items():
             put(f"train.{k}", v)
+        if self.trust_remote_code:
+            put("model.trust_remote_code", True)
         for k, v in self._model_init_kwargs().items():
             put(f"model.{k}", v)
         return o
@@ -232,6 +243,19 @@ class BCOConfig:
         if float(value) != int(value):
             raise ValueError(f"BCOConfig.{name} must be an integer or a ratio in (0, 1), got {value!r}")
         return int(value)
+
+    def _lengths(self) -> tuple[int, int]:
+        """(max_length, max_prompt_length) for bco-ray. max_length None is 512 (trl 1.13's BCOTrainer does the
+        same, with a warning); max_prompt_length None is max_length - 1, so that the prompt is only cut when not
+        even one completion token would fit (trl 1.13 has no prompt limit)."""
+        max_length = self.max_length
+        if max_length is None:
+            warnings.warn("BCOConfig.max_length=None: using 512, as trl 1.13's BCOTrainer does; set max_length",
+                          BCOConfigWarning, stacklevel=4)
+            max_length = 512
+        if self.max_prompt_length is None:
+            return max_length, max_length - 1
+        return max_length, self.max_prompt_length
 
     def _warmup_ratio(self) -> float:
         ws = self.warmup_steps

@@ -91,6 +91,7 @@ class BCOTrainer:
         self.embedding_func, self.embedding_tokenizer = embedding_func, embedding_tokenizer
         self.peft_config = peft_config
         self.result: BCOTrainOutput | None = None
+        self._state = None
         self._trained_model = None
         self.inputs_dir = Path(args.inputs_dir or Path(args.output_dir) / "inputs").resolve()
         if "://" in str(args.inputs_dir or ""):
@@ -202,6 +203,7 @@ class BCOTrainer:
         t0 = time.time()
         res = run_job(cfg)
         self.result = self._train_output(res, time.time() - t0)
+        self._state = self._trainer_state(cfg)
         self._trained_model = None
         if not isinstance(self._model, (str, os.PathLike)):
             self._update_in_memory_model()
@@ -231,6 +233,25 @@ class BCOTrainer:
                               metrics=metrics, model_dir=res["model_dir"], output_dir=res.get("out_dir", ""),
                               run_id=res["run_id"], tracking_uri=res["tracking_uri"], run_name=res["run_name"],
                               raw=res)
+
+    def _trainer_state(self, cfg: Config):
+        """transformers' TrainerState of the finished run, from its MLflow history (bco_ray/api/_state.py)."""
+        from mlflow.tracking import MlflowClient
+
+        from bco_ray.api._state import trainer_state
+        r = self.result
+        return trainer_state(MlflowClient(r.tracking_uri), r.run_id, cfg.train, r.global_step,
+                             train_runtime=r.metrics.get("train_runtime"), training_loss=r.training_loss)
+
+    @property
+    def state(self):
+        """A transformers `TrainerState`, as TRL's trainer has: after train(), `global_step`, `epoch`, `max_steps`
+        and `log_history` (one dict per logged step, with "loss", ..., "epoch", "step") come from the run's
+        MLflow history; before, the empty initial state. `best_metric` / `best_model_checkpoint` stay None."""
+        if self._state is None:
+            from transformers import TrainerState
+            self._state = TrainerState(log_history=[])
+        return self._state
 
     def _update_in_memory_model(self) -> None:
         """The trained weights into the model object the user holds (as TRL trains it in place). With LoRA,

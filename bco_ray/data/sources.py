@@ -28,9 +28,10 @@ def _hf(spec: str):
     return datasets.load_dataset(name, split=split or "train")
 
 
-def read_source(spec):
-    """A Ray Dataset of raw rows. JSON lines come as a `text` column (parsed by the Tokenize stage, so a
-    row's fields keep their Python types); Parquet and Hugging Face datasets come as columns."""
+def read_source(spec, ray_remote_args: dict | None = None):
+    """A Ray Dataset of raw rows. JSON lines come as a `text` column (parsed by the scoring actors, so a
+    row's fields keep their Python types); Parquet and Hugging Face datasets come as columns.
+    ray_remote_args: the read tasks' resource asks (the pass sizes them to the cluster)."""
     import ray.data
     if not isinstance(spec, str):                     # a datasets.Dataset handed over in memory
         return ray.data.from_huggingface(spec)
@@ -38,10 +39,10 @@ def read_source(spec):
         return ray.data.from_huggingface(_hf(spec))
     files = files_of(spec)
     if all(f.endswith(".parquet") for f in files):
-        return ray.data.read_parquet(files)
+        return ray.data.read_parquet(files, ray_remote_args=ray_remote_args)
     if any(f.endswith(".parquet") for f in files):
         raise ValueError(f"data source {spec!r} mixes Parquet and JSON files; use one format per source")
-    return ray.data.read_text(files)
+    return ray.data.read_text(files, ray_remote_args=ray_remote_args)
 
 
 def source_fingerprint(spec) -> str:

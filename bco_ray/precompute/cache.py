@@ -15,7 +15,7 @@ from pathlib import Path
 
 import fsspec
 
-PASS_VERSION = 1
+PASS_VERSION = 2               # 2: fused scoring actors, seeded local shuffle, reference in the training dtype
 _FULL_HASH_LIMIT = 64 << 20   # files above this are fingerprinted by size + head/tail bytes
 
 

@@ -1,5 +1,5 @@
-"""The Ray Data pass, spelled out: read → tokenize → shuffle → reference log-probs → prompt embeddings
-→ write; fit the UDM classifier on a sample; → weights → write; commit the cache atomically."""
+"""The Ray Data pass, spelled out: read → one pool of scoring actors (tokenize, reference log-probs, prompt
+embeddings) → write; fit the UDM classifier on a sample; → shuffle, weights → write; commit atomically."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
 
@@ -19,7 +18,8 @@ from bco_ray.bco.udm import fit_udm_classifier, sample_rows
 from bco_ray.config import Config
 from bco_ray.data.sources import read_source, source_fingerprint
 from bco_ray.precompute.cache import Cache, cache_key, fingerprint_path
-from bco_ray.precompute.stages import Counters, Embed, RefLogps, tokenize, unit_weights
+from bco_ray.precompute.stages import Counters, Score, finalize, tag
+from bco_ray.resources import PassResources, pass_resources
 
 log = logging.getLogger(__name__)
 HIST_BINS = 20
@@ -50,9 +50,10 @@ def key_parts(cfg: Config, paths: Paths) -> dict:
     parts = {
         "reference": fingerprint_path(paths.reference, m.revision),
         "tokenizer": fingerprint_path(paths.tokenizer, m.revision),
-        "dtype": m.dtype, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
+        "dtype": reference_dtype(cfg), "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
         "train": source_fingerprint(d.train), "eval": source_fingerprint(d.eval) if d.eval else None,
         "seed": d.seed, "on_bad_rows": d.on_bad_rows, "udm": u.enabled,
+        "local_shuffle_max_rows": cfg.precompute.local_shuffle_max_rows,
     }
     if u.enabled:
         parts.update(embedder=fingerprint_path(u.embedding_func or paths.embedder),
@@ -62,13 +63,11 @@ def key_parts(cfg: Config, paths: Paths) -> dict:
     return parts
 
 
-def _tokenized(cfg: Config, paths: Paths, split: str, spec, counters=None) -> ray.data.Dataset:
-    d = cfg.data
-    return read_source(spec).map_batches(
-        tokenize, batch_format="pyarrow", batch_size=cfg.precompute.batch_size,
-        fn_kwargs=dict(tokenizer_path=paths.tokenizer, revision=cfg.model.revision, max_length=d.max_length,
-                       max_prompt_length=d.max_prompt_length, on_bad_rows=d.on_bad_rows,
-                       source=spec if isinstance(spec, str) else "dataset", split=split, counters=counters))
+def _read(cfg: Config, split: str, spec, res: PassResources) -> ray.data.Dataset:
+    """Raw rows of one split, tagged with where they come from (the tagging fuses into the read tasks)."""
+    return read_source(spec, ray_remote_args={"num_cpus": res.task_cpus}).map_batches(
+        tag, batch_format="pyarrow", num_cpus=res.task_cpus,
+        fn_kwargs=dict(split=split, source=spec if isinstance(spec, str) else "dataset"))
 
 
 def _gpu(cfg: Config) -> dict:
@@ -79,55 +78,86 @@ def _gpu(cfg: Config) -> dict:
 def _embed_kwargs(cfg: Config, paths: Paths, clf_bytes: bytes | None = None) -> dict:
     u = cfg.udm
     return dict(model_path=paths.embedder, num_gpus=cfg.precompute.num_gpus_per_actor, max_length=u.max_embed_length,
-                token_budget=cfg.precompute.token_budget, special_tokens=u.embed_special_tokens, clf_bytes=clf_bytes, min_ratio=u.min_density_ratio,
-                max_ratio=u.max_density_ratio, func_path=u.embedding_func)
+                token_budget=cfg.precompute.token_budget, special_tokens=u.embed_special_tokens, clf_bytes=clf_bytes,
+                min_ratio=u.min_density_ratio, max_ratio=u.max_density_ratio, func_path=u.embedding_func)
 
 
-def _of_class(ds: ray.data.Dataset, label: bool) -> ray.data.Dataset:
-    return ds.map_batches(lambda t: t.filter(pc.equal(t["label"], label)), batch_format="pyarrow")
+def _score_kwargs(cfg: Config, paths: Paths, counts: dict[bool, int], counters) -> dict:
+    d, p, u = cfg.data, cfg.precompute, cfg.udm
+    return dict(
+        tokenize_kwargs=dict(tokenizer_path=paths.tokenizer, revision=cfg.model.revision, max_length=d.max_length,
+                             max_prompt_length=d.max_prompt_length, on_bad_rows=d.on_bad_rows),
+        ref_kwargs=dict(model_path=paths.reference, revision=cfg.model.revision, dtype=reference_dtype(cfg),
+                        num_gpus=p.num_gpus_per_actor, token_budget=p.token_budget, chunk_size=p.logp_chunk_size,
+                        pad_id=paths.pad_id, attn_implementation=cfg.model.attn_implementation),
+        embed_kwargs=_embed_kwargs(cfg, paths) if u.enabled else None,
+        # About 2×prompt_sample_size rows of each class are embedded for the classifier's sample (all rows
+        # of a small class); every undesirable row is embedded anyway, for its weight.
+        sample_rates={lab: min(1.0, 2 * u.prompt_sample_size / max(1, n)) for lab, n in counts.items()},
+        seed=d.seed, counters=counters)
 
 
-def fit_classifier(cfg: Config, paths: Paths, counts: dict[bool, int]):
-    """UDM: min(class size, `prompt_sample_size`) prompts per class, drawn with replacement, embedded by the embedding actors,
-    then a balanced logistic regression. Streams a random subset of about 2×size rows of each class
-    (all rows of a small class) rather than collecting the class on the driver."""
-    u, p = cfg.udm, cfg.precompute
+def reference_dtype(cfg: Config) -> str:
+    """The reference scores in the policy's training dtype unless model.dtype says otherwise, so that a
+    reference equal to the policy's initial weights gives step-0 rewards of exactly 0 (GPU bf16 included)."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    on_gpu = cfg.train.use_gpu and cfg.precompute.num_gpus_per_actor > 0
+    if cfg.train.bf16 in (True, "true"):
+        return "bfloat16"
+    if cfg.train.bf16 in (False, "false"):
+        return "float32"
+    return "bfloat16" if on_gpu else "float32"
+
+
+def score(cfg: Config, paths: Paths, counts: dict[bool, int], counters, res: PassResources) -> ray.data.Dataset:
+    """train (+ eval) raw rows → one pool of scoring actors (tokenize, reference log-probs, embeddings)."""
+    p = cfg.precompute
+    ds = _read(cfg, "train", cfg.data.train, res)
+    if cfg.data.eval:
+        ds = ds.union(_read(cfg, "eval", cfg.data.eval, res))
+    lo, hi = p.ref_actors
+    return ds.map_batches(Score, batch_format="pyarrow", batch_size=p.batch_size, num_cpus=res.actor_cpus,
+                          compute=ActorPoolStrategy(min_size=min(lo, res.max_actors), max_size=min(hi, res.max_actors)),
+                          fn_constructor_kwargs={**_score_kwargs(cfg, paths, counts, counters),
+                                                 "threads": res.actor_threads}, **_gpu(cfg))
+
+
+def fit_classifier(cfg: Config, scored_train: str, counts: dict[bool, int], res: PassResources):
+    """UDM: from the embedded sample rows of each class, min(class size, `prompt_sample_size`) draws with
+    replacement (as the reference), then a balanced logistic regression."""
+    u = cfg.udm
     rng = np.random.default_rng(cfg.data.seed)
+    ds = ray.data.read_parquet(scored_train, columns=["label", "prompt_embedding", "fit_sample"],
+                               ray_remote_args={"num_cpus": res.task_cpus})
+    ds = ds.map_batches(lambda t: t.filter(t["fit_sample"]), batch_format="pyarrow", num_cpus=res.task_cpus)
+    labels, emb = [], []
+    for b in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        labels.append(np.asarray(b.column("label").to_pylist(), dtype=bool))
+        emb.extend(np.asarray(x, dtype=np.float32) for x in b.column("prompt_embedding").to_pylist())
+    labels = np.concatenate(labels) if labels else np.zeros(0, dtype=bool)
+    emb = np.stack(emb) if emb else np.zeros((0, 1), dtype=np.float32)
     samples = {}
     for label in (True, False):
-        ds = _of_class(_tokenized(cfg, paths, "train", cfg.data.train), label).select_columns(["prompt_text", "label"])
-        if counts[label] > 2 * u.prompt_sample_size:
-            ds = ds.random_sample(2 * u.prompt_sample_size / counts[label], seed=int(rng.integers(1 << 31)))
-        ds = ds.map_batches(Embed, batch_format="pyarrow", batch_size=p.batch_size,
-                            compute=ActorPoolStrategy(min_size=p.embed_actors[0], max_size=p.embed_actors[1]),
-                            fn_constructor_kwargs=_embed_kwargs(cfg, paths), **_gpu(cfg))
-        emb = np.concatenate([np.stack(list(b["prompt_embedding"])) for b in
-                              ds.iter_batches(batch_size=4096, batch_format="numpy")]).astype(np.float32)
-        # As the reference: min(class size, prompt_sample_size) draws with replacement.
-        samples[label] = emb[sample_rows(len(emb), min(counts[label], u.prompt_sample_size), rng)]
+        of_class = emb[labels == label]
+        samples[label] = of_class[sample_rows(len(of_class), min(counts[label], u.prompt_sample_size), rng)]
     return fit_udm_classifier(samples[True], samples[False])
 
 
-def enriched(cfg: Config, paths: Paths, clf_bytes: bytes | None, counters) -> ray.data.Dataset:
-    """train (+ eval) rows: tokenized, shuffled, reference log-probs, UDM weights; a `split` column."""
-    p = cfg.precompute
-    ds = _tokenized(cfg, paths, "train", cfg.data.train, counters)
-    if cfg.data.eval:
-        ds = ds.union(_tokenized(cfg, paths, "eval", cfg.data.eval, counters))
-    # Paired data arrives chosen/rejected adjacent: shuffle so micro-batches mix labels.
-    ds = ds.random_shuffle(seed=cfg.data.seed)
-    ds = ds.map_batches(RefLogps, batch_format="pyarrow", batch_size=p.batch_size,
-                        compute=ActorPoolStrategy(min_size=p.ref_actors[0], max_size=p.ref_actors[1]),
-                        fn_constructor_kwargs=dict(
-                            model_path=paths.reference, revision=cfg.model.revision, dtype=cfg.model.dtype,
-                            num_gpus=p.num_gpus_per_actor, token_budget=p.token_budget,
-                            chunk_size=p.logp_chunk_size, pad_id=paths.pad_id,
-                            attn_implementation=cfg.model.attn_implementation), **_gpu(cfg))
-    if clf_bytes is None:
-        return ds.map_batches(unit_weights, batch_format="pyarrow")
-    return ds.map_batches(Embed, batch_format="pyarrow", batch_size=p.batch_size,
-                          compute=ActorPoolStrategy(min_size=p.embed_actors[0], max_size=p.embed_actors[1]),
-                          fn_constructor_kwargs=_embed_kwargs(cfg, paths, clf_bytes), **_gpu(cfg))
+def finalized(cfg: Config, scored_split: str, shuffle: bool, rows: int, clf_bytes: bytes | None,
+              res: PassResources) -> ray.data.Dataset:
+    """Scored rows of one split → shuffled, weighted training rows. Paired data arrives chosen/rejected
+    adjacent: shuffle so micro-batches mix labels. A split of up to precompute.local_shuffle_max_rows rows
+    is permuted in one seeded task (one block); a larger one takes Ray Data's all-to-all random shuffle."""
+    u, seed = cfg.udm, cfg.data.seed
+    ds = ray.data.read_parquet(scored_split, ray_remote_args={"num_cpus": res.task_cpus})
+    local = shuffle and rows <= cfg.precompute.local_shuffle_max_rows
+    if shuffle:
+        ds = ds.repartition(1) if local else ds.random_shuffle(seed=seed)
+    return ds.map_batches(finalize, batch_format="pyarrow", batch_size=None if local else cfg.precompute.batch_size,
+                          num_cpus=res.task_cpus, fn_kwargs=dict(
+                              clf_bytes=clf_bytes, min_ratio=u.min_density_ratio, max_ratio=u.max_density_ratio,
+                              permute_seed=seed if local else None))
 
 
 def _stats(table: pa.Table, lo: float, hi: float) -> pa.Table:
@@ -142,10 +172,11 @@ def _stats(table: pa.Table, lo: float, hi: float) -> pa.Table:
                      "weight_sum": [float(w.sum())], "hist": [hist.tolist()]})
 
 
-def _summarise(ds: ray.data.Dataset, lo: float, hi: float) -> dict:
+def _summarise(ds: ray.data.Dataset, lo: float, hi: float, res: PassResources) -> dict:
     tot = {"rows": 0, "chosen": 0, "tokens": 0, "completion_tokens": 0, "pad_tokens": 0, "weight_sum": 0.0}
     hist = np.zeros(HIST_BINS, dtype=np.int64)
-    for row in ds.map_batches(_stats, batch_format="pyarrow", fn_kwargs={"lo": lo, "hi": hi}).iter_rows():
+    for row in ds.map_batches(_stats, batch_format="pyarrow", num_cpus=res.task_cpus,
+                                  fn_kwargs={"lo": lo, "hi": hi}).iter_rows():
         for k in tot:
             tot[k] += row[k]
         hist += np.asarray(row["hist"])
@@ -156,8 +187,10 @@ def _summarise(ds: ray.data.Dataset, lo: float, hi: float) -> dict:
             "weight_hist": {"edges": np.linspace(lo, hi, HIST_BINS + 1).tolist(), "counts": hist.tolist()}}
 
 
-def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | None = None) -> PrecomputeResult:
-    """label_counts: rows per class of the train split (from the driver's data check), for the UDM sample."""
+def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | None = None,
+                   resources: PassResources | None = None) -> PrecomputeResult:
+    """label_counts: rows per class of the train split (from the driver's data check), for the UDM sample and
+    the choice of shuffle. resources: the stages' CPU asks (default: sized to the cluster as it is now)."""
     root = cfg.precompute.cache_dir or f"{Path(cfg.output_dir).resolve()}/cache"
     key = cache_key(key_parts(cfg, paths))
     cache = Cache(root, key)
@@ -173,22 +206,30 @@ def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | No
     attempt = cache.new_attempt()
     adir = cache.uri(f"{cache.key_dir}/{attempt}")
     log.info("precompute cache miss (key %s): scoring into %s", key, adir)
+    res = resources or pass_resources(ray.cluster_resources().get("CPU", 0), cfg.precompute.ref_actors[1], False)
+    counts = label_counts or {True: 1 << 62, False: 1 << 62}
+    counters = Counters.remote()
+    score(cfg, paths, counts, counters, res).write_parquet(f"{adir}/scored", partition_cols=["split"],
+                                                           ray_remote_args={"num_cpus": res.task_cpus})
     u = cfg.udm
     clf, udm_metrics = None, {}
     if u.enabled:
-        clf, udm_metrics = fit_classifier(cfg, paths, label_counts or {True: 1 << 62, False: 1 << 62})
+        clf, udm_metrics = fit_classifier(cfg, f"{adir}/scored/split=train", counts, res)
         log.info("UDM classifier accuracy %.3f (chosen %.3f, rejected %.3f)", udm_metrics["udm/accuracy"],
                  udm_metrics["udm/accuracy_chosen"], udm_metrics["udm/accuracy_rejected"])
         with cache.fs.open(f"{cache.key_dir}/{attempt}/classifier.pkl", "wb") as f:
             pickle.dump(clf, f)
-    counters = Counters.remote()
-    enriched(cfg, paths, pickle.dumps(clf) if clf is not None else None, counters).write_parquet(
-        adir, partition_cols=["split"])
+    clf_bytes = pickle.dumps(clf) if clf is not None else None
     out = {"train": f"{adir}/split=train", "eval": f"{adir}/split=eval" if cfg.data.eval else None}
     summary: dict = {"udm": udm_metrics, "dropped": ray.get(counters.get.remote())}
     for name, path in out.items():
         if path:
-            summary[name] = _summarise(ray.data.read_parquet(path), u.min_density_ratio, u.max_density_ratio)
+            finalized(cfg, f"{adir}/scored/split={name}", name == "train", counts[True] + counts[False], clf_bytes,
+                      res).write_parquet(
+                path, ray_remote_args={"num_cpus": res.task_cpus})
+            summary[name] = _summarise(ray.data.read_parquet(path, ray_remote_args={"num_cpus": res.task_cpus}),
+                                       u.min_density_ratio, u.max_density_ratio, res)
+    cache.fs.rm(f"{cache.key_dir}/{attempt}/scored", recursive=True)
     summary["seconds"] = round(time.time() - t0, 2)
     cache.write_json(f"{cache.key_dir}/{attempt}/summary.json", summary)
     cache.commit(attempt, {"train": out["train"], "eval": out["eval"], "summary": summary})

@@ -3,13 +3,16 @@ embeddings (actor pools, GPU when configured), UDM weights. Each takes and retur
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import pickle
+import zlib
 from collections import Counter
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 
@@ -179,3 +182,104 @@ def unit_weights(table: pa.Table) -> pa.Table:
     """Without UDM every row weighs 1."""
     return table.drop_columns(["prompt_text"]).append_column(
         "udm_weight", pa.array(np.ones(table.num_rows, dtype=np.float32)))
+
+
+# ------------------------------------------------------------------ the fused pass (bco_ray/precompute/pipeline.py)
+SPLIT, SOURCE = "__split", "__source"
+
+
+def tag(table: pa.Table, *, split: str, source: str) -> pa.Table:
+    """Mark raw rows with the split and source they come from (fused into the read tasks), so that one
+    scoring pool can take the train and eval reads together."""
+    n = table.num_rows
+    return table.append_column(SPLIT, pa.array([split] * n, pa.string())).append_column(
+        SOURCE, pa.array([source] * n, pa.string()))
+
+
+def fit_sample_mask(input_ids: list, labels: np.ndarray, rates: dict[bool, float], seed: int) -> np.ndarray:
+    """Rows drawn into the UDM classifier's sample: a seeded hash of each row's tokens against its class's
+    rate, so the draw does not depend on how rows are batched or on which actor scores them."""
+    out = np.zeros(len(labels), dtype=bool)
+    for i, (ids, lab) in enumerate(zip(input_ids, labels)):
+        h = zlib.crc32(np.asarray(ids, dtype=np.int32).tobytes(), seed & 0xFFFFFFFF) / 0xFFFFFFFF
+        out[i] = h < rates[bool(lab)]
+    return out
+
+
+class Score:
+    """One scoring actor, the whole per-row work of the pass in one process: raw rows → unpaired,
+    tokenized rows → reference log-probs → (UDM) prompt embeddings of the rows that need one: every
+    undesirable row (its weight) and the rows drawn into the classifier's sample. Loading the models once
+    per actor, with no separate tokenize tasks, is what keeps the pass's fixed cost low."""
+
+    def __init__(self, *, tokenize_kwargs: dict, ref_kwargs: dict, embed_kwargs: dict | None = None,
+                 sample_rates: dict | None = None, seed: int = 0, counters=None, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.tokenize_kwargs, self.counters = tokenize_kwargs, counters
+        self.ref = RefLogps(**ref_kwargs)
+        self.embed = Embed(**embed_kwargs) if embed_kwargs else None
+        self.rates = {True: 1.0, False: 1.0, **(sample_rates or {})}
+        self.seed = seed
+
+    def _tokenized(self, table: pa.Table) -> pa.Table:
+        parts = []
+        for split in sorted(set(table.column(SPLIT).to_pylist())):
+            rows = table.filter(pc.equal(table[SPLIT], split))
+            source = rows.column(SOURCE)[0].as_py()
+            parts.append(tokenize(rows.drop_columns([SPLIT, SOURCE]), split=split, source=source,
+                                  counters=self.counters, **self.tokenize_kwargs))
+        return pa.concat_tables(parts) if parts else tokenize(
+            table.drop_columns([SPLIT, SOURCE]).slice(0, 0), split="train", source="", **self.tokenize_kwargs)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        table = self.ref(self._tokenized(table))
+        if self.embed is None:
+            return table.drop_columns(["prompt_text"])
+        labels = np.asarray(table.column("label").to_pylist(), dtype=bool)
+        train = np.asarray([s == "train" for s in table.column("split").to_pylist()], dtype=bool)
+        sample = fit_sample_mask(table.column("input_ids").to_pylist(), labels, self.rates, self.seed) & train
+        need = np.flatnonzero(sample | ~labels)
+        texts = table.column("prompt_text").to_pylist()
+        emb = self.embed.embed([texts[i] for i in need])
+        col: list = [[] for _ in range(len(labels))]
+        for j, i in enumerate(need):
+            col[i] = emb[j]
+        return table.drop_columns(["prompt_text"]).append_column(
+            "prompt_embedding", pa.array(col, pa.list_(pa.float32()))).append_column(
+            "fit_sample", pa.array(sample))
+
+
+def finalize(table: pa.Table, *, clf_bytes: bytes | None, min_ratio: float, max_ratio: float,
+             permute_seed: int | None) -> pa.Table:
+    """Scored rows → training rows: (small data) a seeded permutation of the whole split, which does what
+    the all-to-all shuffle does for large data; the UDM weight of each row; embedding columns dropped."""
+    if permute_seed is not None:
+        table = table.take(np.random.default_rng(permute_seed).permutation(table.num_rows))
+    labels = np.asarray(table.column("label").to_pylist(), dtype=bool)
+    if clf_bytes is None:
+        w = np.ones(len(labels), dtype=np.float32)
+    else:
+        clf = pickle.loads(clf_bytes)
+        emb = np.zeros((len(labels), int(clf.n_features_in_)), dtype=np.float32)
+        rejected = np.flatnonzero(~labels)
+        if len(rejected):
+            emb[rejected] = np.stack([np.asarray(x, dtype=np.float32) for x in
+                                      table.column("prompt_embedding").take(pa.array(rejected)).to_pylist()])
+        w = udm_weights(clf, emb, labels, min_ratio, max_ratio)
+    drop = [c for c in ("prompt_embedding", "fit_sample", "split") if c in table.column_names]
+    return table.drop_columns(drop).append_column("udm_weight", pa.array(w, pa.float32())).append_column(
+        "row_id", row_ids(table))
+
+
+def row_ids(table: pa.Table) -> pa.Array:
+    """A 63-bit content hash of each row (tokens, prompt length, label): which rows a step trained on, for
+    checks such as "a resumed epoch trains every row once" (identical rows share an id, as a multiset)."""
+    out = np.empty(table.num_rows, dtype=np.int64)
+    cols = zip(table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist(),
+               table.column("label").to_pylist())
+    for i, (ids, plen, lab) in enumerate(cols):
+        h = hashlib.blake2b(np.asarray(ids, dtype=np.int32).tobytes(), digest_size=8,
+                            key=f"{plen}:{int(lab)}".encode())
+        out[i] = int.from_bytes(h.digest(), "little") >> 1
+    return pa.array(out, pa.int64())

@@ -7,7 +7,9 @@ never logged again, so every (metric, step) appears once in the history.
 
 The tracking URI comes from the driver (`mlflow_info["tracking_uri"]`), else the worker's
 `$MLFLOW_TRACKING_URI` (set through the Ray Train worker runtime env). A tracking server that is briefly
-unreachable does not stop training: the points stay buffered and go out with the next flush."""
+unreachable does not stop training: the points stay buffered and go out with the next flush.
+
+Each logged step is also shown as one line, `[bco-ray] step N: key=value ...`, written with `console()`."""
 from __future__ import annotations
 
 import math
@@ -19,6 +21,18 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 MAX_PENDING = 200_000          # points kept while the server is unreachable; the oldest are dropped beyond
+
+
+def console(line: str, stream=None) -> None:
+    """Write one line to this process's stdout (or `stream`, e.g. sys.stderr) without calling `print`.
+
+    Ray Train (2.60) replaces `builtins.print` in its workers (RAY_TRAIN_ENABLE_PRINT_PATCH, on by default) with
+    a function that logs the text on the root logger, whose console handler writes it to stderr, and, because a
+    Ray worker's `sys.stdout` is not `sys.__stdout__`, also prints it as before: both streams reach the driver,
+    so every `print` of a worker appears there twice. A direct write appears once."""
+    stream = stream if stream is not None else sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
 
 
 class StepLogger:
@@ -37,7 +51,7 @@ class StepLogger:
             keys = self.client.get_run(self.run_id).data.metrics.keys()
             return {(k, m.step) for k in keys for m in self.client.get_metric_history(self.run_id, k)}
         except Exception as e:      # noqa: BLE001 - a fresh run has nothing to skip; never fail training
-            print(f"[bco-ray] warning: could not read the MLflow run's metric history ({e})", file=sys.stderr)
+            console(f"[bco-ray] warning: could not read the MLflow run's metric history ({e})", sys.stderr)
             return set()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -51,8 +65,8 @@ class StepLogger:
                 continue
             self.logged.add((k, step))
             self.pending.append(Metric(k, float(v), ts, step))
-        print(f"[bco-ray] step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                    if isinstance(v, (int, float))), flush=True)
+        console(f"[bco-ray] step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                      if isinstance(v, (int, float))))
         if not self.buffered:
             self.flush()
 
@@ -66,5 +80,5 @@ class StepLogger:
         except Exception as e:      # noqa: BLE001 - keep training; retry with the next flush
             if len(self.pending) > MAX_PENDING:
                 del self.pending[:len(self.pending) - MAX_PENDING]
-            print(f"[bco-ray] warning: MLflow logging failed ({type(e).__name__}: {e}); "
-                  f"{len(self.pending)} points kept for the next flush", file=sys.stderr, flush=True)
+            console(f"[bco-ray] warning: MLflow logging failed ({type(e).__name__}: {e}); "
+                    f"{len(self.pending)} points kept for the next flush", sys.stderr)

@@ -5,7 +5,14 @@ from bco_ray.config import TrainConfig
 
 
 def use_bf16(t: TrainConfig, on_gpu: bool) -> bool:
-    return on_gpu if t.bf16 == "auto" else t.bf16 == "true"
+    """`train.bf16`: "auto" is bf16 on GPU and float32 on CPU; True/False force it. The text "true"/"false"
+    (the field's spelling before it was typed, in a TrainConfig built in code) counts as the boolean."""
+    value = t.bf16
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return on_gpu
+        return value.strip().lower() in ("true", "yes", "1")
+    return bool(value)
 
 
 def deepspeed_config(t: TrainConfig, world_size: int, on_gpu: bool) -> dict:

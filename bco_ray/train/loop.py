@@ -22,7 +22,7 @@ from bco_ray.train.ds_config import deepspeed_config, use_bf16
 from bco_ray.train.evaluate import evaluate
 from bco_ray.train.metrics import WindowSums
 from bco_ray.train.step import bco_forward, collate, length_bucketed
-from bco_ray.tracking.step_logger import StepLogger
+from bco_ray.tracking.step_logger import StepLogger, console
 from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops
 
 
@@ -78,8 +78,24 @@ def _maybe_inject_failure(at_step: int, step: int, micro: int, gas: int, rank: i
         return
     os.makedirs(storage_dir, exist_ok=True)
     open(marker, "w").close()
-    print(f"[bco-ray] injected failure: rank {rank} exits at step {step}", flush=True)
+    console(f"[bco-ray] injected failure: rank {rank} exits at step {step}")
     os._exit(1)
+
+
+def rank_batches(shard, micro_batch_size: int, rank: int, world: int):
+    """This rank's micro-batches of an epoch: every rank reads the whole ordered split and takes rows
+    [rank·m, (rank+1)·m) of each global batch of world·m rows. The order is a function of the data alone, so
+    every rank's data position at a checkpoint means the same rows after a restart."""
+    lo, hi = rank * micro_batch_size, (rank + 1) * micro_batch_size
+    for b in shard.iter_batches(batch_size=micro_batch_size * world, batch_format="numpy", drop_last=True):
+        yield {k: v[lo:hi] for k, v in b.items()}
+
+
+def _record_rows(storage_dir: str, rank: int, step: int, rows: list) -> None:
+    """Testing switch (train.record_rows): the row ids each optimizer step trained on, one line per step."""
+    os.makedirs(os.path.join(storage_dir, "rows"), exist_ok=True)
+    with open(os.path.join(storage_dir, "rows", f"rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "rows": [int(r) for r in rows]}) + "\n")
 
 
 def _report_finished(d: str, rank: int) -> None:
@@ -91,9 +107,14 @@ def _report_finished(d: str, rank: int) -> None:
         if rank == 0:
             shutil.copytree(os.path.join(d, "model"), os.path.join(out, "model"))
             shutil.copy(os.path.join(d, "final.json"), out)
-            print(f"[bco-ray] run already finished at step {final.get('step')}; nothing to train", flush=True)
+            console(f"[bco-ray] run already finished at step {final.get('step')}; nothing to train")
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None,
                          checkpoint_dir_name=f"final_step{final.get('step', 0):07d}_again")
+
+
+def _grad_norm(model) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 class _null:
@@ -105,6 +126,7 @@ class _null:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    t_entry = time.time()
     cfg = load_config(overrides=config["cfg"])
     t = cfg.train
     ctx = ray.train.get_context()
@@ -138,6 +160,10 @@ def train_loop_per_worker(config: dict) -> None:
     # Dense peak of this GPU in the training dtype (H100 PCIe/NVL, fp32 → TF32, $BCO_RAY_PEAK_TFLOPS); None: no mfu.
     peak_flops = gpu_peak_flops(torch.cuda.get_device_name(), "bf16" if use_bf16(t, on_gpu) else "fp32") \
         if on_gpu else None
+    timings = {"engine_ready_at": time.time(), "train": 0.0, "eval": 0.0, "save": 0.0}
+    if rank == 0:
+        console(f"[bco-ray] worker group ready: {timings['engine_ready_at'] - config['fit_started_at']:.1f} s after "
+                f"fit (engine built in {timings['engine_ready_at'] - t_entry:.1f} s)")
     delta = RunningMean()
     step, epoch, skip = 0, 0, 0
     ckpt = ray.train.get_checkpoint()
@@ -151,12 +177,12 @@ def train_loop_per_worker(config: dict) -> None:
         step, epoch, skip = client["step"], client["epoch"], client["micro_in_epoch"]
         torch.set_rng_state(client["rng"])
         if rank == 0:
-            print(f"[bco-ray] resumed from checkpoint at step {step} (epoch {epoch}, δ={delta.mean:.6f})")
+            console(f"[bco-ray] resumed from checkpoint at step {step} (epoch {epoch}, δ={delta.mean:.6f})")
 
     logger = StepLogger(config.get("mlflow"), rank, buffered=t.save_steps > 0)
     pad_id = config["pad_id"]
     window, t_window = WindowSums(), time.time()
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard("train")       # the whole ordered split: see rank_batches
     eval_ds = ray.train.get_dataset_shard("eval") if config.get("has_eval") else None
 
     def checkpoint(metrics: dict, micro_in_epoch: int, ep: int) -> None:
@@ -176,9 +202,10 @@ def train_loop_per_worker(config: dict) -> None:
         # after this point still restarts from this checkpoint (not from the previous one).
         ray.train.get_all_reported_checkpoints()
 
+    t_train, grad_norm, step_rows = time.time(), 0.0, []
     while step < total_steps:                      # epochs; max_steps may run past num_epochs
         micro, step_at_start = 0, step
-        batches = shard.iter_batches(batch_size=t.micro_batch_size, batch_format="numpy", drop_last=True)
+        batches = rank_batches(shard, t.micro_batch_size, rank, world)
         if t.bucket_window > 1:
             batches = length_bucketed(batches, t.bucket_window, t.seed + epoch)
         for raw in batches:
@@ -188,9 +215,15 @@ def train_loop_per_worker(config: dict) -> None:
                 micro += 1
                 continue
             batch = {k: v.to(device) for k, v in collate(raw, pad_id).items()}
+            if t.record_rows:
+                step_rows.extend(raw["row_id"].tolist())
             lr = scheduler.get_last_lr()[0]
-            losses, rewards, logps = bco_forward(engine.module, batch, delta, t.beta, cfg.precompute.logp_chunk_size)
-            engine.backward(losses.mean())
+            # Through the engine (not engine.module): ZeRO-3 counts micro-steps in the engine's forward.
+            losses, rewards, logps, aux = bco_forward(engine, batch, delta, t.beta, cfg.precompute.logp_chunk_size,
+                                                      return_aux=True)
+            engine.backward(losses.mean() + aux)
+            if t.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+                grad_norm = _grad_norm(engine.module)    # DeepSpeed reports no global norm at ZeRO-0
             engine.step()
             _maybe_inject_failure(t.inject_failure_at_step, step + 1, micro + 1, t.gradient_accumulation_steps,
                                   rank, world, config["storage_dir"])
@@ -200,6 +233,9 @@ def train_loop_per_worker(config: dict) -> None:
             if micro % t.gradient_accumulation_steps:
                 continue
             step += 1
+            if t.record_rows:
+                _record_rows(config["storage_dir"], rank, step, step_rows)
+                step_rows = []
             if step % t.logging_steps == 0 or step == total_steps:
                 m = window.reduce()
                 elapsed = time.time() - t_window
@@ -209,7 +245,7 @@ def train_loop_per_worker(config: dict) -> None:
                     flops_per_token = 6 * n_params + 12 * n_layers * d_model * seq
                     m["mfu"] = flops_per_token * tps / world / peak_flops
                 m.update({"delta": delta.mean, "learning_rate": lr, "epoch": epoch + micro / micro_per_epoch,
-                          "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                          "grad_norm": float(grad_norm if t.zero_stage == 0 else engine.get_global_grad_norm() or 0.0),
                           "tokens_per_second": m.pop("tokens") / max(elapsed, 1e-9),
                           "samples_per_second": (m["count/chosen"] + m["count/rejected"]) / max(elapsed, 1e-9)})
                 logger.log(m, step)
@@ -219,6 +255,7 @@ def train_loop_per_worker(config: dict) -> None:
                 t_eval = time.time()
                 logger.log(evaluate(engine.module, eval_ds, delta, cfg, pad_id, device, rank, world), step)
                 t_window += time.time() - t_eval      # evaluation time is not training throughput
+                timings["eval"] += time.time() - t_eval
             if t.save_steps > 0 and step % t.save_steps == 0 and step < total_steps:
                 at_end = micro >= micro_per_epoch
                 checkpoint({"step": step}, 0 if at_end else micro, epoch + 1 if at_end else epoch)
@@ -227,15 +264,21 @@ def train_loop_per_worker(config: dict) -> None:
         skip = 0
         epoch += 1
 
+    timings["train"] = time.time() - t_train - timings["eval"]
     final = {"step": step, "delta": delta.mean}
     if eval_ds is not None:
+        t_eval = time.time()
         ev = evaluate(engine.module, eval_ds, delta, cfg, pad_id, device, rank, world)
         logger.log(ev, step)
         final.update(ev)
+        timings["eval"] += time.time() - t_eval
     logger.flush()
     with tempfile.TemporaryDirectory() as d:
+        t_save = time.time()
         save_final_model(engine.module, os.path.join(d, "model"), config["tokenizer_path"], rank, t.zero_stage,
                          lora_merged=t.lora.enabled and t.lora.save_merged)
+        timings["save"] = time.time() - t_save
+        final["timings"] = timings
         if rank == 0:
             with open(os.path.join(d, "final.json"), "w") as f:
                 json.dump(final, f)

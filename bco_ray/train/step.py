@@ -2,10 +2,12 @@
 Plain torch, no Ray: the same function runs in a Ray Train worker and in the unit tests."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
-from bco_ray.bco.logprobs import policy_completion_logps
+from bco_ray.bco.logprobs import policy_completion_logps, router_aux_loss_coef
 from bco_ray.bco.loss import RunningMean, bco_losses
 
 
@@ -34,10 +36,31 @@ def _ragged(rows: list) -> np.ndarray:
     return out
 
 
+def _stratified_cuts(lengths: np.ndarray, labels: np.ndarray, size: int) -> list[np.ndarray]:
+    """Row indices of the micro-batches a window is re-cut into, each with its share of both labels.
+
+    Each label's rows are sorted by length on their own; micro-batch j (of `size` rows, the last one
+    possibly fewer) takes the j-th slice of the desirable rows and the j-th slice of the undesirable ones,
+    the slices being the window's desirable / undesirable proportion of its rows (rounded so that the two
+    add up to its size). Rows of similar length *ranks* within their label are padded together, and a
+    micro-batch is single-label only where the window has fewer rows of a label than micro-batches."""
+    n = len(lengths)
+    ends = np.minimum(np.arange(size, n + size, size), n)          # cumulative rows at each micro-batch's end
+    bounds = np.concatenate([[0], ends])
+    desirable = np.flatnonzero(labels)
+    d_bounds = len(desirable) * bounds // n                        # desirable rows dealt up to each cut
+    parts = [(desirable, d_bounds), (np.flatnonzero(~labels), bounds - d_bounds)]
+    sorted_parts = [(rows[np.argsort(lengths[rows], kind="stable")], b) for rows, b in parts]
+    return [np.concatenate([rows[b[j]:b[j + 1]] for rows, b in sorted_parts]) for j in range(len(ends))]
+
+
 def length_bucketed(batches, window: int, seed: int):
-    """Re-cut a stream of equal-size micro-batches: every `window` of them is pooled, sorted by length and
-    cut again into micro-batches of the same size (whose order is then shuffled), so that rows of similar
-    length are padded together. Rows per micro-batch stay fixed, so every rank still runs in lockstep."""
+    """Re-cut a stream of equal-size micro-batches to cut padding: every `window` of them (the last window
+    may be partial) is pooled and cut again into as many micro-batches of the same size, of rows of similar
+    length, whose order is then shuffled with `seed`. Each keeps the window's label mix (see
+    `_stratified_cuts`): sorting the pool by length alone would give one-label micro-batches whenever
+    completion length follows the label. Rows per micro-batch stay fixed, so every rank still runs in
+    lockstep, and every row of the window comes out exactly once."""
     rng = np.random.default_rng(seed)
     buf: list[dict] = []
 
@@ -45,8 +68,8 @@ def length_bucketed(batches, window: int, seed: int):
         size = len(buf[0]["label"])
         pooled = {k: _ragged([x for b in buf for x in b[k]]) if k == "input_ids" else
                   np.concatenate([b[k] for b in buf]) for k in buf[0]}
-        order = np.argsort([len(x) for x in pooled["input_ids"]], kind="stable")
-        cuts = [order[i:i + size] for i in range(0, len(order), size)]
+        lengths = np.array([len(x) for x in pooled["input_ids"]])
+        cuts = _stratified_cuts(lengths, np.asarray(pooled["label"]).astype(bool), size)
         for j in rng.permutation(len(cuts)):
             yield {k: v[cuts[j]] for k, v in pooled.items()}
 
@@ -59,13 +82,52 @@ def length_bucketed(batches, window: int, seed: int):
         yield from flush()
 
 
+def _is_deepspeed_engine(model) -> bool:
+    """Whether `model` is a DeepSpeed engine (without importing DeepSpeed: no engine exists unless it is)."""
+    engine_cls = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
+    return engine_cls is not None and isinstance(model, engine_cls)
+
+
+def _run_as_engine_forward(engine, fn):
+    """`fn(engine.module)` run as the engine's own forward, i.e. through `engine()`.
+
+    The log-probs call sub-modules of the model (backbone, then the LM head in chunks); called on
+    `engine.module` they skip what `DeepSpeedEngine.forward` does around the model: advance ZeRO-3's
+    micro-step counter and hook DeepSpeed's backward prologue onto the output. Skipped, ZeRO-3 with gradient
+    accumulation silently keeps only the last micro-batch's gradient of each step
+    (tests/test_engine_update.py). So for this one call the model's `forward` is `fn`, run by `engine()`."""
+    module = engine.module
+
+    def forward():
+        del module.forward                  # inside fn, the model's own forward is its class's again
+        return fn(module)
+
+    module.forward = forward
+    try:
+        return engine()
+    finally:
+        module.__dict__.pop("forward", None)
+
+
 def bco_forward(model, batch: dict[str, torch.Tensor], delta: RunningMean, beta: float,
-                chunk_size: int = 1024, update_delta: bool = True):
-    """(per-row losses, rewards, policy log-probs). With update_delta, δ first absorbs this micro-batch's
-    rewards from every rank (as the reference does before computing the loss)."""
-    logps = policy_completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
-                                    chunk_size)
+                chunk_size: int = 1024, update_delta: bool = True, return_aux: bool = False):
+    """(per-row losses, rewards, policy log-probs). `model` is a causal LM or, in training, the DeepSpeed
+    engine that wraps it (pass the engine itself, not `engine.module`: the forward must run through it).
+    With update_delta, δ first absorbs this micro-batch's rewards from every rank (as the reference does
+    before computing the loss).
+
+    With return_aux, a fourth value: the MoE load-balancing term to add to the mean loss,
+    `router_aux_loss_coef × aux_loss` when the model config enables `output_router_logits` (as the reference
+    trainer does), else 0."""
+    def logps_of(m):
+        return policy_completion_logps(m, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
+                                       chunk_size, return_aux_loss=True)
+
+    logps, aux = _run_as_engine_forward(model, logps_of) if _is_deepspeed_engine(model) else logps_of(model)
     if update_delta:
         delta.update(beta * (logps.detach() - batch["ref_logps"]))
     losses, rewards = bco_losses(logps, batch["ref_logps"], batch["label"], batch["udm_weight"], beta, delta.mean)
-    return losses, rewards, logps
+    if not return_aux:
+        return losses, rewards, logps
+    module = model.module if _is_deepspeed_engine(model) else model
+    return losses, rewards, logps, (router_aux_loss_coef(module) * aux if aux is not None else 0.0)
