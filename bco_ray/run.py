@@ -107,8 +107,7 @@ def init_ray(cfg: Config) -> bool:
     MLflow URI explicitly in their config, so nothing else needs to travel in the environment."""
     import ray
     import ray.data
-    if ray.is_initialized():
-        return False
+    # Set whether or not this process joined Ray already (a notebook may have called ray.init):
     # Ray 2.60's new Parquet datasource (v2) spends ~10 s per read listing files, even for one small
     # local file; the v1 reader does the same work in well under a second. The context travels with
     # every dataset this driver builds.
@@ -116,9 +115,11 @@ def init_ray(cfg: Config) -> bool:
     # The pass's actor pools wait at most train.resources_timeout_s for their first actors (Ray Data's
     # default, -1, waits forever for resources an autoscaler may never provide).
     ray.data.DataContext.get_current().wait_for_min_actors_s = max(1, math.ceil(cfg.train.resources_timeout_s))
-    # Same config, same data order: the union of the train and eval reads must not depend on which
-    # read finishes first, or the seeded shuffle after it gives a different order from run to run.
+    # Same config, same data order: the union of the train and eval reads must not depend on which read
+    # finishes first, and every training worker must see the split in one order (exact resume).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    if ray.is_initialized():
+        return False
     # A local Ray gets the CPUs this process may use (affinity, cgroup quota): never more logical CPUs than
     # real ones; the pass and the workers size themselves to what there is (bco_ray/resources.py).
     local = {"address": "local", "num_cpus": usable_cpus()}

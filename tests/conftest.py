@@ -131,6 +131,21 @@ def ray_head():
 
 
 @pytest.fixture(scope="session")
+def ray_client(ray_head):
+    """This pytest process as a driver on the session's head, connected once for the session (Ray Data keeps
+    per-process state that a disconnect and reconnect in one process would leave stale)."""
+    import ray
+    import ray.data
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address=ray_head.gcs, log_to_driver=False)
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     """One precompute cache for the session: jobs on the same inputs reuse one pass (the cache key says when)."""
     return tmp_path_factory.mktemp("precompute-cache")

@@ -178,21 +178,15 @@ def test_trainer_argument_checks_and_inputs_saved_once(tmp_path):
 
 # ====================================================================================== real runs
 @pytest.fixture(scope="module")
-def local_ray(ray_head):
-    """This module's runs join the session's Ray head from this process, as a notebook user's would."""
+def local_ray(ray_client):
+    """This module's runs use the session's Ray head from this process, as a notebook user's would."""
     import ray.data
     ctx = ray.data.DataContext.get_current()
     # The pass unions train and eval rows before its seeded shuffle; without preserve_order the union's block
     # order follows which read finishes first, so the training order (and step 0) can change between two runs
     # of the same inputs. Pinned here so that the two paths below are compared on the same micro-batches.
     preserve, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ADDRESS", ray_head.gcs)
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        mp.setenv("RAY_DATA_USE_DATASOURCE_V2", "0")
-        yield
-        import ray
-        ray.shutdown()
+    yield
     ctx.execution_options.preserve_order = preserve
 
 

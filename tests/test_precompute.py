@@ -109,21 +109,14 @@ def test_an_uncommitted_attempt_is_never_trusted(tmp_path):
 
 
 # ------------------------------------------------------------------ the real pass, on Ray
-@pytest.fixture(scope="module")
-def local_ray(ray_head):
-    """This process joins the session's 2-CPU head (as a driver would), with tiny blocks."""
-    import ray
-    import ray.data
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(address=ray_head.gcs, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.use_datasource_v2, ctx.enable_progress_bars = False, False
+@pytest.fixture
+def local_ray(ray_client):
+    """This process as a driver on the session's 2-CPU head, with tiny blocks."""
+    ctx = ray_client.data.DataContext.get_current()
     old = ctx.target_max_block_size
     ctx.target_max_block_size = 32 * 1024        # force many small blocks: the pass must stream them
-    yield ray
+    yield ray_client
     ctx.target_max_block_size = old
-    ray.shutdown()
 
 
 @pytest.mark.e2e

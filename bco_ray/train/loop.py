@@ -135,6 +135,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
     torch.manual_seed(t.seed)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    t_dist = time.time()
 
     # Steps are fixed up front from the pass's row count, so every rank runs the same number of them.
     rows_per_rank = config["train_rows"] // world
@@ -149,6 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
     warmup = math.ceil(t.warmup_ratio * total_steps)
 
     model = build_policy(cfg, config["policy_path"], on_gpu)
+    t_model = time.time()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(t, world, on_gpu),
@@ -163,7 +165,8 @@ def train_loop_per_worker(config: dict) -> None:
     timings = {"engine_ready_at": time.time(), "train": 0.0, "eval": 0.0, "save": 0.0}
     if rank == 0:
         console(f"[bco-ray] worker group ready: {timings['engine_ready_at'] - config['fit_started_at']:.1f} s after "
-                f"fit (engine built in {timings['engine_ready_at'] - t_entry:.1f} s)")
+                f"fit (in the worker: {t_dist - t_entry:.1f} s to join the process group, {t_model - t_dist:.1f} s "
+                f"to load the policy, {timings['engine_ready_at'] - t_model:.1f} s to build the engine)")
     delta = RunningMean()
     step, epoch, skip = 0, 0, 0
     ckpt = ray.train.get_checkpoint()
