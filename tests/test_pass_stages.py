@@ -12,7 +12,7 @@ import torch
 
 from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
 from bco_ray.config import load_config
-from bco_ray.precompute import pipeline, stages
+from bco_ray.precompute import pipeline, rows, stages
 from bco_ray.resources import pass_resources, usable_cpus
 
 ROWS = [json.loads(line) for line in open(resolve_data(BUILTIN_TRAIN)).read().splitlines()[:40]]
@@ -26,8 +26,8 @@ def setup(tmp_path_factory):
     return cfg, paths
 
 
-def _raw(rows, split="train"):
-    return stages.tag(pa.table({"text": [json.dumps(r) for r in rows]}), split=split, source="mem.jsonl")
+def _raw(raw_rows, split="train"):
+    return rows.tag(pa.table({"text": [json.dumps(r) for r in raw_rows]}), split=split, source="mem.jsonl")
 
 
 def test_score_tokenizes_scores_and_embeds_what_udm_needs(setup):
@@ -56,12 +56,12 @@ def test_sample_mask_does_not_depend_on_batching():
     ids = [list(range(i, i + 5)) for i in range(200)]
     labels = np.arange(200) % 2 == 0
     rates = {True: 0.3, False: 0.6}
-    whole = stages.fit_sample_mask(ids, labels, rates, seed=7)
-    parts = np.concatenate([stages.fit_sample_mask(ids[i:i + 13], labels[i:i + 13], rates, seed=7)
+    whole = rows.fit_sample_mask(ids, labels, rates, seed=7)
+    parts = np.concatenate([rows.fit_sample_mask(ids[i:i + 13], labels[i:i + 13], rates, seed=7)
                             for i in range(0, 200, 13)])
     assert (whole == parts).all()
     assert 0.15 < whole[labels].mean() < 0.45 and 0.45 < whole[~labels].mean() < 0.75
-    assert (stages.fit_sample_mask(ids, labels, rates, seed=8) != whole).any()
+    assert (rows.fit_sample_mask(ids, labels, rates, seed=8) != whole).any()
 
 
 def _scored(n=50):
@@ -83,15 +83,15 @@ def test_finalize_permutes_with_the_seed_and_weighs_rejected_rows():
     labels = np.asarray(t.column("label").to_pylist())
     clf, _ = fit_udm_classifier(emb[labels], emb[~labels])
     kw = dict(clf_bytes=pickle.dumps(clf), min_ratio=0.5, max_ratio=10.0)
-    a, b = stages.finalize(t, permute_seed=3, **kw), stages.finalize(t, permute_seed=3, **kw)
+    a, b = rows.finalize(t, permute_seed=3, **kw), rows.finalize(t, permute_seed=3, **kw)
     assert a.equals(b)                                                     # seeded: the same order every run
-    assert a.column("row_id").to_pylist() != stages.finalize(t, permute_seed=4, **kw).column("row_id").to_pylist()
-    assert sorted(a.column("row_id").to_pylist()) == sorted(stages.row_ids(t).to_pylist())   # a permutation
+    assert a.column("row_id").to_pylist() != rows.finalize(t, permute_seed=4, **kw).column("row_id").to_pylist()
+    assert sorted(a.column("row_id").to_pylist()) == sorted(rows.row_ids(t).to_pylist())   # a permutation
     assert set(a.column_names) == {"input_ids", "prompt_len", "label", "ref_logps", "udm_weight", "row_id"}
-    plain = stages.finalize(t, permute_seed=None, **kw)
+    plain = rows.finalize(t, permute_seed=None, **kw)
     np.testing.assert_array_equal(plain.column("udm_weight").to_numpy(), udm_weights(clf, emb, labels))
-    assert len(set(stages.row_ids(t).to_pylist())) == t.num_rows
-    unit = stages.finalize(t, clf_bytes=None, min_ratio=0.5, max_ratio=10.0, permute_seed=None)
+    assert len(set(rows.row_ids(t).to_pylist())) == t.num_rows
+    unit = rows.finalize(t, clf_bytes=None, min_ratio=0.5, max_ratio=10.0, permute_seed=None)
     assert (unit.column("udm_weight").to_numpy() == 1).all()
 
 

@@ -366,7 +366,8 @@ class BCOTrainer:
                                 max_prompt_length=d.max_prompt_length, on_bad_rows=d.on_bad_rows,
                                 source="eval_dataset", split="eval")
         gpus = 1.0 if _cuda() else 0.0
-        table = stages.RefLogps(model_path=paths.reference, revision=cfg.model.revision, dtype=cfg.model.dtype,
+        table = stages.RefLogps(model_path=paths.reference, revision=cfg.model.revision,
+                                dtype=pipeline.reference_dtype(cfg),
                                 num_gpus=gpus, token_budget=p.token_budget, chunk_size=p.logp_chunk_size,
                                 pad_id=paths.pad_id, attn_implementation=cfg.model.attn_implementation)(table)
         if not cfg.udm.enabled:

@@ -18,11 +18,11 @@ from bco_ray.bco.udm import fit_udm_classifier, sample_rows
 from bco_ray.config import Config
 from bco_ray.data.sources import read_source, source_fingerprint
 from bco_ray.precompute.cache import Cache, cache_key, fingerprint_path
-from bco_ray.precompute.stages import Counters, Score, finalize, tag
+from bco_ray.precompute.rows import HIST_BINS, block_stats, finalize, tag
+from bco_ray.precompute.stages import Counters, Score
 from bco_ray.resources import PassResources, pass_resources
 
 log = logging.getLogger(__name__)
-HIST_BINS = 20
 
 
 @dataclass
@@ -160,22 +160,10 @@ def finalized(cfg: Config, scored_split: str, shuffle: bool, rows: int, clf_byte
                               permute_seed=seed if local else None))
 
 
-def _stats(table: pa.Table, lo: float, hi: float) -> pa.Table:
-    labels = np.asarray(table.column("label").to_pylist(), dtype=bool)
-    lengths = np.asarray([len(x) for x in table.column("input_ids").to_pylist()])
-    plen = np.asarray(table.column("prompt_len").to_pylist())
-    w = np.asarray(table.column("udm_weight").to_pylist(), dtype=np.float32)[~labels]
-    hist, _ = np.histogram(w, bins=HIST_BINS, range=(lo, hi))
-    return pa.table({"rows": [len(labels)], "chosen": [int(labels.sum())], "tokens": [int(lengths.sum())],
-                     "completion_tokens": [int((lengths - plen).sum())],
-                     "pad_tokens": [int(np.asarray(table.column("pad_tokens").to_pylist()).sum())],
-                     "weight_sum": [float(w.sum())], "hist": [hist.tolist()]})
-
-
 def _summarise(ds: ray.data.Dataset, lo: float, hi: float, res: PassResources) -> dict:
     tot = {"rows": 0, "chosen": 0, "tokens": 0, "completion_tokens": 0, "pad_tokens": 0, "weight_sum": 0.0}
     hist = np.zeros(HIST_BINS, dtype=np.int64)
-    for row in ds.map_batches(_stats, batch_format="pyarrow", num_cpus=res.task_cpus,
+    for row in ds.map_batches(block_stats, batch_format="pyarrow", num_cpus=res.task_cpus,
                                   fn_kwargs={"lo": lo, "hi": hi}).iter_rows():
         for k in tot:
             tot[k] += row[k]

@@ -3,10 +3,8 @@ embeddings (actor pools, GPU when configured), UDM weights. Each takes and retur
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import pickle
-import zlib
 from collections import Counter
 
 import fsspec
@@ -22,6 +20,7 @@ from bco_ray.data import formats
 from bco_ray.data.tokenize import tokenize_batch
 from bco_ray.models import load_causal_lm, load_embedder, load_tokenizer, mean_pool, pick_dtype
 from bco_ray.precompute.batching import budget_batches
+from bco_ray.precompute.rows import SOURCE, SPLIT, fit_sample_mask
 
 
 @ray.remote(num_cpus=0)
@@ -185,27 +184,6 @@ def unit_weights(table: pa.Table) -> pa.Table:
 
 
 # ------------------------------------------------------------------ the fused pass (bco_ray/precompute/pipeline.py)
-SPLIT, SOURCE = "__split", "__source"
-
-
-def tag(table: pa.Table, *, split: str, source: str) -> pa.Table:
-    """Mark raw rows with the split and source they come from (fused into the read tasks), so that one
-    scoring pool can take the train and eval reads together."""
-    n = table.num_rows
-    return table.append_column(SPLIT, pa.array([split] * n, pa.string())).append_column(
-        SOURCE, pa.array([source] * n, pa.string()))
-
-
-def fit_sample_mask(input_ids: list, labels: np.ndarray, rates: dict[bool, float], seed: int) -> np.ndarray:
-    """Rows drawn into the UDM classifier's sample: a seeded hash of each row's tokens against its class's
-    rate, so the draw does not depend on how rows are batched or on which actor scores them."""
-    out = np.zeros(len(labels), dtype=bool)
-    for i, (ids, lab) in enumerate(zip(input_ids, labels)):
-        h = zlib.crc32(np.asarray(ids, dtype=np.int32).tobytes(), seed & 0xFFFFFFFF) / 0xFFFFFFFF
-        out[i] = h < rates[bool(lab)]
-    return out
-
-
 class Score:
     """One scoring actor, the whole per-row work of the pass in one process: raw rows → unpaired,
     tokenized rows → reference log-probs → (UDM) prompt embeddings of the rows that need one: every
@@ -248,38 +226,3 @@ class Score:
         return table.drop_columns(["prompt_text"]).append_column(
             "prompt_embedding", pa.array(col, pa.list_(pa.float32()))).append_column(
             "fit_sample", pa.array(sample))
-
-
-def finalize(table: pa.Table, *, clf_bytes: bytes | None, min_ratio: float, max_ratio: float,
-             permute_seed: int | None) -> pa.Table:
-    """Scored rows → training rows: (small data) a seeded permutation of the whole split, which does what
-    the all-to-all shuffle does for large data; the UDM weight of each row; embedding columns dropped."""
-    if permute_seed is not None:
-        table = table.take(np.random.default_rng(permute_seed).permutation(table.num_rows))
-    labels = np.asarray(table.column("label").to_pylist(), dtype=bool)
-    if clf_bytes is None:
-        w = np.ones(len(labels), dtype=np.float32)
-    else:
-        clf = pickle.loads(clf_bytes)
-        emb = np.zeros((len(labels), int(clf.n_features_in_)), dtype=np.float32)
-        rejected = np.flatnonzero(~labels)
-        if len(rejected):
-            emb[rejected] = np.stack([np.asarray(x, dtype=np.float32) for x in
-                                      table.column("prompt_embedding").take(pa.array(rejected)).to_pylist()])
-        w = udm_weights(clf, emb, labels, min_ratio, max_ratio)
-    drop = [c for c in ("prompt_embedding", "fit_sample", "split") if c in table.column_names]
-    return table.drop_columns(drop).append_column("udm_weight", pa.array(w, pa.float32())).append_column(
-        "row_id", row_ids(table))
-
-
-def row_ids(table: pa.Table) -> pa.Array:
-    """A 63-bit content hash of each row (tokens, prompt length, label): which rows a step trained on, for
-    checks such as "a resumed epoch trains every row once" (identical rows share an id, as a multiset)."""
-    out = np.empty(table.num_rows, dtype=np.int64)
-    cols = zip(table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist(),
-               table.column("label").to_pylist())
-    for i, (ids, plen, lab) in enumerate(cols):
-        h = hashlib.blake2b(np.asarray(ids, dtype=np.int32).tobytes(), digest_size=8,
-                            key=f"{plen}:{int(lab)}".encode())
-        out[i] = int.from_bytes(h.digest(), "little") >> 1
-    return pa.array(out, pa.int64())
