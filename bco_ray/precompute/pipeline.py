@@ -194,7 +194,10 @@ def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | No
     attempt = cache.new_attempt()
     adir = cache.uri(f"{cache.key_dir}/{attempt}")
     log.info("precompute cache miss (key %s): scoring into %s", key, adir)
-    res = resources or pass_resources(ray.cluster_resources().get("CPU", 0), cfg.precompute.ref_actors[1], False)
+    if resources is None:              # a cluster with no CPU yet can only be one that autoscales
+        cpus = ray.cluster_resources().get("CPU", 0)
+        resources = pass_resources(cpus, cfg.precompute.ref_actors[1], can_grow=cpus == 0)
+    res = resources
     counts = label_counts or {True: 1 << 62, False: 1 << 62}
     counters = Counters.remote()
     score(cfg, paths, counts, counters, res).write_parquet(f"{adir}/scored", partition_cols=["split"],
