@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -335,6 +336,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return cfg
 
 
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that need no cluster. Raises ConfigError naming the field and the fix."""
     def need(ok: bool, msg: str):
@@ -343,6 +347,10 @@ def validate(cfg: Config) -> None:
 
     t, d, u, p = cfg.train, cfg.data, cfg.udm, cfg.precompute
     _check_choices(cfg)          # model.dtype, data.on_bad_rows, train.lr_scheduler / zero_stage / bf16, ...
+    name = cfg.mlflow.run_name
+    need(name is None or bool(_RUN_NAME.match(name)) and ".." not in name,
+         f"mlflow.run_name {name!r} becomes a directory name (outputs, checkpoints): use letters, digits, '.', "
+         "'_' and '-' only, starting with a letter or digit, with no '..' and no path separators")
     need(t.beta > 0, f"train.beta must be > 0 (got {t.beta}); the reference default is 0.1")
     need(t.num_workers >= 1, f"train.num_workers must be >= 1 (got {t.num_workers})")
     need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")

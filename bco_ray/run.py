@@ -309,7 +309,7 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res: Pass
     mlflow_run.log_plots(MlflowClient(uri), run_id, tr["weight_hist"] if cfg.udm.enabled else None, title=run_name,
                          mean_weight=tr["mean_rejected_weight"])
     if cfg.udm.enabled:
-        mlflow.log_artifact(_local(f"{pre.dir}/classifier.pkl"), "udm")
+        mlflow.log_artifact(_local(f"{pre.dir}/classifier.json"), "udm")
     phases.lap("plots")
     mlflow.log_metrics(phases.seconds, step=int(final.get("step", 0)))
     return {"model_dir": str(model_dir), "precompute_dir": pre.dir, "precompute_reused": pre.reused,

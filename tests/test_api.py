@@ -350,8 +350,6 @@ def _bart_embedder():
                     reason="bco-ray lacks the udm.embedding_func hook (UDMConfig.embedding_func + Embed(func_path=...))")
 def test_udm_with_a_bart_embedding_function(tiny_models, tmp_path, local_ray):
     """model as a path, ref_model=None (the model's initial weights), UDM through a user embedding function."""
-    import pickle
-
     from mlflow.tracking import MlflowClient
     from transformers import AutoTokenizer
 
@@ -370,8 +368,8 @@ def test_udm_with_a_bart_embedding_function(tiny_models, tmp_path, local_ray):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert {"udm/accuracy", "loss", "delta"} <= set(run.data.metrics)
-    with open(Path(result.raw["precompute_dir"]) / "classifier.pkl", "rb") as f:
-        clf = pickle.load(f)
+    from bco_ray.bco.udm import classifier_from_json
+    clf = classifier_from_json((Path(result.raw["precompute_dir"]) / "classifier.json").read_bytes())
     assert clf.n_features_in_ == dim                          # fitted on the BART function's embeddings
     weight = run.data.metrics["precompute/mean_rejected_weight"]
     assert weight != pytest.approx(1.0) and 0.5 <= weight <= 10.0

@@ -46,6 +46,8 @@ CONFIG_CASES = [
     (["--train.num_workers=0"], "train.num_workers must be >= 1 (got 0)"),
     (["--train.offload_params=true"], "train.offload_params needs train.zero_stage=3"),
     (["--data.on_bad_rows=ignore"], "data.on_bad_rows must be error or skip"),
+    (["--mlflow.run_name=../escape"], "mlflow.run_name '../escape' becomes a directory name"),
+    (["--mlflow.run_name=a/b"], "no '..' and no path separators"),
 ]
 
 

@@ -299,3 +299,22 @@ def test_udm_weights_all_desirable_is_ones():
     clf, _ = _fit_separable()
     w = udm_weights(clf, np.zeros((3, 1), dtype=np.float32), np.array([1, 1, 1]))
     np.testing.assert_array_equal(w, np.ones(3, dtype=np.float32))
+
+
+def test_classifier_round_trips_through_plain_json():
+    """The cache and MLflow hold the UDM classifier as JSON parameters (no pickle): same probabilities."""
+    import json
+
+    from bco_ray.bco.udm import classifier_from_json, classifier_to_json
+    rng = np.random.default_rng(0)
+    chosen, rejected = rng.normal(1, 1, (30, 5)), rng.normal(-1, 1, (40, 5))
+    clf, _ = fit_udm_classifier(chosen, rejected)
+    data = classifier_to_json(clf)
+    assert set(json.loads(data)) == {"kind", "classes", "coef", "intercept", "dtype"}
+    again = classifier_from_json(data)
+    x = rng.normal(size=(20, 5)).astype(np.float32)
+    np.testing.assert_array_equal(again.predict_proba(x), clf.predict_proba(x))
+    labels = np.arange(20) % 3 == 0
+    np.testing.assert_array_equal(udm_weights(again, x, labels), udm_weights(clf, x, labels))
+    with pytest.raises(ValueError, match="not a UDM classifier"):
+        classifier_from_json(b'{"kind": "os.system"}')

@@ -397,7 +397,9 @@ def test_job_logs_config_plots_classifier_and_model(jobs, tmp_path):
     cfg = yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", str(tmp_path))).read_text())
     assert cfg["train"]["beta"] == 0.1 and cfg["train"]["max_steps"] == 4
     assert json.loads(Path(client.download_artifacts(rid, "precompute/summary.json", str(tmp_path))).read_text())["train"]
-    assert "udm/classifier.pkl" in {a.path for a in client.list_artifacts(rid, "udm")}
+    assert "udm/classifier.json" in {a.path for a in client.list_artifacts(rid, "udm")}
+    clf = json.loads(Path(client.download_artifacts(rid, "udm/classifier.json", str(tmp_path))).read_text())
+    assert len(clf["coef"][0]) == 384 and clf["classes"] == [0.0, 1.0]        # plain parameters, not a pickle
     plot_dir = Path(client.download_artifacts(rid, "plots", str(tmp_path)))
     assert {p.stem for p in plot_dir.glob("*.png")} == PLOTS
     for p in plot_dir.glob("*.png"):

@@ -77,12 +77,12 @@ def _scored(n=50):
 
 def test_finalize_permutes_with_the_seed_and_weighs_rejected_rows():
     from bco_ray.bco.udm import fit_udm_classifier, udm_weights
-    import pickle
     t = _scored()
     emb = np.stack([np.asarray(x, dtype=np.float32) for x in t.column("prompt_embedding").to_pylist()])
     labels = np.asarray(t.column("label").to_pylist())
     clf, _ = fit_udm_classifier(emb[labels], emb[~labels])
-    kw = dict(clf_bytes=pickle.dumps(clf), min_ratio=0.5, max_ratio=10.0)
+    from bco_ray.bco.udm import classifier_to_json
+    kw = dict(clf_json=classifier_to_json(clf), min_ratio=0.5, max_ratio=10.0)
     a, b = rows.finalize(t, permute_seed=3, **kw), rows.finalize(t, permute_seed=3, **kw)
     assert a.equals(b)                                                     # seeded: the same order every run
     assert a.column("row_id").to_pylist() != rows.finalize(t, permute_seed=4, **kw).column("row_id").to_pylist()
@@ -91,7 +91,7 @@ def test_finalize_permutes_with_the_seed_and_weighs_rejected_rows():
     plain = rows.finalize(t, permute_seed=None, **kw)
     np.testing.assert_array_equal(plain.column("udm_weight").to_numpy(), udm_weights(clf, emb, labels))
     assert len(set(rows.row_ids(t).to_pylist())) == t.num_rows
-    unit = rows.finalize(t, clf_bytes=None, min_ratio=0.5, max_ratio=10.0, permute_seed=None)
+    unit = rows.finalize(t, clf_json=None, min_ratio=0.5, max_ratio=10.0, permute_seed=None)
     assert (unit.column("udm_weight").to_numpy() == 1).all()
 
 

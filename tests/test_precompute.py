@@ -147,6 +147,8 @@ def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
     assert {"input_ids", "prompt_len", "label", "ref_logps", "udm_weight", "row_id"} <= set(table.column_names)
     assert not {"prompt_embedding", "prompt_text", "fit_sample"} & set(table.column_names)
     assert not list((tmp_path / "out" / "cache").rglob("scored"))          # the intermediate pass is removed
+    assert not list((tmp_path / "out" / "cache").rglob("*.pkl"))           # nothing executable in the cache
+    assert list((tmp_path / "out" / "cache").rglob("classifier.json"))
     w = table.column("udm_weight").to_numpy()
     lab = table.column("label").to_numpy(zero_copy_only=False)
     assert (w[lab] == 1).all() and (w[~lab] >= 0.5).all() and (w[~lab] <= 10).all() and w[~lab].std() > 0

@@ -349,7 +349,7 @@ class BCOTrainer:
 
     def _precompute_eval(self, eval_dataset):
         """The Ray Data pass's stages, called directly on this process for one (small) eval set."""
-        import pickle
+        from bco_ray.bco.udm import classifier_from_json
 
         import pyarrow as pa
 
@@ -372,11 +372,11 @@ class BCOTrainer:
                                 pad_id=paths.pad_id, attn_implementation=cfg.model.attn_implementation)(table)
         if not cfg.udm.enabled:
             return stages.unit_weights(table)
-        clf_path = f"{self.result.raw['precompute_dir']}/classifier.pkl"
+        clf_path = f"{self.result.raw['precompute_dir']}/classifier.json"
         import fsspec
         with fsspec.open(clf_path, "rb") as f:
             clf_bytes = f.read()
-        pickle.loads(clf_bytes)   # fail here, clearly, on a broken file
+        classifier_from_json(clf_bytes)   # fail here, clearly, on a broken file
         kwargs = pipeline._embed_kwargs(cfg, paths, clf_bytes)
         kwargs["num_gpus"] = gpus
         return stages.Embed(**kwargs)(table)

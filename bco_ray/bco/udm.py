@@ -2,6 +2,8 @@
 embedding) and the clamped density-ratio weight it gives each undesirable row."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
@@ -36,3 +38,27 @@ def udm_weights(clf: LogisticRegression, embeddings: np.ndarray, labels: np.ndar
         ratio = p / (np.float32(1.0) - p + np.float32(1e-8))
         w[~labels] = np.clip(ratio, np.float32(min_ratio), np.float32(max_ratio))
     return w
+
+
+def classifier_to_json(clf: LogisticRegression) -> bytes:
+    """The fitted classifier as plain parameters (classes, coef, intercept): what the cache and MLflow store,
+    so that nothing executable is ever loaded from shared storage (a pickle would run code on load)."""
+    return json.dumps({"kind": "sklearn.linear_model.LogisticRegression", "classes": clf.classes_.tolist(),
+                       "coef": clf.coef_.tolist(), "intercept": clf.intercept_.tolist(),
+                       "dtype": str(clf.coef_.dtype)}).encode()
+
+
+def classifier_from_json(data: bytes | str) -> LogisticRegression:
+    """A LogisticRegression that predicts exactly as the one `classifier_to_json` was given."""
+    d = json.loads(data)
+    if d.get("kind") != "sklearn.linear_model.LogisticRegression":
+        raise ValueError(f"not a UDM classifier record: kind={d.get('kind')!r}")
+    clf = LogisticRegression()
+    clf.classes_ = np.asarray(d["classes"])
+    dtype = np.dtype(d.get("dtype", "float64"))          # exact: float32 values survive JSON's float64
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"UDM classifier record: unexpected dtype {dtype}")
+    clf.coef_ = np.asarray(d["coef"], dtype=dtype)
+    clf.intercept_ = np.asarray(d["intercept"], dtype=dtype)
+    clf.n_features_in_ = clf.coef_.shape[1]
+    return clf

@@ -1,7 +1,7 @@
 """The precompute cache: a key derived from everything that changes the enriched dataset, and an
 all-or-nothing commit that works on a local disk and on object stores (s3://, gs://) alike.
 
-Layout: <root>/<key>/attempt-<id>/{train,eval}/*.parquet, summary.json, classifier.pkl
+Layout: <root>/<key>/attempt-<id>/{train,eval}/*.parquet, summary.json, classifier.json
         <root>/<key>/COMPLETE.json   ← written last, names the attempt; nothing else is trusted.
 A crashed pass leaves an attempt directory without COMPLETE.json, which no later run reads.
 """

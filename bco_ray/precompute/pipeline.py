@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from bco_ray.bco.udm import fit_udm_classifier, sample_rows
+from bco_ray.bco.udm import classifier_to_json, fit_udm_classifier, sample_rows
 from bco_ray.config import Config
 from bco_ray.data.sources import read_source, source_fingerprint
 from bco_ray.precompute.cache import Cache, cache_key, fingerprint_path
@@ -75,10 +74,10 @@ def _gpu(cfg: Config) -> dict:
     return {"num_gpus": g} if g > 0 else {}
 
 
-def _embed_kwargs(cfg: Config, paths: Paths, clf_bytes: bytes | None = None) -> dict:
+def _embed_kwargs(cfg: Config, paths: Paths, clf_json: bytes | None = None) -> dict:
     u = cfg.udm
     return dict(model_path=paths.embedder, num_gpus=cfg.precompute.num_gpus_per_actor, max_length=u.max_embed_length,
-                token_budget=cfg.precompute.token_budget, special_tokens=u.embed_special_tokens, clf_bytes=clf_bytes,
+                token_budget=cfg.precompute.token_budget, special_tokens=u.embed_special_tokens, clf_json=clf_json,
                 min_ratio=u.min_density_ratio, max_ratio=u.max_density_ratio, func_path=u.embedding_func)
 
 
@@ -144,7 +143,7 @@ def fit_classifier(cfg: Config, scored_train: str, counts: dict[bool, int], res:
     return fit_udm_classifier(samples[True], samples[False])
 
 
-def finalized(cfg: Config, scored_split: str, shuffle: bool, rows: int, clf_bytes: bytes | None,
+def finalized(cfg: Config, scored_split: str, shuffle: bool, rows: int, clf_json: bytes | None,
               res: PassResources) -> ray.data.Dataset:
     """Scored rows of one split → shuffled, weighted training rows. Paired data arrives chosen/rejected
     adjacent: shuffle so micro-batches mix labels. A split of up to precompute.local_shuffle_max_rows rows
@@ -156,7 +155,7 @@ def finalized(cfg: Config, scored_split: str, shuffle: bool, rows: int, clf_byte
         ds = ds.repartition(1) if local else ds.random_shuffle(seed=seed)
     return ds.map_batches(finalize, batch_format="pyarrow", batch_size=None if local else cfg.precompute.batch_size,
                           num_cpus=res.task_cpus, fn_kwargs=dict(
-                              clf_bytes=clf_bytes, min_ratio=u.min_density_ratio, max_ratio=u.max_density_ratio,
+                              clf_json=clf_json, min_ratio=u.min_density_ratio, max_ratio=u.max_density_ratio,
                               permute_seed=seed if local else None))
 
 
@@ -208,14 +207,15 @@ def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | No
         clf, udm_metrics = fit_classifier(cfg, f"{adir}/scored/split=train", counts, res)
         log.info("UDM classifier accuracy %.3f (chosen %.3f, rejected %.3f)", udm_metrics["udm/accuracy"],
                  udm_metrics["udm/accuracy_chosen"], udm_metrics["udm/accuracy_rejected"])
-        with cache.fs.open(f"{cache.key_dir}/{attempt}/classifier.pkl", "wb") as f:
-            pickle.dump(clf, f)
-    clf_bytes = pickle.dumps(clf) if clf is not None else None
+    clf_json = classifier_to_json(clf) if clf is not None else None
+    if clf_json is not None:           # plain parameters, never a pickle: nothing executable in the cache
+        with cache.fs.open(f"{cache.key_dir}/{attempt}/classifier.json", "wb") as f:
+            f.write(clf_json)
     out = {"train": f"{adir}/split=train", "eval": f"{adir}/split=eval" if cfg.data.eval else None}
     summary: dict = {"udm": udm_metrics, "dropped": ray.get(counters.get.remote())}
     for name, path in out.items():
         if path:
-            finalized(cfg, f"{adir}/scored/split={name}", name == "train", counts[True] + counts[False], clf_bytes,
+            finalized(cfg, f"{adir}/scored/split={name}", name == "train", counts[True] + counts[False], clf_json,
                       res).write_parquet(
                 path, ray_remote_args={"num_cpus": res.task_cpus})
             summary[name] = _summarise(ray.data.read_parquet(path, ray_remote_args={"num_cpus": res.task_cpus}),

@@ -4,7 +4,6 @@ runs these imports numpy and pyarrow only (and scikit-learn for a UDM classifier
 from __future__ import annotations
 
 import hashlib
-import pickle
 import zlib
 
 import numpy as np
@@ -32,17 +31,18 @@ def fit_sample_mask(input_ids: list, labels: np.ndarray, rates: dict[bool, float
     return out
 
 
-def finalize(table: pa.Table, *, clf_bytes: bytes | None, min_ratio: float, max_ratio: float,
+def finalize(table: pa.Table, *, clf_json: bytes | None, min_ratio: float, max_ratio: float,
              permute_seed: int | None) -> pa.Table:
     """Scored rows → training rows: (small data) a seeded permutation of the whole split, which does what
     the all-to-all shuffle does for large data; the UDM weight of each row; embedding columns dropped."""
     if permute_seed is not None:
         table = table.take(np.random.default_rng(permute_seed).permutation(table.num_rows))
     labels = np.asarray(table.column("label").to_pylist(), dtype=bool)
-    if clf_bytes is None:
+    if clf_json is None:
         w = np.ones(len(labels), dtype=np.float32)
     else:
-        clf = pickle.loads(clf_bytes)
+        from bco_ray.bco.udm import classifier_from_json
+        clf = classifier_from_json(clf_json)
         emb = np.zeros((len(labels), int(clf.n_features_in_)), dtype=np.float32)
         rejected = np.flatnonzero(~labels)
         if len(rejected):

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from bco_ray.bco.logprobs import policy_completion_logps
-from bco_ray.bco.udm import udm_weights
+from bco_ray.bco.udm import classifier_from_json, udm_weights
 from bco_ray.data import formats
 from bco_ray.data.tokenize import tokenize_batch
 from bco_ray.models import load_causal_lm, load_embedder, load_tokenizer, mean_pool, pick_dtype
@@ -126,7 +126,7 @@ class Embed:
     undesirable rows (desirable rows weigh 1), and drops the prompt text."""
 
     def __init__(self, model_path: str, num_gpus: float, max_length: int, token_budget: int,
-                 special_tokens: bool = False, clf_bytes: bytes | None = None, min_ratio: float = 0.5, max_ratio: float = 10.0,
+                 special_tokens: bool = False, clf_json: bytes | None = None, min_ratio: float = 0.5, max_ratio: float = 10.0,
                  func_path: str | None = None):
         self.device = _device(num_gpus)
         self.func = self.model = None
@@ -138,7 +138,7 @@ class Embed:
             self.tok, self.model = load_embedder(model_path, pick_dtype("auto", self.device.type == "cuda"))
             self.model = self.model.to(self.device).eval()
         self.max_length, self.token_budget, self.special_tokens = max_length, token_budget, special_tokens
-        self.clf = pickle.loads(clf_bytes) if clf_bytes else None
+        self.clf = classifier_from_json(clf_json) if clf_json else None
         self.min_ratio, self.max_ratio = min_ratio, max_ratio
         self.dim = self.model.config.hidden_size if self.model is not None else (
             int(self.clf.n_features_in_) if self.clf is not None else None)
