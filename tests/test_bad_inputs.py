@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_job
 
 spec = importlib.util.spec_from_file_location("bco_job", ROOT / "jobs" / "bco.py")
 bco_job = importlib.util.module_from_spec(spec)
@@ -22,13 +22,24 @@ def _jsonl(path, rows, raw: bytes = b""):
 GOOD = [{"prompt": f"What is {i} + 1?", "completion": f" {i + 1}", "label": i % 2 == 0} for i in range(40)]
 
 
+@pytest.fixture(autouse=True)
+def _no_ray_work(monkeypatch, request):
+    """Fails the test if the job reaches the point where it joins or starts Ray. (This pytest process may
+    already be a Ray driver, for the session's in-process tests, so `ray.is_initialized()` cannot tell.)"""
+    import bco_ray.run
+    if request.node.get_closest_marker("e2e"):
+        return
+
+    def init_ray(cfg):
+        raise AssertionError("the job reached Ray: the bad input was not caught before cluster work")
+    monkeypatch.setattr(bco_ray.run, "init_ray", init_ray)
+
+
 def _run(tmp_path, capsys, *args):
-    import ray
     rc = bco_job.main([f"--output_dir={tmp_path / 'out'}", f"--mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
                        "--data.eval=none", *args])
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert not ray.is_initialized()                       # no cluster work started
     assert not (tmp_path / "m.db").exists()               # no MLflow run opened
     assert not (tmp_path / "out" / "ray").exists()        # nothing trained
     return err
@@ -146,17 +157,11 @@ def test_tokenizer_without_pad_token_gets_one(tmp_path, caplog):
 
 
 @pytest.mark.e2e
-def test_gpus_requested_where_there_are_none(tmp_path, capsys, monkeypatch):
-    import ray
+def test_gpus_requested_where_there_are_none(tmp_path):
+    """A local Ray (started by the job, in its own process, as `make demo` does) has no GPU: one clear error."""
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    monkeypatch.setenv("RAY_ADDRESS", "local")
-    try:
-        rc = bco_job.main([f"--output_dir={tmp_path / 'out'}", f"--mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                           "--data.eval=none", "--train.use_gpu=true"])
-    finally:
-        ray.shutdown()
-    err = capsys.readouterr().err
-    assert rc == 2 and "ask for GPUs but this Ray has none" in err, err
-    assert not (tmp_path / "out" / "ray").exists() and not (tmp_path / "out" / "cache").exists()
+    proc = run_job(tmp_path, "--data.eval=none", "--train.use_gpu=true")
+    assert proc.returncode == 2 and "ask for GPUs but this Ray has none" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "outputs" / "ray").exists() and not (tmp_path / "outputs" / "cache").exists()
