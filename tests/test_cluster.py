@@ -272,8 +272,8 @@ def test_job_fails_clearly_when_resources_never_come(fake_cluster):
     train.resources_timeout_s with an error that says what was asked for, instead of waiting forever:
     GPU train workers (the pass is reused from the test above), and GPU actors for the pass."""
     c = fake_cluster
-    c.submit("bco-gpu-train", "--train.use_gpu=true", "--train.resources_timeout_s=20")
-    c.submit("bco-gpu-pass", "--precompute.num_gpus_per_actor=1", "--train.resources_timeout_s=20",
+    c.submit("bco-gpu-train", "--train.use_gpu=true", "--train.resources_timeout_s=10")
+    c.submit("bco-gpu-pass", "--precompute.num_gpus_per_actor=1", "--train.resources_timeout_s=10",
              f"--precompute.cache_dir={c.out / 'cache-gpu-pass'}")
     status, _ = c.follow(["bco-gpu-train", "bco-gpu-pass"], timeout=360)   # ends: not a wait without end
     for job, stage in (("bco-gpu-train", "The Ray Train worker group"), ("bco-gpu-pass", "The precompute pass")):
@@ -281,5 +281,5 @@ def test_job_fails_clearly_when_resources_never_come(fake_cluster):
         (c.out / f"{job}.log").write_text(log)
         assert status[job] == "FAILED", f"{job}: {status[job]}\n{log[-4000:]}"
         assert f"bco-ray: resources error: {stage} did not get its resources within " \
-               "train.resources_timeout_s=20 s" in log, log[-4000:]
+               "train.resources_timeout_s=10 s" in log, log[-4000:]
         assert "GPU: 1}" in log.split("bco-ray: resources error:")[-1]

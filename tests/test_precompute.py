@@ -126,7 +126,7 @@ def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
     from bco_ray.data.checks import check_data
     from bco_ray.precompute.pipeline import run_precompute
     from bco_ray.run import resolve_paths
-    src = [json.loads(x) for x in open(resolve_data(BUILTIN_TRAIN))][:600]
+    src = [json.loads(x) for x in open(resolve_data(BUILTIN_TRAIN))][:400]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in src))
     # local_shuffle_max_rows=0: Ray Data's all-to-all shuffle, the large-data path (the seeded local permutation
@@ -142,7 +142,7 @@ def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
     assert not first.reused
     files = list((tmp_path / "out" / "cache").rglob("split=train/*.parquet"))
     table = pq.read_table(files)
-    assert table.num_rows == 600 == first.summary["train"]["rows"]
+    assert table.num_rows == 400 == first.summary["train"]["rows"]
     assert len(files) > 1 or pq.ParquetFile(files[0]).metadata.num_row_groups > 1   # many blocks
     assert {"input_ids", "prompt_len", "label", "ref_logps", "udm_weight", "row_id"} <= set(table.column_names)
     assert not {"prompt_embedding", "prompt_text", "fit_sample"} & set(table.column_names)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import RAY_BIN, ROOT, SMALL, RayHead
+from conftest import RAY_BIN, ROOT, RayHead
 
 pytestmark = pytest.mark.e2e
 
@@ -31,17 +31,6 @@ def _check_succeeded(head: RayHead, proc, submission_id: str, out, tmp_path) -> 
     return log
 
 
-def test_ray_job_submit_succeeds_on_a_2_cpu_head(ray_head, tmp_path, monkeypatch):
-    """The tiny job as `make demo` runs it (UDM on: the pass that used to deadlock on 2 CPUs), 2 workers."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert ray_head.num_cpus <= 2
-    out = tmp_path / "out"
-    proc = _submit(ray_head, out, f"sqlite:///{tmp_path / 'mlflow.db'}", "bco-submit-2cpu",
-                   "--train.max_steps=4", "--train.eval_steps=0", "--data.eval=none")
-    log = _check_succeeded(ray_head, proc, "bco-submit-2cpu", out, tmp_path)
-    assert "UDM classifier accuracy" in log
-
-
 def test_ray_job_submit_succeeds_on_a_1_cpu_head(tmp_path, monkeypatch):
     """A 1-CPU head runs the whole job (UDM on) with one training worker; asking for two fails at once,
     naming what is missing, instead of waiting for a CPU that never comes."""
@@ -61,16 +50,19 @@ def test_ray_job_submit_succeeds_on_a_1_cpu_head(tmp_path, monkeypatch):
         head.stop()
 
 
-def test_ray_job_stop_then_resubmit_resumes(ray_head, tmp_path, monkeypatch, shared_cache):
-    """`ray job stop` mid-training: the run is marked KILLED, the last checkpoint stays; submitting the same
-    run name again resumes from it and finishes, continuing the same MLflow run with each step logged once."""
+def test_ray_job_stop_then_resubmit_resumes(ray_head, tmp_path, monkeypatch):
+    """On the session's head (at most 2 CPUs): the tiny job as `make demo` runs it, UDM on (the pass that used
+    to deadlock on 2 CPUs) and 2 workers. `ray job stop` mid-training: the run is marked KILLED, the last
+    checkpoint stays; submitting the same run name again reuses the pass, resumes from the checkpoint and
+    finishes, continuing the same MLflow run with each step logged once."""
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     client = JobSubmissionClient(ray_head.dashboard)
     out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert ray_head.num_cpus <= 2
     entry = (f"python jobs/bco.py --output_dir={out} --mlflow.tracking_uri={db} --mlflow.run_name=stopme "
-             f"--precompute.cache_dir={shared_cache} {' '.join(SMALL)} --train.max_steps=60 --train.save_steps=5")
+             "--data.eval=none --train.eval_steps=0 --train.logging_steps=1 --train.max_steps=60 --train.save_steps=5")
     runtime_env = {"working_dir": str(ROOT), "excludes": [".git", ".venv", ".gpu", "outputs", "mlflow.db"]}
     first = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
     deadline = time.time() + 600
@@ -88,9 +80,10 @@ def test_ray_job_stop_then_resubmit_resumes(ray_head, tmp_path, monkeypatch, sha
     second = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
     while client.get_job_status(second) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
         time.sleep(2)
+    assert "UDM classifier accuracy" in client.get_job_logs(first)          # the pass ran, on 2 CPUs, UDM on
     logs = client.get_job_logs(second)
     assert client.get_job_status(second) == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "resumed from checkpoint at step" in logs
+    assert "resumed from checkpoint at step" in logs and "precompute reused" in logs
     (run2,) = mlflow.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'stopme'")
     assert run2.info.run_id == run.info.run_id and run2.info.status == "FINISHED"
     steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")]
