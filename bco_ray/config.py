@@ -1,8 +1,10 @@
 """One typed config for a bco-ray job: dataclasses, loaded from YAML, overridden by `--key.sub=value`,
 validated before any Ray work starts.
 
-The algorithm's defaults follow the reference BCOTrainer (lr 5e-7, beta 0.1, warmup 0.1, max_length
-1024, max_prompt_length 512, UDM prompt_sample_size 1024, density ratio clamped to [0.5, 10]).
+The algorithm's defaults follow trl 1.13's BCOConfig (lr 5e-7, beta 0.1, max_length 1024, UDM
+prompt_sample_size 1024, density ratio clamped to [0.5, 10]) except warmup_ratio 0.1 (trl 1.13: no warmup) and
+max_prompt_length 512 (trl 1.13 has no prompt cap; the BCOConfig API uses max_length − 1, see
+docs/trl_migration.md).
 Model and data default to the embedded tiny assets, so a job runs with no hub access.
 """
 from __future__ import annotations
