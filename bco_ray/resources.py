@@ -47,8 +47,8 @@ def _cgroup_quota() -> float | None:
 @dataclass(frozen=True)
 class PassResources:
     """Logical CPU asks of the pass's stages on this cluster."""
-    actor_cpus: float          # each scoring actor (reference log-probs, embeddings)
-    task_cpus: float           # each light task (read, tokenize, write, weights, statistics)
+    actor_cpus: float          # each scoring actor (tokenize, reference log-probs, embeddings)
+    task_cpus: float           # each light task (read, write, shuffle + weights, statistics)
     max_actors: int            # upper bound of the scoring pool
     actor_threads: int         # torch threads of a scoring actor (the pass's only heavy compute)
 

@@ -249,6 +249,7 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res: Pass
     if pre.eval:
         datasets["eval"] = ray.data.read_parquet(pre.eval, ray_remote_args={"num_cpus": 0})
     storage = t.storage_path or str(Path(cfg.output_dir).resolve() / "ray")
+    t_fit = time.time()              # the worker group's start is measured from here (time/train_start)
     # How long the worker group's placement group may stay pending (autoscaling included); Ray Train
     # passes the variable on from this driver to its controller.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(t.resources_timeout_s)
@@ -257,7 +258,7 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res: Pass
         train_loop_config={"cfg": cfg.to_dict(), "policy_path": paths.policy, "tokenizer_path": paths.tokenizer,
                            "pad_id": paths.pad_id, "train_rows": tr["rows"], "has_eval": bool(pre.eval),
                            "mlflow": {"tracking_uri": uri, "run_id": run_id},
-                           "storage_dir": f"{storage}/{run_name}", "fit_started_at": time.time()},
+                           "storage_dir": f"{storage}/{run_name}", "fit_started_at": t_fit},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
@@ -277,7 +278,6 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res: Pass
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.v2.api.exceptions import ControllerError
     phases.lap("publish_precompute")
-    t_fit = time.time()
     try:
         result = trainer.fit()
     except ControllerError as e:

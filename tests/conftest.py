@@ -40,6 +40,42 @@ def job_env(**extra) -> dict:
     return env
 
 
+def stop_ray_head(proc: subprocess.Popen, tmp: str) -> None:
+    """Stop one `ray start --block` head and everything it (and its autoscaler) started, by pid, plus any
+    process left whose command line names that head's own temp dir; never `ray stop`, which ends every Ray
+    on the machine."""
+    import psutil
+
+    def mine() -> list:
+        procs = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if tmp in " ".join(p.info["cmdline"] or []):
+                    procs.append(p)
+            except psutil.Error:
+                pass
+        return procs
+
+    try:
+        head = psutil.Process(proc.pid)
+        procs = [head, *head.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for attempt in range(2):
+        procs = list({p.pid: p for p in procs + mine()}.values())
+        for p in procs:
+            try:
+                p.terminate() if attempt == 0 else p.kill()
+            except psutil.Error:
+                pass
+        procs = psutil.wait_procs(procs, timeout=10)[1]
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 class RayHead:
     """`ray start --head --block` on loopback with its own ports and temp dir, stopped by pid (never
     `ray stop`, which ends every Ray on the machine). Clients need RAY_AUTH_MODE=disabled, as the head."""
@@ -81,37 +117,8 @@ class RayHead:
         return {**job_env(RAY_AUTH_MODE="disabled", **extra), "RAY_ADDRESS": self.gcs}
 
     def stop(self) -> None:
-        import psutil
-
-        def mine() -> list:
-            procs = []
-            for p in psutil.process_iter(["cmdline"]):
-                try:
-                    if self.tmp in " ".join(p.info["cmdline"] or []):
-                        procs.append(p)
-                except psutil.Error:
-                    pass
-            return procs
-
-        try:
-            head = psutil.Process(self.proc.pid)
-            procs = [head, *head.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
-        for attempt in range(2):
-            procs = list({p.pid: p for p in procs + mine()}.values())
-            for p in procs:
-                try:
-                    p.terminate() if attempt == 0 else p.kill()
-                except psutil.Error:
-                    pass
-            procs = psutil.wait_procs(procs, timeout=10)[1]
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_ray_head(self.proc, self.tmp)
         self._log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def small_cluster_cpus() -> int:

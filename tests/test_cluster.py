@@ -5,7 +5,6 @@ Ray Train worker group until the job succeeds."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, free_port, job_env
+from conftest import ROOT, free_port, job_env, stop_ray_head
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
 GPU_RECIPE = ROOT / "configs" / "qwen2.5-0.5b.yaml"
@@ -186,34 +185,8 @@ class FakeCluster:
         """This test's cluster only (never `ray stop`: it ends every Ray on the machine): the `ray start
         --block` process and everything it and the autoscaler started, by pid, plus any process left whose
         command line names this cluster's own temp dir."""
-        import psutil
-
-        def mine() -> list:
-            procs = []
-            for p in psutil.process_iter(["cmdline"]):
-                try:
-                    if self.tmp in " ".join(p.info["cmdline"] or []):
-                        procs.append(p)
-                except psutil.Error:
-                    pass
-            return procs
-
-        try:
-            head = psutil.Process(self.head.pid)
-            procs = [head, *head.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
-        for attempt in range(2):
-            procs = list({p.pid: p for p in procs + mine()}.values())
-            for p in procs:
-                try:
-                    p.terminate() if attempt == 0 else p.kill()
-                except psutil.Error:
-                    pass
-            procs = psutil.wait_procs(procs, timeout=10)[1]
-        self.head.wait(10)
+        stop_ray_head(self.head, self.tmp)
         self._start_log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # The tiny job, cut to what shows scaling: the pass (ReadText tasks, tokenize, the reference actor pool)

@@ -140,9 +140,18 @@ def test_large_or_growing_cluster_keeps_a_cpu_for_the_light_tasks():
     assert grow.actor_cpus == 1.0 and grow.max_actors == 1
 
 
-def test_usable_cpus_is_real():
+def test_usable_cpus_follows_affinity_and_cgroup_quota(monkeypatch):
     import os
+
+    from bco_ray import resources
     assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(resources, "_cgroup_quota", lambda: None)
+    assert usable_cpus() == 4                                  # the affinity mask, not os.cpu_count()
+    monkeypatch.setattr(resources, "_cgroup_quota", lambda: 1.5)
+    assert usable_cpus() == 2                                  # a quota of 1.5 CPUs caps it (rounded up)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
+    assert usable_cpus() == 1
 
 
 def test_a_worker_group_that_can_never_fit_fails_before_any_work(monkeypatch):

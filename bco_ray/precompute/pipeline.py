@@ -20,6 +20,7 @@ from bco_ray.precompute.cache import Cache, cache_key, fingerprint_path
 from bco_ray.precompute.rows import HIST_BINS, block_stats, finalize, tag
 from bco_ray.precompute.stages import Counters, Score
 from bco_ray.resources import PassResources, pass_resources
+from bco_ray.train.ds_config import use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,7 @@ def reference_dtype(cfg: Config) -> str:
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
     on_gpu = cfg.train.use_gpu and cfg.precompute.num_gpus_per_actor > 0
-    if cfg.train.bf16 in (True, "true"):
-        return "bfloat16"
-    if cfg.train.bf16 in (False, "false"):
-        return "float32"
-    return "bfloat16" if on_gpu else "float32"
+    return "bfloat16" if use_bf16(cfg.train, on_gpu) else "float32"
 
 
 def score(cfg: Config, paths: Paths, counts: dict[bool, int], counters, res: PassResources) -> ray.data.Dataset:

@@ -123,11 +123,12 @@ def bco_forward(model, batch: dict[str, torch.Tensor], delta: RunningMean, beta:
         return policy_completion_logps(m, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
                                        chunk_size, return_aux_loss=True)
 
-    logps, aux = _run_as_engine_forward(model, logps_of) if _is_deepspeed_engine(model) else logps_of(model)
+    engine = _is_deepspeed_engine(model)
+    logps, aux = _run_as_engine_forward(model, logps_of) if engine else logps_of(model)
     if update_delta:
         delta.update(beta * (logps.detach() - batch["ref_logps"]))
     losses, rewards = bco_losses(logps, batch["ref_logps"], batch["label"], batch["udm_weight"], beta, delta.mean)
     if not return_aux:
         return losses, rewards, logps
-    module = model.module if _is_deepspeed_engine(model) else model
+    module = model.module if engine else model
     return losses, rewards, logps, (router_aux_loss_coef(module) * aux if aux is not None else 0.0)
