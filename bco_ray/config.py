@@ -40,7 +40,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = BUILTIN_TRAIN           # .jsonl/.json/.parquet file, a directory of them, or hf:<dataset id>[:split]
+    train: str = BUILTIN_TRAIN           # .jsonl/.json/.parquet file, a directory of them, or hf:<id>[@revision][/subset][:split]
     eval: str | None = BUILTIN_EVAL
     max_length: int = 1024
     max_prompt_length: int = 512
@@ -63,7 +63,7 @@ class UDMConfig:
 
 @dataclass
 class PrecomputeConfig:
-    cache_dir: str | None = None         # None: <output_dir>/cache ; any pyarrow/fsspec URI (s3://...) works
+    cache_dir: str | None = None         # None: $BCO_RAY_STORAGE/cache, else <output_dir>/cache; local path or URI (s3://...)
     force: bool = False
     batch_size: int = 256                # rows handed to one actor call
     token_budget: int = 16384            # padded tokens per forward inside an actor call
@@ -89,7 +89,8 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     micro_batch_size: int = 8            # rows per worker per forward
-    bucket_window: int = 16              # micro-batches pooled and re-cut by length (1: dataset order)
+    bucket_window: int = 16              # micro-batches pooled and re-cut by length (1: dataset order); padded mode only
+    micro_batch_tokens: int = 0          # >0: a step's micro_batch_size × gradient_accumulation_steps rows packed into forwards of this many tokens (no padding); -1: micro_batch_size × data.max_length; 0: padded micro-batches of micro_batch_size rows
     gradient_accumulation_steps: int = 1
     lr: float = 5e-7
     beta: float = 0.1
@@ -104,7 +105,7 @@ class TrainConfig:
     save_steps: int = 0                  # 0: no intermediate checkpoints
     keep_checkpoints: int = 2
     max_failures: int = 0
-    storage_path: str | None = None     # Ray Train storage (checkpoints); None: <output_dir>/ray. Shared/cloud on clusters
+    storage_path: str | None = None     # checkpoints + final model; None: $BCO_RAY_STORAGE/ray, else <output_dir>/ray
     seed: int = 42
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
@@ -123,17 +124,41 @@ class MlflowConfig:
     tracking_uri: str | None = None      # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "bco-ray"
     run_name: str | None = None          # None: generated; the same name resumes a stopped run
+    registered_model_name: str | None = None   # also register the logged model under this name (Model Registry)
+    log_system_metrics: bool = True      # CPU/GPU/memory/disk/network as system/* metrics (driver + training nodes)
+
+
+@dataclass
+class HubConfig:
+    repo_id: str | None = None           # push the final model to this Hugging Face Hub repo (org/name); None: no push
+    private: bool = True                 # create the repo private if it does not exist
+    revision: str | None = None          # branch to push to; None: the repo's default branch
+
+
+@dataclass
+class EvalConfig:
+    at_start: bool = True                # also evaluate at step 0, so every eval curve starts at the reference
+    generate: bool = False               # generation eval: completions of held-out eval prompts, reference vs policy
+    verifier: str | None = None          # "module:function": verify(prompt, completion) -> bool | float | dict of floats
+    num_prompts: int = 32                # the eval split's first distinct prompts
+    max_new_tokens: int = 32
+    batch_size: int = 32                 # prompts per generate call
+    sample: bool = False                 # also one sampled completion per prompt (eval/gen/sampled/*)
+    temperature: float = 1.0             # sampling only
+    top_p: float = 1.0                   # sampling only
 
 
 @dataclass
 class Config:
-    output_dir: str = "outputs"
+    output_dir: str = "outputs"          # relative: under a local $BCO_RAY_STORAGE, ~/bco-ray in a submitted job, else cwd
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     udm: UDMConfig = field(default_factory=UDMConfig)
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -353,9 +378,12 @@ def validate(cfg: Config) -> None:
     need(name is None or bool(_RUN_NAME.match(name)) and ".." not in name,
          f"mlflow.run_name {name!r} becomes a directory name (outputs, checkpoints): use letters, digits, '.', "
          "'_' and '-' only, starting with a letter or digit, with no '..' and no path separators")
+    _check_names(cfg, need)
     need(t.beta > 0, f"train.beta must be > 0 (got {t.beta}); the reference default is 0.1")
     need(t.num_workers >= 1, f"train.num_workers must be >= 1 (got {t.num_workers})")
     need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")
+    need(t.micro_batch_tokens >= -1, f"train.micro_batch_tokens must be -1 (micro_batch_size × data.max_length), "
+         f"0 (no packing) or a token count (got {t.micro_batch_tokens})")
     need(t.gradient_accumulation_steps >= 1,
          f"train.gradient_accumulation_steps must be >= 1 (got {t.gradient_accumulation_steps})")
     need(t.lr >= 0, f"train.lr must be >= 0 (got {t.lr})")
@@ -378,6 +406,33 @@ def validate(cfg: Config) -> None:
     need(1 <= lo <= hi, f"precompute.ref_actors must be [min, max] with 1 <= min <= max (got [{lo}, {hi}])")
     need(p.num_gpus_per_actor >= 0, f"precompute.num_gpus_per_actor must be >= 0 (got {p.num_gpus_per_actor})")
     need(p.batch_size >= 1 and p.token_budget >= 1, "precompute.batch_size and precompute.token_budget must be >= 1")
+    _check_eval(cfg.eval, need)
+
+
+def _check_eval(e: EvalConfig, need) -> None:
+    need(e.verifier is None or bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", e.verifier)),
+         f"eval.verifier {e.verifier!r} must name a function as 'package.module:function' "
+         "(e.g. bco_ray.eval.arithmetic:verify)")
+    for name in ("num_prompts", "max_new_tokens", "batch_size"):
+        need(getattr(e, name) >= 1, f"eval.{name} must be >= 1 (got {getattr(e, name)})")
+    need(e.temperature > 0, f"eval.temperature must be > 0 (got {e.temperature}); for greedy completions only, "
+         "set eval.sample=false")
+    need(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1] (got {e.top_p})")
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def _check_names(cfg: Config, need) -> None:
+    """Names that become registry entries or hub repos: no path tricks, no spaces."""
+    reg, hub = cfg.mlflow.registered_model_name, cfg.hub
+    need(reg is None or (bool(_RUN_NAME.match(reg)) and ".." not in reg),
+         f"mlflow.registered_model_name {reg!r}: use letters, digits, '.', '_' and '-' only, starting with a letter "
+         "or digit, with no '..' and no separators")
+    need(hub.repo_id is None or (bool(_REPO_ID.match(hub.repo_id)) and ".." not in hub.repo_id),
+         f"hub.repo_id {hub.repo_id!r} must look like org/name (letters, digits, '.', '_', '-'; no '..')")
+    need(hub.revision is None or (bool(_RUN_NAME.match(hub.revision)) and ".." not in hub.revision),
+         f"hub.revision {hub.revision!r}: a branch name of letters, digits, '.', '_' and '-' (no '/', no '..')")
 
 
 def config_from_cli(argv: list[str] | None, description: str, default_config: str | Path) -> Config:

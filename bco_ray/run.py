@@ -16,7 +16,9 @@ from bco_ray.builtin import resolve_embedder, resolve_model
 from bco_ray.config import Config
 from bco_ray.data.checks import check_data
 from bco_ray.models import load_tokenizer
+from bco_ray.preflight import check_shared_paths
 from bco_ray.resources import PassResources, pass_resources, usable_cpus
+from bco_ray.storage import resolve_locations
 
 log = logging.getLogger("bco_ray")
 
@@ -87,6 +89,18 @@ def resolve_paths(cfg: Config):
     embedder = resolve_embedder(cfg.udm.embedding_model) if cfg.udm.enabled else None
     if embedder is not None:
         _check_model_path("udm.embedding_model", embedder)
+    if cfg.udm.enabled and cfg.udm.embedding_func:      # a pickle: loaded only as BCOTrainer wrote it
+        from bco_ray.precompute.embedding_func import EmbeddingFuncError, check_embedding_func
+        try:
+            check_embedding_func(cfg.udm.embedding_func)
+        except EmbeddingFuncError as e:
+            raise ModelError(str(e)) from e
+    if cfg.eval.generate and cfg.eval.verifier:         # the verifier imports here, before any Ray work
+        from bco_ray.eval.generation import VerifierError, load_verifier
+        try:
+            load_verifier(cfg.eval.verifier)
+        except VerifierError as e:
+            raise ModelError(str(e)) from e
     return Paths(policy=policy, reference=reference, tokenizer=tokenizer, embedder=embedder,
                  pad_id=tok.pad_token_id), tok
 
@@ -177,20 +191,32 @@ def run_job(cfg: Config) -> dict:
     from bco_ray.tracking import mlflow_run
     t0 = time.time()
     phases = Phases()
+    cfg = resolve_locations(cfg)                          # output/cache/checkpoints: never in the job's upload
     data_report = check_data(cfg)                         # before any Ray work: bad rows fail here
     paths, tok = resolve_paths(cfg)
+    from bco_ray.tracking.hub import HubError, check_push_ready
+    try:
+        check_push_ready(cfg)                             # hub.repo_id needs HF_TOKEN: say so before any work
+    except HubError as e:
+        raise ModelError(str(e)) from e
     run_name = cfg.mlflow.run_name or time.strftime("bco-%Y%m%d-%H%M%S")
-    out_dir = Path(cfg.output_dir).resolve() / "runs" / run_name
+    phases.lap("checks")
+    local = init_ray(cfg)
+    phases.lap("ray_start")
+    check_resources(cfg, local)
+    res = check_cluster_fits(cfg, local)
+    # Nothing is written before this: on a multi-node cluster every path must be visible from every node.
+    n_nodes = check_shared_paths(cfg, paths, mlflow_run.tracking_uri(cfg))
+    phases.lap("preflight")
+    out_dir = Path(cfg.output_dir) / "runs" / run_name
     out_dir.mkdir(parents=True, exist_ok=True)
     uri, run_id, resumed = mlflow_run.open_run(cfg, run_name)
     print(f"[bco-ray] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
-          f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: {mlflow_run.view_hint(uri, run_id)}", flush=True)
-    phases.lap("checks")
+          f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: {mlflow_run.view_hint(uri, run_id)}\n"
+          f"[bco-ray] storage: cache {cfg.precompute.cache_dir}, checkpoints {cfg.train.storage_path}, "
+          f"outputs {cfg.output_dir} ({n_nodes} node{'s' if n_nodes != 1 else ''})", flush=True)
     try:
-        local = init_ray(cfg)
-        phases.lap("ray_start")
-        check_resources(cfg, local)
-        res = check_cluster_fits(cfg, local)
+        mlflow_run.set_tags(mlflow_run.ray_tags())      # job id, submission id, dashboard URL
         result = _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res, phases)
     except KeyboardInterrupt:
         mlflow_run.close_run("KILLED", "interrupted")
@@ -238,6 +264,7 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res: Pass
                          "dataset.eval": (data_report.get("eval") or {}).get("fingerprint"),
                          "num_workers": t.num_workers, "num_gpus": t.num_workers if t.use_gpu else 0,
                          "cluster_gpus": gpus})
+    mlflow_run.log_datasets(cfg, data_report)       # mlflow.log_input: source URI + cache-key fingerprint digest
     tr = pre.summary["train"]
     mlflow_run.log_precompute(pre.summary)          # step 0, once per run (a resumed run keeps its first)
 
@@ -248,7 +275,7 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res: Pass
     datasets = {"train": ray.data.read_parquet(pre.train, ray_remote_args={"num_cpus": 0})}
     if pre.eval:
         datasets["eval"] = ray.data.read_parquet(pre.eval, ray_remote_args={"num_cpus": 0})
-    storage = t.storage_path or str(Path(cfg.output_dir).resolve() / "ray")
+    storage = t.storage_path
     t_fit = time.time()              # the worker group's start is measured from here (time/train_start)
     # How long the worker group's placement group may stay pending (autoscaling included); Ray Train
     # passes the variable on from this driver to its controller.
@@ -257,7 +284,8 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res: Pass
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "policy_path": paths.policy, "tokenizer_path": paths.tokenizer,
                            "pad_id": paths.pad_id, "train_rows": tr["rows"], "has_eval": bool(pre.eval),
-                           "mlflow": {"tracking_uri": uri, "run_id": run_id},
+                           "mlflow": {"tracking_uri": uri, "run_id": run_id,
+                                      "system_metrics": cfg.mlflow.log_system_metrics},
                            "storage_dir": f"{storage}/{run_name}", "fit_started_at": t_fit},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -304,7 +332,16 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res: Pass
         if k in worker:
             phases.seconds[f"time/{k}"] = round(worker[k], 2)
     phases.lap("collect_model")
-    mlflow_run.log_model(str(model_dir), description=f"BCO policy from bco-ray run '{run_name}' ({run_id}).")
+    if cfg.eval.generate and pre.eval:      # reference vs policy completions of held-out prompts (bco_ray/eval/)
+        from bco_ray.eval.pipeline import generation_eval
+        generation_eval(cfg, paths, res, f"{storage}/{run_name}", str(model_dir), int(final.get("step", 0)))
+        phases.lap("generation_eval")
+    from bco_ray.tracking import hub, model_card
+    model_card.write_model_card(model_dir, cfg, final, run_id=run_id, run_name=run_name, data_report=data_report)
+    mlflow_run.log_model(str(model_dir), description=f"BCO policy from bco-ray run '{run_name}' ({run_id}).",
+                         step=int(final.get("step", 0)), registered_model_name=cfg.mlflow.registered_model_name)
+    if cfg.hub.repo_id:
+        mlflow_run.set_tags(hub.push_model(str(model_dir), cfg, f"bco-ray run {run_name} (MLflow run {run_id})"))
     phases.lap("log_model")
     mlflow_run.log_plots(MlflowClient(uri), run_id, tr["weight_hist"] if cfg.udm.enabled else None, title=run_name,
                          mean_weight=tr["mean_rejected_weight"])

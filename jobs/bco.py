@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bco_ray.data.checks import DataError
     from bco_ray.data.formats import DataFormatError
+    from bco_ray.preflight import SharedStorageError
     from bco_ray.run import ModelError, ResourcesUnavailableError, run_job
     # `ray job stop` and schedulers send SIGTERM: end like Ctrl-C, so the MLflow run is marked KILLED
     # (checkpoints and the precompute cache are committed atomically, so nothing half-written is trusted).
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         run_job(cfg)
     except (DataError, DataFormatError, ModelError, FileNotFoundError) as e:
         print(f"bco-ray: input error: {e}", file=sys.stderr)
+        return 2
+    except SharedStorageError as e:
+        print(f"bco-ray: storage error: {e}", file=sys.stderr)
         return 2
     except ResourcesUnavailableError as e:
         print(f"bco-ray: resources error: {e}", file=sys.stderr)

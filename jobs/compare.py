@@ -3,6 +3,7 @@ a metric, and one PNG overlaying that metric's curves (e.g. a β sweep).
 
     python jobs/compare.py --experiment bco-ray-tiny                       # metric eval/auc
     python jobs/compare.py --experiment sweep --metric loss --out reports/
+    python jobs/compare.py --experiment sweep --metric eval/gen/score    # the generation eval's verifier score
     python jobs/compare.py --experiment sweep --filter "attributes.status = 'FINISHED'"
 
 Prints the table and writes compare_<experiment>_<metric>.{csv,md,png} under --out.
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
     parser.add_argument("--out", default="outputs/compare", help="directory for the CSV, Markdown and PNG")
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.`udm.enabled` = 'True'\"")
-    parser.add_argument("--extra", default="loss,rewards/margins,eval/auc",
+    parser.add_argument("--extra", default="loss,rewards/margins,eval/auc,eval/gen/score,eval/gen/score_ref",
                         help="comma-separated metrics shown with their final value")
     parser.add_argument("--all-params", action="store_true",
                         help="also list params that only say where things are written (output_dir, cache_dir, "

@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     from bco_ray.data.checks import DataError, check_data
     from bco_ray.data.formats import DataFormatError
     from bco_ray.precompute.pipeline import run_precompute
+    from bco_ray.preflight import SharedStorageError, check_shared_paths
     from bco_ray.run import ModelError, init_ray, resolve_paths
+    from bco_ray.storage import resolve_locations
+    from bco_ray.tracking.mlflow_run import tracking_uri
+    cfg = resolve_locations(cfg)
     try:
         report = check_data(cfg)
         paths, _ = resolve_paths(cfg)
@@ -36,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bco-ray: input error: {e}", file=sys.stderr)
         return 2
     init_ray(cfg)
+    try:
+        check_shared_paths(cfg, paths, tracking_uri(cfg))
+    except SharedStorageError as e:
+        print(f"bco-ray: storage error: {e}", file=sys.stderr)
+        return 2
     labels = report["train"]["labels"]
     pre = run_precompute(cfg, paths, {True: labels["true"], False: labels["false"]})
     print(f"[bco-ray] precompute {'reused (cache hit)' if pre.reused else 'computed'}: {pre.dir}")

@@ -183,3 +183,121 @@ def tiny_overrides() -> list[str]:
     """Small enough for CI's 2 cores, large enough for the loss to move."""
     return ["--train.max_steps=30", "--train.logging_steps=1", "--train.eval_steps=0",
             "--udm.prompt_sample_size=256"]
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    """Terminate a process and everything it started (then kill what is left)."""
+    import psutil
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in reversed(procs):
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    for p in psutil.wait_procs(procs, timeout=10)[1]:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    import urllib.request
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except OSError as e:
+            if getattr(e, "code", 500) < 500:       # an HTTP error page: the server is up
+                return
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+class MlflowServer:
+    """A real `mlflow server` on a free loopback port, SQLite backend in `d`, artifacts proxied to `artifacts`
+    (a directory or an s3:// URI)."""
+
+    def __init__(self, d: Path, artifacts: str, env: dict | None = None):
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = d / "mlflow-server.log"
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+             "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env or job_env())
+
+    def wait(self) -> MlflowServer:
+        _wait_http(f"{self.uri}/health", self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        _stop_tree(self.proc)
+
+
+class MotoS3:
+    """An S3-compatible server (moto's standalone server) on a free loopback port with one bucket; `env` holds
+    the standard variables that point boto3, s3fs, pyarrow and MLflow at it."""
+
+    def __init__(self, d: Path, bucket: str = "bco"):
+        self.port, self.bucket = free_port(), bucket
+        self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "MLFLOW_S3_ENDPOINT_URL":
+                    f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        log = d / "moto.log"
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                      "-p", str(self.port)], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        _wait_http(self.env["AWS_ENDPOINT_URL"], self.proc, log, timeout=60)
+        self.fs().mkdir(bucket)
+
+    def fs(self):
+        import s3fs
+        return s3fs.S3FileSystem(key="testing", secret="testing",
+                                 client_kwargs={"endpoint_url": self.env["AWS_ENDPOINT_URL"]})
+
+    def stop(self) -> None:
+        _stop_tree(self.proc)
+
+
+def can_unshare() -> str | None:
+    """None when this process may give a node its own disk (`unshare --mount` needs root), else why not."""
+    if not shutil.which("unshare"):
+        return "the unshare tool is not installed"
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        return "unshare --mount is not permitted here (it needs root)"
+    return None
+
+
+class SeparateDiskNode:
+    """A Ray worker node on this machine with a disk of its own: `ray start --address=<head>` inside its own
+    mount namespace, with private tmpfs mounts over `private` (the head's Ray temp dir, the tests' output
+    directories...), so paths the head writes there are invisible on this node, as on a real cluster."""
+
+    def __init__(self, head: RayHead, num_cpus: int, private: list[str], env: dict, log: Path):
+        mounts = " && ".join(f"mount -t tmpfs tmpfs {p}" for p in private)
+        cmd = (f"{mounts} && exec {RAY_BIN} start --block --address={head.gcs} --num-cpus={num_cpus} "
+               f"--node-ip-address=127.0.0.1 --temp-dir={head.tmp} --disable-usage-stats")
+        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
+                                     env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+    def pids(self, needle: str) -> list[int]:
+        """Processes of this node whose command line contains `needle`."""
+        import psutil
+        out = []
+        for p in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if needle in " ".join(p.cmdline()):
+                    out.append(p.pid)
+            except psutil.Error:
+                pass
+        return out
+
+    def stop(self) -> None:
+        _stop_tree(self.proc)

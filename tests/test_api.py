@@ -242,7 +242,8 @@ def test_snippet_trains_through_ray_deepspeed_and_mlflow(snippet):
     assert (p["train.gradient_accumulation_steps"], p["train.lr"], p["udm.enabled"]) == ("2", "0.001", "False")
     assert sorted(_history(client, r.run_id, "loss")) == [1, 2, 3]
     assert {"eval/loss", "eval/auc", "rewards/margins", "delta", "grad_norm"} <= set(run.data.metrics)
-    assert {"model", "config.yaml", "plots"} <= {a.path for a in client.list_artifacts(r.run_id)}
+    assert {"config.yaml", "plots"} <= {a.path for a in client.list_artifacts(r.run_id)}
+    assert run.data.tags["model.id"].startswith("m-")                # the model: an MLflow 3 LoggedModel
 
     # the result: final metrics and where the outputs are
     assert r.global_step == 3 and r.metrics["eval/loss"] == pytest.approx(run.data.metrics["eval/loss"])

@@ -37,7 +37,8 @@ def test_tiny_yaml_loads():
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert cfg.data.max_length == 64 and cfg.data.max_prompt_length == 48
     assert cfg.udm.prompt_sample_size == 512
-    assert cfg.train.lr == 5e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.train.lr == 5e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.model.policy == "builtin:tiny-qwen2-sft" and cfg.eval.generate and cfg.eval.verifier
     assert cfg.train.max_steps == 60 and cfg.train.micro_batch_size == 16
     assert cfg.mlflow.experiment == "bco-ray-tiny"
     assert cfg.train.beta == 0.1                      # not set there: reference default

@@ -10,13 +10,17 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from bco_ray.builtin import SFT_DIR
 from conftest import run_job
 
 pytestmark = pytest.mark.e2e
 
 
 def test_job_trains_logs_and_saves(tmp_path, tiny_overrides):
-    proc = run_job(tmp_path, *tiny_overrides, "--mlflow.run_name=e2e", "--mlflow.experiment=e2e")
+    # With the generation eval on a handful of held-out prompts, one intermediate eval (a policy snapshot).
+    proc = run_job(tmp_path, *tiny_overrides, "--mlflow.run_name=e2e", "--mlflow.experiment=e2e",
+                   "--train.eval_steps=15", "--eval.num_prompts=8", "--eval.max_new_tokens=12",
+                   "--train.lr=5e-3")      # 30 steps at the demo's 5e-4 move the SFT'd policy's loss too little to test
     assert proc.returncode == 0, (tmp_path / "job.log").read_text()[-6000:]
     result = json.loads(next((tmp_path / "outputs" / "runs").glob("e2e/result.json")).read_text())
 
@@ -35,13 +39,31 @@ def test_job_trains_logs_and_saves(tmp_path, tiny_overrides):
     assert max(m.step for m in margins) == 30 and sorted(margins, key=lambda m: m.step)[-1].value > 0
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model", "plots", "config.yaml", "precompute", "udm"} <= artifacts
+    assert {"plots", "config.yaml", "precompute", "udm"} <= artifacts       # the model: a LoggedModel (MLflow 3)
+    assert run.data.tags["model.format"] == "mlflow-transformers" and run.data.tags["model.id"].startswith("m-")
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert "plots/loss.png" in plots and "plots/udm_weights.png" in plots
+    assert {"plots/loss.png", "plots/udm_weights.png", "plots/gen_score.png"} <= plots
+
+    # Every eval curve starts at step 0 (the reference); the generation eval logged reference vs policy at
+    # steps 0, 15 and 30, its tables, and the policy scores no lower than the reference it started from.
+    run_id = run.info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "eval/auc")] == [0, 15, 30]
+    score = {m.step: m.value for m in client.get_metric_history(run_id, "eval/gen/score")}
+    score_ref = {m.step: m.value for m in client.get_metric_history(run_id, "eval/gen/score_ref")}
+    assert sorted(score) == sorted(score_ref) == [0, 15, 30] and score[0] == score_ref[0]
+    assert score[30] >= score_ref[30], (score, score_ref)
+    for key in ("eval/gen/hedged", "eval/gen/hedged_ref", "eval/gen/length", "eval/gen/reward", "eval/gen/reward_ref"):
+        assert key in run.data.metrics, key
+    assert {a.path for a in client.list_artifacts(run_id, "eval")} >= {"eval/generations.json",
+                                                                       "eval/generations_by_step.json"}
+    table = json.loads(open(client.download_artifacts(run_id, "eval/generations.json", str(tmp_path))).read())
+    assert table["columns"][:4] == ["step", "prompt", "reference", "policy"] and len(table["data"]) == 8
+    assert {"score", "score_ref", "reward", "reward_ref"} <= set(table["columns"])
+    assert not (tmp_path / "outputs" / "ray" / "e2e" / "generation").exists()     # snapshots removed after the pass
 
     # The saved policy loads with plain transformers and moved away from its initial weights.
     trained = AutoModelForCausalLM.from_pretrained(result["model_dir"])
-    init = load_file(str(tmp_path / "outputs" / "models" / "tiny-qwen2-seed0" / "model.safetensors"))
+    init = load_file(str(SFT_DIR / "model.safetensors"))            # the demo's policy starts from the SFT'd model
     diffs = [float((trained.state_dict()[k] - v).abs().max()) for k, v in init.items()]
     assert max(diffs) > 1e-3
     with torch.no_grad():

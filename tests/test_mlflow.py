@@ -177,12 +177,23 @@ def test_model_is_logged_in_the_transformers_flavour(local_store, tmp_path):
     mlflow.set_tracking_uri(local_store)
     mlflow.set_experiment("unit-model")
     with mlflow.start_run() as run:
-        assert mlflow_run.log_model(str(model_dir)) == "mlflow-transformers"
+        mlflow.log_metric("loss", 0.6, step=2)
+        mlflow.log_metrics({"loss": 0.5, "eval/auc": 0.7}, step=3)
+        assert mlflow_run.log_model(str(model_dir), step=3, registered_model_name="bco-unit") == "mlflow-transformers"
+        model_tags = MlflowClient(local_store).get_run(run.info.run_id).data.tags
         (tmp_path / "adapter").mkdir()
         (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
         assert mlflow_run.log_model(str(tmp_path / "adapter"), "adapter") == "peft-adapter"
     client = MlflowClient(local_store)
     assert client.get_run(run.info.run_id).data.tags["model.format"] == "peft-adapter"    # the last one logged
+    # MLflow 3: a LoggedModel of this run, holding the run's metrics at the final step, registered by name.
+    models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+    assert [(m.name, str(m.status)) for m in models] == [("model", "READY")]
+    assert model_tags["model.id"] == models[0].model_id and model_tags["model.registered_version"] == "1"
+    assert {m.key: m.value for m in models[0].metrics} == {"loss": 0.5, "eval/auc": 0.7}
+    assert _steps(client, run.info.run_id, "loss") == [2, 3]          # linking logs no second point
+    (version,) = client.search_model_versions("name = 'bco-unit'")
+    assert models[0].model_id in version.source and version.run_id == run.info.run_id
     assert "adapter/adapter_config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     from mlflow import transformers as mlflow_transformers
     pipe = mlflow_transformers.load_model(f"runs:/{run.info.run_id}/model")
@@ -318,6 +329,7 @@ def mlflow_server(tmp_path_factory):
         log.close()
 
 
+SUBMIT_COMMIT = "5ab1e" * 8
 E2E_ARGS = ["--train.max_steps=4", "--train.logging_steps=1", "--train.eval_steps=0", "--udm.prompt_sample_size=64",
             "--mlflow.experiment=beta-sweep"]
 
@@ -344,8 +356,11 @@ def jobs(mlflow_server, ray_head, tmp_path_factory):
         assert len(runs) == 1, [r.info.run_id for r in runs]
         return runs[0]
 
+    # The commit as `ray job submit ... -- BCO_RAY_GIT_COMMIT=$(git rev-parse HEAD) python jobs/bco.py` gives it;
+    # system metrics sampled every second so that a short job records several.
     proc = _job(tmp, ray_head, f"--mlflow.tracking_uri={mlflow_server}", "--mlflow.run_name=beta-0.1", "--train.beta=0.1",
-                log="a.log")
+                "--mlflow.registered_model_name=bco-beta", log="a.log",
+                env={"BCO_RAY_GIT_COMMIT": SUBMIT_COMMIT, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     assert proc.returncode == 0, (tmp / "a.log").read_text()[-6000:]
     out["a"] = run_state("beta-0.1")
 
@@ -364,20 +379,39 @@ def jobs(mlflow_server, ray_head, tmp_path_factory):
 
 
 @pytest.mark.e2e
-def test_job_logs_params_tags_and_step_metrics(jobs):
+def test_job_logs_params_tags_and_step_metrics(jobs, ray_head):
     run = jobs["a"]
     client = MlflowClient(jobs["uri"])
     assert run.info.status == "FINISHED"
     expected = mlflow_run.config_params(load_config(ROOT / "configs" / "tiny.yaml", [        # jobs/bco.py's default
         f"--output_dir={jobs['tmp'] / 'outputs'}", *E2E_ARGS, f"--mlflow.tracking_uri={jobs['uri']}",
-        "--mlflow.run_name=beta-0.1", "--train.beta=0.1"]))
+        "--mlflow.run_name=beta-0.1", "--train.beta=0.1", "--mlflow.registered_model_name=bco-beta"]))
     assert run.data.params == expected                          # the whole resolved config, flattened
     tags = run.data.tags
     for key in ("version.ray", "version.deepspeed", "version.torch", "precompute.cache_key", "dataset.train"):
         assert tags.get(key), key
     assert tags["num_workers"] == "2" and tags["num_gpus"] == "0" and tags["precompute.reused"] == "False"
-    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0:
-        assert len(tags["git_commit"]) == 40
+    assert tags["git_commit"] == SUBMIT_COMMIT and tags["git_commit.source"] == "env"   # taken at submit time
+    assert tags["ray.job_id"] and tags["ray.dashboard_url"] == ray_head.dashboard  # where it ran
+    # System metrics: the driver's (system/*) and the training node's (system/train-node0/*), sampled each second.
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                "system/train-node0/cpu_utilization_percentage"):
+        assert len(client.get_metric_history(run.info.run_id, key)) >= 1, key
+    # The data as run inputs: source URI and the digest of the cache key's data fingerprint.
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted(t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context") == ["evaluation", "training"]
+    digests = {i.dataset.digest: json.loads(i.dataset.source) for i in inputs}
+    assert digests.keys() == {mlflow_run.data_digest(tags["dataset.train"]), mlflow_run.data_digest(tags["dataset.eval"])}
+    assert {Path(s["uri"]).name for s in digests.values()} == {"train.jsonl", "eval.jsonl"}
+    # MLflow 3: the model is a LoggedModel of this run, holding the final step's metrics, registered by name.
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [(m.name, str(m.status)) for m in models] == [("model", "READY")]
+    linked = {m.key: (m.step, m.value) for m in models[0].metrics}
+    assert linked["eval/auc"] == (4, run.data.metrics["eval/auc"]) and linked["loss"][0] == 4
+    assert tags["model.id"] == models[0].model_id and tags["model.registered_version"] == "1"
+    (version,) = client.search_model_versions("name = 'bco-beta'")
+    assert models[0].model_id in version.source
     for key in STEP_KEYS:
         assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key     # step = optimizer step, each once
     assert _steps(client, run.info.run_id, "eval/auc") == [4]
@@ -393,7 +427,7 @@ def test_job_logs_params_tags_and_step_metrics(jobs):
 def test_job_logs_config_plots_classifier_and_model(jobs, tmp_path):
     rid = jobs["a"].info.run_id
     client = MlflowClient(jobs["uri"])
-    assert {"config.yaml", "plots", "model", "precompute", "udm"} <= {a.path for a in client.list_artifacts(rid)}
+    assert {"config.yaml", "plots", "precompute", "udm"} <= {a.path for a in client.list_artifacts(rid)}
     cfg = yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", str(tmp_path))).read_text())
     assert cfg["train"]["beta"] == 0.1 and cfg["train"]["max_steps"] == 4
     assert json.loads(Path(client.download_artifacts(rid, "precompute/summary.json", str(tmp_path))).read_text())["train"]
@@ -411,7 +445,12 @@ def test_job_logs_config_plots_classifier_and_model(jobs, tmp_path):
         shutil.copytree(plot_dir, Path(keep) / "job-plots", dirs_exist_ok=True)
 
     assert jobs["a"].data.tags["model.format"] == "mlflow-transformers"
-    assert "model/MLmodel" in {a.path for a in client.list_artifacts(rid, "model")}
+    # The Hugging Face directory has its model card, naming the final metrics; the cache holds no pickle.
+    card = (jobs["tmp"] / "outputs" / "runs" / "beta-0.1" / "model" / "README.md").read_text()
+    assert "base_model" not in card and "| eval/auc |" in card and "| loss |" in card and "beta-0.1" in card
+    cache_files = [p for p in (jobs["tmp"] / "outputs" / "cache").rglob("*") if p.is_file()]
+    assert any(p.name == "classifier.json" for p in cache_files)
+    assert not [p for p in cache_files if p.suffix in (".pkl", ".pickle") or p.read_bytes()[:1] == b"\x80"]
     from mlflow import transformers as mlflow_transformers
     mlflow.set_tracking_uri(jobs["uri"])
     pipe = mlflow_transformers.load_model(f"runs:/{rid}/model")

@@ -1,13 +1,11 @@
 """Training at scale on CPU with real Ray Train + DeepSpeed: ZeRO-3 with a worker that dies and is replaced
-(an exact resume), ZeRO-0 + LoRA, and a two-node cluster. The jobs run on the session's Ray head and share
-one precompute cache, so each test pays only for its training. (Re-running a stopped job under the same run
-name is tested end to end once, through `ray job stop`, in test_ray_job_submit.py.)"""
+(an exact resume), and ZeRO-0 + LoRA. The jobs run on the session's Ray head and share one precompute cache,
+so each test pays only for its training. (Re-running a stopped job under the same run name is tested end to
+end once, through `ray job stop`, in test_ray_job_submit.py; two nodes with their own disks and S3 storage in
+test_multinode_s3.py.)"""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, SMALL, job_env, run_job
+from conftest import SMALL, run_job
 
 pytestmark = pytest.mark.e2e
 
@@ -92,32 +90,3 @@ def test_zero0_lora_adapter_loads(tmp_path, ray_head, shared_cache):
     AutoModelForCausalLM.from_pretrained(adapter / "merged")
     _, norms = _history(tmp_path, "lora", "grad_norm")
     assert all(m.value > 0 for m in norms)                               # ZeRO-0 reports the real norm
-
-
-TWO_NODES = """
-import subprocess, sys
-from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
-cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-cluster.wait_for_nodes()
-proc = subprocess.run([sys.executable, *sys.argv[1:]], env={**__import__("os").environ, "RAY_ADDRESS": cluster.address})
-cluster.shutdown()
-sys.exit(proc.returncode)
-"""
-
-
-def test_two_node_cluster_with_shared_storage(tmp_path, shared_cache):
-    storage = tmp_path / "shared-storage"
-    cmd = [sys.executable, "-c", TWO_NODES, str(ROOT / "jobs" / "bco.py"), f"--output_dir={tmp_path / 'outputs'}",
-           f"--mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *SMALL, f"--precompute.cache_dir={shared_cache}",
-           "--mlflow.run_name=twonode", "--train.max_steps=4", "--train.save_steps=2",
-           "--train.cpus_per_worker=1", f"--train.storage_path={storage}",
-           "--precompute.ref_actors=[1,1]"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    ckpt = storage / "twonode" / "checkpoint_step0000002"
-    ranks = [json.loads((ckpt / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["node_id"] != ranks[1]["node_id"]              # one worker on each node
-    files = os.listdir(ckpt / "ds")
-    assert any("zero_pp_rank_0" in f for f in files) and any("zero_pp_rank_1" in f for f in files)
-    assert (storage / "twonode" / "final_step0000004" / "model" / "model.safetensors").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bco_ray.config import Config
+from bco_ray.storage import resolve_output_dir
 
 from bco_ray.api._io import (_TableShard, _as_dataset, _cuda, _dumps_by_value, _is_peft_model, _load_model_dir,
                              _lora, _publish, _read_parquet_dir, _rows_of_spec, embedding_func_supported)
@@ -93,7 +94,8 @@ class BCOTrainer:
         self.result: BCOTrainOutput | None = None
         self._state = None
         self._trained_model = None
-        self.inputs_dir = Path(args.inputs_dir or Path(args.output_dir) / "inputs").resolve()
+        self.inputs_dir = (Path(args.inputs_dir).resolve() if args.inputs_dir
+                           else resolve_output_dir(args.output_dir) / "inputs")
         if "://" in str(args.inputs_dir or ""):
             raise ValueError("BCOConfig.inputs_dir must be a local (or shared, mounted) path: models are loaded "
                              "from it with from_pretrained")

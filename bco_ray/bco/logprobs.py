@@ -33,9 +33,35 @@ _PROBE_LEN = 8
 
 
 # ---------------------------------------------------------------- the light path's building blocks
+class TokenLogps(torch.autograd.Function):
+    """log p(target) per row of a [n, vocab] logits tile, in float32, with one pass over the tile in forward
+    (`log_softmax(dtype=float32)`, then a gather) and only the row's log-sum-exp kept for backward, where the
+    gradient, onehot(target) - softmax, is rebuilt from the logits in one elementwise pass (as fused
+    linear-cross-entropy kernels do). The float32 [n, vocab] tile of log-probs is freed before it returns."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        t = targets.unsqueeze(-1)
+        lp = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(-1, t).squeeze(-1)
+        lse = logits.gather(-1, t).squeeze(-1).float() - lp
+        ctx.save_for_backward(logits, targets, lse)
+        return lp
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        g = torch.exp(logits.float() - lse.unsqueeze(-1)).mul_(-grad.unsqueeze(-1))
+        g.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
+        return g.to(logits.dtype), None
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[target] per row, float32 (see `TokenLogps`)."""
+    return TokenLogps.apply(logits, targets)
+
+
 def _chunk_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden).float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return token_logps(lm_head(hidden), targets)
 
 
 def completion_positions(input_ids: torch.Tensor, prompt_len: torch.Tensor, seq_len: torch.Tensor):
@@ -66,9 +92,18 @@ def completion_logps(
     rows, pos = completion_positions(input_ids, prompt_len, seq_len)
     h = hidden[rows, pos - 1]
     targets = input_ids[rows, pos]
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device)
+    return summed_head_logps(lm_head, h, targets, rows, input_ids.shape[0], chunk_size)
+
+
+def summed_head_logps(lm_head, h: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int,
+                      chunk_size: int, n_chunks: int | None = None) -> torch.Tensor:
+    """Σ log p(target) per row of the hidden states `h` [N, H] (row `rows[i]` of `n_rows`), the head run in
+    checkpointed chunks of `chunk_size` states. `n_chunks`: how many chunks to run (the most any rank needs,
+    known on the host for packed batches); None: agreed with the other ranks where ZeRO-3 needs it."""
+    out = torch.zeros(n_rows, dtype=torch.float32, device=h.device)
     needs_grad = torch.is_grad_enabled() and h.requires_grad
-    n_chunks = _chunks_in_lockstep(-(-h.shape[0] // chunk_size), lm_head, hidden.device)
+    if n_chunks is None:
+        n_chunks = _chunks_in_lockstep(-(-h.shape[0] // chunk_size), lm_head, h.device)
     for start in range(0, n_chunks * chunk_size, chunk_size):   # chunks past the end are empty
         hs, ts = h[start:start + chunk_size], targets[start:start + chunk_size]
         lp = checkpoint(_chunk_logps, lm_head, hs, ts, use_reentrant=False) if needs_grad \
@@ -104,7 +139,10 @@ class LogitHead:
     softcap: float | None = None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        if self.multiply is None and self.divide is None and self.softcap is None:
+            return logits           # the log-prob kernel reads the model's dtype and computes in float32
+        logits = logits.float()
         if self.multiply is not None:
             logits = logits * self.multiply
         if self.divide is not None:
@@ -186,8 +224,7 @@ def _supports_logits_to_keep(model: nn.Module) -> bool:
 
 
 def _gather_logps(logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, targets: torch.Tensor):
-    lg = logits[rows, pos].float()
-    return lg.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1)
+    return token_logps(logits[rows, pos], targets)
 
 
 def _full_logps(model, input_ids, attention_mask, prompt_len, chunk_size, want_aux):
@@ -262,7 +299,7 @@ def _probe(model: nn.Module, device: torch.device) -> bool:
             return True
         try:
             hidden, aux = _light_forward(model, ids, mask, want_aux)
-            light = logit_head(model)(hidden)
+            light = logit_head(model)(hidden).float()
         except Exception as e:  # noqa: BLE001 - the light path cannot run: the full forward will
             log.warning("%s: backbone + head path failed (%s); log-probs use the model's full forward", name, e)
             return False
@@ -310,4 +347,30 @@ def policy_completion_logps(model: nn.Module, input_ids: torch.Tensor, attention
     want_aux = return_aux_loss and router_aux_loss_enabled(model)
     score = _light_logps if ok else _full_logps
     logps, aux = score(model, input_ids, attention_mask, prompt_len, chunk_size, want_aux)
+    return (logps, aux) if return_aux_loss else logps
+
+
+# ---------------------------------------------------------------- packed batches (bco_ray/train/packing.py)
+def packed_completion_logps(model: nn.Module, batch: dict, chunk_size: int = 1024, *, return_aux_loss: bool = False):
+    """`policy_completion_logps` of a packed batch: rows back to back in one sequence [1, T], attention within
+    each row (`packed_attention`), completion positions, targets and row ids computed when it was collated.
+    Nothing here reads the device: no host synchronisation (tests/test_no_host_sync.py)."""
+    from bco_ray.bco.packed_attention import packed_kwargs
+    hf = _hf_model(model)
+    ok = light_path_ok(model, batch["input_ids"].device)
+    want_aux = return_aux_loss and router_aux_loss_enabled(model)
+    kw = packed_kwargs(hf, batch)
+    if want_aux:
+        kw["output_router_logits"] = True
+    n_rows, src, tgt, rows = batch["prompt_len"].shape[0], batch["comp_src"], batch["comp_tgt"], batch["comp_row"]
+    if ok:
+        out = model.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **kw)
+        aux = _light_aux_loss(model, getattr(out, "router_logits", None), None) if want_aux else None
+        h = out.last_hidden_state[0].index_select(0, src)
+        logps = summed_head_logps(logit_head(model), h, tgt, rows, n_rows, chunk_size, batch.get("n_chunks"))
+    else:
+        out = model(input_ids=batch["input_ids"], use_cache=False, **kw)
+        aux = getattr(out, "aux_loss", None) if want_aux else None
+        logits = out.logits[0].index_select(0, src)
+        logps = summed_head_logps(nn.Identity(), logits, tgt, rows, n_rows, chunk_size, -(-src.shape[0] // chunk_size))
     return (logps, aux) if return_aux_loss else logps

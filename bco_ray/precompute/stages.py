@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import functools
 import json
-import pickle
 from collections import Counter
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
 
-from bco_ray.bco.logprobs import policy_completion_logps
+from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps
 from bco_ray.bco.udm import classifier_from_json, udm_weights
 from bco_ray.data import formats
 from bco_ray.data.tokenize import tokenize_batch
 from bco_ray.models import load_causal_lm, load_embedder, load_tokenizer, mean_pool, pick_dtype
 from bco_ray.precompute.batching import budget_batches
 from bco_ray.precompute.rows import SOURCE, SPLIT, fit_sample_mask
+from bco_ray.train.packing import collate_packed, pack_rows, to_device
 
 
 @ray.remote(num_cpus=0)
@@ -97,14 +96,18 @@ class RefLogps:
     """Reference model actor: summed completion log-prob per row, in token-budget sub-batches."""
 
     def __init__(self, model_path: str, revision, dtype: str, num_gpus: float, token_budget: int,
-                 chunk_size: int, pad_id: int, attn_implementation: str = "sdpa"):
+                 chunk_size: int, pad_id: int, attn_implementation: str = "sdpa", packed: bool = False):
         self.device = _device(num_gpus)
         self.model = load_causal_lm(model_path, revision=revision, attn_implementation=attn_implementation,
                                     dtype=pick_dtype(dtype, self.device.type == "cuda")).to(self.device).eval()
-        self.token_budget, self.chunk_size, self.pad_id = token_budget, chunk_size, pad_id
+        self.token_budget, self.chunk_size, self.pad_id, self.packed = token_budget, chunk_size, pad_id, packed
 
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
+        return self._packed(table) if self.packed else self._padded(table)
+
+    def _padded(self, table: pa.Table) -> pa.Table:
+        """Token-budget sub-batches of rows of similar length, right-padded (as the padded trainer scores)."""
         ids = table.column("input_ids").to_pylist()
         plen = table.column("prompt_len").to_pylist()
         lengths = [len(s) for s in ids]
@@ -119,6 +122,22 @@ class RefLogps:
             pad_tokens[b] = [x.shape[1] - lengths[i] for i in b]
         return table.append_column("ref_logps", pa.array(logps)).append_column("pad_tokens", pa.array(pad_tokens))
 
+    def _packed(self, table: pa.Table) -> pa.Table:
+        """Rows packed back to back up to `token_budget` tokens (bco_ray/train/packing.py: no padding, attention
+        within each row; a row's log-prob does not depend on what it is packed with, bitwise, even in bf16);
+        the results are read back once all packs are queued."""
+        rows = {"input_ids": table.column("input_ids").to_pylist(), "prompt_len": table.column("prompt_len").to_pylist()}
+        lengths = [len(s) for s in rows["input_ids"]]
+        logps = np.zeros(len(lengths), dtype=np.float32)
+        pending = []
+        for pack in pack_rows(lengths, self.token_budget):
+            batch = to_device(collate_packed(rows, pack, self.pad_id, len(pack)), self.device)
+            pending.append((pack, packed_completion_logps(self.model, batch, self.chunk_size).float()))
+        for pack, out in pending:
+            logps[pack] = out.cpu().numpy()
+        pad_tokens = np.zeros(len(lengths), dtype=np.int32)          # packed: nothing is padded
+        return table.append_column("ref_logps", pa.array(logps)).append_column("pad_tokens", pa.array(pad_tokens))
+
 
 class Embed:
     """Embedding model actor: mean-pooled, normalised prompt embeddings. Without a classifier it adds a
@@ -131,8 +150,8 @@ class Embed:
         self.device = _device(num_gpus)
         self.func = self.model = None
         if func_path:   # udm.embedding_func: a user callable(input_ids=, attention_mask=) -> [B, D] + its tokenizer
-            with fsspec.open(func_path, "rb") as f:
-                obj = pickle.load(f)
+            from bco_ray.precompute.embedding_func import load_embedding_func
+            obj = load_embedding_func(func_path)      # only the file BCOTrainer wrote: unpickling runs code
             self.tok, self.func = obj["tokenizer"], obj["func"]
         else:
             self.tok, self.model = load_embedder(model_path, pick_dtype("auto", self.device.type == "cuda"))

@@ -20,7 +20,7 @@ LOWER_IS_BETTER = ("loss", "error", "perplexity", "ppl", "grad_norm", "seconds",
 # Config params that differ between runs without changing what is trained: where runs are logged and where
 # outputs, caches and checkpoints are written. Left out of "params that differ" unless asked for.
 IGNORED_PARAMS = ("mlflow.", "output_dir", "precompute.cache_dir", "precompute.force", "train.storage_path")
-DEFAULT_EXTRA = ("loss", "rewards/margins", "eval/auc")
+DEFAULT_EXTRA = ("loss", "rewards/margins", "eval/auc", "eval/gen/score", "eval/gen/score_ref")
 
 
 class CompareError(ValueError):

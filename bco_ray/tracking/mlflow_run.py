@@ -7,11 +7,10 @@ directory is not the driver's) write into the same store; on a cluster, point it
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bco_ray.config import Config
+from bco_ray.tracking.run_tags import git_commit, git_tags, ray_tags, version_tags  # noqa: F401
+from bco_ray.storage import resolve_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def normalize_uri(uri: str) -> str:
 
 def tracking_uri(cfg: Config) -> str:
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return normalize_uri(uri) if uri else f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    # Default: a SQLite file next to the outputs (bco_ray/storage.py): never inside a submitted job's upload.
+    return normalize_uri(uri) if uri else f"sqlite:///{resolve_output_dir('mlflow.db')}"
 
 
 def worker_env(uri: str) -> dict[str, str]:
@@ -84,38 +86,6 @@ def view_hint(uri: str, run_id: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- tags
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parents[2])
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_commit() -> str | None:
-    """HEAD of the checkout the job runs from; in a `ray job submit` working dir (no .git) `$GIT_COMMIT`."""
-    return _git("rev-parse", "HEAD") or os.environ.get("BCO_RAY_GIT_COMMIT") or os.environ.get("GIT_COMMIT")
-
-
-def git_tags() -> dict:
-    commit = git_commit()
-    if not commit:
-        return {}
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
-
-
-def version_tags() -> dict:
-    import deepspeed
-    import ray
-    import torch
-    import transformers
-    return {**git_tags(), "version.ray": ray.__version__, "version.deepspeed": deepspeed.__version__,
-            "version.torch": torch.__version__, "version.transformers": transformers.__version__,
-            "version.mlflow": mlflow.__version__}
-
-
 def set_tags(tags: dict) -> None:
     mlflow.set_tags({k[:MAX_ENTITY_KEY_LENGTH]: str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()
                      if v is not None})
@@ -174,8 +144,9 @@ def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
     client = MlflowClient(uri)
     params = config_params(cfg)
     previous = _find_unfinished(client, exp.experiment_id, run_name)
+    system = cfg.mlflow.log_system_metrics
     if previous is not None:
-        run = mlflow.start_run(run_id=previous.info.run_id)
+        run = mlflow.start_run(run_id=previous.info.run_id, log_system_metrics=system)
         run_id = run.info.run_id
         for tag in (ERROR_TAG, ERROR_TYPE_TAG):       # the failure it had is history now
             if tag in previous.data.tags:
@@ -196,7 +167,7 @@ def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
             mlflow.log_text(config_yaml(cfg), f"config.resume-{attempts}.yaml")
         set_tags(tags)
         return uri, run_id, True
-    run = mlflow.start_run(run_name=run_name)
+    run = mlflow.start_run(run_name=run_name, log_system_metrics=system)
     mlflow.log_params(params)
     mlflow.log_text(config_yaml(cfg), "config.yaml")
     try:
@@ -244,33 +215,84 @@ def log_precompute(summary: dict, run_id: str | None = None, client: MlflowClien
         mlflow.log_dict(summary, "precompute/summary.json")
 
 
+# -------------------------------------------------------------------------------------------- inputs
+def data_digest(fingerprint: str) -> str:
+    """A dataset's MLflow digest: the first 32 hex digits of the sha256 of its fingerprint in the precompute
+    cache key (MLflow allows 36 characters; a fingerprint can be longer: one hash per file of a directory)."""
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
+
+
+def _dataset_source(spec: str):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    from bco_ray.builtin import resolve_data
+    if spec.startswith("hf:"):
+        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+        from bco_ray.data.sources import parse_hf, resolved_sha
+        h = parse_hf(spec)
+        return HuggingFaceDatasetSource(path=h.repo_id, config_name=h.subset, split=h.split, revision=resolved_sha(h))
+    path = resolve_data(spec)
+    return resolve_dataset_source(path if "://" in path else Path(path).resolve().as_uri())
+
+
+def log_datasets(cfg: Config, report: dict) -> None:
+    """The training (and eval) data as run inputs (`mlflow.log_input`): where it comes from (a file URI, an
+    fsspec URI or a hub dataset at its resolved commit) and a digest of its cache-key fingerprint, so runs on
+    the same data share one MLflow dataset. Idempotent: a resumed run does not log them twice."""
+    from mlflow.data.meta_dataset import MetaDataset
+    have = {(d.dataset.name, d.dataset.digest) for d in (mlflow.active_run().inputs.dataset_inputs or [])}
+    for split, context in (("train", "training"), ("eval", "evaluation")):
+        spec, rep = getattr(cfg.data, split), report.get(split)
+        if not spec or not rep:
+            continue
+        name = f"{split}:{spec.split('/')[-1]}"[:200]
+        digest = data_digest(rep["fingerprint"])
+        if (name, digest) in have:
+            continue
+        ds = MetaDataset(_dataset_source(spec), name=name, digest=digest)
+        mlflow.log_input(ds, context=context, tags={"rows": str(rep["rows"]), "spec": spec[:200]})
+
+
 # ------------------------------------------------------------------------------------------- artifacts
 def _weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.iterdir()
                if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
 
 
-def save_transformers_model(model_dir: str, dst: str, description: str = "") -> None:
-    """`model_dir` (a Hugging Face checkpoint with its tokenizer) as an MLflow transformers-flavour model at
-    `dst`, task text-generation, without any hub access. First from the checkpoint path (no weights loaded; not
-    every MLflow/transformers pair supports it), else from the model loaded on CPU."""
+def _log_transformers(model_dir: str, name: str, card: str, step: int, registered_model_name: str | None):
+    """`model_dir` (a Hugging Face checkpoint with its tokenizer) as an MLflow 3 LoggedModel of the transformers
+    flavour, task text-generation, without any hub access; linked to the run and to the run's metrics at
+    `step` (the final step: loss, rewards, eval/*). First from the checkpoint path (no weights loaded; not
+    every MLflow/transformers pair supports it), else from the model loaded on CPU. Returns its ModelInfo."""
     import mlflow.transformers
     import transformers
     from huggingface_hub import ModelCard
     reqs = [f"transformers=={transformers.__version__}", f"torch=={_version('torch')}",
             f"safetensors=={_version('safetensors')}", f"tokenizers=={_version('tokenizers')}"]
-    kw = dict(task=MODEL_TASK, pip_requirements=reqs,
-              model_card=ModelCard(f"---\nlibrary_name: transformers\n---\n{description or 'BCO-trained policy.'}\n"))
-    try:
-        mlflow.transformers.save_model(transformers_model=str(model_dir), path=dst, **kw)
-        return
-    except Exception as e:
-        log.info("transformers flavour from the checkpoint path failed (%s); saving from the loaded model", e)
-        shutil.rmtree(dst, ignore_errors=True)
+    kw = dict(name=name, task=MODEL_TASK, pip_requirements=reqs, model_card=ModelCard(card), step=step,
+              registered_model_name=registered_model_name)
+    if _checkpoint_path_supported(model_dir):
+        return mlflow.transformers.log_model(transformers_model=str(model_dir), **kw)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    mlflow.transformers.save_model(transformers_model={"model": model, "tokenizer": tok}, path=dst, **kw)
+    return mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tok}, **kw)
+
+
+def _checkpoint_path_supported(model_dir: str) -> bool:
+    """Whether this MLflow can log the checkpoint directory without loading it. Probed with the flavour's own
+    config builder (cheap, reads config files only) rather than by trying: a failed `log_model` would leave a
+    FAILED LoggedModel in the run. (MLflow 3.17 with transformers 5 cannot: it expects pipeline classes where
+    transformers 5 registers names.)"""
+    try:
+        from mlflow.transformers.flavor_config import build_flavor_config_from_local_checkpoint
+        build_flavor_config_from_local_checkpoint(str(model_dir), MODEL_TASK)
+        return True
+    except Exception as e:                          # noqa: BLE001 - any failure: log from the loaded model
+        log.info("transformers flavour from the checkpoint path not available (%s: %s); logging the loaded model",
+                 type(e).__name__, e)
+        return False
 
 
 def _version(pkg: str) -> str:
@@ -278,28 +300,36 @@ def _version(pkg: str) -> str:
     return version(pkg)
 
 
-def log_model(model_dir: str, artifact_path: str = "model", description: str = "") -> str:
-    """The final model into the active run at `artifact_path`: an MLflow model of the transformers flavour
-    (`mlflow.transformers.load_model("runs:/<id>/model")` gives a text-generation pipeline), or the plain
-    directory where that flavour cannot be used: a LoRA adapter (logged as saved, with `merged/` if there),
-    weights above MODEL_FLAVOUR_MAX_BYTES (not loaded on the driver), or an error from MLflow. Returns the
-    format used ("mlflow-transformers", "hf-directory", "peft-adapter"), also set as tag `model.format`."""
+def _model_card(model_dir: Path, description: str) -> str:
+    card = model_dir / "README.md"           # written by bco_ray.tracking.model_card
+    return card.read_text() if card.is_file() else f"---\nlibrary_name: transformers\n---\n{description}\n"
+
+
+def log_model(model_dir: str, name: str = "model", description: str = "", step: int = 0,
+              registered_model_name: str | None = None) -> str:
+    """The final model into the active run, named `name`: an MLflow 3 LoggedModel of the transformers flavour
+    (`mlflow.transformers.load_model("runs:/<run id>/model")` or `models:/<model id>` gives a text-generation
+    pipeline; its metrics are the run's at `step`; registered as `registered_model_name` when given), or the
+    plain directory as run artifacts under `name/` where that flavour cannot be used: a LoRA adapter (logged
+    as saved, with `merged/` if there), weights above MODEL_FLAVOUR_MAX_BYTES (not loaded on the driver), or
+    an error from MLflow. Returns the format used ("mlflow-transformers", "hf-directory", "peft-adapter"),
+    also set as tag `model.format`; the LoggedModel's id is tag `model.id`."""
     src = Path(model_dir)
     fmt = "peft-adapter" if (src / "adapter_config.json").exists() else "hf-directory"
+    tags: dict = {}
     if fmt == "hf-directory" and _weights_bytes(src) <= MODEL_FLAVOUR_MAX_BYTES:
-        with tempfile.TemporaryDirectory() as d:
-            dst = os.path.join(d, "mlflow_model")
-            try:
-                save_transformers_model(str(src), dst, description)
-                fmt = "mlflow-transformers"
-            except Exception as e:                  # noqa: BLE001 - the plain directory is the fallback
-                log.warning("could not save the model in MLflow's transformers flavour (%s: %s); logging the "
-                            "Hugging Face directory instead", type(e).__name__, e)
-            if fmt == "mlflow-transformers":
-                mlflow.log_artifacts(dst, artifact_path)
+        try:
+            info = _log_transformers(str(src), name, _model_card(src, description or "BCO-trained policy."), step,
+                                     registered_model_name)
+            fmt = "mlflow-transformers"
+            tags = {"model.id": info.model_id, "model.uri": info.model_uri,
+                    "model.registered_version": getattr(info, "registered_model_version", None)}
+        except Exception as e:                      # noqa: BLE001 - the plain directory is the fallback
+            log.warning("could not log the model in MLflow's transformers flavour (%s: %s); logging the "
+                        "Hugging Face directory instead", type(e).__name__, e)
     if fmt != "mlflow-transformers":
-        mlflow.log_artifacts(str(src), artifact_path)
-    mlflow.set_tag("model.format", fmt)
+        mlflow.log_artifacts(str(src), name)
+    set_tags({"model.format": fmt, **tags})
     return fmt
 
 

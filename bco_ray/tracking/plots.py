@@ -1,6 +1,7 @@
 """PNG plots of a finished run, drawn from its MLflow metric history (matplotlib, no display).
 
-One PNG per panel (loss, rewards chosen/rejected, margins, δ, eval AUC/accuracy), an `overview.png` with all
+One PNG per panel (loss, rewards chosen/rejected, margins, δ, eval AUC/accuracy, generation-eval score and
+implicit reward, policy vs reference), an `overview.png` with all
 of them (and the learning rate) on one page, and the UDM weight histogram. Noisy training curves get an
 exponential moving average over the raw points; evaluation points are drawn as markers."""
 from __future__ import annotations
@@ -17,11 +18,13 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 DPI = 120
 COLORS = {"loss": "#1f77b4", "eval/loss": "#d62728", "rewards/chosen": "#2ca02c", "rewards/rejected": "#d62728",
           "rewards/margins": "#9467bd", "delta": "#ff7f0e", "eval/auc": "#1f77b4", "eval/accuracy": "#2ca02c",
-          "learning_rate": "#7f7f7f"}
+          "learning_rate": "#7f7f7f", "eval/gen/score": "#2ca02c", "eval/gen/score_ref": "#7f7f7f",
+          "eval/gen/reward": "#2ca02c", "eval/gen/reward_ref": "#7f7f7f"}
 LABELS = {"loss": "train loss", "eval/loss": "eval loss", "rewards/chosen": "chosen (desirable)",
           "rewards/rejected": "rejected (undesirable)", "rewards/margins": "chosen − rejected",
           "delta": "δ (running mean reward)", "eval/auc": "eval ROC AUC", "eval/accuracy": "eval accuracy",
-          "learning_rate": "learning rate"}
+          "learning_rate": "learning rate", "eval/gen/score": "policy", "eval/gen/score_ref": "reference",
+          "eval/gen/reward": "policy's completions", "eval/gen/reward_ref": "reference's completions"}
 
 
 @dataclass
@@ -45,6 +48,10 @@ PANELS = [
     Panel("delta", "Reward shift δ", ["delta"], "δ", zero_line=True, smooth=False),
     Panel("eval_auc", "Evaluation: reward as a classifier of the label", ["eval/auc", "eval/accuracy"], "score",
           unit_range=True, eval_keys={"eval/auc", "eval/accuracy"}),
+    Panel("gen_score", "Generation eval: verifier score of greedy completions", ["eval/gen/score", "eval/gen/score_ref"],
+          "mean score", eval_keys={"eval/gen/score", "eval/gen/score_ref"}),
+    Panel("gen_reward", "Generation eval: implicit reward of the completions", ["eval/gen/reward", "eval/gen/reward_ref"],
+          "β·(log π − log π_ref)", zero_line=True, eval_keys={"eval/gen/reward", "eval/gen/reward_ref"}),
 ]
 OVERVIEW_EXTRA = Panel("learning_rate", "Learning rate", ["learning_rate"], "lr", sci=True, smooth=False)
 

@@ -9,7 +9,12 @@ The tracking URI comes from the driver (`mlflow_info["tracking_uri"]`), else the
 `$MLFLOW_TRACKING_URI` (set through the Ray Train worker runtime env). A tracking server that is briefly
 unreachable does not stop training: the points stay buffered and go out with the next flush.
 
-Each logged step is also shown as one line, `[bco-ray] step N: key=value ...`, written with `console()`."""
+Each logged step is also shown as one line, `[bco-ray] step N: key=value ...`, written with `console()`.
+
+With `mlflow_info["system_metrics"]`, the first worker of each training node also records that node's system
+metrics (CPU, memory, GPU utilisation and memory, disk, network) into the run as `system/train-node<N>/*`,
+every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's default: 10) until the run ends; the driver's
+own are `system/*` (`mlflow.start_run(log_system_metrics=True)`)."""
 from __future__ import annotations
 
 import math
@@ -35,6 +40,26 @@ def console(line: str, stream=None) -> None:
     stream.flush()
 
 
+def _node_monitor(mlflow_info: dict, uri: str | None):
+    """MLflow's SystemMetricsMonitor on the first Ray Train worker of this node; None elsewhere (or outside
+    Ray Train). It stops by itself once the run is no longer RUNNING."""
+    if not mlflow_info.get("run_id"):
+        return None
+    try:
+        import ray.train
+        ctx = ray.train.get_context()
+        if ctx.get_local_rank() != 0:
+            return None
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        monitor = SystemMetricsMonitor(mlflow_info["run_id"], resume_logging=True,
+                                       node_id=f"train-node{ctx.get_node_rank()}", tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as e:          # noqa: BLE001 - system metrics are nice to have; never fail training
+        console(f"[bco-ray] warning: no system metrics from this node ({type(e).__name__}: {e})", sys.stderr)
+        return None
+
+
 class StepLogger:
     def __init__(self, mlflow_info: dict | None, rank: int, buffered: bool):
         self.active = rank == 0 and bool(mlflow_info) and bool(mlflow_info.get("run_id"))
@@ -44,6 +69,7 @@ class StepLogger:
         self.buffered = buffered
         self.pending: list[Metric] = []
         self.logged: set[tuple[str, int]] = self._existing() if self.active else set()
+        self.system_monitor = _node_monitor(mlflow_info, uri) if (mlflow_info or {}).get("system_metrics") else None
 
     def _existing(self) -> set[tuple[str, int]]:
         """(key, step) points the run holds already."""

@@ -15,13 +15,15 @@ import torch
 import torch.distributed as dist
 from transformers import get_scheduler
 
-from bco_ray.bco.loss import RunningMean
 from bco_ray.config import Config, load_config
+from bco_ray.eval.snapshots import save_snapshot
 from bco_ray.models import load_causal_lm
 from bco_ray.train.ds_config import deepspeed_config, use_bf16
+from bco_ray.train.batching import backward, packed_micro_batches, padded_micro_batches, rank_batches, set_boundary  # noqa: F401
+from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
 from bco_ray.train.evaluate import evaluate
-from bco_ray.train.metrics import WindowSums
-from bco_ray.train.step import bco_forward, collate, length_bucketed
+from bco_ray.train.step import micro_batch_loss
+from bco_ray.train.throughput import flop_shape, train_flops
 from bco_ray.tracking.step_logger import StepLogger, console
 from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops
 
@@ -49,15 +51,21 @@ def build_policy(cfg: Config, policy_path: str, on_gpu: bool):
 
 def save_final_model(model, out_dir: str, tokenizer_path: str, rank: int, zero_stage: int,
                      lora_merged: bool = False) -> None:
-    """Hugging Face format (safetensors + tokenizer + generation config); ZeRO-3 shards gathered first.
+    """Hugging Face format (safetensors + tokenizer + generation config). ZeRO-3: gathered to rank 0 one layer
+    at a time (bco_ray/train/zero3_save.py), not the whole model on every rank; only a merged LoRA model, built
+    from the whole model, gathers it all.
     With LoRA, `out_dir` holds the adapter (loadable with peft) and, if asked, `out_dir/merged` the merged model."""
     from transformers import AutoTokenizer
-    params = list(model.parameters())
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else _null()
+
+    from bco_ray.train.zero3_save import consolidated_state_dict
+    full_gather = zero_stage == 3 and lora_merged
+    state = consolidated_state_dict(model, rank) if zero_stage == 3 and not full_gather else None
+    ctx = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) if full_gather else _null()
     with ctx:
         if rank == 0:
             tok = AutoTokenizer.from_pretrained(tokenizer_path)
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if state is None:
+                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             tok.save_pretrained(out_dir)
             if lora_merged and hasattr(model, "merge_and_unload"):
@@ -80,15 +88,6 @@ def _maybe_inject_failure(at_step: int, step: int, micro: int, gas: int, rank: i
     open(marker, "w").close()
     console(f"[bco-ray] injected failure: rank {rank} exits at step {step}")
     os._exit(1)
-
-
-def rank_batches(shard, micro_batch_size: int, rank: int, world: int):
-    """This rank's micro-batches of an epoch: every rank reads the whole ordered split and takes rows
-    [rank·m, (rank+1)·m) of each global batch of world·m rows. The order is a function of the data alone, so
-    every rank's data position at a checkpoint means the same rows after a restart."""
-    lo, hi = rank * micro_batch_size, (rank + 1) * micro_batch_size
-    for b in shard.iter_batches(batch_size=micro_batch_size * world, batch_format="numpy", drop_last=True):
-        yield {k: v[lo:hi] for k, v in b.items()}
 
 
 def _record_rows(storage_dir: str, rank: int, step: int, rows: list) -> None:
@@ -156,9 +155,7 @@ def train_loop_per_worker(config: dict) -> None:
         config=deepspeed_config(t, world, on_gpu),
         lr_scheduler=lambda opt: get_scheduler(t.lr_scheduler, opt, num_warmup_steps=warmup,
                                                num_training_steps=total_steps))
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    n_layers = getattr(model.config, "num_hidden_layers", 0)
-    d_model = getattr(model.config, "hidden_size", 0)
+    shape = flop_shape(engine.module)                  # the one MFU definition: bco_ray/train/throughput.py
     # Dense peak of this GPU in the training dtype (H100 PCIe/NVL, fp32 → TF32, $BCO_RAY_PEAK_TFLOPS); None: no mfu.
     peak_flops = gpu_peak_flops(torch.cuda.get_device_name(), "bf16" if use_bf16(t, on_gpu) else "fp32") \
         if on_gpu else None
@@ -167,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
         console(f"[bco-ray] worker group ready: {timings['engine_ready_at'] - config['fit_started_at']:.1f} s after "
                 f"fit (in the worker: {t_dist - t_entry:.1f} s to join the process group, {t_model - t_dist:.1f} s "
                 f"to load the policy, {timings['engine_ready_at'] - t_model:.1f} s to build the engine)")
-    delta = RunningMean()
+    delta = DeviceRunningMean(device)                  # on the device: no host sync per micro-batch
     step, epoch, skip = 0, 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -180,11 +177,13 @@ def train_loop_per_worker(config: dict) -> None:
         step, epoch, skip = client["step"], client["epoch"], client["micro_in_epoch"]
         torch.set_rng_state(client["rng"])
         if rank == 0:
-            console(f"[bco-ray] resumed from checkpoint at step {step} (epoch {epoch}, δ={delta.mean:.6f})")
+            console(f"[bco-ray] resumed from checkpoint at step {step} (epoch {epoch}, δ={float(delta.mean):.6f})")
 
     logger = StepLogger(config.get("mlflow"), rank, buffered=t.save_steps > 0)
     pad_id = config["pad_id"]
-    window, t_window = WindowSums(), time.time()
+    window, t_window = DeviceWindowSums(device), time.time()
+    budget = t.micro_batch_tokens if t.micro_batch_tokens >= 0 else t.micro_batch_size * cfg.data.max_length
+    chunk = cfg.precompute.logp_chunk_size
     shard = ray.train.get_dataset_shard("train")       # the whole ordered split: see rank_batches
     eval_ds = ray.train.get_dataset_shard("eval") if config.get("has_eval") else None
 
@@ -206,35 +205,33 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.get_all_reported_checkpoints()
 
     t_train, grad_norm, step_rows = time.time(), 0.0, []
+    if eval_ds is not None and step == 0 and cfg.eval.at_start:    # step 0: every eval curve starts at the reference
+        logger.log(evaluate(engine.module, eval_ds, delta, cfg, pad_id, device, rank, world), 0)
+        timings["eval"] += time.time() - t_train
+        t_window = time.time()
     while step < total_steps:                      # epochs; max_steps may run past num_epochs
-        micro, step_at_start = 0, step
-        batches = rank_batches(shard, t.micro_batch_size, rank, world)
-        if t.bucket_window > 1:
-            batches = length_bucketed(batches, t.bucket_window, t.seed + epoch)
-        for raw in batches:
+        micro, step_at_start = skip, step              # resuming mid-epoch: the first `skip` were trained already
+        batches = packed_micro_batches(shard, t, rank, world, skip, pad_id, device, chunk) if budget > 0 else \
+            padded_micro_batches(shard, t, rank, world, epoch, skip, pad_id, device)
+        for batch, row_ids, units, last in batches:
             if micro >= micro_per_epoch or step >= total_steps:
                 break
-            if micro < skip:                       # resuming mid-epoch: these were trained already
-                micro += 1
-                continue
-            batch = {k: v.to(device) for k, v in collate(raw, pad_id).items()}
-            if t.record_rows:
-                step_rows.extend(raw["row_id"].tolist())
+            if t.record_rows and row_ids is not None:
+                step_rows.extend(row_ids.tolist())
             lr = scheduler.get_last_lr()[0]
+            set_boundary(engine, batch, last)
             # Through the engine (not engine.module): ZeRO-3 counts micro-steps in the engine's forward.
-            losses, rewards, logps, aux = bco_forward(engine, batch, delta, t.beta, cfg.precompute.logp_chunk_size,
-                                                      return_aux=True)
-            engine.backward(losses.mean() + aux)
+            loss = micro_batch_loss(engine, batch, delta, t.beta, chunk, sums=window,
+                                    flops=train_flops(shape, *batch["work"]))
+            backward(engine, batch, loss)
             if t.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
                 grad_norm = _grad_norm(engine.module)    # DeepSpeed reports no global norm at ZeRO-0
             engine.step()
-            _maybe_inject_failure(t.inject_failure_at_step, step + 1, micro + 1, t.gradient_accumulation_steps,
-                                  rank, world, config["storage_dir"])
-            window.add(losses, rewards, logps, batch["label"], int(batch["attention_mask"].sum()),
-                       batch["attention_mask"].numel())
-            micro += 1
-            if micro % t.gradient_accumulation_steps:
+            micro += units
+            if not last:
                 continue
+            _maybe_inject_failure(t.inject_failure_at_step, step + 1, micro, t.gradient_accumulation_steps,
+                                  rank, world, config["storage_dir"])
             step += 1
             if t.record_rows:
                 _record_rows(config["storage_dir"], rank, step, step_rows)
@@ -242,12 +239,10 @@ def train_loop_per_worker(config: dict) -> None:
             if step % t.logging_steps == 0 or step == total_steps:
                 m = window.reduce()
                 elapsed = time.time() - t_window
-                tps = m["tokens"] / max(elapsed, 1e-9)
-                if peak_flops:          # (6·N + 12·layers·d_model·seq) FLOPs per token, per GPU, over peak
-                    seq = m["tokens"] / max(m["count/chosen"] + m["count/rejected"], 1)
-                    flops_per_token = 6 * n_params + 12 * n_layers * d_model * seq
-                    m["mfu"] = flops_per_token * tps / world / peak_flops
-                m.update({"delta": delta.mean, "learning_rate": lr, "epoch": epoch + micro / micro_per_epoch,
+                flops = m.pop("flops")
+                if peak_flops:          # model FLOPs (bco_ray/train/throughput.py) per second, per GPU, over peak
+                    m["mfu"] = flops / max(elapsed, 1e-9) / world / peak_flops
+                m.update({"delta": float(delta.mean), "learning_rate": lr, "epoch": epoch + micro / micro_per_epoch,
                           "grad_norm": float(grad_norm if t.zero_stage == 0 else engine.get_global_grad_norm() or 0.0),
                           "tokens_per_second": m.pop("tokens") / max(elapsed, 1e-9),
                           "samples_per_second": (m["count/chosen"] + m["count/rejected"]) / max(elapsed, 1e-9)})
@@ -257,6 +252,9 @@ def train_loop_per_worker(config: dict) -> None:
             if eval_ds is not None and t.eval_steps > 0 and step % t.eval_steps == 0 and step < total_steps:
                 t_eval = time.time()
                 logger.log(evaluate(engine.module, eval_ds, delta, cfg, pad_id, device, rank, world), step)
+                if cfg.eval.generate:                # the policy of this step, for the driver's generation pass
+                    save_snapshot(engine.module, config["storage_dir"], step, config["tokenizer_path"], rank,
+                                  t.zero_stage, t.lora.enabled)
                 t_window += time.time() - t_eval      # evaluation time is not training throughput
                 timings["eval"] += time.time() - t_eval
             if t.save_steps > 0 and step % t.save_steps == 0 and step < total_steps:
@@ -268,7 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
         epoch += 1
 
     timings["train"] = time.time() - t_train - timings["eval"]
-    final = {"step": step, "delta": delta.mean}
+    final = {"step": step, "delta": float(delta.mean)}
     if eval_ds is not None:
         t_eval = time.time()
         ev = evaluate(engine.module, eval_ds, delta, cfg, pad_id, device, rank, world)

@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import torch
 
-from bco_ray.bco.logprobs import policy_completion_logps, router_aux_loss_coef
+from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps, router_aux_loss_coef
 from bco_ray.bco.loss import RunningMean, bco_losses
+from bco_ray.train.packing import is_packed
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
@@ -116,19 +117,49 @@ def bco_forward(model, batch: dict[str, torch.Tensor], delta: RunningMean, beta:
     With update_delta, δ first absorbs this micro-batch's rewards from every rank (as the reference does
     before computing the loss).
 
+    `batch` is a right-padded batch (`collate`) or a packed one (`bco_ray.train.packing.collate_packed`);
+    a packed batch needs a δ that takes the rows' `valid` weights (`DeviceRunningMean`: an empty pack's
+    dummy row does not count).
+
     With return_aux, a fourth value: the MoE load-balancing term to add to the mean loss,
     `router_aux_loss_coef × aux_loss` when the model config enables `output_router_logits` (as the reference
     trainer does), else 0."""
+    packed = is_packed(batch)
+
     def logps_of(m):
+        if packed:
+            return packed_completion_logps(m, batch, chunk_size, return_aux_loss=True)
         return policy_completion_logps(m, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
                                        chunk_size, return_aux_loss=True)
 
     engine = _is_deepspeed_engine(model)
     logps, aux = _run_as_engine_forward(model, logps_of) if engine else logps_of(model)
     if update_delta:
-        delta.update(beta * (logps.detach() - batch["ref_logps"]))
+        rewards = beta * (logps.detach() - batch["ref_logps"])
+        delta.update(rewards, batch["valid"]) if packed else delta.update(rewards)
     losses, rewards = bco_losses(logps, batch["ref_logps"], batch["label"], batch["udm_weight"], beta, delta.mean)
     if not return_aux:
         return losses, rewards, logps
     module = model.module if engine else model
     return losses, rewards, logps, (router_aux_loss_coef(module) * aux if aux is not None else 0.0)
+
+
+def micro_batch_loss(model, batch: dict, delta, beta: float, chunk_size: int = 1024, sums=None,
+                     flops: float = 0.0) -> torch.Tensor:
+    """The loss to back-propagate for one micro-batch of a training step, δ updated first.
+
+    Packed: Σ row_weight · loss (row_weight = 1 / this rank's rows in the step, so the step's gradient is the
+    mean over its rows however they were packed; back-propagate it unscaled, `engine.backward(loss,
+    scale_wrt_gas=False)`) plus the MoE term weighted by the pack's share of the step's rows. Padded: the
+    micro-batch's mean loss plus the MoE term, as before (the engine divides by the accumulation steps).
+    `sums` (a `DeviceWindowSums`) accumulates the metrics on the device."""
+    losses, rewards, logps, aux = bco_forward(model, batch, delta, beta, chunk_size, return_aux=True)
+    if is_packed(batch):
+        loss = (losses * batch["row_weight"]).sum() + aux * batch["aux_weight"]
+        tokens, computed, valid = batch["tokens"], batch["input_ids"].shape[1], batch["valid"]
+    else:
+        loss = losses.mean() + aux
+        tokens, computed, valid = batch.get("tokens", 0), batch["attention_mask"].numel(), None
+    if sums is not None:
+        sums.add(losses, rewards, logps, batch["label"], tokens, computed, valid=valid, flops=flops)
+    return loss

@@ -1,0 +1,64 @@
+"""Policy snapshots for the generation eval: at each intermediate evaluation the workers write the policy in
+Hugging Face format under `<storage>/<run>/generation/step_NNNNNNN` (ZeRO-3 shards gathered; with LoRA the
+merged model in `merged/`); the driver's generation pass reads them after training, then removes them."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+
+COMPLETE = "_COMPLETE"           # written last: a snapshot without it is an interrupted write, never read
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+def snapshot_root(storage_dir: str) -> str:
+    return f"{storage_dir.rstrip('/')}/generation"
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def save_snapshot(model, storage_dir: str, step: int, tokenizer_path: str, rank: int, zero_stage: int,
+                  lora: bool) -> None:
+    """Every rank calls this (ZeRO-3 gathers need all of them); rank 0 writes."""
+    from bco_ray.train.loop import save_final_model
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "model")
+        save_final_model(model, src, tokenizer_path, rank, zero_stage, lora_merged=lora)
+        if rank == 0:
+            open(os.path.join(src, COMPLETE), "w").close()
+            _publish(src, f"{snapshot_root(storage_dir)}/step_{step:07d}")
+
+
+def _publish(src: str, dest: str) -> None:
+    if _is_remote(dest):
+        import fsspec
+        fs, p = fsspec.core.url_to_fs(dest)
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+        fs.put(src.rstrip("/") + "/", p, recursive=True)   # the marker is among the files; readers check it
+        return
+    dest = dest[len("file://"):] if dest.startswith("file://") else dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(dest))
+    shutil.copytree(src, os.path.join(tmp, "model"))
+    shutil.rmtree(dest, ignore_errors=True)               # a step trained again after a restart
+    os.replace(os.path.join(tmp, "model"), dest)
+    os.rmdir(tmp)
+
+
+def list_snapshots(storage_dir: str) -> dict[int, str]:
+    """{step: snapshot path} of the complete snapshots of a run."""
+    import fsspec
+    root = snapshot_root(storage_dir)
+    fs, p = fsspec.core.url_to_fs(root)
+    if not fs.exists(p):
+        return {}
+    out = {}
+    for entry in fs.ls(p, detail=False):
+        m = _STEP.match(os.path.basename(entry.rstrip("/")))
+        if m and fs.exists(f"{entry.rstrip('/')}/{COMPLETE}"):
+            out[int(m.group(1))] = f"{root}/{os.path.basename(entry.rstrip('/'))}"
+    return out

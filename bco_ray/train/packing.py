@@ -1,0 +1,113 @@
+"""Padding-free micro-batches: the rows of an optimizer step packed back to back up to a token budget.
+
+An optimizer step still covers a fixed number of rows on every rank (`micro_batch_size` ×
+`gradient_accumulation_steps`); only how they are cut into forwards changes. Each rank's rows of the step
+are packed first-fit-decreasing into sequences of at most `micro_batch_tokens` tokens (a longer row is a
+pack of its own); every rank runs as many packs as the rank that needs the most (the others run empty
+packs: one two-token dummy row of weight 0), so ZeRO's collectives stay in lockstep. Every rank reads the
+whole ordered split (bco_ray/train/loop.py), so it knows every rank's rows and plans that count — and the
+most output-head chunks any rank needs per pack — on the host, with no communication.
+
+A pack row's loss weight is 1 / (its rank's rows in the step): with the engine's mean over ranks, the
+step's loss is the mean over its rows however they were packed. Everything the forward needs from the
+layout (positions restarting per row, row boundaries, completion positions, targets, row ids) is computed
+here, in numpy, on the data path: the forward reads nothing back from the device."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+ROW_COLUMNS = ("prompt_len", "label", "ref_logps", "udm_weight")
+
+
+def pack_rows(lengths, budget: int) -> list[list[int]]:
+    """Indices of `lengths` in packs of total length <= budget, first fit in decreasing length order (a row
+    longer than the budget gets a pack of its own). Deterministic; rows keep their order within a pack."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = int(lengths[i])
+        j = next((j for j, r in enumerate(room) if r >= n), None)
+        if j is None:
+            packs.append([i])
+            room.append(budget - n)
+        else:
+            packs[j].append(i)
+            room[j] -= n
+    return [sorted(p) for p in packs]
+
+
+def completion_tokens(length: int, prompt_len: int) -> int:
+    """Tokens a row's log-prob sums over: positions max(prompt_len, 1) .. length - 1."""
+    return max(0, int(length) - max(int(prompt_len), 1))
+
+
+def plan_step(lengths: list, prompt_lens: list, budget: int, chunk_size: int, rank: int):
+    """(this rank's packs, output-head chunks of each pack): `lengths[r]` / `prompt_lens[r]` are rank r's rows
+    of the step. Every rank gets the same number of packs (empty ones appended) and the same chunk counts."""
+    per_rank = [pack_rows(lr, budget) for lr in lengths]
+    n = max(len(p) for p in per_rank)
+    for p in per_rank:
+        p.extend([] for _ in range(n - len(p)))
+
+    def chunks(r, pack):
+        c = sum(completion_tokens(lengths[r][i], prompt_lens[r][i]) for i in pack) if pack else 1
+        return -(-c // chunk_size)
+    n_chunks = [max(chunks(r, per_rank[r][j]) for r in range(len(lengths))) for j in range(n)]
+    return per_rank[rank], n_chunks
+
+
+def collate_packed(rows: dict, idx: list[int], pad_id: int, rows_in_step: int, n_chunks: int | None = None) -> dict:
+    """The packed micro-batch of rows `idx` of `rows` (numpy columns of this rank's step rows).
+
+    Tensors: input_ids / position_ids [1, T], cu_seq_lens [R+1] (int32), comp_src / comp_tgt / comp_row [C]
+    (the hidden state predicting each completion token, the token, its row), per row prompt_len, label,
+    ref_logps, udm_weight, row_weight (1 / rows_in_step; 0 for the dummy row of an empty pack) and valid.
+    Host values: segments ((start, end) per row), max_len, n_chunks and the counts `tokens`, `rows`,
+    `sum_len_sq`, `completion_tokens` (for throughput figures)."""
+    empty = not idx
+    seqs = [np.asarray(rows["input_ids"][i], dtype=np.int64) for i in idx] or [np.full(2, pad_id, np.int64)]
+    plen = np.asarray([rows["prompt_len"][i] for i in idx] or [1], dtype=np.int64)
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    ids = np.concatenate(seqs)
+    pos = np.concatenate([np.arange(n) for n in lens])
+    first = np.maximum(plen, 1)
+    comp_row = np.concatenate([np.full(max(0, n - f), r) for r, (n, f) in enumerate(zip(lens, first))]).astype(np.int64)
+    comp_t = np.concatenate([np.arange(f, n) for n, f in zip(lens, first)]).astype(np.int64)   # row-local position
+    comp_abs = starts[comp_row] + comp_t
+    weight = 0.0 if empty else 1.0 / rows_in_step
+    out = {
+        "input_ids": torch.from_numpy(ids[None]), "position_ids": torch.from_numpy(pos[None]),
+        "cu_seq_lens": torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)),
+        "comp_src": torch.from_numpy(comp_abs - 1), "comp_tgt": torch.from_numpy(ids[comp_abs]),
+        "comp_row": torch.from_numpy(comp_row), "prompt_len": torch.from_numpy(plen),
+        "row_weight": torch.full((len(seqs),), weight, dtype=torch.float32),
+        "valid": torch.full((len(seqs),), 0.0 if empty else 1.0, dtype=torch.float32),
+    }
+    for k, dtype in (("label", bool), ("ref_logps", np.float32), ("udm_weight", np.float32)):
+        if k in rows:          # training columns (the reference pass packs input_ids and prompt_len only)
+            v = np.zeros(1, dtype=dtype) if empty else np.asarray([rows[k][i] for i in idx], dtype=dtype)
+            out[k] = torch.as_tensor(v)
+    out.update(segments=tuple((int(s), int(s + n)) for s, n in zip(starts, lens)), max_len=int(lens.max()),
+               n_chunks=n_chunks, aux_weight=0.0 if empty else len(seqs) / rows_in_step,
+               tokens=0 if empty else int(lens.sum()), rows=0 if empty else len(seqs),
+               sum_len_sq=0 if empty else int((lens ** 2).sum()),
+               completion_tokens=0 if empty else len(comp_row))
+    return out
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to `device` (pinned and copied non_blocking on a GPU); host values as they are."""
+    cuda = device.type == "cuda"
+
+    def move(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
+    return {k: move(v) for k, v in batch.items()}
+
+
+def is_packed(batch: dict) -> bool:
+    return "position_ids" in batch
