@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,9 +20,10 @@ from typing import Any, Literal
 import yaml
 
 from bco_ray.builtin import BUILTIN_EMBEDDER, BUILTIN_EVAL, BUILTIN_MODEL, BUILTIN_TRAIN
+from bco_ray.errors import ConfigErrorBase
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigErrorBase, ValueError):
     """A bad config value: the message names the field and the fix."""
 
 
@@ -35,84 +35,84 @@ class ModelConfig:
     revision: str | None = None          # hub revision for policy/reference/tokenizer
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"   # auto: bfloat16 on GPU, float32 on CPU
     attn_implementation: str = "auto"    # auto: transformers picks (sdpa if supported, else eager), or a name
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False      # allow a hub model's own Python code (transformers)
 
 
 @dataclass
 class DataConfig:
     train: str = BUILTIN_TRAIN           # .jsonl/.json/.parquet file, a directory of them, or hf:<id>[@revision][/subset][:split]
-    eval: str | None = BUILTIN_EVAL
-    max_length: int = 1024
-    max_prompt_length: int = 512
-    on_bad_rows: Literal["error", "skip"] = "error"
+    eval: str | None = BUILTIN_EVAL      # held-out rows for eval/* metrics, same forms as data.train; none: no eval
+    max_length: int = 1024               # tokens per row (prompt + completion); longer rows are cut
+    max_prompt_length: int = 512         # prompt tokens kept (its end) when a row is too long
+    on_bad_rows: Literal["error", "skip"] = "error"  # error: a bad row stops the job; skip: drop and count bad rows
     seed: int = 42                       # shuffle seed of the pass
 
 
 @dataclass
 class UDMConfig:
-    enabled: bool = True
-    embedding_model: str = BUILTIN_EMBEDDER
+    enabled: bool = True                 # UDM: weight rejected rows by a prompt density-ratio classifier
+    embedding_model: str = BUILTIN_EMBEDDER  # UDM prompt embedder: hub id, directory or builtin:minilm
     embedding_func: str | None = None    # path/URI of a cloudpickled {"func", "tokenizer"} (the Python API's
                                          # embedding_func + embedding_tokenizer); used instead of embedding_model
-    prompt_sample_size: int = 1024
-    min_density_ratio: float = 0.5
-    max_density_ratio: float = 10.0
-    max_embed_length: int = 256
+    prompt_sample_size: int = 1024       # prompts embedded to fit the UDM classifier
+    min_density_ratio: float = 0.5       # UDM weights are clamped to at least this
+    max_density_ratio: float = 10.0      # UDM weights are clamped to at most this
+    max_embed_length: int = 256          # prompt tokens the embedder sees
     embed_special_tokens: bool = False   # the reference embeds prompts tokenized without special tokens
 
 
 @dataclass
 class PrecomputeConfig:
     cache_dir: str | None = None         # None: $BCO_RAY_STORAGE/cache, else <output_dir>/cache; local path or URI (s3://...)
-    force: bool = False
+    force: bool = False                  # recompute the pass even when the cache holds it
     batch_size: int = 256                # rows handed to one actor call
     token_budget: int = 16384            # padded tokens per forward inside an actor call
     ref_actors: tuple[int, int] = (1, 1)     # scoring actors (tokenize + reference + UDM embeddings): (min, max) pool size
     local_shuffle_max_rows: int = 200_000    # up to this many train rows: one seeded permutation, not an all-to-all shuffle
     num_gpus_per_actor: float = 0.0      # >0 puts each scoring actor on a GPU
-    logp_chunk_size: int = 1024
+    logp_chunk_size: int = 1024          # completion positions per chunk of the output head's log-softmax
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    enabled: bool = False                # train a LoRA adapter (PEFT) instead of all weights
+    r: int = 16                          # adapter rank
+    alpha: int = 32                      # LoRA scaling (alpha / r)
+    dropout: float = 0.0                 # dropout of the adapter's input
     save_merged: bool = True             # also save the adapter merged into the base model (plain HF model)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # modules that get adapters
 
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    num_workers: int = 2                 # Ray Train workers (one DeepSpeed rank each)
+    use_gpu: bool = False                # one GPU per training worker
+    cpus_per_worker: float = 1.0         # CPUs each training worker reserves
     micro_batch_size: int = 8            # rows per worker per forward
     bucket_window: int = 16              # micro-batches pooled and re-cut by length (1: dataset order); padded mode only
     micro_batch_tokens: int = 0          # >0: a step's micro_batch_size × gradient_accumulation_steps rows packed into forwards of this many tokens (no padding); -1: micro_batch_size × data.max_length; 0: padded micro-batches of micro_batch_size rows
-    gradient_accumulation_steps: int = 1
-    lr: float = 5e-7
-    beta: float = 0.1
-    warmup_ratio: float = 0.1
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    num_epochs: int = 1
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-7                     # peak learning rate (AdamW)
+    beta: float = 0.1                    # BCO's beta: scale of the implicit reward
+    warmup_ratio: float = 0.1            # fraction of the steps spent warming the learning rate up
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"  # learning-rate decay after warm-up
+    weight_decay: float = 0.0            # AdamW weight decay
+    max_grad_norm: float = 1.0           # gradient clipping norm
+    num_epochs: int = 1                  # passes over the train split
     max_steps: int = -1                  # >0 caps optimizer steps
-    logging_steps: int = 1
+    logging_steps: int = 1               # train metrics every this many steps
     eval_steps: int = 0                  # 0: evaluate at the end only
     save_steps: int = 0                  # 0: no intermediate checkpoints
-    keep_checkpoints: int = 2
-    max_failures: int = 0
+    keep_checkpoints: int = 2            # newest checkpoints kept
+    max_failures: int = 0                # restarts from the last checkpoint before the run fails
     storage_path: str | None = None     # checkpoints + final model; None: $BCO_RAY_STORAGE/ray, else <output_dir>/ray
-    seed: int = 42
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    seed: int = 42                       # model init, dropout and bucketing seed
+    zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage
+    offload_optimizer: bool = False      # DeepSpeed: optimizer state in CPU memory (zero_stage >= 1)
+    offload_params: bool = False         # DeepSpeed: parameters in CPU memory (zero_stage 3)
     bf16: Literal["auto"] | bool = "auto"   # auto: bf16 on GPU, float32 on CPU; true/false force it
-    gradient_checkpointing: bool = False
-    disable_dropout: bool = True
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    disable_dropout: bool = True         # dropout off in the policy (as TRL's BCOConfig)
     resources_timeout_s: float = 600.0   # fail clearly instead of waiting forever for workers
     inject_failure_at_step: int = 0      # testing: rank 1 (or 0) dies once when reaching this step
     record_rows: bool = False            # testing: each rank appends the row ids of every step to <storage>/rows/
@@ -122,7 +122,7 @@ class TrainConfig:
 @dataclass
 class MlflowConfig:
     tracking_uri: str | None = None      # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment: str = "bco-ray"
+    experiment: str = "bco-ray"          # MLflow experiment of the run
     run_name: str | None = None          # None: generated; the same name resumes a stopped run
     registered_model_name: str | None = None   # also register the logged model under this name (Model Registry)
     log_system_metrics: bool = True      # CPU/GPU/memory/disk/network as system/* metrics (driver + training nodes)
@@ -141,7 +141,7 @@ class EvalConfig:
     generate: bool = False               # generation eval: completions of held-out eval prompts, reference vs policy
     verifier: str | None = None          # "module:function": verify(prompt, completion) -> bool | float | dict of floats
     num_prompts: int = 32                # the eval split's first distinct prompts
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32             # tokens generated per completion
     batch_size: int = 32                 # prompts per generate call
     sample: bool = False                 # also one sampled completion per prompt (eval/gen/sampled/*)
     temperature: float = 1.0             # sampling only
@@ -363,76 +363,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return cfg
 
 
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-
 def validate(cfg: Config) -> None:
-    """Range checks that need no cluster. Raises ConfigError naming the field and the fix."""
-    def need(ok: bool, msg: str):
-        if not ok:
-            raise ConfigError(msg)
-
-    t, d, u, p = cfg.train, cfg.data, cfg.udm, cfg.precompute
-    _check_choices(cfg)          # model.dtype, data.on_bad_rows, train.lr_scheduler / zero_stage / bf16, ...
-    name = cfg.mlflow.run_name
-    need(name is None or bool(_RUN_NAME.match(name)) and ".." not in name,
-         f"mlflow.run_name {name!r} becomes a directory name (outputs, checkpoints): use letters, digits, '.', "
-         "'_' and '-' only, starting with a letter or digit, with no '..' and no path separators")
-    _check_names(cfg, need)
-    need(t.beta > 0, f"train.beta must be > 0 (got {t.beta}); the reference default is 0.1")
-    need(t.num_workers >= 1, f"train.num_workers must be >= 1 (got {t.num_workers})")
-    need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")
-    need(t.micro_batch_tokens >= -1, f"train.micro_batch_tokens must be -1 (micro_batch_size × data.max_length), "
-         f"0 (no packing) or a token count (got {t.micro_batch_tokens})")
-    need(t.gradient_accumulation_steps >= 1,
-         f"train.gradient_accumulation_steps must be >= 1 (got {t.gradient_accumulation_steps})")
-    need(t.lr >= 0, f"train.lr must be >= 0 (got {t.lr})")
-    need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
-    need(t.num_epochs >= 1, f"train.num_epochs must be >= 1 (got {t.num_epochs})")
-    need(t.max_steps == -1 or t.max_steps > 0, f"train.max_steps must be -1 (no cap) or > 0 (got {t.max_steps})")
-    need(t.logging_steps >= 1, f"train.logging_steps must be >= 1 (got {t.logging_steps})")
-    need(not t.offload_params or t.zero_stage == 3,
-         "train.offload_params needs train.zero_stage=3 (DeepSpeed offloads parameters only under ZeRO-3)")
-    need(not t.offload_optimizer or t.zero_stage >= 1,
-         "train.offload_optimizer needs train.zero_stage >= 1")
-    need(d.max_length >= 2, f"data.max_length must be >= 2 (got {d.max_length})")
-    need(0 < d.max_prompt_length < d.max_length,
-         f"data.max_prompt_length ({d.max_prompt_length}) must be > 0 and < data.max_length ({d.max_length})")
-    need(u.min_density_ratio > 0, f"udm.min_density_ratio must be > 0 (got {u.min_density_ratio})")
-    need(u.min_density_ratio <= u.max_density_ratio,
-         f"udm.min_density_ratio ({u.min_density_ratio}) must be <= udm.max_density_ratio ({u.max_density_ratio})")
-    need(u.prompt_sample_size >= 2, f"udm.prompt_sample_size must be >= 2 (got {u.prompt_sample_size})")
-    lo, hi = p.ref_actors
-    need(1 <= lo <= hi, f"precompute.ref_actors must be [min, max] with 1 <= min <= max (got [{lo}, {hi}])")
-    need(p.num_gpus_per_actor >= 0, f"precompute.num_gpus_per_actor must be >= 0 (got {p.num_gpus_per_actor})")
-    need(p.batch_size >= 1 and p.token_budget >= 1, "precompute.batch_size and precompute.token_budget must be >= 1")
-    _check_eval(cfg.eval, need)
-
-
-def _check_eval(e: EvalConfig, need) -> None:
-    need(e.verifier is None or bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", e.verifier)),
-         f"eval.verifier {e.verifier!r} must name a function as 'package.module:function' "
-         "(e.g. bco_ray.eval.arithmetic:verify)")
-    for name in ("num_prompts", "max_new_tokens", "batch_size"):
-        need(getattr(e, name) >= 1, f"eval.{name} must be >= 1 (got {getattr(e, name)})")
-    need(e.temperature > 0, f"eval.temperature must be > 0 (got {e.temperature}); for greedy completions only, "
-         "set eval.sample=false")
-    need(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1] (got {e.top_p})")
-
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-
-
-def _check_names(cfg: Config, need) -> None:
-    """Names that become registry entries or hub repos: no path tricks, no spaces."""
-    reg, hub = cfg.mlflow.registered_model_name, cfg.hub
-    need(reg is None or (bool(_RUN_NAME.match(reg)) and ".." not in reg),
-         f"mlflow.registered_model_name {reg!r}: use letters, digits, '.', '_' and '-' only, starting with a letter "
-         "or digit, with no '..' and no separators")
-    need(hub.repo_id is None or (bool(_REPO_ID.match(hub.repo_id)) and ".." not in hub.repo_id),
-         f"hub.repo_id {hub.repo_id!r} must look like org/name (letters, digits, '.', '_', '-'; no '..')")
-    need(hub.revision is None or (bool(_RUN_NAME.match(hub.revision)) and ".." not in hub.revision),
-         f"hub.revision {hub.revision!r}: a branch name of letters, digits, '.', '_' and '-' (no '/', no '..')")
+    """Checks that need no cluster: every choice field holds one of its choices (model.dtype, data.on_bad_rows,
+    train.lr_scheduler / zero_stage / bf16, ...), then the range and name checks of bco_ray.config_checks.
+    Raises ConfigError naming the field and the fix."""
+    from bco_ray.config_checks import check_config   # it imports this module's dataclasses
+    _check_choices(cfg)
+    check_config(cfg)
 
 
 def config_from_cli(argv: list[str] | None, description: str, default_config: str | Path) -> Config:

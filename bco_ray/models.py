@@ -7,6 +7,8 @@ import logging
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from bco_ray.errors import InputError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,7 +31,7 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
 AUTO_ATTN = "auto"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError, ValueError):
     """A model that cannot be built with the given settings: one message naming the model and the fix."""
 
 

@@ -15,12 +15,13 @@ from urllib.parse import urlparse
 from dataclasses import dataclass
 
 from bco_ray.builtin import BUILTIN_EMBEDDER
+from bco_ray.errors import StorageError
 from bco_ray.storage import ENV, in_job_working_dir, is_remote, local_path
 
 MARKER = ".bco-ray-preflight-"
 
 
-class SharedStorageError(ValueError):
+class SharedStorageError(StorageError, ValueError):
     """A path the job needs is not visible from every node of the cluster."""
 
 

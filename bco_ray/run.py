@@ -15,6 +15,7 @@ from pathlib import Path
 from bco_ray.builtin import resolve_embedder, resolve_model
 from bco_ray.config import Config
 from bco_ray.data.checks import check_data
+from bco_ray.errors import InputError, ResourcesError
 from bco_ray.models import load_tokenizer
 from bco_ray.preflight import check_shared_paths
 from bco_ray.resources import PassResources, pass_resources, usable_cpus
@@ -23,7 +24,7 @@ from bco_ray.storage import resolve_locations
 log = logging.getLogger("bco_ray")
 
 
-class ResourcesUnavailableError(RuntimeError):
+class ResourcesUnavailableError(ResourcesError, RuntimeError):
     """The cluster did not provide what the job asked for within train.resources_timeout_s."""
 
 
@@ -40,7 +41,7 @@ def _unavailable(cfg: Config, what: str, asks: str) -> ResourcesUnavailableError
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class ModelError(ValueError):
+class ModelError(InputError, ValueError):
     """A model/tokenizer setting that cannot work: the message names the field and the fix."""
 
 
@@ -337,7 +338,8 @@ def _pipeline(cfg, paths, run_name, out_dir, uri, run_id, data_report, res: Pass
         generation_eval(cfg, paths, res, f"{storage}/{run_name}", str(model_dir), int(final.get("step", 0)))
         phases.lap("generation_eval")
     from bco_ray.tracking import hub, model_card
-    model_card.write_model_card(model_dir, cfg, final, run_id=run_id, run_name=run_name, data_report=data_report)
+    model_card.write_model_card(model_dir, cfg, mlflow_run.final_metrics(run_id, final), run_id=run_id,
+                                run_name=run_name, data_report=data_report)
     mlflow_run.log_model(str(model_dir), description=f"BCO policy from bco-ray run '{run_name}' ({run_id}).",
                          step=int(final.get("step", 0)), registered_model_name=cfg.mlflow.registered_model_name)
     if cfg.hub.repo_id:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 
 from bco_ray.config import Config
+from bco_ray.errors import InputError
 from bco_ray.data import formats
 from bco_ray.data.sources import files_of, source_fingerprint
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     pass
 
 

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 import fsspec
 import numpy as np
 
+from bco_ray.errors import InputError
+
 FORMATS = ("unpaired", "paired", "implicit")
 REQUIRED = {
     "unpaired": ("prompt", "completion", "label"),
@@ -29,7 +31,7 @@ REQUIRED = {
 SKIP_HINT = "Fix the row or pass --data.on_bad_rows=skip."
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError, ValueError):
     """A bad input row or file. The message reads "<source> row <index>, field '<field>':
     <problem>. <hint>"; ``reason`` is a short key used to count bad rows in skip mode.
     ``DataFormatError("full message")`` (no problem) uses the message as given."""

@@ -10,11 +10,12 @@ from typing import Callable
 import torch
 
 from bco_ray.bco.logprobs import policy_completion_logps
+from bco_ray.errors import InputError
 
 Verifier = Callable[[str, str], "bool | float | dict"]
 
 
-class VerifierError(ValueError):
+class VerifierError(InputError, ValueError):
     """eval.verifier does not name a usable function: the message says why and what to give."""
 
 

@@ -23,7 +23,7 @@ def _is_remote(path: str) -> bool:
 def save_snapshot(model, storage_dir: str, step: int, tokenizer_path: str, rank: int, zero_stage: int,
                   lora: bool) -> None:
     """Every rank calls this (ZeRO-3 gathers need all of them); rank 0 writes."""
-    from bco_ray.train.loop import save_final_model
+    from bco_ray.train.policy import save_final_model
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "model")
         save_final_model(model, src, tokenizer_path, rank, zero_stage, lora_merged=lora)

@@ -11,10 +11,12 @@ import pickle
 import re
 from pathlib import Path
 
+from bco_ray.errors import InputError
+
 _NAME = re.compile(r"^embedding_func-([0-9a-f]{16})\.pkl$")
 
 
-class EmbeddingFuncError(ValueError):
+class EmbeddingFuncError(InputError, ValueError):
     """udm.embedding_func names a file bco-ray will not unpickle."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
+from bco_ray.errors import InputError
+
 # Substrings of metric names where lower is better; everything else (auc, accuracy, margins, rewards, mfu,
 # throughput) is taken as higher is better. `mode` overrides.
 LOWER_IS_BETTER = ("loss", "error", "perplexity", "ppl", "grad_norm", "seconds", "latency", "dropped")
@@ -23,7 +25,7 @@ IGNORED_PARAMS = ("mlflow.", "output_dir", "precompute.cache_dir", "precompute.f
 DEFAULT_EXTRA = ("loss", "rewards/margins", "eval/auc", "eval/gen/score", "eval/gen/score_ref")
 
 
-class CompareError(ValueError):
+class CompareError(InputError, ValueError):
     """Nothing to compare (no such experiment, no runs): the message says what exists."""
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 
 from bco_ray.config import Config
+from bco_ray.errors import InputError
 
 
-class HubError(ValueError):
+class HubError(InputError, ValueError):
     """hub.* settings that cannot work: the message names the setting and the fix."""
 
 

@@ -215,6 +215,16 @@ def log_precompute(summary: dict, run_id: str | None = None, client: MlflowClien
         mlflow.log_dict(summary, "precompute/summary.json")
 
 
+CARD_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def final_metrics(run_id: str, final: dict) -> dict:
+    """The model card's metrics: the run's last training values (loss, rewards, log-probs) and the worker's
+    final record (step, delta, eval/*)."""
+    latest = MlflowClient().get_run(run_id).data.metrics
+    return {**{k: latest[k] for k in CARD_METRICS if k in latest}, **final}
+
+
 # -------------------------------------------------------------------------------------------- inputs
 def data_digest(fingerprint: str) -> str:
     """A dataset's MLflow digest: the first 32 hex digits of the sha256 of its fingerprint in the precompute

@@ -86,7 +86,7 @@ def render(cfg: Config, final: dict, *, adapter: bool = False, run_id: str | Non
            "[arXiv 2404.04656](https://arxiv.org/abs/2404.04656)) on thumbs-up / thumbs-down feedback, trained "
            "with bco-ray (Ray Data + Ray Train + DeepSpeed, tracked in MLflow).\n",
            "## Base model\n", f"- policy: `{base}`",
-           f"- reference: `{cfg.model.reference or 'the policy initial weights'}`\n",
+           f"- reference: {f'`{cfg.model.reference}`' if cfg.model.reference else 'the policy initial weights'}\n",
            "## Data\n", "| split | source | rows | labels (desirable / undesirable) |", "|---|---|---|---|"]
     for split in ("train", "eval"):
         spec = getattr(cfg.data, split)

@@ -1,0 +1,51 @@
+"""One base class for the errors bco-ray reports to a user: a bad setting or input, a cluster that cannot provide
+what a job asks for, storage that is not shared. Each kind has an exit code (the command line's `bco-ray: <kind>
+error: <message>` and status); anything else is a bug and ends with a traceback (exit status 1).
+
+    kind        exit  raised for
+    config      2     a bad config value or override (ConfigError)
+    input       2     data, models, tokenizer, verifier, embedding function, hub settings, runs to compare
+    resources   3     the cluster cannot give the pass or the worker group what they ask for
+    storage     4     a path the job writes is not visible from every node
+"""
+
+from __future__ import annotations
+
+
+class BcoRayError(Exception):
+    """An error whose message names the setting or input at fault and the fix; `kind` labels it in the
+    command line's message and `exit_code` is the command's exit status."""
+
+    kind: str = "input"
+    exit_code: int = 2
+
+
+class InputError(BcoRayError):
+    """Data, models and other inputs that cannot work (exit status 2)."""
+
+    kind = "input"
+    exit_code = 2
+
+
+class ConfigErrorBase(BcoRayError):
+    """A bad config value (exit status 2)."""
+
+    kind = "config"
+    exit_code = 2
+
+
+class ResourcesError(BcoRayError):
+    """The cluster does not provide what the job asks for (exit status 3)."""
+
+    kind = "resources"
+    exit_code = 3
+
+
+class StorageError(BcoRayError):
+    """Storage the job needs is not shared by every node (exit status 4)."""
+
+    kind = "storage"
+    exit_code = 4
+
+
+EXIT_CODES = {cls.kind: cls.exit_code for cls in (ConfigErrorBase, InputError, ResourcesError, StorageError)}

@@ -1,0 +1,314 @@
+"""The BCO training recipe one Ray Train worker runs (bco_ray/train/loop.py drives it):
+
+    setup   process group, step schedule, policy, DeepSpeed engine
+    resume  the latest checkpoint's engine, δ, data position and RNG
+    train   evaluate at step 0, then epochs of micro-batches: BCO forward, backward, step;
+            after each optimizer step: log / evaluate / checkpoint
+    save    final evaluation and the final model in Hugging Face format
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import deepspeed
+import ray.train
+import torch
+import torch.distributed as dist
+from transformers import get_scheduler
+
+from bco_ray.config import TrainConfig, load_config
+from bco_ray.eval.snapshots import save_snapshot
+from bco_ray.train.batching import backward, packed_micro_batches, padded_micro_batches, set_boundary
+from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
+from bco_ray.train.ds_config import deepspeed_config, use_bf16
+from bco_ray.train.evaluate import evaluate
+from bco_ray.train.policy import build_policy, save_final_model
+from bco_ray.train.step import micro_batch_loss
+from bco_ray.train.throughput import flop_shape, train_flops
+from bco_ray.tracking.step_logger import StepLogger, console
+from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """Steps are fixed up front from the pass's row count, so every rank runs the same number of them."""
+    micro_per_epoch: int        # micro-batches of one epoch, whole optimizer steps only
+    total_steps: int
+    warmup: int
+
+    @classmethod
+    def of(cls, t: TrainConfig, train_rows: int, world: int) -> StepSchedule:
+        steps_per_epoch = train_rows // world // t.micro_batch_size // t.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ValueError(f"{train_rows} training rows give no full optimizer step with "
+                             f"{world} workers × micro_batch_size {t.micro_batch_size} × gradient_accumulation_steps "
+                             f"{t.gradient_accumulation_steps}; lower them or add data")
+        total_steps = steps_per_epoch * t.num_epochs if t.max_steps < 0 else t.max_steps
+        return cls(steps_per_epoch * t.gradient_accumulation_steps, total_steps,
+                   math.ceil(t.warmup_ratio * total_steps))
+
+
+class BCORecipe:
+    """One worker's run. `config` is the dict run.py hands every worker: the config overrides ("cfg"), the
+    pass's row count, the policy/tokenizer paths, pad id, storage dir, MLflow run and timing of the fit."""
+
+    def __init__(self, config: dict):
+        self.t_entry = time.time()
+        self.config = config
+        self.cfg = load_config(overrides=config["cfg"])
+        self.t = self.cfg.train
+        self.ctx = ray.train.get_context()
+        self.rank, self.world = self.ctx.get_world_rank(), self.ctx.get_world_size()
+        self.on_gpu = self.t.use_gpu and torch.cuda.is_available()
+        self.device = ray.train.torch.get_device() if self.on_gpu else torch.device("cpu")
+        self.storage_dir = config["storage_dir"]
+        self.step, self.epoch, self.skip = 0, 0, 0        # skip: micro-batches of this epoch already trained
+        self.grad_norm, self.step_rows = 0.0, []
+
+    # ------------------------------------------------------------------ setup / resume
+    def setup(self) -> None:
+        """Process group, step schedule, policy and DeepSpeed engine (with its LR schedule)."""
+        t = self.t
+        torch.manual_seed(t.seed)
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
+        t_dist = time.time()
+        self.schedule = StepSchedule.of(t, self.config["train_rows"], self.world)
+        model = build_policy(self.cfg, self.config["policy_path"], self.on_gpu)
+        t_model = time.time()
+        s = self.schedule
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(t, self.world, self.on_gpu),
+            lr_scheduler=lambda opt: get_scheduler(t.lr_scheduler, opt, num_warmup_steps=s.warmup,
+                                                   num_training_steps=s.total_steps))
+        self.shape = flop_shape(self.engine.module)          # the one MFU definition: bco_ray/train/throughput.py
+        # Dense peak of this GPU in the training dtype (H100 PCIe/NVL, fp32 → TF32, $BCO_RAY_PEAK_TFLOPS); None: no mfu.
+        self.peak_flops = gpu_peak_flops(torch.cuda.get_device_name(), "bf16" if use_bf16(t, self.on_gpu) else "fp32") \
+            if self.on_gpu else None
+        self.timings = {"engine_ready_at": time.time(), "train": 0.0, "eval": 0.0, "save": 0.0}
+        if self.rank == 0:
+            ready = self.timings["engine_ready_at"]
+            console(f"[bco-ray] worker group ready: {ready - self.config['fit_started_at']:.1f} s after "
+                    f"fit (in the worker: {t_dist - self.t_entry:.1f} s to join the process group, "
+                    f"{t_model - t_dist:.1f} s to load the policy, {ready - t_model:.1f} s to build the engine)")
+        self.delta = DeviceRunningMean(self.device)         # on the device: no host sync per micro-batch
+
+    def resume(self) -> bool:
+        """Restore the latest checkpoint, if any. False: this run name had finished already; its final model was
+        reported again and there is nothing to train."""
+        ckpt = ray.train.get_checkpoint()
+        if not ckpt:
+            return True
+        with ckpt.as_directory() as d:
+            if os.path.exists(os.path.join(d, "final.json")):
+                _report_finished(d, self.rank)
+                return False
+            _, client = self.engine.load_checkpoint(d, tag="ds")
+        self.delta.load_state_dict(client["delta"])
+        self.step, self.epoch, self.skip = client["step"], client["epoch"], client["micro_in_epoch"]
+        torch.set_rng_state(client["rng"])
+        if self.rank == 0:
+            console(f"[bco-ray] resumed from checkpoint at step {self.step} (epoch {self.epoch}, "
+                    f"δ={float(self.delta.mean):.6f})")
+        return True
+
+    # ------------------------------------------------------------------ the epoch loop
+    def train(self) -> None:
+        """Evaluate at step 0 (every eval curve starts at the reference), then epochs until the last step;
+        max_steps may run past num_epochs."""
+        self._open_streams()
+        self.t_train = time.time()
+        if self.eval_ds is not None and self.step == 0 and self.cfg.eval.at_start:
+            self.logger.log(self._evaluate(), 0)
+            self.timings["eval"] += time.time() - self.t_train
+            self.t_window = time.time()
+        while self.step < self.schedule.total_steps:
+            self.train_epoch()
+            self.skip = 0
+            self.epoch += 1
+        self.timings["train"] = time.time() - self.t_train - self.timings["eval"]
+
+    def _open_streams(self) -> None:
+        t = self.t
+        self.logger = StepLogger(self.config.get("mlflow"), self.rank, buffered=t.save_steps > 0)
+        self.pad_id = self.config["pad_id"]
+        self.window, self.t_window = DeviceWindowSums(self.device), time.time()
+        self.token_budget = t.micro_batch_tokens if t.micro_batch_tokens >= 0 else \
+            t.micro_batch_size * self.cfg.data.max_length
+        self.chunk = self.cfg.precompute.logp_chunk_size
+        self.shard = ray.train.get_dataset_shard("train")   # the whole ordered split: see batching.rank_batches
+        self.eval_ds = ray.train.get_dataset_shard("eval") if self.config.get("has_eval") else None
+
+    def _micro_batches(self):
+        """(batch, row ids, micro-batch units, last of the optimizer step) from this epoch's `skip` on."""
+        args = (self.shard, self.t, self.rank, self.world)
+        if self.token_budget > 0:
+            return packed_micro_batches(*args, self.skip, self.pad_id, self.device, self.chunk)
+        return padded_micro_batches(*args, self.epoch, self.skip, self.pad_id, self.device)
+
+    def train_epoch(self) -> None:
+        """This rank's micro-batches of one epoch; resuming mid-epoch, the first `skip` were trained already."""
+        micro, step_at_start, s = self.skip, self.step, self.schedule
+        for batch, row_ids, units, last in self._micro_batches():
+            if micro >= s.micro_per_epoch or self.step >= s.total_steps:
+                break
+            if self.t.record_rows and row_ids is not None:
+                self.step_rows.extend(row_ids.tolist())
+            lr = self.scheduler.get_last_lr()[0]
+            self.train_micro_batch(batch, last)
+            micro += units
+            if last:
+                self.end_step(micro, lr)
+        if self.step == step_at_start and self.skip == 0:
+            raise RuntimeError(f"rank {self.rank}: the training shard yielded no full micro-batch in epoch {self.epoch}")
+
+    def train_micro_batch(self, batch: dict, last: bool) -> None:
+        """BCO forward, backward and engine step (DeepSpeed steps the optimizer at the accumulation boundary)."""
+        engine = self.engine
+        set_boundary(engine, batch, last)
+        # Through the engine (not engine.module): ZeRO-3 counts micro-steps in the engine's forward.
+        loss = micro_batch_loss(engine, batch, self.delta, self.t.beta, self.chunk, sums=self.window,
+                                flops=train_flops(self.shape, *batch["work"]))
+        backward(engine, batch, loss)
+        if self.t.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+            self.grad_norm = _grad_norm(engine.module)      # DeepSpeed reports no global norm at ZeRO-0
+        engine.step()
+
+    def end_step(self, micro: int, lr: float) -> None:
+        """After optimizer step `self.step + 1`: the testing switches, then log / evaluate / checkpoint as due."""
+        t, total = self.t, self.schedule.total_steps
+        inject_failure_if_due(t.inject_failure_at_step, self.step + 1, micro, t.gradient_accumulation_steps,
+                              self.rank, self.world, self.storage_dir)
+        self.step += 1
+        if t.record_rows:
+            record_rows(self.storage_dir, self.rank, self.step, self.step_rows)
+            self.step_rows = []
+        if self.step % t.logging_steps == 0 or self.step == total:
+            self.log_step(micro, lr)
+        if self.eval_ds is not None and t.eval_steps > 0 and self.step % t.eval_steps == 0 and self.step < total:
+            self.evaluate_mid_run()
+        if t.save_steps > 0 and self.step % t.save_steps == 0 and self.step < total:
+            at_end = micro >= self.schedule.micro_per_epoch
+            self.checkpoint({"step": self.step}, 0 if at_end else micro, self.epoch + 1 if at_end else self.epoch)
+
+    # ------------------------------------------------------------------ log / evaluate / checkpoint
+    def log_step(self, micro: int, lr: float) -> None:
+        """The window's BCO metrics (one host sync), δ, LR, epoch, grad norm, throughput and MFU."""
+        m = self.window.reduce()
+        elapsed = max(time.time() - self.t_window, 1e-9)
+        flops = m.pop("flops")
+        if self.peak_flops:          # model FLOPs (bco_ray/train/throughput.py) per second, per GPU, over peak
+            m["mfu"] = flops / elapsed / self.world / self.peak_flops
+        grad_norm = self.grad_norm if self.t.zero_stage == 0 else self.engine.get_global_grad_norm() or 0.0
+        m.update({"delta": float(self.delta.mean), "learning_rate": lr,
+                  "epoch": self.epoch + micro / self.schedule.micro_per_epoch, "grad_norm": float(grad_norm),
+                  "tokens_per_second": m.pop("tokens") / elapsed,
+                  "samples_per_second": (m["count/chosen"] + m["count/rejected"]) / elapsed})
+        self.logger.log(m, self.step)
+        self.window.reset()
+        self.t_window = time.time()
+
+    def _evaluate(self) -> dict:
+        return evaluate(self.engine.module, self.eval_ds, self.delta, self.cfg, self.pad_id, self.device,
+                        self.rank, self.world)
+
+    def evaluate_mid_run(self) -> None:
+        """Eval metrics at this step and, for the driver's generation pass, a snapshot of the policy."""
+        t_eval = time.time()
+        self.logger.log(self._evaluate(), self.step)
+        if self.cfg.eval.generate:
+            save_snapshot(self.engine.module, self.storage_dir, self.step, self.config["tokenizer_path"], self.rank,
+                          self.t.zero_stage, self.t.lora.enabled)
+        self.t_window += time.time() - t_eval        # evaluation time is not training throughput
+        self.timings["eval"] += time.time() - t_eval
+
+    def checkpoint(self, metrics: dict, micro_in_epoch: int, epoch: int) -> None:
+        """Every rank's DeepSpeed state, δ, data position and RNG; Ray merges the ranks' files into one
+        checkpoint directory on the run's storage and keeps the last `keep_checkpoints`."""
+        with tempfile.TemporaryDirectory() as d:
+            self.engine.save_checkpoint(d, tag="ds", client_state={
+                "delta": self.delta.state_dict(), "step": self.step, "epoch": epoch,
+                "micro_in_epoch": micro_in_epoch, "rng": torch.get_rng_state()})
+            node_id = self.ctx.get_node_id() if hasattr(self.ctx, "get_node_id") else \
+                ray.get_runtime_context().get_node_id()
+            with open(os.path.join(d, f"rank{self.rank}.json"), "w") as f:
+                json.dump({"rank": self.rank, "node_id": node_id, "step": self.step}, f)
+            self.logger.flush()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"checkpoint_step{self.step:07d}")
+        # Reports are registered by the controller asynchronously: wait, so that a worker dying right
+        # after this point still restarts from this checkpoint (not from the previous one).
+        ray.train.get_all_reported_checkpoints()
+
+    # ------------------------------------------------------------------ final save
+    def save_final(self) -> None:
+        """Final evaluation, then the model in Hugging Face format and final.json as the run's last report."""
+        t = self.t
+        final = {"step": self.step, "delta": float(self.delta.mean)}
+        if self.eval_ds is not None:
+            t_eval = time.time()
+            ev = self._evaluate()
+            self.logger.log(ev, self.step)
+            final.update(ev)
+            self.timings["eval"] += time.time() - t_eval
+        self.logger.flush()
+        with tempfile.TemporaryDirectory() as d:
+            t_save = time.time()
+            save_final_model(self.engine.module, os.path.join(d, "model"), self.config["tokenizer_path"], self.rank,
+                             t.zero_stage, lora_merged=t.lora.enabled and t.lora.save_merged)
+            self.timings["save"] = time.time() - t_save
+            final["timings"] = self.timings
+            if self.rank == 0:
+                with open(os.path.join(d, "final.json"), "w") as f:
+                    json.dump(final, f)
+            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d) if self.rank == 0 else None,
+                             checkpoint_dir_name=f"final_step{self.step:07d}")
+        if dist.is_initialized():
+            dist.barrier()
+
+
+# ---------------------------------------------------------------------- small helpers and testing switches
+def _grad_norm(model) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _report_finished(d: str, rank: int) -> None:
+    """Re-running a finished run name: report its final model again instead of training from scratch."""
+    import shutil
+    with open(os.path.join(d, "final.json")) as f:
+        final = json.load(f)
+    with tempfile.TemporaryDirectory() as out:
+        if rank == 0:
+            shutil.copytree(os.path.join(d, "model"), os.path.join(out, "model"))
+            shutil.copy(os.path.join(d, "final.json"), out)
+            console(f"[bco-ray] run already finished at step {final.get('step')}; nothing to train")
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None,
+                         checkpoint_dir_name=f"final_step{final.get('step', 0):07d}_again")
+
+
+def inject_failure_if_due(at_step: int, step: int, micro: int, gas: int, rank: int, world: int,
+                          storage_dir: str) -> None:
+    """Testing switch (train.inject_failure_at_step): the last rank dies, once per run, right after the
+    optimizer step `at_step`, so that Ray Train must replace it and resume from the latest checkpoint."""
+    if at_step <= 0 or step != at_step or micro % gas or rank != world - 1:
+        return
+    marker = os.path.join(storage_dir, f"injected_failure_step{at_step}")
+    if os.path.exists(marker):
+        return
+    os.makedirs(storage_dir, exist_ok=True)
+    open(marker, "w").close()
+    console(f"[bco-ray] injected failure: rank {rank} exits at step {step}")
+    os._exit(1)
+
+
+def record_rows(storage_dir: str, rank: int, step: int, rows: list) -> None:
+    """Testing switch (train.record_rows): the row ids each optimizer step trained on, one line per step."""
+    os.makedirs(os.path.join(storage_dir, "rows"), exist_ok=True)
+    with open(os.path.join(storage_dir, "rows", f"rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "rows": [int(r) for r in rows]}) + "\n")
