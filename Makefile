@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test test-fast setup clean
+.PHONY: demo test test-fast lint fmt setup clean
 
 $(VENV)/.installed: pyproject.toml bco_ray/__init__.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ test: setup
 # The edit loop: everything but the Ray jobs (unit tests, in-process DeepSpeed/gloo checks), a few minutes.
 test-fast: setup
 	$(PY) -m pytest -q --timeout=600 -m "not e2e" tests
+
+# ruff, configured in pyproject.toml: `lint` checks (the fast tier runs it too), `fmt` fixes imports and formats.
+lint: setup
+	$(VENV)/bin/ruff check .
+
+fmt: setup
+	$(VENV)/bin/ruff check --fix --select I .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf outputs mlflow.db .pytest_cache

@@ -367,7 +367,7 @@ def validate(cfg: Config) -> None:
     """Checks that need no cluster: every choice field holds one of its choices (model.dtype, data.on_bad_rows,
     train.lr_scheduler / zero_stage / bf16, ...), then the range and name checks of bco_ray.config_checks.
     Raises ConfigError naming the field and the fix."""
-    from bco_ray.config_checks import check_config   # it imports this module's dataclasses
+    from bco_ray.config_checks import check_config  # it imports this module's dataclasses
     _check_choices(cfg)
     check_config(cfg)
 

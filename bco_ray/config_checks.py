@@ -6,7 +6,6 @@ import re
 
 from bco_ray.config import Config, ConfigError, EvalConfig
 
-
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 

@@ -7,6 +7,7 @@ import logging
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from bco_ray.config import Config, TrainConfig
 from bco_ray.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,26 @@ def pick_dtype(name: str, on_gpu: bool) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
     return DTYPES[name]
+
+
+def use_bf16(t: TrainConfig, on_gpu: bool) -> bool:
+    """`train.bf16`: "auto" is bf16 on GPU and float32 on CPU; True/False force it. The text "true"/"false"
+    (the field's spelling before it was typed, in a TrainConfig built in code) counts as the boolean."""
+    value = t.bf16
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return on_gpu
+        return value.strip().lower() in ("true", "yes", "1")
+    return bool(value)
+
+
+def reference_dtype(cfg: Config) -> str:
+    """The reference scores in the policy's training dtype unless model.dtype says otherwise, so that a
+    reference equal to the policy's initial weights gives step-0 rewards of exactly 0 (GPU bf16 included)."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    on_gpu = cfg.train.use_gpu and cfg.precompute.num_gpus_per_actor > 0
+    return "bfloat16" if use_bf16(cfg.train, on_gpu) else "float32"
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from urllib.parse import urlparse
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 from bco_ray.builtin import BUILTIN_EMBEDDER
 from bco_ray.errors import StorageError

@@ -24,6 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops  # noqa: E402
+
 # Model shapes. "qwen0.5b" is Qwen2.5-0.5B's architecture, randomly initialised (no hub download).
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -33,8 +35,6 @@ SHAPES = {
                      rope_theta=1000000.0),
 }
 PAD_ID = 0
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
-PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def ensure_ray_importable() -> bool:
@@ -154,10 +154,8 @@ def peak_flops(override_tflops: float | None) -> tuple[float | None, str]:
     if not torch.cuda.is_available():
         return None, "cpu (no MFU)"
     name = torch.cuda.get_device_name()
-    for key, val in PEAKS.items():
-        if key in name:
-            return val, name
-    return None, f"{name} (unknown peak: pass --peak-tflops)"
+    peak = gpu_peak_flops(name, "bf16")            # the trainer's table (its MFU metric), dense bf16
+    return (peak, name) if peak else (None, f"{name} (unknown peak: pass --peak-tflops)")
 
 
 def sync(device: torch.device) -> None:

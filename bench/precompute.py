@@ -28,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common as C  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
+
+from bench import common as C  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -102,7 +102,7 @@ def run_naive(a, path, rows, dtype, device, lengths, n_flops, attn_flops, peak) 
                 out[lo:lo + bs] = lp.float().cpu().numpy()
                 padded += slots
     f = figures("naive", t.seconds, n, sum(lengths), padded, n_flops, attn_flops, peak, C.peak_gib(device))
-    del model
+    model = None                                   # freed before the next model loads
     C.free_memory()
     return f, out
 

@@ -3,7 +3,7 @@
   ours      precompute: the `RefLogps` stage over all rows (timed: it is part of end-to-end), then the
             trainer's own step (bco_ray.train.step.micro_batch_loss + backward + optimizer step). Default
             (--bucketing packed, the trainer's default): each optimizer step's --micro-batch-size ×
-            --gradient-accumulation-steps rows packed to --micro-batch-tokens tokens (bco_ray.train.packing).
+            --gradient-accumulation-steps rows packed to --micro-batch-tokens tokens (bco_ray.data.packing).
             --bucketing trainer: today's padded step (fixed --micro-batch-size rows, `length_bucketed` over
             --bucket-window micro-batches); budget: a bench-only token-budget padded bucketing. With packed,
             today's padded step also runs on the same rows ("today"), for the ratio. No reference forward.
@@ -35,11 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common as C  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
+
+from bench import common as C  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -248,12 +248,11 @@ def precompute(a, path, rows, device, dtype) -> tuple[np.ndarray, dict]:
 def step_plans(a, layout: str, lengths: list[int], labels) -> list:
     """Each optimizer step of ours: (row indices of the step, its micro-batches as row-index lists; None =
     packed by the trainer's own code at run time)."""
-    rows_per_step = a.micro_batch_size * a.gradient_accumulation_steps
     if layout == "budget":
         return [(b, [b]) for b in bucketed(lengths, a.window, a.micro_batch_tokens, a.seed)]
     if layout == "packed":      # each step's rows as today's trainer takes them (the same rows per step), packed
         return [(rows, None) for rows, _ in step_plans(a, "trainer", lengths, labels)]
-    from bco_ray.train.step import length_bucketed      # today's trainer: fixed rows, re-cut by length
+    from bco_ray.train.step import length_bucketed  # today's trainer: fixed rows, re-cut by length
     mbs = a.micro_batch_size
     ids = np.empty(len(lengths), dtype=object)
     ids[:] = [np.zeros(n, dtype=np.int64) for n in lengths]
@@ -266,8 +265,8 @@ def step_plans(a, layout: str, lengths: list[int], labels) -> list:
 
 def run_ours(a, zero, path, rows, ref_logps, device, dtype, lengths, shape, peak, layout=None) -> dict:
     """The trainer's step function on `layout` micro-batches (default a.bucketing)."""
+    from bco_ray.data.packing import collate_packed, plan_step, to_device
     from bco_ray.train.device_stats import DeviceRunningMean
-    from bco_ray.train.packing import collate_packed, plan_step, to_device
     from bco_ray.train.step import collate, micro_batch_loss
     layout = layout or a.bucketing
     model = C.load_model(path, dtype, device, C.pick_attn(a.attn, device))
@@ -346,7 +345,7 @@ def run_baseline(a, path, rows, device, dtype, lengths, shape, peak) -> dict:
     f = timed_steps("baseline", batches, step, a, a.baseline_steps, device, rows, shape, peak)
     f["zero"] = a.baseline_zero
     up.close()
-    del ref
+    ref = None                                     # freed before the next run
     C.free_memory()
     return f
 
@@ -376,7 +375,7 @@ def padding_report(a, n: int = 4096) -> dict:
             plans = step_plans(b, layout, lengths, labels)
             real = sum(lengths[i] for p in plans for i in p[0])
             if layout == "packed":                       # the trainer's packs (one rank: no empty packs)
-                from bco_ray.train.packing import plan_step
+                from bco_ray.data.packing import plan_step
                 computed = sum(sum(lengths[p[0][i]] for i in pack) or 2 for p in plans for pack in plan_step(
                     [[lengths[i] for i in p[0]]], [[1] * len(p[0])], b.micro_batch_tokens, a.chunk_size, 0)[0])
             else:

@@ -20,7 +20,6 @@ import torch
 
 from bco_ray import BCOConfig, BCOTrainer
 from bco_ray.api import BCOConfigWarning
-from bco_ray.api._io import embedding_func_supported
 from bco_ray.builtin import ASSETS, materialize_tiny_model, tokenizer_path
 from bco_ray.config import ConfigError
 
@@ -161,10 +160,6 @@ def test_trainer_argument_checks_and_inputs_saved_once(tmp_path):
         BCOTrainer(model=path, args=args, train_dataset=DatasetDict({"train": Dataset.from_list(TRAIN_ROWS)}))
     with pytest.raises(ValueError, match="both embedding_func and embedding_tokenizer"):
         BCOTrainer(model=path, args=args, train_dataset=TRAIN_ROWS, embedding_func=lambda **kw: None)
-    if not embedding_func_supported():
-        with pytest.raises(NotImplementedError, match="udm.embedding_func"):
-            BCOTrainer(model=path, args=args, train_dataset=TRAIN_ROWS, embedding_func=lambda **kw: None,
-                       embedding_tokenizer=path)
     with pytest.warns(BCOConfigWarning, match="callbacks"):
         first = BCOTrainer(model=model, ref_model=model, args=args, processing_class=path,
                            train_dataset=Dataset.from_list(TRAIN_ROWS), callbacks=[object()])
@@ -347,8 +342,6 @@ def _bart_embedder():
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(not embedding_func_supported(),
-                    reason="bco-ray lacks the udm.embedding_func hook (UDMConfig.embedding_func + Embed(func_path=...))")
 def test_udm_with_a_bart_embedding_function(tiny_models, tmp_path, local_ray):
     """model as a path, ref_model=None (the model's initial weights), UDM through a user embedding function."""
     from mlflow.tracking import MlflowClient
@@ -370,7 +363,7 @@ def test_udm_with_a_bart_embedding_function(tiny_models, tmp_path, local_ray):
     assert run.info.status == "FINISHED"
     assert {"udm/accuracy", "loss", "delta"} <= set(run.data.metrics)
     from bco_ray.bco.udm import classifier_from_json
-    clf = classifier_from_json((Path(result.raw["precompute_dir"]) / "classifier.json").read_bytes())
+    clf = classifier_from_json((Path(result.raw.precompute_dir) / "classifier.json").read_bytes())
     assert clf.n_features_in_ == dim                          # fitted on the BART function's embeddings
     weight = run.data.metrics["precompute/mean_rejected_weight"]
     assert weight != pytest.approx(1.0) and 0.5 <= weight <= 10.0

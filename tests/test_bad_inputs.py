@@ -70,17 +70,23 @@ def test_bad_config(tmp_path, capsys, args, message):
 def _bad_data_cases(tmp_path):
     rows = [dict(r) for r in GOOD]
     cases = []
-    r = [dict(x) for x in rows]; del r[7]["label"]
+    r = [dict(x) for x in rows]
+    del r[7]["label"]
     cases.append((r, b"", "row 7, field 'label'", "missing"))
-    r = [dict(x) for x in rows]; r[3]["label"] = "yes"
+    r = [dict(x) for x in rows]
+    r[3]["label"] = "yes"
     cases.append((r, b"", "row 3, field 'label': expected a boolean", "yes"))
-    r = [dict(x) for x in rows]; r[5]["prompt"] = 17
+    r = [dict(x) for x in rows]
+    r[5]["prompt"] = 17
     cases.append((r, b"", "row 5, field 'prompt'", "wrong type"))
-    r = [dict(x) for x in rows]; r[9]["prompt"] = "   "
+    r = [dict(x) for x in rows]
+    r[9]["prompt"] = "   "
     cases.append((r, b"", "row 9, field 'prompt'", "empty prompt"))
-    r = [dict(x) for x in rows]; r[11]["completion"] = ""
+    r = [dict(x) for x in rows]
+    r[11]["completion"] = ""
     cases.append((r, b"", "row 11, field 'completion'", "empty completion"))
-    r = [dict(x) for x in rows]; r[12] = {"prompt": "p", "chosen": " a", "rejected": " b"}
+    r = [dict(x) for x in rows]
+    r[12] = {"prompt": "p", "chosen": " a", "rejected": " b"}
     cases.append((r, b"", "row 12", "mixed formats"))
     cases.append((rows, b"{not json\n", "row 40", "invalid JSON"))
     cases.append((rows, b'{"prompt": "\xff\xfe", "completion": " 1", "label": true}\n', "row 40", "non-UTF-8"))
@@ -102,7 +108,7 @@ def test_bad_rows_can_be_skipped_instead(tmp_path):
     rows[3]["label"] = "yes"
     path = _jsonl(tmp_path / "train.jsonl", rows, b"{not json\n")
     rep = check_data(load_config(overrides=[f"--data.train={path}", "--data.eval=none", "--data.on_bad_rows=skip"]))
-    assert rep["train"]["bad_rows"] == 2 and rep["train"]["rows"] == 39
+    assert rep.train.bad_rows == 2 and rep.train.rows == 39
 
 
 def test_single_class_with_udm(tmp_path, capsys):
@@ -128,6 +134,7 @@ def test_policy_path_that_does_not_exist(tmp_path, capsys):
 
 def test_policy_and_reference_with_different_vocabularies(tmp_path, capsys):
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
     from bco_ray.builtin import materialize_tiny_model
     policy = materialize_tiny_model(tmp_path / "policy")
     cfg = Qwen2Config.from_pretrained(policy)
@@ -142,11 +149,12 @@ def test_duplicates_warn_but_run_checks(tmp_path, caplog):
     from bco_ray.data.checks import check_data
     path = _jsonl(tmp_path / "train.jsonl", GOOD + GOOD[:5])
     rep = check_data(load_config(overrides=[f"--data.train={path}", "--data.eval=none"]))
-    assert rep["train"]["duplicates"] == 5 and "5 duplicate rows" in caplog.text
+    assert rep.train.duplicates == 5 and "5 duplicate rows" in caplog.text
 
 
 def test_tokenizer_without_pad_token_gets_one(tmp_path, caplog):
     from transformers import AutoTokenizer
+
     from bco_ray.builtin import tokenizer_path
     from bco_ray.models import load_tokenizer
     tok = AutoTokenizer.from_pretrained(tokenizer_path())

@@ -57,7 +57,8 @@ def test_bco_losses_gradient_and_extremes():
     weights = torch.tensor([1.0, 2.0])
     losses, _ = bco_losses(policy, ref, labels, weights, beta, delta)
     losses.sum().backward()
-    sig = lambda x: 1.0 / (1.0 + math.exp(-x))
+    def sig(x):
+        return 1.0 / (1.0 + math.exp(-x))
     # desirable: d/dp [-log σ(β(p-ref)-δ)] = -β σ(-(r-δ)) = -0.1 σ(-0.15)
     # undesirable: d/dp [-w log σ(-(β(p-ref)-δ))] = w β σ(r-δ) = 2 * 0.1 * σ(-0.35)
     torch.testing.assert_close(policy.grad, torch.tensor([-0.1 * sig(-0.15), 0.2 * sig(-0.35)]),
@@ -247,7 +248,7 @@ def test_policy_completion_logps_matches_full_logits(chunk_size, tie):
     assert (out[:3] < 0).all()
     torch.testing.assert_close(out, ref.detach(), atol=1e-5, rtol=1e-5)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
     with torch.no_grad():   # no-grad path (no checkpointing) gives the same numbers
         torch.testing.assert_close(policy_completion_logps(model, ids, mask, prompt_len, chunk_size),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import ROOT, job_env
 
 TINY_DATA = ["--model", "tiny", "--rows", "12"]

@@ -15,8 +15,16 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from bco_ray.builtin import (
-    ASSETS, BUILTIN_EMBEDDER, BUILTIN_EVAL, BUILTIN_MODEL, BUILTIN_TRAIN,
-    materialize_tiny_model, resolve_data, resolve_embedder, resolve_model, tokenizer_path,
+    ASSETS,
+    BUILTIN_EMBEDDER,
+    BUILTIN_EVAL,
+    BUILTIN_MODEL,
+    BUILTIN_TRAIN,
+    materialize_tiny_model,
+    resolve_data,
+    resolve_embedder,
+    resolve_model,
+    tokenizer_path,
 )
 
 

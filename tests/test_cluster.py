@@ -39,6 +39,7 @@ def test_cluster_yaml_passes_ray_launcher_validation():
 def test_cluster_yaml_node_types_fit_the_recipe():
     """A CPU head, GPU worker types that start at zero, and room for the GPU recipe's requests."""
     import ray
+
     from bco_ray.config import load_config
     c = _cluster()
     types = c["available_node_types"]
@@ -60,8 +61,8 @@ def test_cluster_yaml_node_types_fit_the_recipe():
     # The project and its pinned dependencies are installed on every node, and jobs get an MLflow URI.
     setup = "\n".join(c["setup_commands"])
     assert "pip install" in setup and "/home/ray/bco-ray" in setup and c["file_mounts"]["/home/ray/bco-ray"] == "."
-    torch_pin = next(l.split("?=")[1].strip() for l in (ROOT / "Makefile").read_text().splitlines()
-                     if l.startswith("TORCH_VERSION"))
+    torch_pin = next(line.split("?=")[1].strip() for line in (ROOT / "Makefile").read_text().splitlines()
+                     if line.startswith("TORCH_VERSION"))
     assert f'"torch=={torch_pin}"' in setup, "the cluster runs the torch the Makefile pins"
     assert any("MLFLOW_TRACKING_URI" in cmd and "ray start --head" in cmd for cmd in c["head_start_ray_commands"])
 

@@ -227,7 +227,8 @@ def test_validate_checks_choices_of_a_config_built_in_code():
 
 def test_use_bf16_reads_the_typed_field():
     from bco_ray.config import TrainConfig
-    from bco_ray.train.ds_config import deepspeed_config, use_bf16
+    from bco_ray.models import use_bf16
+    from bco_ray.train.ds_config import deepspeed_config
     assert [use_bf16(TrainConfig(bf16="auto"), gpu) for gpu in (True, False)] == [True, False]
     assert [use_bf16(TrainConfig(bf16=True), gpu) for gpu in (True, False)] == [True, True]
     assert [use_bf16(TrainConfig(bf16=False), gpu) for gpu in (True, False)] == [False, False]

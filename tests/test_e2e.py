@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bco_ray.builtin import SFT_DIR
+
 from conftest import run_job
 
 pytestmark = pytest.mark.e2e

@@ -7,8 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bco_ray.data.formats import (DataFormatError, check_row, detect_format, iter_rows,
-                                  to_unpaired, validate_source)
+from bco_ray.data.formats import DataFormatError, check_row, detect_format, iter_rows, to_unpaired, validate_source
 
 SRC = "train.jsonl"
 

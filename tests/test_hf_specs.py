@@ -11,7 +11,7 @@ import types
 import pytest
 
 from bco_ray.config import load_config
-from bco_ray.data import sources
+from bco_ray.data import fingerprint, sources
 from bco_ray.precompute import cache
 
 SHA1, SHA2 = "1" * 40, "2" * 40
@@ -61,10 +61,10 @@ def test_rows_are_read_at_the_resolved_commit_as_a_stream(hub, monkeypatch):
     seen = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: seen.append((a, kw)) or "stream")
     hub.heads[("dataset", "org/fb", "main")] = SHA1
-    assert sources._hf("hf:org/fb/en:test") == "stream"
+    assert sources.hf_rows("hf:org/fb/en:test") == "stream"
     assert seen == [(("org/fb", "en"), {"split": "test", "revision": SHA1, "streaming": True})]
     hub.heads[("dataset", "org/fb", "v2")] = SHA2
-    sources._hf("hf:org/fb@v2:train")
+    sources.hf_rows("hf:org/fb@v2:train")
     assert seen[-1] == (("org/fb", None), {"split": "train", "revision": SHA2, "streaming": True})
 
 
@@ -85,8 +85,8 @@ def test_cache_key_follows_the_commit_not_the_branch(hub, tmp_path):
 def test_hub_model_ids_are_fingerprinted_by_commit(hub, tmp_path, monkeypatch):
     hub.heads[("model", "org/policy", "main")] = SHA1
     hub.heads[("model", "org/policy", "v1")] = SHA2
-    assert cache.fingerprint_path("org/policy") == f"hub:org/policy@{SHA1}"
-    assert cache.fingerprint_path("org/policy", "v1") == f"hub:org/policy@{SHA2}"
+    assert fingerprint.fingerprint_path("org/policy") == f"hub:org/policy@{SHA1}"
+    assert fingerprint.fingerprint_path("org/policy", "v1") == f"hub:org/policy@{SHA2}"
     # Offline: the local Hugging Face cache's ref for the revision; unknown everywhere: id@revision as before.
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -94,6 +94,21 @@ def test_hub_model_ids_are_fingerprinted_by_commit(hub, tmp_path, monkeypatch):
     refs = tmp_path / "models--org--policy" / "refs"
     refs.mkdir(parents=True)
     (refs / "main").write_text(SHA2)
-    assert cache.fingerprint_path("org/policy") == f"hub:org/policy@{SHA2}"
-    assert cache.fingerprint_path("org/other", "dev") == "id:org/other@dev"
-    assert cache.fingerprint_path(str(tmp_path / "no" / "such" / "dir")).startswith("id:")   # a path, not an id
+    assert fingerprint.fingerprint_path("org/policy") == f"hub:org/policy@{SHA2}"
+    assert fingerprint.fingerprint_path("org/other", "dev") == "id:org/other@dev"
+    assert fingerprint.fingerprint_path(str(tmp_path / "no" / "such" / "dir")).startswith("id:")   # a path, not an id
+
+
+def test_a_hub_stream_is_read_by_one_streaming_read_task(hub, monkeypatch):
+    """read_source's datasource for hf: specs (Ray's public Datasource API): one read task that streams the
+    dataset opened at the pinned commit, in Arrow batches, every row once."""
+    import datasets
+    rows = [{"prompt": f"p{i}", "completion": f" c{i}", "label": i % 2 == 0} for i in range(10)]
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *a, **kw: datasets.Dataset.from_list(rows).to_iterable_dataset())
+    hub.heads[("dataset", "org/fb", "main")] = SHA1
+    tasks = sources._stream_datasource(sources.hf_rows("hf:org/fb:train"), batch_size=4).get_read_tasks(8)
+    assert len(tasks) == 1
+    blocks = list(tasks[0]())
+    assert [b.num_rows for b in blocks] == [4, 4, 2]
+    assert [r for b in blocks for r in b.to_pylist()] == rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bco_ray.bco.logprobs import TokenLogps, summed_head_logps, token_logps
+from bco_ray.bco.logprobs import summed_head_logps, token_logps
 
 N, H, VOCAB = 23, 16, 97
 

@@ -7,11 +7,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    CohereConfig,
+    Gemma2Config,
+    GraniteConfig,
+    LlamaConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
 
-from bco_ray.bco.logprobs import (completion_logps, light_path_ok, policy_completion_logps, router_aux_loss_coef,
-                                  router_aux_loss_enabled)
+from bco_ray.bco.logprobs import (
+    completion_logps,
+    light_path_ok,
+    policy_completion_logps,
+    router_aux_loss_coef,
+    router_aux_loss_enabled,
+)
 
 V, T = 64, 12
 _COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -87,7 +101,7 @@ def test_family_matches_full_logits(models, family):
     ref, ref_aux, ref_grads = _grads_of(model, lambda: _reference(model, ids, mask, prompt_len))
     assert light_path_ok(model), f"{family}: the known families stay on the memory-light path"
     for chunk_size in (1, 4, 1024):
-        got, aux, grads = _grads_of(model, lambda: policy_completion_logps(
+        got, aux, grads = _grads_of(model, lambda chunk_size=chunk_size: policy_completion_logps(
             model, ids, mask, prompt_len, chunk_size, return_aux_loss=True))
         assert got.dtype == torch.float32 and got[3].item() == 0.0 and (got[:3] < 0).all()
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -160,8 +174,8 @@ def test_unknown_postprocessing_falls_back_to_full_forward():
     ref, _, ref_grads = _grads_of(model, lambda: _reference(model, ids, mask, prompt_len))
     model.seen_logits_to_keep.clear()
     for chunk_size in (1, 5, 1024):
-        got, _, grads = _grads_of(model, lambda: (policy_completion_logps(model, ids, mask, prompt_len, chunk_size),
-                                                  None))
+        got, _, grads = _grads_of(model, lambda chunk_size=chunk_size: (
+            policy_completion_logps(model, ids, mask, prompt_len, chunk_size), None))
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         _assert_grads_close(grads, ref_grads)
     assert not light_path_ok(model)

@@ -25,8 +25,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bco_ray.config import load_config
+from bco_ray.storage import resolve_locations
 from bco_ray.tracking import compare, mlflow_run, plots, throughput
 from bco_ray.tracking.step_logger import StepLogger
+
 from conftest import ROOT, free_port, job_env
 
 PLOTS = {"loss", "rewards", "margins", "delta", "eval_auc", "overview", "udm_weights"}
@@ -330,8 +332,9 @@ def mlflow_server(tmp_path_factory):
 
 
 SUBMIT_COMMIT = "5ab1e" * 8
+# The generation eval has its own end-to-end test (test_e2e.py); these jobs are about what MLflow records.
 E2E_ARGS = ["--train.max_steps=4", "--train.logging_steps=1", "--train.eval_steps=0", "--udm.prompt_sample_size=64",
-            "--mlflow.experiment=beta-sweep"]
+            "--mlflow.experiment=beta-sweep", "--eval.generate=false"]
 
 
 def _job(tmp: Path, head, *overrides: str, env: dict | None = None, log: str = "job.log") -> subprocess.CompletedProcess:
@@ -383,9 +386,9 @@ def test_job_logs_params_tags_and_step_metrics(jobs, ray_head):
     run = jobs["a"]
     client = MlflowClient(jobs["uri"])
     assert run.info.status == "FINISHED"
-    expected = mlflow_run.config_params(load_config(ROOT / "configs" / "tiny.yaml", [        # jobs/bco.py's default
+    expected = mlflow_run.config_params(resolve_locations(load_config(ROOT / "configs" / "tiny.yaml", [  # jobs/bco.py's default
         f"--output_dir={jobs['tmp'] / 'outputs'}", *E2E_ARGS, f"--mlflow.tracking_uri={jobs['uri']}",
-        "--mlflow.run_name=beta-0.1", "--train.beta=0.1", "--mlflow.registered_model_name=bco-beta"]))
+        "--mlflow.run_name=beta-0.1", "--train.beta=0.1", "--mlflow.registered_model_name=bco-beta"])))
     assert run.data.params == expected                          # the whole resolved config, flattened
     tags = run.data.tags
     for key in ("version.ray", "version.deepspeed", "version.torch", "precompute.cache_key", "dataset.train"):
@@ -414,7 +417,7 @@ def test_job_logs_params_tags_and_step_metrics(jobs, ray_head):
     assert models[0].model_id in version.source
     for key in STEP_KEYS:
         assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key     # step = optimizer step, each once
-    assert _steps(client, run.info.run_id, "eval/auc") == [4]
+    assert _steps(client, run.info.run_id, "eval/auc") == [0, 4]                 # the reference, then the end
     assert 0.0 <= run.data.metrics["eval/auc"] <= 1.0
     for key in ("precompute/rows", "precompute/tokens", "precompute/padding_fraction", "udm/accuracy"):
         assert _steps(client, run.info.run_id, key) == [0], key

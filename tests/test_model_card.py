@@ -12,12 +12,13 @@ import pytest
 from huggingface_hub import ModelCard
 
 from bco_ray.config import ConfigError, load_config
+from bco_ray.data.checks import DataReport, LabelCounts, SplitReport
 from bco_ray.precompute.embedding_func import EmbeddingFuncError, check_embedding_func, load_embedding_func
 from bco_ray.tracking import hub, model_card
 
 FINAL = {"step": 30, "delta": 0.0123, "loss": 0.61, "eval/loss": 0.65, "eval/auc": 0.71, "eval/accuracy": 0.66}
-REPORT = {"train": {"rows": 3000, "labels": {"true": 1500, "false": 1500}},
-          "eval": {"rows": 400, "labels": {"true": 200, "false": 200}}}
+REPORT = DataReport(train=SplitReport(rows=3000, labels=LabelCounts(desirable=1500, undesirable=1500)),
+                    eval=SplitReport(rows=400, labels=LabelCounts(desirable=200, undesirable=200)))
 
 
 # ------------------------------------------------------------------------------------------- model card
@@ -132,7 +133,7 @@ def test_push_to_hub_uploads_the_model_directory_with_the_env_token(fake_hub, tm
 def test_embedding_func_is_loaded_only_as_the_trainer_wrote_it(tmp_path):
     import cloudpickle
 
-    from bco_ray.precompute.cache import fingerprint_path
+    from bco_ray.data.fingerprint import fingerprint_path
     udm = tmp_path / "inputs" / "udm"
     udm.mkdir(parents=True)
     tmp = udm / "tmp.pkl"

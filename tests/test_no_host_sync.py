@@ -18,8 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from bco_ray.data.packing import collate_packed, plan_step, to_device
 from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
-from bco_ray.train.packing import collate_packed, plan_step, to_device
 from bco_ray.train.step import collate, micro_batch_loss
 
 aten = torch.ops.aten

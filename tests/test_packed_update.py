@@ -136,10 +136,10 @@ class _Null:
 
 def _reference(world: int):
     """Same rows, same groups, right-padded, plain AdamW: (parameters, initial parameters, δ)."""
-    from bco_ray.bco.loss import RunningMean, bco_losses
     from bco_ray.bco.logprobs import policy_completion_logps
+    from bco_ray.bco.loss import RunningMean, bco_losses
+    from bco_ray.data.packing import plan_step
     from bco_ray.train.batching import _take
-    from bco_ray.train.packing import plan_step
     from bco_ray.train.step import collate
 
     model = _model()

@@ -1,4 +1,4 @@
-"""Packed micro-batches (bco_ray/train/packing.py) score rows exactly as right-padded ones do.
+"""Packed micro-batches (bco_ray/data/packing.py) score rows exactly as right-padded ones do.
 
 Tiny random Qwen2 (sdpa), Llama (sdpa) and Gemma2 (eager, soft-capped logits, sliding-window layers shorter
 than the longest row) in float32 on CPU. Rows of very different lengths (3 to 90 tokens), one of them longer
@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
 
 from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps
-from bco_ray.train.packing import collate_packed, completion_tokens, pack_rows, plan_step
+from bco_ray.data.packing import collate_packed, completion_tokens, pack_rows, plan_step
 from bco_ray.train.step import collate
 
 V, PAD = 64, 2

@@ -12,6 +12,7 @@ import torch
 
 from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
 from bco_ray.config import load_config
+from bco_ray.models import reference_dtype
 from bco_ray.precompute import pipeline, rows, stages
 from bco_ray.resources import pass_resources, usable_cpus
 
@@ -97,20 +98,20 @@ def test_finalize_permutes_with_the_seed_and_weighs_rejected_rows():
 
 def test_reference_scores_in_the_training_dtype():
     def ref_dtype(**train):
-        return pipeline.reference_dtype(load_config(overrides={"train": train, "precompute": {
+        return reference_dtype(load_config(overrides={"train": train, "precompute": {
             "num_gpus_per_actor": 1 if train.get("use_gpu") else 0}}))
     assert ref_dtype() == "float32"                                        # CPU: float32 training
     assert ref_dtype(use_gpu=True) == "bfloat16"                           # GPU: bf16 training, bf16 reference
     assert ref_dtype(use_gpu=True, bf16=False) == "float32"
     assert ref_dtype(bf16=True) == "bfloat16"
-    assert pipeline.reference_dtype(load_config(overrides={"model": {"dtype": "float16"}})) == "float16"
+    assert reference_dtype(load_config(overrides={"model": {"dtype": "float16"}})) == "float16"
 
 
 def test_bf16_reference_equal_to_the_policy_gives_zero_step0_rewards(setup):
     """The reference = the policy's initial weights, both in bf16 (as on a GPU): r = β(log π − log π_ref) = 0."""
+    from bco_ray.bco.logprobs import policy_completion_logps
     from bco_ray.models import load_causal_lm
     from bco_ray.train.step import collate
-    from bco_ray.bco.logprobs import policy_completion_logps
     cfg, paths = setup
     cfg = load_config(overrides={**cfg.to_dict(), "train": {"bf16": True}})
     kw = pipeline._score_kwargs(cfg, paths, {True: 20, False: 20}, None)
@@ -156,6 +157,7 @@ def test_usable_cpus_follows_affinity_and_cgroup_quota(monkeypatch):
 
 def test_a_worker_group_that_can_never_fit_fails_before_any_work(monkeypatch):
     import ray
+
     from bco_ray.run import ResourcesUnavailableError, check_cluster_fits
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
     cfg = load_config(overrides={"train": {"num_workers": 2}})

@@ -9,12 +9,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from bco_ray.config import load_config
-from bco_ray.precompute.batching import budget_batches, padding_fraction
-from bco_ray.precompute.cache import Cache, cache_key, fingerprint_path
+from bco_ray.data.fingerprint import fingerprint_path
+from bco_ray.precompute.batching import budget_batches
+from bco_ray.precompute.cache import Cache, cache_key
 from bco_ray.precompute.pipeline import Paths, key_parts
 
 
 # ------------------------------------------------------------------ token-budget batching
+def padding_fraction(lengths: list[int], batches: list[list[int]]) -> tuple[int, int]:
+    """(real tokens, padded tokens) when each batch is padded to its longest row."""
+    return sum(lengths), sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
 def test_budget_batches_respect_budget_and_cut_padding():
     rng = random.Random(0)
     lengths = [rng.choice([rng.randint(8, 40), rng.randint(200, 512)]) for _ in range(512)]
@@ -122,6 +128,7 @@ def local_ray(ray_client):
 @pytest.mark.e2e
 def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
     import ray
+
     from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
     from bco_ray.data.checks import check_data
     from bco_ray.precompute.pipeline import run_precompute
@@ -136,7 +143,7 @@ def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
         "udm": {"prompt_sample_size": 64}, "precompute": {"batch_size": 32, "local_shuffle_max_rows": 0}})
     report = check_data(cfg)
     paths, _ = resolve_paths(cfg)
-    labels = {True: report["train"]["labels"]["true"], False: report["train"]["labels"]["false"]}
+    labels = report.train.labels.by_label()
     from bco_ray.resources import pass_resources
     first = run_precompute(cfg, paths, labels, pass_resources(ray.cluster_resources()["CPU"], 1, False))
     assert not first.reused

@@ -38,6 +38,15 @@ def test_ray_job_submit_succeeds_on_a_1_cpu_head(tmp_path, monkeypatch):
     head = RayHead(1)
     try:
         head.wait()
+        # jobs/*.py do not patch sys.path: Ray puts the uploaded working directory first on the entrypoint's
+        # PYTHONPATH, so a submitted job imports the uploaded bco_ray, not this checkout's installed one.
+        where = subprocess.run([RAY_BIN, "job", "submit", f"--address={head.dashboard}", "--working-dir", str(ROOT),
+                                "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), "--", "python", "-c",
+                                "import bco_ray; print('BCO_RAY' + '_FILE=' + bco_ray.__file__)"],
+                               env=head.env, capture_output=True, text=True, timeout=300)
+        assert where.returncode == 0, where.stdout[-3000:] + where.stderr[-3000:]
+        uploaded = where.stdout.split("BCO_RAY_FILE=")[1].split()[0]
+        assert "working_dir_files" in uploaded and not uploaded.startswith(str(ROOT)), uploaded
         out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
         t0 = time.time()
         too_big = _submit(head, tmp_path / "out-2", db, "bco-1cpu-2workers", "--train.max_steps=2")

@@ -29,8 +29,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bco_ray.bco.loss import RunningMean
 from bco_ray.bco.logprobs import policy_completion_logps
+from bco_ray.bco.loss import RunningMean
 from bco_ray.bco.udm import fit_udm_classifier, udm_weights
 from bco_ray.builtin import materialize_tiny_model, tokenizer_path
 from bco_ray.data.tokenize import tokenize_batch

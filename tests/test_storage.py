@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from bco_ray.config import load_config
-from bco_ray.preflight import Need, _message, needs
 from bco_ray.precompute.pipeline import Paths
+from bco_ray.preflight import Need, _message, needs
 from bco_ray.storage import in_job_working_dir, join, resolve_locations, resolve_output_dir
 from bco_ray.tracking.mlflow_run import tracking_uri
 

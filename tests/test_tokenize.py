@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from bco_ray.data.tokenize import (EmptyCompletion, render, tokenize_batch, tokenize_pair)
+from bco_ray.data.tokenize import EmptyCompletion, render, tokenize_batch, tokenize_pair
 
 # Character-level BPE with a single merge a+b -> "ab": hand-computable ids.
 VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, " ": 4,

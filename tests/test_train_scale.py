@@ -9,8 +9,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import pyarrow.parquet as pq
+import pytest
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 

@@ -12,8 +12,7 @@ import pytest
 
 from bco_ray import BCOConfig
 from bco_ray.api._doc_table import bco_defaults, extras, fmt, main, sync
-from bco_ray.api._trl_defaults import (INTENTIONAL_DIFFERENCES, NOT_IN_TRL_1_13, TRL_1_13_BCO_FIELDS,
-                                       TRL_1_13_DEFAULTS)
+from bco_ray.api._trl_defaults import INTENTIONAL_DIFFERENCES, NOT_IN_TRL_1_13, TRL_1_13_BCO_FIELDS, TRL_1_13_DEFAULTS
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "trl_migration.md"
 

@@ -13,7 +13,6 @@ from datetime import timedelta
 
 import pytest
 import torch
-
 from test_zero3_lockstep import CHILD_TIMEOUT_S, PG_TIMEOUT_S, WORLD, _model, run_ranks
 
 
@@ -23,7 +22,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
         from bco_ray.builtin import tokenizer_path
         from bco_ray.config import TrainConfig
-        from bco_ray.train import loop
+        from bco_ray.train import policy
         from bco_ray.train.ds_config import deepspeed_config
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                           LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
@@ -42,7 +41,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             return real(params, *a, **kw)
         deepspeed.zero.GatheredParameters = recording
         out = os.path.join(out_dir, f"model-rank{rank}")
-        loop.save_final_model(engine.module, out, str(tokenizer_path()), rank, zero_stage=3)
+        policy.save_final_model(engine.module, out, str(tokenizer_path()), rank, zero_stage=3)
         deepspeed.zero.GatheredParameters = real
         torch.save({"gathered": gathered, "saved": os.path.isdir(out)}, os.path.join(out_dir, f"rank{rank}.pt"))
         engine.destroy()

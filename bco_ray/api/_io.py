@@ -1,7 +1,6 @@
 """Saving in-memory inputs (models, datasets, the UDM embedding function) where Ray workers can read them."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import sysconfig
@@ -9,14 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-
 from bco_ray.api.config import BCOConfigWarning
-
-
-def embedding_func_supported() -> bool:
-    """Whether this bco-ray has the `udm.embedding_func` hook (a user callable in the embedding actors)."""
-    from bco_ray.config import UDMConfig
-    return "embedding_func" in {f.name for f in dataclasses.fields(UDMConfig)}
 
 
 def _is_peft_model(m) -> bool:
@@ -65,11 +57,11 @@ def _rows_of_spec(spec: str) -> list[dict]:
     from bco_ray.data import formats
     from bco_ray.data.sources import files_of
     if spec.startswith("hf:"):
-        from bco_ray.data.sources import _hf
-        return list(_hf(spec))
+        from bco_ray.data.sources import hf_rows
+        return list(hf_rows(spec))
     rows = []
     for f in files_of(spec):
-        for _, row in formats._iter_raw(f):
+        for _, row in formats.iter_raw(f):
             if isinstance(row, Exception):
                 raise row
             rows.append(row)

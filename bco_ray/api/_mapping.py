@@ -7,8 +7,6 @@ from typing import Any
 
 from bco_ray.config import Config, ConfigError, TrainConfig, flatten, load_config, merge
 
-
-
 FIELD_MAP: dict[str, str] = {
     "output_dir": "output_dir",
     "per_device_train_batch_size": "train.micro_batch_size",

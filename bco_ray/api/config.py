@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bco_ray.config import Config
-
 from bco_ray.api._mapping import _SCHEDULERS, _known_foreign, _report_to, _to_config, _why_ignored
+from bco_ray.config import Config
 
 
 class BCOConfigWarning(UserWarning):

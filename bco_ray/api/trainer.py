@@ -7,17 +7,30 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
+from bco_ray.api._io import (
+    _as_dataset,
+    _cuda,
+    _dumps_by_value,
+    _is_peft_model,
+    _load_model_dir,
+    _lora,
+    _publish,
+    _read_parquet_dir,
+    _rows_of_spec,
+    _TableShard,
+)
+from bco_ray.api._mapping import _to_config
+from bco_ray.api.config import BCOConfig, BCOConfigWarning
 from bco_ray.config import Config
 from bco_ray.storage import resolve_output_dir
 
-from bco_ray.api._io import (_TableShard, _as_dataset, _cuda, _dumps_by_value, _is_peft_model, _load_model_dir,
-                             _lora, _publish, _read_parquet_dir, _rows_of_spec, embedding_func_supported)
-from bco_ray.api._mapping import _to_config
-from bco_ray.api.config import BCOConfig, BCOConfigWarning
+if TYPE_CHECKING:
+    from bco_ray.run import JobResult
 
 
 @dataclass
@@ -31,7 +44,7 @@ class BCOTrainOutput:
     run_id: str                      # MLflow run
     tracking_uri: str
     run_name: str
-    raw: dict = field(repr=False, default_factory=dict)   # run_job's dict
+    raw: JobResult | None = field(repr=False, default=None)   # what bco_ray.run.run_job returned
 
 
 class BCOTrainer:
@@ -73,11 +86,6 @@ class BCOTrainer:
                           "and the lr_scheduler_type schedule", BCOConfigWarning, stacklevel=2)
         if (embedding_func is None) != (embedding_tokenizer is None):
             raise ValueError("UDM needs both embedding_func and embedding_tokenizer (as in TRL)")
-        if embedding_func is not None and not embedding_func_supported():
-            raise NotImplementedError(
-                "embedding_func needs bco-ray's udm.embedding_func hook (config.py UDMConfig.embedding_func, "
-                "used by bco_ray/precompute/stages.py Embed); this installation lacks it. Use "
-                "BCOConfig(udm_embedding_model=<encoder id or path>) for UDM with a mean-pooled encoder")
         if _is_peft_model(model):
             raise ValueError("pass the base model and peft_config=LoraConfig(...) instead of a PeftModel: the "
                              "workers apply LoRA themselves")
@@ -140,7 +148,7 @@ class BCOTrainer:
     def _save_dir(self, kind: str, save: Callable[[str], Any]) -> str:
         """Save into a temporary directory, then move it to <inputs>/<kind>-<content hash>: saved once per
         content (the policy and an identical reference share one copy, a re-run reuses the precompute cache)."""
-        from bco_ray.precompute.cache import fingerprint_path
+        from bco_ray.data.fingerprint import fingerprint_path
         root = self.inputs_dir / "models"
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
@@ -156,7 +164,7 @@ class BCOTrainer:
         if isinstance(ds, (str, os.PathLike)):
             return os.fspath(ds)
         ds = _as_dataset(ds, split)
-        from bco_ray.precompute.cache import fingerprint_path
+        from bco_ray.data.fingerprint import fingerprint_path
         root = self.inputs_dir / "data"
         root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".parquet", dir=root)
@@ -172,7 +180,8 @@ class BCOTrainer:
 
     def _save_embedding_func(self) -> str:
         import cloudpickle
-        from bco_ray.precompute.cache import fingerprint_path
+
+        from bco_ray.data.fingerprint import fingerprint_path
         tok = self.embedding_tokenizer
         if isinstance(tok, (str, os.PathLike)):
             from transformers import AutoTokenizer
@@ -213,6 +222,7 @@ class BCOTrainer:
 
     def _auto_gpu(self, cfg: Config) -> Config:
         import ray
+
         from bco_ray.run import init_ray
         init_ray(cfg)
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -222,19 +232,18 @@ class BCOTrainer:
                 cfg = dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, num_gpus_per_actor=0.5))
         return cfg
 
-    def _train_output(self, res: dict, seconds: float) -> BCOTrainOutput:
+    def _train_output(self, res: JobResult, seconds: float) -> BCOTrainOutput:
         from mlflow.tracking import MlflowClient
-        client = MlflowClient(res["tracking_uri"])
-        run = client.get_run(res["run_id"])
-        losses = [m.value for m in client.get_metric_history(res["run_id"], "loss")]
+        client = MlflowClient(res.tracking_uri)
+        run = client.get_run(res.run_id)
+        losses = [m.value for m in client.get_metric_history(res.run_id, "loss")]
         training_loss = float(sum(losses) / len(losses)) if losses else float("nan")
         metrics = dict(run.data.metrics)
-        metrics.update({k: v for k, v in res.get("final", {}).items() if isinstance(v, (int, float))})
+        metrics.update({k: v for k, v in res.final.items() if isinstance(v, (int, float))})
         metrics.update(train_runtime=round(seconds, 2), train_loss=training_loss)
-        return BCOTrainOutput(global_step=int(res.get("final", {}).get("step", 0)), training_loss=training_loss,
-                              metrics=metrics, model_dir=res["model_dir"], output_dir=res.get("out_dir", ""),
-                              run_id=res["run_id"], tracking_uri=res["tracking_uri"], run_name=res["run_name"],
-                              raw=res)
+        return BCOTrainOutput(global_step=int(res.final.get("step", 0)), training_loss=training_loss,
+                              metrics=metrics, model_dir=res.model_dir, output_dir=res.out_dir,
+                              run_id=res.run_id, tracking_uri=res.tracking_uri, run_name=res.run_name, raw=res)
 
     def _trainer_state(self, cfg: Config):
         """transformers' TrainerState of the finished run, from its MLflow history (bco_ray/api/_state.py)."""
@@ -331,7 +340,7 @@ class BCOTrainer:
         if eval_dataset is None and self.eval_dataset is None:
             raise ValueError("no eval_dataset: pass one to evaluate() or to BCOTrainer")
         if eval_dataset is None:
-            table = _read_parquet_dir(f"{self.result.raw['precompute_dir']}/split=eval")
+            table = _read_parquet_dir(f"{self.result.raw.precompute_dir}/split=eval")
         else:
             table = self._precompute_eval(eval_dataset)
         model = self.model
@@ -339,7 +348,7 @@ class BCOTrainer:
         device = next(model.parameters()).device
         eval_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, micro_batch_size=self.args.per_device_eval_batch_size))
-        delta = RunningMean(mean=float(self.result.raw["final"]["delta"]), count=1.0)
+        delta = RunningMean(mean=float(self.result.raw.final["delta"]), count=1.0)
         from bco_ray.models import load_tokenizer
         pad_id = load_tokenizer(cfg.model.tokenizer or cfg.model.policy, cfg.model.revision).pad_token_id
         with torch.no_grad():
@@ -351,10 +360,10 @@ class BCOTrainer:
 
     def _precompute_eval(self, eval_dataset):
         """The Ray Data pass's stages, called directly on this process for one (small) eval set."""
-        from bco_ray.bco.udm import classifier_from_json
-
         import pyarrow as pa
 
+        from bco_ray.bco.udm import classifier_from_json
+        from bco_ray.models import reference_dtype
         from bco_ray.precompute import pipeline, stages
         from bco_ray.run import resolve_paths
         cfg, p, d = self.config, self.config.precompute, self.config.data
@@ -369,17 +378,17 @@ class BCOTrainer:
                                 source="eval_dataset", split="eval")
         gpus = 1.0 if _cuda() else 0.0
         table = stages.RefLogps(model_path=paths.reference, revision=cfg.model.revision,
-                                dtype=pipeline.reference_dtype(cfg),
+                                dtype=reference_dtype(cfg),
                                 num_gpus=gpus, token_budget=p.token_budget, chunk_size=p.logp_chunk_size,
                                 pad_id=paths.pad_id, attn_implementation=cfg.model.attn_implementation)(table)
         if not cfg.udm.enabled:
             return stages.unit_weights(table)
-        clf_path = f"{self.result.raw['precompute_dir']}/classifier.json"
+        clf_path = f"{self.result.raw.precompute_dir}/classifier.json"
         import fsspec
         with fsspec.open(clf_path, "rb") as f:
             clf_bytes = f.read()
         classifier_from_json(clf_bytes)   # fail here, clearly, on a broken file
-        kwargs = pipeline._embed_kwargs(cfg, paths, clf_bytes)
+        kwargs = pipeline.embed_kwargs(cfg, paths, clf_bytes)
         kwargs["num_gpus"] = gpus
         return stages.Embed(**kwargs)(table)
 

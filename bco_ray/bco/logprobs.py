@@ -350,7 +350,7 @@ def policy_completion_logps(model: nn.Module, input_ids: torch.Tensor, attention
     return (logps, aux) if return_aux_loss else logps
 
 
-# ---------------------------------------------------------------- packed batches (bco_ray/train/packing.py)
+# ---------------------------------------------------------------- packed batches (bco_ray/data/packing.py)
 def packed_completion_logps(model: nn.Module, batch: dict, chunk_size: int = 1024, *, return_aux_loss: bool = False):
     """`policy_completion_logps` of a packed batch: rows back to back in one sequence [1, T], attention within
     each row (`packed_attention`), completion positions, targets and row ids computed when it was collated.

@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -242,7 +243,8 @@ def _iter_parquet(path: str, batch_size: int = 1024) -> Iterator[tuple[int, Any]
                 index += 1
 
 
-def _iter_raw(path: str) -> Iterator[tuple[int, Any]]:
+def iter_raw(path: str) -> Iterator[tuple[int, Any]]:
+    """(index, raw row) of one .parquet or JSON (lines) file, unchecked."""
     name = path.lower()
     if name.endswith(".parquet"):
         return _iter_parquet(path)
@@ -254,7 +256,7 @@ def _iter_raw(path: str) -> Iterator[tuple[int, Any]]:
 
 def iter_rows(path: str) -> Iterator[tuple[int, dict]]:
     """Stream (0-based row index, row dict) from a local or fsspec-URI JSONL/Parquet file."""
-    for index, row in _iter_raw(path):
+    for index, row in iter_raw(path):
         if isinstance(row, DataFormatError):
             raise row
         yield index, row
@@ -297,7 +299,7 @@ def validate_source(path: str, *, on_bad_rows: str = "error", max_errors: int = 
     reasons: Counter = Counter()
     errors: list[DataFormatError] = []
     seen: set[bytes] = set()
-    for index, row in _iter_raw(path):
+    for index, row in iter_raw(path):
         try:
             if isinstance(row, DataFormatError):
                 raise row

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import fsspec
 
 from bco_ray.builtin import resolve_data
+from bco_ray.data.fingerprint import fingerprint_path, hub_sha
 
 _EXT = (".jsonl", ".json", ".parquet")
 
@@ -65,7 +66,6 @@ def parse_hf(spec: str) -> HfSpec:
 
 def resolved_sha(h: HfSpec) -> str:
     """The commit SHA `h.revision` (default branch when None) points at now."""
-    from bco_ray.precompute.cache import hub_sha
     sha = hub_sha(h.repo_id, h.revision, "dataset")
     if sha is None:
         raise FileNotFoundError(f"hf:{h.repo_id}: cannot resolve revision {h.revision or '(default branch)'} to a "
@@ -74,7 +74,7 @@ def resolved_sha(h: HfSpec) -> str:
     return sha
 
 
-def _hf(spec: str, sha: str | None = None):
+def hf_rows(spec: str, sha: str | None = None):
     """The rows of a hub dataset at its resolved commit, as a stream (`datasets.IterableDataset`)."""
     import datasets
     h = parse_hf(spec)
@@ -91,8 +91,7 @@ def read_source(spec, ray_remote_args: dict | None = None):
     if spec.startswith("hf:"):
         # Not ray.data.from_huggingface: for a hub dataset it reads the Parquet export of the *latest* revision
         # (the datasets-server API), whatever revision the stream was opened at. One streamed read task instead.
-        from ray.data._internal.datasource.huggingface_datasource import HuggingFaceDatasource
-        return ray.data.read_datasource(HuggingFaceDatasource(dataset=_hf(spec)), ray_remote_args=ray_remote_args)
+        return ray.data.read_datasource(_stream_datasource(hf_rows(spec)), ray_remote_args=ray_remote_args)
     files = files_of(spec)
     if all(f.endswith(".parquet") for f in files):
         return ray.data.read_parquet(files, ray_remote_args=ray_remote_args)
@@ -101,8 +100,29 @@ def read_source(spec, ray_remote_args: dict | None = None):
     return ray.data.read_text(files, ray_remote_args=ray_remote_args)
 
 
+def _stream_datasource(stream, batch_size: int = 4096):
+    """A Ray Data datasource of one read task that streams a `datasets.IterableDataset` (opened at its pinned
+    commit on the driver) in Arrow batches."""
+    import pyarrow as pa
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    def read():
+        for batch in stream.with_format("arrow").iter(batch_size=batch_size):
+            yield batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(batch)
+
+    class StreamDatasource(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None                                       # a stream: unknown until read
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            return [ReadTask(read, meta, per_task_row_limit=per_task_row_limit)]
+
+    return StreamDatasource()
+
+
 def source_fingerprint(spec) -> str:
-    from bco_ray.precompute.cache import fingerprint_path
     if not isinstance(spec, str):
         return f"datasets:{getattr(spec, '_fingerprint', id(spec))}"
     if spec.startswith("hf:"):          # the resolved commit, never a branch name

@@ -28,11 +28,11 @@ def held_out_prompts(spec, tokenizer, n: int, max_prompt_length: int) -> list[di
     """The first `n` distinct prompts of the eval split in file order, rendered as training renders them
     (conversations through the chat template): [{"prompt": text, "prompt_ids": ids as the policy sees them}]."""
     from bco_ray.data import formats
-    from bco_ray.data.sources import _hf, files_of
+    from bco_ray.data.sources import files_of, hf_rows
 
     def rows():
         if isinstance(spec, str) and spec.startswith("hf:"):
-            yield from _hf(spec)
+            yield from hf_rows(spec)
             return
         if not isinstance(spec, str):                   # a datasets.Dataset handed over in memory
             yield from spec
@@ -157,7 +157,7 @@ def run_generation_eval(cfg: Config, paths, snapshots: dict[int, str], res, toke
     prompts = held_out_prompts(cfg.data.eval, tokenizer, e.num_prompts, cfg.data.max_prompt_length)
     if not prompts or not snapshots:
         return []
-    from bco_ray.precompute.pipeline import reference_dtype
+    from bco_ray.models import reference_dtype
     m, g = cfg.model, cfg.precompute.num_gpus_per_actor
     settings = {"max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "sample": e.sample,
                 "temperature": e.temperature, "top_p": e.top_p, "seed": cfg.train.seed, "tokenizer": paths.tokenizer}

@@ -17,10 +17,3 @@ def budget_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     if cur:
         batches.append(cur)
     return batches
-
-
-def padding_fraction(lengths: list[int], batches: list[list[int]]) -> tuple[int, int]:
-    """(real tokens, padded tokens) when each batch is padded to its longest row."""
-    real = sum(lengths)
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return real, padded

@@ -22,7 +22,7 @@ class EmbeddingFuncError(InputError, ValueError):
 
 def check_embedding_func(path: str) -> Path:
     """The resolved path of a pickle `BCOTrainer` wrote, or EmbeddingFuncError naming what is wrong."""
-    from bco_ray.precompute.cache import fingerprint_path
+    from bco_ray.data.fingerprint import fingerprint_path
     fix = ("; it is set by BCOTrainer(embedding_func=...), which writes <inputs_dir>/udm/embedding_func-<hash>.pkl "
            "itself (loading a pickle runs code, so bco-ray loads only that file)")
     if "://" in path:

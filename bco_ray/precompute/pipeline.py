@@ -9,18 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
 from bco_ray.bco.udm import classifier_to_json, fit_udm_classifier, sample_rows
 from bco_ray.config import Config
+from bco_ray.data.fingerprint import fingerprint_path
 from bco_ray.data.sources import read_source, source_fingerprint
-from bco_ray.precompute.cache import Cache, cache_key, fingerprint_path
+from bco_ray.models import reference_dtype
+from bco_ray.precompute.cache import Cache, cache_key
 from bco_ray.precompute.rows import HIST_BINS, block_stats, finalize, tag
 from bco_ray.precompute.stages import Counters, Score
 from bco_ray.resources import PassResources, pass_resources
-from bco_ray.train.ds_config import use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ def _gpu(cfg: Config) -> dict:
     return {"num_gpus": g} if g > 0 else {}
 
 
-def _embed_kwargs(cfg: Config, paths: Paths, clf_json: bytes | None = None) -> dict:
+def embed_kwargs(cfg: Config, paths: Paths, clf_json: bytes | None = None) -> dict:
+    """The UDM embedding stage's arguments (the pass's actors, and the Python API's in-process weights)."""
     u = cfg.udm
     return dict(model_path=paths.embedder, num_gpus=cfg.precompute.num_gpus_per_actor, max_length=u.max_embed_length,
                 token_budget=cfg.precompute.token_budget, special_tokens=u.embed_special_tokens, clf_json=clf_json,
@@ -90,20 +91,11 @@ def _score_kwargs(cfg: Config, paths: Paths, counts: dict[bool, int], counters) 
         ref_kwargs=dict(model_path=paths.reference, revision=cfg.model.revision, dtype=reference_dtype(cfg),
                         num_gpus=p.num_gpus_per_actor, token_budget=p.token_budget, chunk_size=p.logp_chunk_size,
                         pad_id=paths.pad_id, attn_implementation=cfg.model.attn_implementation),
-        embed_kwargs=_embed_kwargs(cfg, paths) if u.enabled else None,
+        embed_kwargs=embed_kwargs(cfg, paths) if u.enabled else None,
         # About 2×prompt_sample_size rows of each class are embedded for the classifier's sample (all rows
         # of a small class); every undesirable row is embedded anyway, for its weight.
         sample_rates={lab: min(1.0, 2 * u.prompt_sample_size / max(1, n)) for lab, n in counts.items()},
         seed=d.seed, counters=counters)
-
-
-def reference_dtype(cfg: Config) -> str:
-    """The reference scores in the policy's training dtype unless model.dtype says otherwise, so that a
-    reference equal to the policy's initial weights gives step-0 rewards of exactly 0 (GPU bf16 included)."""
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    on_gpu = cfg.train.use_gpu and cfg.precompute.num_gpus_per_actor > 0
-    return "bfloat16" if use_bf16(cfg.train, on_gpu) else "float32"
 
 
 def score(cfg: Config, paths: Paths, counts: dict[bool, int], counters, res: PassResources) -> ray.data.Dataset:

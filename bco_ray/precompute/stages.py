@@ -15,11 +15,11 @@ import torch
 from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps
 from bco_ray.bco.udm import classifier_from_json, udm_weights
 from bco_ray.data import formats
+from bco_ray.data.packing import collate_packed, pack_rows, to_device
 from bco_ray.data.tokenize import tokenize_batch
 from bco_ray.models import load_causal_lm, load_embedder, load_tokenizer, mean_pool, pick_dtype
 from bco_ray.precompute.batching import budget_batches
 from bco_ray.precompute.rows import SOURCE, SPLIT, fit_sample_mask
-from bco_ray.train.packing import collate_packed, pack_rows, to_device
 
 
 @ray.remote(num_cpus=0)
@@ -123,7 +123,7 @@ class RefLogps:
         return table.append_column("ref_logps", pa.array(logps)).append_column("pad_tokens", pa.array(pad_tokens))
 
     def _packed(self, table: pa.Table) -> pa.Table:
-        """Rows packed back to back up to `token_budget` tokens (bco_ray/train/packing.py: no padding, attention
+        """Rows packed back to back up to `token_budget` tokens (bco_ray/data/packing.py: no padding, attention
         within each row; a row's log-prob does not depend on what it is packed with, bitwise, even in bf16);
         the results are read back once all packs are queued."""
         rows = {"input_ids": table.column("input_ids").to_pylist(), "prompt_len": table.column("prompt_len").to_pylist()}

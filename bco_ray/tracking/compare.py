@@ -15,6 +15,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from bco_ray.errors import InputError
+from bco_ray.tracking.plots import ema, history
 
 # Substrings of metric names where lower is better; everything else (auc, accuracy, margins, rewards, mfu,
 # throughput) is taken as higher is better. `mode` overrides.
@@ -100,14 +101,6 @@ def metric_summary(steps: list[int], values: list[float], mode: str) -> tuple[fl
     return final, best, best_step
 
 
-def _history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
-    by_step = {}
-    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
-        by_step[m.step] = m.value
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
-
-
 def search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
     runs, token = [], None
     while True:
@@ -133,7 +126,7 @@ def compare_runs(client: MlflowClient, experiment: str, metric: str = "eval/auc"
     rows = []
     for run in found:
         info = run.info
-        steps, values = _history(client, info.run_id, metric)
+        steps, values = history(client, info.run_id, metric)
         final, best, best_step = metric_summary(steps, values, mode)
         rows.append(RunRow(
             run_id=info.run_id, name=info.run_name or info.run_id[:8], status=info.status,
@@ -229,10 +222,7 @@ def _colour_param(comp: Comparison) -> str | None:
 def plot_overlay(comp: Comparison, path: str, smooth: bool | None = None) -> str:
     """The metric's curve of every run on one axis; the best point of each run starred. With one numeric
     param varying (a sweep), runs are coloured along a colour map by it and the legend is sorted by it."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from bco_ray.tracking.plots import ema
+    import matplotlib.pyplot as plt  # the Agg backend: bco_ray.tracking.plots sets it
 
     runs = [r for r in comp.runs if r.steps]
     cparam = _colour_param(comp)

@@ -13,15 +13,18 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
 from bco_ray.config import Config
-from bco_ray.tracking.run_tags import git_commit, git_tags, ray_tags, version_tags  # noqa: F401
 from bco_ray.storage import resolve_output_dir
+from bco_ray.tracking.run_tags import git_commit, git_tags, ray_tags, version_tags  # noqa: F401
+
+if TYPE_CHECKING:
+    from bco_ray.data.checks import DataReport
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +36,14 @@ MAX_PARAM_LEN = MAX_PARAM_VAL_LENGTH
 TRUNCATED = "…[truncated; full value in config.yaml]"
 ERROR_TAG = "error"
 ERROR_TYPE_TAG = "error_type"
-# MLflow client settings handed to Ray Train workers with the tracking URI (see `worker_env`). Credentials
-# (MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD) are deliberately not among them: a worker runtime env is shown in
-# Ray's dashboard and state export. Set those in the job's runtime env (configs/runtime_env.yaml) or the nodes'.
+# MLflow client settings (and the system-metrics sampling) handed to Ray Train workers with the tracking URI
+# (see `worker_env`). Credentials (MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD) are deliberately not among
+# them: a worker runtime env is shown in Ray's dashboard and state export. Set those in the nodes' own
+# environment, never in the committed configs/runtime_env.yaml (docs/cluster.md).
 _CLIENT_ENV = ("MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
                "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+               "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING")
 MODEL_TASK = "text-generation"
 # The transformers flavour saves from a loaded pipeline: above this many bytes of weights the driver does not
 # load the model and the checkpoint is logged as a plain directory instead (override with the variable).
@@ -246,22 +251,22 @@ def _dataset_source(spec: str):
     return resolve_dataset_source(path if "://" in path else Path(path).resolve().as_uri())
 
 
-def log_datasets(cfg: Config, report: dict) -> None:
+def log_datasets(cfg: Config, report: DataReport) -> None:
     """The training (and eval) data as run inputs (`mlflow.log_input`): where it comes from (a file URI, an
     fsspec URI or a hub dataset at its resolved commit) and a digest of its cache-key fingerprint, so runs on
     the same data share one MLflow dataset. Idempotent: a resumed run does not log them twice."""
     from mlflow.data.meta_dataset import MetaDataset
     have = {(d.dataset.name, d.dataset.digest) for d in (mlflow.active_run().inputs.dataset_inputs or [])}
     for split, context in (("train", "training"), ("eval", "evaluation")):
-        spec, rep = getattr(cfg.data, split), report.get(split)
+        spec, rep = getattr(cfg.data, split), getattr(report, split)
         if not spec or not rep:
             continue
         name = f"{split}:{spec.split('/')[-1]}"[:200]
-        digest = data_digest(rep["fingerprint"])
+        digest = data_digest(rep.fingerprint)
         if (name, digest) in have:
             continue
         ds = MetaDataset(_dataset_source(spec), name=name, digest=digest)
-        mlflow.log_input(ds, context=context, tags={"rows": str(rep["rows"]), "spec": spec[:200]})
+        mlflow.log_input(ds, context=context, tags={"rows": str(rep.rows), "spec": spec[:200]})
 
 
 # ------------------------------------------------------------------------------------------- artifacts

@@ -6,8 +6,12 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bco_ray.config import Config
+
+if TYPE_CHECKING:
+    from bco_ray.data.checks import DataReport
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -77,9 +81,8 @@ def _load_snippet(repo: str, adapter: bool, run_id: str | None) -> str:
 
 
 def render(cfg: Config, final: dict, *, adapter: bool = False, run_id: str | None = None,
-           run_name: str | None = None, data_report: dict | None = None, repo: str | None = None) -> str:
+           run_name: str | None = None, data_report: DataReport | None = None, repo: str | None = None) -> str:
     """The card's text. `final`: the worker's final record (step, delta, eval/*); `data_report`: check_data's."""
-    report = data_report or {}
     base = cfg.model.policy + (f" (revision {cfg.model.revision})" if cfg.model.revision else "")
     out = [_metadata(cfg, adapter), f"# {run_name or 'BCO policy'}\n",
            "A causal language model aligned with BCO (Binary Classifier Optimization, "
@@ -91,10 +94,9 @@ def render(cfg: Config, final: dict, *, adapter: bool = False, run_id: str | Non
     for split in ("train", "eval"):
         spec = getattr(cfg.data, split)
         if spec:
-            rep = report.get(split) or {}
-            labels = rep.get("labels") or {}
-            out.append(f"| {split} | `{spec}` | {rep.get('rows', '')} | {labels.get('true', '')} / "
-                       f"{labels.get('false', '')} |")
+            rep = getattr(data_report, split, None)
+            counts = (rep.rows, rep.labels.desirable, rep.labels.undesirable) if rep else ("", "", "")
+            out.append("| {} | `{}` | {} | {} / {} |".format(split, spec, *counts))
     out += ["", "## BCO settings\n", "| setting | value |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in _settings(cfg)]
     metrics = {k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

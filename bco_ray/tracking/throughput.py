@@ -1,4 +1,4 @@
-"""Model FLOPs utilisation (MFU) for the per-step metrics, on GPU (used by bco_ray/train/loop.py).
+"""Model FLOPs utilisation (MFU) for the per-step metrics, on GPU (used by bco_ray/train/recipe.py).
 
 Training FLOPs per token follow the usual dense-transformer estimate (Kaplan et al.; PaLM appendix B):
 6·N for the forward and backward matmuls of N parameters, plus 12·L·d·T for attention scores over a

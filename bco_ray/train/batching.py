@@ -4,7 +4,7 @@ Every rank reads the whole ordered split and takes rows [rank·m, (rank+1)·m) o
 world·m rows (m = micro_batch_size), so every rank's data position at a checkpoint means the same rows after a
 restart. Padded: each such slice is a micro-batch (optionally re-cut by length, `length_bucketed`). Packed:
 the slices of an optimizer step's `gradient_accumulation_steps` global batches are that rank's rows of the
-step, packed to `micro_batch_tokens` (bco_ray/train/packing.py); all ranks' rows are known, so every rank
+step, packed to `micro_batch_tokens` (bco_ray/data/packing.py); all ranks' rows are known, so every rank
 plans the same number of packs with no communication. Positions are counted in micro-batches of m rows in
 both modes (checkpoints record the same `micro_in_epoch`)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bco_ray.train.packing import collate_packed, plan_step, to_device
+from bco_ray.data.packing import collate_packed, plan_step, to_device
 from bco_ray.train.step import _ragged, collate, length_bucketed
 from bco_ray.train.throughput import row_work
 

@@ -2,17 +2,7 @@
 from __future__ import annotations
 
 from bco_ray.config import TrainConfig
-
-
-def use_bf16(t: TrainConfig, on_gpu: bool) -> bool:
-    """`train.bf16`: "auto" is bf16 on GPU and float32 on CPU; True/False force it. The text "true"/"false"
-    (the field's spelling before it was typed, in a TrainConfig built in code) counts as the boolean."""
-    value = t.bf16
-    if isinstance(value, str):
-        if value.strip().lower() == "auto":
-            return on_gpu
-        return value.strip().lower() in ("true", "yes", "1")
-    return bool(value)
+from bco_ray.models import use_bf16
 
 
 def deepspeed_config(t: TrainConfig, world_size: int, on_gpu: bool) -> dict:

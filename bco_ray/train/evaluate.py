@@ -9,7 +9,6 @@ from sklearn.metrics import roc_auc_score
 from bco_ray.train.metrics import WindowSums
 from bco_ray.train.step import bco_forward, collate
 
-
 _CACHE: dict = {}
 
 

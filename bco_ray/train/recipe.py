@@ -23,6 +23,8 @@ from transformers import get_scheduler
 
 from bco_ray.config import TrainConfig, load_config
 from bco_ray.eval.snapshots import save_snapshot
+from bco_ray.tracking.step_logger import StepLogger, console
+from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops
 from bco_ray.train.batching import backward, packed_micro_batches, padded_micro_batches, set_boundary
 from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
 from bco_ray.train.ds_config import deepspeed_config, use_bf16
@@ -30,8 +32,6 @@ from bco_ray.train.evaluate import evaluate
 from bco_ray.train.policy import build_policy, save_final_model
 from bco_ray.train.step import micro_batch_loss
 from bco_ray.train.throughput import flop_shape, train_flops
-from bco_ray.tracking.step_logger import StepLogger, console
-from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,9 @@ class BCORecipe:
             lr_scheduler=lambda opt: get_scheduler(t.lr_scheduler, opt, num_warmup_steps=s.warmup,
                                                    num_training_steps=s.total_steps))
         self.shape = flop_shape(self.engine.module)          # the one MFU definition: bco_ray/train/throughput.py
-        # Dense peak of this GPU in the training dtype (H100 PCIe/NVL, fp32 → TF32, $BCO_RAY_PEAK_TFLOPS); None: no mfu.
-        self.peak_flops = gpu_peak_flops(torch.cuda.get_device_name(), "bf16" if use_bf16(t, self.on_gpu) else "fp32") \
-            if self.on_gpu else None
+        # Dense peak of this GPU in the training dtype (H100 PCIe/NVL; fp32: TF32; $BCO_RAY_PEAK_TFLOPS); None: no MFU
+        dtype = "bf16" if use_bf16(t, self.on_gpu) else "fp32"
+        self.peak_flops = gpu_peak_flops(torch.cuda.get_device_name(), dtype) if self.on_gpu else None
         self.timings = {"engine_ready_at": time.time(), "train": 0.0, "eval": 0.0, "save": 0.0}
         if self.rank == 0:
             ready = self.timings["engine_ready_at"]
@@ -165,7 +165,8 @@ class BCORecipe:
             if last:
                 self.end_step(micro, lr)
         if self.step == step_at_start and self.skip == 0:
-            raise RuntimeError(f"rank {self.rank}: the training shard yielded no full micro-batch in epoch {self.epoch}")
+            raise RuntimeError(f"rank {self.rank}: the training shard yielded no full micro-batch in epoch "
+                               f"{self.epoch}")
 
     def train_micro_batch(self, batch: dict, last: bool) -> None:
         """BCO forward, backward and engine step (DeepSpeed steps the optimizer at the accumulation boundary)."""

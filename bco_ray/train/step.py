@@ -9,7 +9,7 @@ import torch
 
 from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps, router_aux_loss_coef
 from bco_ray.bco.loss import RunningMean, bco_losses
-from bco_ray.train.packing import is_packed
+from bco_ray.data.packing import is_packed
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
@@ -117,7 +117,7 @@ def bco_forward(model, batch: dict[str, torch.Tensor], delta: RunningMean, beta:
     With update_delta, δ first absorbs this micro-batch's rewards from every rank (as the reference does
     before computing the loss).
 
-    `batch` is a right-padded batch (`collate`) or a packed one (`bco_ray.train.packing.collate_packed`);
+    `batch` is a right-padded batch (`collate`) or a packed one (`bco_ray.data.packing.collate_packed`);
     a packed batch needs a δ that takes the rows' `valid` weights (`DeviceRunningMean`: an empty pack's
     dummy row does not count).
 

@@ -56,7 +56,7 @@ P_HEDGED = {True: 0.1, False: 0.6}
 def _template_regex(template: str) -> re.Pattern:
     pattern = re.escape(template)
     for name in "abc":
-        pattern = pattern.replace(re.escape("{%s}" % name), r"(?P<%s>\d+)" % name)
+        pattern = pattern.replace(re.escape(f"{{{name}}}"), rf"(?P<{name}>\d+)")
     return re.compile(pattern + re.escape(SUFFIX))
 
 
