@@ -105,7 +105,7 @@ def _fail(e: BaseException) -> int:
     return e.exit_code if isinstance(e, BcoRayError) else 2
 
 
-def resume_command(prog: str, argv: list[str], cfg: Config) -> str:
+def resume_command(prog: str, argv: list[str]) -> str:
     """The command that resumes this run: the same one (its run name and output locations are in it or in its
     config file), submitted the same way."""
     cmd = shlex.join([*shlex.split(prog), *argv])
@@ -179,7 +179,7 @@ def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
 def _print_resume(prog: str, argv: list[str], cfg: Config) -> None:
     if cfg.mlflow.run_name:
         print(f"bco-ray: resume this run (from its last checkpoint, reusing the precompute cache) with:\n"
-              f"  {resume_command(prog, argv, cfg)}", file=sys.stderr, flush=True)
+              f"  {resume_command(prog, argv)}", file=sys.stderr, flush=True)
     else:
         print("bco-ray: give the run a name (--mlflow.run_name=NAME) to make it resumable by running the same "
               "command again", file=sys.stderr, flush=True)

@@ -370,13 +370,3 @@ def validate(cfg: Config) -> None:
     from bco_ray.config_checks import check_config  # it imports this module's dataclasses
     _check_choices(cfg)
     check_config(cfg)
-
-
-def config_from_cli(argv: list[str] | None, description: str, default_config: str | Path) -> Config:
-    """The job scripts' command line: `--config FILE` (default `default_config`) plus `--section.key=value`
-    overrides. Raises ConfigError."""
-    import argparse
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help=f"YAML config (default: {Path(default_config).name})")
-    args, overrides = parser.parse_known_args(argv)
-    return load_config(args.config or default_config, overrides)

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: repo on sys.path, model shapes, synthetic rows, timing, FLOP/s peaks.
+"""Shared pieces of the benchmarks: model shapes, synthetic rows, timing, FLOP/s peaks.
 
 Nothing here needs Ray: if `ray` cannot be imported, a stub that makes `@ray.remote` a no-op is put in
 `sys.modules` so that `bco_ray.precompute.stages` (whose `RefLogps` is plain Python) still imports.
@@ -16,7 +16,6 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -109,16 +108,6 @@ def synthetic_rows(n: int, vocab: int, prompt: tuple[int, int], completion: tupl
         plen.append(p)
     labels = (rng.random(n) < 0.5).tolist()
     return {"input_ids": ids, "prompt_len": plen, "label": labels}
-
-
-def pad_batch(seqs: list[list[int]], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    n = pad_to or max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, :len(s)] = torch.as_tensor(s)
-        mask[j, :len(s)] = 1
-    return ids, mask
 
 
 def full_logits_logps(model, ids: torch.Tensor, mask: torch.Tensor, plen: torch.Tensor) -> torch.Tensor:

@@ -24,15 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common as C  # bench/common.py: a script's directory is first on sys.path; bco_ray is installed
+import numpy as np
+import pyarrow as pa
+import torch
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
-
-from bench import common as C  # noqa: E402
+from bco_ray.data.packing import pad_right
 
 
 def parse_args(argv=None):
@@ -89,7 +87,7 @@ def run_naive(a, path, rows, dtype, device, lengths, n_flops, attn_flops, peak) 
 
     def batch(lo):
         pad_to = a.max_length if a.naive_pad == "max" else None
-        ids, mask = C.pad_batch(rows["input_ids"][lo:lo + bs], pad_to)
+        ids, mask = pad_right(rows["input_ids"][lo:lo + bs], C.PAD_ID, pad_to)
         plen = torch.as_tensor(rows["prompt_len"][lo:lo + bs])
         return C.full_logits_logps(model, ids.to(device), mask.to(device), plen.to(device)), ids.numel()
 

@@ -31,15 +31,13 @@ import argparse
 import os
 import shutil
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common as C  # bench/common.py: a script's directory is first on sys.path; bco_ray is installed
+import numpy as np
+import pyarrow as pa
+import torch
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
-
-from bench import common as C  # noqa: E402
+from bco_ray.data.packing import pad_right
 
 
 def parse_args(argv=None):
@@ -329,7 +327,7 @@ def run_baseline(a, path, rows, device, dtype, lengths, shape, peak) -> dict:
     labels = torch.as_tensor(rows["label"])
 
     def step(b):
-        ids, mask = C.pad_batch([rows["input_ids"][i] for i in b], a.max_length)
+        ids, mask = pad_right([rows["input_ids"][i] for i in b], C.PAD_ID, a.max_length)
         ids, mask = ids.to(device), mask.to(device)
         plen = torch.as_tensor([rows["prompt_len"][i] for i in b], device=device)
         with torch.no_grad():

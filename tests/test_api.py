@@ -169,6 +169,7 @@ def test_trainer_argument_checks_and_inputs_saved_once(tmp_path):
     assert first.config.model.policy == second.config.model.policy and first.config.model.reference is None
     assert second.config.model.reference is None and first.config.data.train == second.config.data.train
     assert len(list((tmp_path / "o" / "inputs" / "models").iterdir())) == 1
+    assert len(list((tmp_path / "o" / "inputs" / "data").iterdir())) == 1       # and no temporary file left behind
 
 
 # ====================================================================================== real runs

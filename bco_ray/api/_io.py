@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import sysconfig
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bco_ray.api.config import BCOConfigWarning
+from bco_ray.data.fingerprint import fingerprint_path
 
 
 def _is_peft_model(m) -> bool:
@@ -18,6 +22,30 @@ def _is_peft_model(m) -> bool:
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def _save_by_content(root: Path, name: str, write: Callable[[str], Any], suffix: str = "",
+                     directory: bool = False) -> str:
+    """`write(path)` into a temporary file (or directory) under root, then move it to
+    <root>/<name>-<content hash><suffix>: saved once per content (the policy and an identical reference share
+    one copy, a re-run reuses the precompute cache), and never seen half-written."""
+    root.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    else:
+        fd, path = tempfile.mkstemp(prefix=f".{name}-", suffix=suffix, dir=root)
+        os.close(fd)
+        tmp = Path(path)
+    try:
+        write(str(tmp))
+        dest = root / f"{name}-{fingerprint_path(str(tmp))[:16]}{suffix}"
+        _publish(tmp, dest)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+    return str(dest)
 
 
 def _publish(tmp: Path, dest: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -19,9 +18,9 @@ from bco_ray.api._io import (
     _is_peft_model,
     _load_model_dir,
     _lora,
-    _publish,
     _read_parquet_dir,
     _rows_of_spec,
+    _save_by_content,
     _TableShard,
 )
 from bco_ray.api._mapping import _to_config
@@ -148,56 +147,21 @@ class BCOTrainer:
     def _save_dir(self, kind: str, save: Callable[[str], Any]) -> str:
         """Save into a temporary directory, then move it to <inputs>/<kind>-<content hash>: saved once per
         content (the policy and an identical reference share one copy, a re-run reuses the precompute cache)."""
-        from bco_ray.data.fingerprint import fingerprint_path
-        root = self.inputs_dir / "models"
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
-        try:
-            save(str(tmp))
-            dest = root / f"{kind}-{fingerprint_path(str(tmp))[:16]}"
-            _publish(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return str(dest)
+        return _save_by_content(self.inputs_dir / "models", kind, save, directory=True)
 
     def _data_spec(self, ds, split: str) -> str:
         if isinstance(ds, (str, os.PathLike)):
             return os.fspath(ds)
-        ds = _as_dataset(ds, split)
-        from bco_ray.data.fingerprint import fingerprint_path
-        root = self.inputs_dir / "data"
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".parquet", dir=root)
-        os.close(fd)
-        try:
-            ds.to_parquet(tmp)
-            dest = root / f"{split}-{fingerprint_path(tmp)[:16]}.parquet"
-            _publish(Path(tmp), dest)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return str(dest)
+        return _save_by_content(self.inputs_dir / "data", split, _as_dataset(ds, split).to_parquet, ".parquet")
 
     def _save_embedding_func(self) -> str:
         import cloudpickle
-
-        from bco_ray.data.fingerprint import fingerprint_path
         tok = self.embedding_tokenizer
         if isinstance(tok, (str, os.PathLike)):
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(os.fspath(tok))
-        root = self.inputs_dir / "udm"
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".embedding_func-", suffix=".pkl", dir=root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(_dumps_by_value({"func": self.embedding_func, "tokenizer": tok}, cloudpickle))
-            dest = root / f"embedding_func-{fingerprint_path(tmp)[:16]}.pkl"
-            _publish(Path(tmp), dest)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return str(dest)
+        blob = _dumps_by_value({"func": self.embedding_func, "tokenizer": tok}, cloudpickle)
+        return _save_by_content(self.inputs_dir / "udm", "embedding_func", lambda p: Path(p).write_bytes(blob), ".pkl")
 
     # ------------------------------------------------------------------------------------ training
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs) -> BCOTrainOutput:

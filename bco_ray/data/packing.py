@@ -20,6 +20,18 @@ import torch
 ROW_COLUMNS = ("prompt_len", "label", "ref_logps", "udm_weight")
 
 
+def pad_right(seqs, pad_id: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids right-padded to the longest row (or `pad_to`): (input_ids, attention_mask), int64.
+    The one padding helper: the padded micro-batches, the pass's reference and embedder batches, the benches."""
+    n = pad_to or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[j, :len(s)] = 1
+    return ids, mask
+
+
 def pack_rows(lengths, budget: int) -> list[list[int]]:
     """Indices of `lengths` in packs of total length <= budget, first fit in decreasing length order (a row
     longer than the budget gets a pack of its own). Deterministic; rows keep their order within a pack."""

@@ -15,7 +15,7 @@ import torch
 from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps
 from bco_ray.bco.udm import classifier_from_json, udm_weights
 from bco_ray.data import formats
-from bco_ray.data.packing import collate_packed, pack_rows, to_device
+from bco_ray.data.packing import collate_packed, pack_rows, pad_right, to_device
 from bco_ray.data.tokenize import tokenize_batch
 from bco_ray.models import load_causal_lm, load_embedder, load_tokenizer, mean_pool, pick_dtype
 from bco_ray.precompute.batching import budget_batches
@@ -82,16 +82,6 @@ def tokenize(table: pa.Table, *, tokenizer_path: str, revision, max_length: int,
     })
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, :len(s)] = torch.as_tensor(s)
-        mask[j, :len(s)] = 1
-    return ids, mask
-
-
 class RefLogps:
     """Reference model actor: summed completion log-prob per row, in token-budget sub-batches."""
 
@@ -114,7 +104,7 @@ class RefLogps:
         logps = np.zeros(len(ids), dtype=np.float32)
         pad_tokens = np.zeros(len(ids), dtype=np.int32)
         for b in budget_batches(lengths, self.token_budget):
-            x, m = _pad([ids[i] for i in b], self.pad_id)
+            x, m = pad_right([ids[i] for i in b], self.pad_id)
             p = torch.as_tensor([plen[i] for i in b])
             out = policy_completion_logps(self.model, x.to(self.device), m.to(self.device), p.to(self.device),
                                           self.chunk_size)
@@ -178,7 +168,7 @@ class Embed:
         lengths = [len(s) for s in enc["input_ids"]]
         emb = np.zeros((len(texts), self.dim), dtype=np.float32)
         for b in budget_batches(lengths, self.token_budget):
-            x, m = _pad([enc["input_ids"][i] for i in b], self.tok.pad_token_id or 0)
+            x, m = pad_right([enc["input_ids"][i] for i in b], self.tok.pad_token_id or 0)
             emb[b] = self._forward(x.to(self.device), m.to(self.device)).cpu().numpy()
         return emb
 

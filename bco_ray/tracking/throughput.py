@@ -1,9 +1,6 @@
-"""Model FLOPs utilisation (MFU) for the per-step metrics, on GPU (used by bco_ray/train/recipe.py).
-
-Training FLOPs per token follow the usual dense-transformer estimate (Kaplan et al.; PaLM appendix B):
-6·N for the forward and backward matmuls of N parameters, plus 12·L·d·T for attention scores over a
-sequence of T tokens (L layers, width d). BCO trains only the policy (reference log-probs are precomputed),
-so this is the whole model work per trained token. MFU = achieved FLOP/s ÷ (GPUs × peak FLOP/s)."""
+"""Peak FLOP/s of GPUs, the denominator of model FLOPs utilisation (MFU) in the per-step metrics
+(bco_ray/train/recipe.py) and the benchmarks; the FLOP count is bco_ray/train/throughput.py's.
+MFU = achieved FLOP/s ÷ (GPUs × peak FLOP/s)."""
 from __future__ import annotations
 
 import os
@@ -40,11 +37,3 @@ def peak_flops(device_name: str, dtype: str = "bf16") -> float | None:
         if key.lower() in device_name.lower():
             return peaks.get(dtype) or peaks.get("fp16")
     return None
-
-
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:
-    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
-
-
-def mfu(tokens_per_second: float, flops_token: float, num_gpus: int, peak: float) -> float:
-    return tokens_per_second * flops_token / (max(num_gpus, 1) * peak)

@@ -9,20 +9,14 @@ import torch
 
 from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps, router_aux_loss_coef
 from bco_ray.bco.loss import RunningMean, bco_losses
-from bco_ray.data.packing import is_packed
+from bco_ray.data.packing import is_packed, pad_right
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad token ids of a micro-batch (columns from the precomputed Parquet) into tensors."""
-    seqs = [np.asarray(s, dtype=np.int64) for s in batch["input_ids"]]
-    n = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), n), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), n), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        mask[i, :len(s)] = 1
+    ids, mask = pad_right([np.asarray(s, dtype=np.int64) for s in batch["input_ids"]], pad_id)
     return {
-        "input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+        "input_ids": ids, "attention_mask": mask,
         "prompt_len": torch.as_tensor(np.asarray(batch["prompt_len"], dtype=np.int64)),
         "label": torch.as_tensor(np.asarray(batch["label"], dtype=bool)),
         "ref_logps": torch.as_tensor(np.asarray(batch["ref_logps"], dtype=np.float32)),
