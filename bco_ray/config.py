@@ -121,7 +121,7 @@ class TrainConfig:
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str | None = None      # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    tracking_uri: str | None = None      # None: $MLFLOW_TRACKING_URI, else a SQLite file beside output_dir's root
     experiment: str = "bco-ray"          # MLflow experiment of the run
     run_name: str | None = None          # None: generated; the same name resumes a stopped run
     registered_model_name: str | None = None   # also register the logged model under this name (Model Registry)

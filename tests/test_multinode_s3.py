@@ -41,7 +41,8 @@ def cluster(tmp_path_factory):
     home.mkdir()
     s3 = MotoS3(d)
     env = {**job_env(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", HOME=str(home)), **s3.env}
-    env.pop("RAY_ADDRESS")
+    for leaked in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "BCO_RAY_STORAGE"):   # e.g. set by mlflow in this process
+        env.pop(leaked, None)
     mlflow = MlflowServer(d, f"s3://{s3.bucket}/mlflow", env=env)
     head = RayHead(1, env=env)           # the server and the head start side by side
     node = None

@@ -75,8 +75,9 @@ NOTES: dict[str, str] = {
     "num_workers": "one DeepSpeed rank each, like `accelerate launch` processes",
     "use_gpu": "None: GPUs when the Ray cluster has at least `num_workers` of them (then the scoring actors take "
                "0.5 GPU each)",
-    "storage_path": "checkpoints; None: `<output_dir>/ray`. Shared or `s3://` on clusters",
-    "mlflow_tracking_uri": "None: `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db`",
+    "storage_path": "checkpoints; None: `$BCO_RAY_STORAGE/ray`, else `<output_dir>/ray`. Shared or `s3://` on clusters",
+    "mlflow_tracking_uri": "None: `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db` (in a submitted job: "
+                           "`~/bco-ray/mlflow.db`, or under a local `$BCO_RAY_STORAGE`)",
     "udm_embedding_model": "an encoder id or path: turns UDM on (mean-pooled, L2-normalised states)",
     "precompute_num_gpus_per_actor": "None: 0.5 with GPUs (reference and embedding pools share one), else 0",
     "inputs_dir": "where in-memory inputs are saved; None: `<output_dir>/inputs`",

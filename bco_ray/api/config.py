@@ -86,7 +86,7 @@ class BCOConfig:
     num_workers: int = 1                         # Ray Train workers (one DeepSpeed rank each), like `accelerate launch` processes
     use_gpu: bool | None = None                  # None: GPUs when the Ray cluster has at least num_workers of them
     storage_path: str | None = None              # Ray Train checkpoints; None: <output_dir>/ray. Shared or s3:// on clusters
-    mlflow_tracking_uri: str | None = None       # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    mlflow_tracking_uri: str | None = None       # None: $MLFLOW_TRACKING_URI, else a SQLite file (bco_ray/storage.py)
     mlflow_experiment: str = "bco-ray"
     udm_embedding_model: str | None = None       # UDM with a from_pretrained encoder (mean-pooled) instead of embedding_func
     precompute_num_gpus_per_actor: float | None = None  # None: 0.5 with GPUs (ref + embedding pools share one), else 0
