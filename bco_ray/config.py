@@ -90,7 +90,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0         # CPUs each training worker reserves
     micro_batch_size: int = 8            # rows per worker per forward
     bucket_window: int = 16              # micro-batches pooled and re-cut by length (1: dataset order); padded mode only
-    micro_batch_tokens: int = 0          # >0: a step's micro_batch_size × gradient_accumulation_steps rows packed into forwards of this many tokens (no padding); -1: micro_batch_size × data.max_length; 0: padded micro-batches of micro_batch_size rows
+    micro_batch_tokens: int = -1         # a step's rows packed without padding into forwards of this many tokens; -1: micro_batch_size × data.max_length; 0: padded micro-batches of micro_batch_size rows
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     lr: float = 5e-7                     # peak learning rate (AdamW)
     beta: float = 0.1                    # BCO's beta: scale of the implicit reward
