@@ -89,14 +89,24 @@ def resolved_yaml(cfg: Config) -> str:
 
 
 def _parse(prog: str, doc: str, argv: list[str]) -> tuple[argparse.Namespace, Config | None]:
-    """Options and the config; None when --help was printed. Raises ConfigError."""
+    """Options and the config; None when --help or --print-config printed what was asked. Raises ConfigError."""
     parser = _config_parser(prog, doc)
     args, overrides = parser.parse_known_args(argv)
     config_file = Path(args.config) if args.config else _default_config()
     if args.help:
         print(config_help(parser, config_file if config_file and config_file.exists() else None), end="")
         return args, None
-    return args, load_config(config_file, overrides)
+    cfg = load_config(config_file, overrides)
+    if args.print_config:
+        print(resolved_yaml(cfg), end="")
+        return args, None
+    return args, cfg
+
+
+def _command_argv(argv: list[str] | None) -> list[str]:
+    """The command's arguments (sys.argv's by default), with logging set up as every command logs."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return list(sys.argv[1:] if argv is None else argv)
 
 
 def _fail(e: BaseException) -> int:
@@ -143,14 +153,10 @@ def _print_dry_run(cfg: Config, paths) -> None:
 
 def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
     """`bco-ray train`: the whole job (bco_ray/run.py). Returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _command_argv(argv)
     try:
         args, cfg = _parse(prog, TRAIN_DOC, argv)
         if cfg is None:
-            return 0
-        if args.print_config:
-            print(resolved_yaml(cfg), end="")
             return 0
         if args.dry_run:
             from bco_ray.job_checks import run_checks
@@ -187,14 +193,10 @@ def _print_resume(prog: str, argv: list[str], cfg: Config) -> None:
 
 def precompute(argv: list[str] | None = None, prog: str = "bco-ray precompute") -> int:
     """`bco-ray precompute`: only the Ray Data pass, into the precompute cache. Returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _command_argv(argv)
     try:
         args, cfg = _parse(prog, PRECOMPUTE_DOC, argv)
         if cfg is None:
-            return 0
-        if args.print_config:
-            print(resolved_yaml(cfg), end="")
             return 0
         cfg, report, paths = _precompute_checks(cfg)
         if args.dry_run:

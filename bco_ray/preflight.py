@@ -105,8 +105,9 @@ def check_shared_paths(cfg, paths, tracking_uri: str, timeout_s: float = 60.0) -
     if len(nodes) < 2:
         return len(nodes)
     name = f"{MARKER}{uuid.uuid4().hex}"
+    wanted = {n.field: n for n in needs(cfg, paths, tracking_uri)}
     written, items, problems = [], [], {}
-    for i, need in enumerate(needs(cfg, paths, tracking_uri)):
+    for i, need in enumerate(wanted.values()):
         if not need.writes:
             items.append((need.field, need.path, None))
             continue
@@ -123,7 +124,7 @@ def check_shared_paths(cfg, paths, tracking_uri: str, timeout_s: float = 60.0) -
     try:
         refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(items) for n in nodes}
-        ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         for node_id, ref in refs.items():
             if ref in pending:
                 problems.setdefault("(nodes)", ("", f"node {node_id[:12]} did not answer within {timeout_s:g} s"))
@@ -131,8 +132,7 @@ def check_shared_paths(cfg, paths, tracking_uri: str, timeout_s: float = 60.0) -
             answer = ray.get(ref)
             for field, seen in answer["seen"].items():
                 if seen != "ok" and field not in problems:
-                    path = next(n.path for n in needs(cfg, paths, tracking_uri) if n.field == field)
-                    problems[field] = (path, f"{seen} on node {answer['host']} ({node_id[:12]})")
+                    problems[field] = (wanted[field].path, f"{seen} on node {answer['host']} ({node_id[:12]})")
     finally:
         for fs, p in written:
             try:

@@ -18,15 +18,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import socket
-import time
-import traceback
-from datetime import timedelta
+import contextlib
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from test_zero3_lockstep import init_gloo_rank, record_error, run_ranks
 
 ROWS, GAS, STEPS = 4, 2, 2          # micro_batch_size, gradient_accumulation_steps, optimizer steps
 BUDGET, CHUNK = 128, 16
@@ -34,12 +31,6 @@ LR, BETA, MAX_GRAD_NORM, PAD_ID = 1e-4, 0.1, 0.5, 2   # lr: see tests/test_zero3
 TOL = 1e-5
 STAGE = {1: 2, 2: 3}                # ZeRO stage per world size
 TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -89,7 +80,7 @@ def _train_config(world: int):
                        bf16=False, micro_batch_tokens=BUDGET)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, world: int) -> None:
     try:
         import deepspeed
 
@@ -97,11 +88,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         from bco_ray.train.device_stats import DeviceRunningMean
         from bco_ray.train.ds_config import deepspeed_config
         from bco_ray.train.step import micro_batch_loss
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-        torch.set_num_threads(1)
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
-                                   timeout=timedelta(seconds=60))
+        init_gloo_rank(rank, world, port)
         t = _train_config(world)
         model = _model()
         engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(t, world, on_gpu=False),
@@ -114,24 +101,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             backward(engine, batch, micro_batch_loss(engine, batch, delta, BETA, CHUNK))
             engine.step()
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None) \
-                if t.zero_stage == 3 else _Null():
+                if t.zero_stage == 3 else contextlib.nullcontext():
             params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         torch.save({"params": params, "packs": packs, "delta": float(delta.mean),
                     "steps": engine.global_steps}, os.path.join(out_dir, f"rank{rank}.pt"))
         engine.destroy()
         torch.distributed.destroy_process_group()
     except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
+        record_error(out_dir, rank)
         raise
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _reference(world: int):
@@ -173,22 +151,9 @@ def _reference(world: int):
 @pytest.mark.timeout(TIMEOUT_S + 60)
 @pytest.mark.parametrize("world", [1, 2])
 def test_packed_step_equals_padded_step(world, tmp_path):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path)), daemon=True) for r in range(world)]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=max(0.0, t0 + TIMEOUT_S - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    codes, _ = run_ranks(tmp_path, target=_worker, timeout=TIMEOUT_S, world=world, args=(world,))
     errors = {f.name: f.read_text()[-3000:] for f in tmp_path.glob("*.err")}
-    assert not errors and [p.exitcode for p in procs] == [0] * world, (errors, [p.exitcode for p in procs])
+    assert not errors and codes == [0] * world, (errors, codes)
     runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     ref, before, ref_delta = _reference(world)
     assert runs[0]["steps"] == STEPS

@@ -131,14 +131,25 @@ def _train(chunk_size: int, rank: int) -> dict:
     return rec
 
 
+def init_gloo_rank(rank: int, world: int, port: int) -> None:
+    """One spawned rank of a gloo process group on loopback, one thread, as DeepSpeed's launcher would set it up."""
+    import deepspeed
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=PG_TIMEOUT_S))
+
+
+def record_error(out_dir: str, rank: int) -> None:
+    """Inside a rank's `except`: its traceback, for the test to show (a spawned child's stderr is lost)."""
+    with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+        f.write(traceback.format_exc())
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
-        import deepspeed
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
-        torch.set_num_threads(1)
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
-                                   timeout=timedelta(seconds=PG_TIMEOUT_S))
+        init_gloo_rank(rank, WORLD, port)
         for chunk in (BIG_CHUNK, SMALL_CHUNK):            # the reference first: a hang shows in the second
             t0 = time.perf_counter()
             rec = _train(chunk, rank)
@@ -146,16 +157,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             torch.save(rec, os.path.join(out_dir, f"chunk{chunk}-rank{rank}.pt"))
         torch.distributed.destroy_process_group()
     except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
+        record_error(out_dir, rank)
         raise
 
 
-def run_ranks(out_dir, target=_worker, timeout: float = CHILD_TIMEOUT_S) -> tuple[list, float]:
-    """Spawn the WORLD ranks; kill whichever is still running at the deadline. (exit codes, seconds)."""
+def run_ranks(out_dir, target=_worker, timeout: float = CHILD_TIMEOUT_S, world: int = WORLD,
+              args: tuple = ()) -> tuple[list, float]:
+    """Spawn `world` ranks of target(rank, port, out_dir, *args); kill whichever is still running at the
+    deadline. (exit codes, seconds)"""
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, port, str(out_dir)), daemon=True) for r in range(WORLD)]
+    procs = [ctx.Process(target=target, args=(r, port, str(out_dir), *args), daemon=True) for r in range(world)]
     t0 = time.monotonic()
     for p in procs:
         p.start()

@@ -8,12 +8,10 @@ model's weights exactly; rank 1 writes nothing."""
 from __future__ import annotations
 
 import os
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
-from test_zero3_lockstep import CHILD_TIMEOUT_S, PG_TIMEOUT_S, WORLD, _model, run_ranks
+from test_zero3_lockstep import CHILD_TIMEOUT_S, WORLD, _model, init_gloo_rank, record_error, run_ranks
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -24,11 +22,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         from bco_ray.config import TrainConfig
         from bco_ray.train import policy
         from bco_ray.train.ds_config import deepspeed_config
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
-        torch.set_num_threads(1)
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
-                                   timeout=timedelta(seconds=PG_TIMEOUT_S))
+        init_gloo_rank(rank, WORLD, port)
         cfg = deepspeed_config(TrainConfig(zero_stage=3, micro_batch_size=2, bf16=False), WORLD, on_gpu=False)
         model = _model()
         engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=list(model.parameters()))
@@ -47,8 +41,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         engine.destroy()
         torch.distributed.destroy_process_group()
     except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
+        record_error(out_dir, rank)
         raise
 
 

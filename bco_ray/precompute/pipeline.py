@@ -6,7 +6,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -21,6 +20,7 @@ from bco_ray.precompute.cache import Cache, cache_key
 from bco_ray.precompute.rows import HIST_BINS, block_stats, finalize, tag
 from bco_ray.precompute.stages import Counters, Score
 from bco_ray.resources import PassResources, pass_resources
+from bco_ray.storage import resolve_locations
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | No
                    resources: PassResources | None = None) -> PrecomputeResult:
     """label_counts: rows per class of the train split (from the driver's data check), for the UDM sample and
     the choice of shuffle. resources: the stages' CPU asks (default: sized to the cluster as it is now)."""
-    root = cfg.precompute.cache_dir or f"{Path(cfg.output_dir).resolve()}/cache"
+    root = resolve_locations(cfg).precompute.cache_dir      # as the job resolved it (a no-op on a resolved cfg)
     key = cache_key(key_parts(cfg, paths))
     cache = Cache(root, key)
     if cfg.precompute.force:
