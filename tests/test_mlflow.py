@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -29,7 +28,7 @@ from bco_ray.storage import resolve_locations
 from bco_ray.tracking import compare, mlflow_run, plots, throughput
 from bco_ray.tracking.step_logger import StepLogger
 
-from conftest import ROOT, free_port, job_env
+from conftest import ROOT, MlflowServer, job_env
 
 PLOTS = {"loss", "rewards", "margins", "delta", "eval_auc", "overview", "udm_weights"}
 STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "delta", "learning_rate", "grad_norm",
@@ -289,43 +288,11 @@ def test_peak_flops_table():
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on a free loopback port, SQLite backend, artifacts served over HTTP."""
     d = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(d / "server.log", "w")
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-                             "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env=job_env())   # pytest's process group
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(d, str(d / "artifacts"))
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(d / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield uri
+        yield server.wait().uri
     finally:
-        import psutil
-        procs = [psutil.Process(proc.pid)]
-        try:
-            procs += procs[0].children(recursive=True)      # the uvicorn worker it started
-        except psutil.NoSuchProcess:
-            pass
-        for p in reversed(procs):
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for p in alive:
-            p.kill()
-        log.close()
+        server.stop()
 
 
 SUBMIT_COMMIT = "5ab1e" * 8
