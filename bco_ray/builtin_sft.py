@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from bco_ray.builtin import ASSETS, BUILTIN_TRAIN, SFT_DIR, resolve_data, tokenizer_path
+from bco_ray.console import console
 
 RECIPE = {"init_seed": 0, "data": BUILTIN_TRAIN, "epochs": 40, "batch_size": 32, "lr": 3e-3, "schedule": "cosine",
           "max_grad_norm": 1.0, "order_seed": 0, "max_length": 64, "max_prompt_length": 48}
@@ -126,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(SFT_DIR), help="where to write the model (default: the shipped asset)")
     args = parser.parse_args(argv)
     if not args.check:
-        print(f"built {build(Path(args.out))}")
+        console(f"built {build(Path(args.out))}")
         return 0
     with tempfile.TemporaryDirectory() as d:
         fresh = sha256(build(Path(d) / "sft") / "model.safetensors")
     shipped = json.loads((SFT_DIR / "sft.json").read_text())["model.safetensors.sha256"]
     same = fresh == shipped == sha256(SFT_DIR / "model.safetensors")
-    print(f"rebuilt weights {'match' if same else 'DIFFER from'} the shipped asset ({fresh[:12]} vs {shipped[:12]})")
+    console(f"rebuilt weights {'match' if same else 'DIFFER from'} the shipped asset ({fresh[:12]} vs {shipped[:12]})")
     return 0 if same else 1
 
 

@@ -29,6 +29,7 @@ import yaml
 from bco_ray import __version__
 from bco_ray.config import Config, load_config
 from bco_ray.config_doc import field_docs, show
+from bco_ray.console import console
 from bco_ray.errors import BcoRayError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -94,11 +95,11 @@ def _parse(prog: str, doc: str, argv: list[str]) -> tuple[argparse.Namespace, Co
     args, overrides = parser.parse_known_args(argv)
     config_file = Path(args.config) if args.config else _default_config()
     if args.help:
-        print(config_help(parser, config_file if config_file and config_file.exists() else None), end="")
+        console(config_help(parser, config_file if config_file and config_file.exists() else None).removesuffix("\n"))
         return args, None
     cfg = load_config(config_file, overrides)
     if args.print_config:
-        print(resolved_yaml(cfg), end="")
+        console(resolved_yaml(cfg).removesuffix("\n"))   # both end with one newline
         return args, None
     return args, cfg
 
@@ -110,8 +111,8 @@ def _command_argv(argv: list[str] | None) -> list[str]:
 
 
 def _fail(e: BaseException) -> int:
-    print(f"bco-ray: {e.kind} error: {e}" if isinstance(e, BcoRayError) else f"bco-ray: input error: {e}",
-          file=sys.stderr)
+    console(f"bco-ray: {e.kind} error: {e}" if isinstance(e, BcoRayError) else f"bco-ray: input error: {e}",
+            sys.stderr)
     return e.exit_code if isinstance(e, BcoRayError) else 2
 
 
@@ -143,12 +144,12 @@ def _precompute_checks(cfg: Config):
 
 
 def _print_dry_run(cfg: Config, paths) -> None:
-    print(f"[bco-ray] dry run: config, data, models and hub settings check out; no Ray work done.\n"
-          f"[bco-ray]   data: train {cfg.data.train}, eval {cfg.data.eval}\n"
-          f"[bco-ray]   models: policy {paths.policy}, reference {paths.reference}, tokenizer {paths.tokenizer}"
-          + (f", embedder {paths.embedder}" if paths.embedder else "") + "\n"
-          f"[bco-ray]   outputs {cfg.output_dir}, cache {cfg.precompute.cache_dir}, checkpoints "
-          f"{cfg.train.storage_path}", flush=True)
+    console(f"[bco-ray] dry run: config, data, models and hub settings check out; no Ray work done.\n"
+            f"[bco-ray]   data: train {cfg.data.train}, eval {cfg.data.eval}\n"
+            f"[bco-ray]   models: policy {paths.policy}, reference {paths.reference}, tokenizer {paths.tokenizer}"
+            + (f", embedder {paths.embedder}" if paths.embedder else "") + "\n"
+            f"[bco-ray]   outputs {cfg.output_dir}, cache {cfg.precompute.cache_dir}, checkpoints "
+            f"{cfg.train.storage_path}")
 
 
 def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
@@ -184,11 +185,11 @@ def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
 
 def _print_resume(prog: str, argv: list[str], cfg: Config) -> None:
     if cfg.mlflow.run_name:
-        print(f"bco-ray: resume this run (from its last checkpoint, reusing the precompute cache) with:\n"
-              f"  {resume_command(prog, argv)}", file=sys.stderr, flush=True)
+        console(f"bco-ray: resume this run (from its last checkpoint, reusing the precompute cache) with:\n"
+                f"  {resume_command(prog, argv)}", sys.stderr)
     else:
-        print("bco-ray: give the run a name (--mlflow.run_name=NAME) to make it resumable by running the same "
-              "command again", file=sys.stderr, flush=True)
+        console("bco-ray: give the run a name (--mlflow.run_name=NAME) to make it resumable by running the same "
+                "command again", sys.stderr)
 
 
 def precompute(argv: list[str] | None = None, prog: str = "bco-ray precompute") -> int:
@@ -212,8 +213,8 @@ def precompute(argv: list[str] | None = None, prog: str = "bco-ray precompute") 
     except (BcoRayError, FileNotFoundError) as e:
         return _fail(e)
     pre = run_precompute(cfg, paths, report.train.labels.by_label())
-    print(f"[bco-ray] precompute {'reused (cache hit)' if pre.reused else 'computed'}: {pre.dir}")
-    print(json.dumps(pre.summary, indent=2, default=str))
+    console(f"[bco-ray] precompute {'reused (cache hit)' if pre.reused else 'computed'}: {pre.dir}")
+    console(json.dumps(pre.summary.to_dict(), indent=2, default=str))
     return 0
 
 
@@ -252,11 +253,11 @@ def compare(argv: list[str] | None = None, prog: str = "bco-ray compare") -> int
                             tuple(m for m in args.extra.split(",") if m),
                             ("mlflow.run_name",) if args.all_params else IGNORED_PARAMS)
     except CompareError as e:
-        print(f"compare: {e} (tracking URI {uri})", file=sys.stderr)
+        console(f"compare: {e} (tracking URI {uri})", sys.stderr)
         return e.exit_code
-    print(format_table(comp))
+    console(format_table(comp))
     paths = write_outputs(comp, args.out, args.smooth)
-    print("\n" + "\n".join(f"{k:>8}: {v}" for k, v in paths.items()))
+    console("\n" + "\n".join(f"{k:>8}: {v}" for k, v in paths.items()))
     return 0
 
 
@@ -268,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     """`bco-ray <command> ...`: the console script of the package."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("--version", "-V"):
-        print(f"bco-ray {__version__}")
+        console(f"bco-ray {__version__}")
         return 0
     if not argv or argv[0] not in COMMANDS:
         listed = "\n".join(f"  {name:<11} {doc.split(':')[0].split('.')[0]}" for name, (_, doc) in COMMANDS.items())
-        print(f"usage: bco-ray {{{','.join(COMMANDS)}}} [--help] ...\n       bco-ray --version\n\n"
-              f"commands:\n{listed}\n", file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        console(f"usage: bco-ray {{{','.join(COMMANDS)}}} [--help] ...\n       bco-ray --version\n\n"
+                f"commands:\n{listed}\n", sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     return COMMANDS[argv[0]][0](argv[1:])
 

@@ -12,7 +12,9 @@ from bco_ray.builtin import resolve_embedder, resolve_model
 from bco_ray.config import Config
 from bco_ray.errors import InputError, ResourcesError
 from bco_ray.models import load_tokenizer
+from bco_ray.remote import local_model_dir, missing_model_files
 from bco_ray.resources import PassResources, pass_resources
+from bco_ray.storage import is_remote
 
 if TYPE_CHECKING:
     from bco_ray.data.checks import DataReport
@@ -40,6 +42,13 @@ class ModelError(InputError, ValueError):
 
 
 def _check_model_path(field: str, p: str) -> None:
+    if is_remote(p):        # object storage: a model directory there holds a config.json (a tokenizer's, its own)
+        needed = ("config.json", "tokenizer_config.json") if field == "model.tokenizer" else ("config.json",)
+        why = missing_model_files(p, needed)
+        if why:
+            raise ModelError(f"{field}: {p!r}: {why}; give the URI of a directory holding a Hugging Face model "
+                             "(config.json, weights, tokenizer files), a local directory or a hub id like org/name")
+        return
     if "://" in p or os.path.exists(p):
         return
     if p.startswith((".", "/", "~")) or not _HUB_ID.match(p):
@@ -61,7 +70,8 @@ def resolve_paths(cfg: Config):
         _check_model_path(field, p)
     try:
         tok = load_tokenizer(tokenizer, m.revision, m.trust_remote_code)
-        vocab = {f: AutoConfig.from_pretrained(p, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        vocab = {f: AutoConfig.from_pretrained(local_model_dir(p, weights=False), revision=m.revision,
+                                               trust_remote_code=m.trust_remote_code)
                  .vocab_size for f, p in (("model.policy", policy), ("model.reference", reference))}
     except OSError as e:
         raise ModelError(f"model: cannot load {e}".splitlines()[0] + " (check model.policy / model.reference / "

@@ -1,4 +1,5 @@
-"""Loading models and tokenizers: one from_pretrained path for hub ids, local dirs and the builtin tiny model."""
+"""Loading models and tokenizers: one from_pretrained path for hub ids, local dirs, the builtin tiny model and
+directories on object storage (s3://..., copied once per node by bco_ray/remote.py)."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from bco_ray.config import Config, TrainConfig
 from bco_ray.errors import InputError
+from bco_ray.remote import local_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ def reference_dtype(cfg: Config) -> str:
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
-    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(local_model_dir(path, weights=False), revision=revision,
+                                        trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
         log.warning("tokenizer %s has no pad token; using %r for padding", path, tok.pad_token)
@@ -67,7 +70,7 @@ def attn_kwargs(attn_implementation: str | None) -> dict:
 def load_causal_lm(path: str, *, dtype: torch.dtype, revision: str | None = None,
                    attn_implementation: str | None = AUTO_ATTN, trust_remote_code: bool = False):
     return AutoModelForCausalLM.from_pretrained(
-        path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
+        local_model_dir(path), revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
         **attn_kwargs(attn_implementation))
 
 
@@ -92,8 +95,9 @@ def check_model_loads(path: str, revision: str | None = None, trust_remote_code:
     """Cheaply check that `path` builds as a causal LM with this attention setting, before any Ray work:
     the config is read and the model built on the meta device (no weights loaded). Raises ModelLoadError."""
     try:
-        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+        config = AutoConfig.from_pretrained(local_model_dir(path, weights=False), revision=revision,
+                                            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:      # a remote directory that is missing: FileNotFoundError
         raise ModelLoadError(f"{path!r}: cannot read its config ({_first_sentence(e)})") from e
     err = _build_error(config, attn_implementation, trust_remote_code)
     if err is None:
@@ -108,8 +112,9 @@ def check_model_loads(path: str, revision: str | None = None, trust_remote_code:
 
 
 def load_embedder(path: str, dtype: torch.dtype):
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, dtype=dtype)
+    local = local_model_dir(path)
+    tok = AutoTokenizer.from_pretrained(local)
+    model = AutoModel.from_pretrained(local, dtype=dtype)
     return tok, model
 
 

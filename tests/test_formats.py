@@ -1,4 +1,4 @@
-"""Tests for bco_ray.data.formats: format detection, row checks, conversion and file validation."""
+"""Tests for bco_ray.data.formats and bco_ray.data.validate: format detection, row checks, conversion and file validation."""
 
 import json
 
@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bco_ray.data.formats import DataFormatError, check_row, detect_format, iter_rows, to_unpaired, validate_source
+from bco_ray.data.formats import DataFormatError, check_row, detect_format, iter_rows, to_unpaired
+from bco_ray.data.validate import validate_source
 
 SRC = "train.jsonl"
 

@@ -18,7 +18,7 @@ from bco_ray.eval import report
 from bco_ray.eval.arithmetic import verify
 from bco_ray.eval.generation import VerifierError, completion_logps, generate, load_verifier, verifier_scores
 from bco_ray.eval.pipeline import held_out_prompts
-from bco_ray.eval.snapshots import list_snapshots, save_snapshot
+from bco_ray.train.snapshots import list_snapshots, save_snapshot
 
 
 @pytest.fixture(scope="module")

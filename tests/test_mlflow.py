@@ -24,8 +24,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bco_ray.config import load_config
+from bco_ray.data.pass_summary import PrecomputeSummary
 from bco_ray.storage import resolve_locations
-from bco_ray.tracking import compare, mlflow_run, plots, throughput
+from bco_ray.tracking import compare, mlflow_inputs, mlflow_model, mlflow_run, plots, throughput
 from bco_ray.tracking.step_logger import StepLogger
 
 from conftest import ROOT, MlflowServer, job_env
@@ -109,10 +110,10 @@ def test_failed_run_then_resume_logs_nothing_twice(local_store):
     uri, run_id, resumed = mlflow_run.open_run(cfg, "r")
     assert not resumed and uri == local_store
     client = MlflowClient(uri)
-    summary = {"train": {"rows": 10, "tokens": 100, "chosen": 6, "rejected": 4, "padding_fraction": 0.1,
-                         "mean_rejected_weight": 1.5}, "udm": {"udm/accuracy": 0.7}, "dropped": {"empty": 1},
-               "seconds": 2.0}
-    mlflow_run.log_precompute(summary)
+    summary = PrecomputeSummary.from_dict({
+        "train": {"rows": 10, "tokens": 100, "chosen": 6, "rejected": 4, "padding_fraction": 0.1,
+                  "mean_rejected_weight": 1.5}, "udm": {"udm/accuracy": 0.7}, "dropped": {"empty": 1}, "seconds": 2.0})
+    mlflow_inputs.log_precompute(summary)
     logger = StepLogger({"tracking_uri": uri, "run_id": run_id}, rank=0, buffered=True)
     for step in (1, 2):
         logger.log({"loss": 0.7 - step / 100, "nan_is_dropped": float("nan")}, step)
@@ -127,7 +128,7 @@ def test_failed_run_then_resume_logs_nothing_twice(local_store):
                                   "--train.max_steps=4"])
     _, run_id2, resumed = mlflow_run.open_run(cfg2, "r")
     assert resumed and run_id2 == run_id
-    mlflow_run.log_precompute(summary)                          # a resumed job logs its precompute again
+    mlflow_inputs.log_precompute(summary)                       # a resumed job logs its precompute again
     logger = StepLogger({"tracking_uri": uri, "run_id": run_id}, rank=0, buffered=False)
     for step in (1, 2, 3, 4):                                   # restarted from scratch: steps 1, 2 again
         logger.log({"loss": 1.0 + step}, step)
@@ -180,11 +181,11 @@ def test_model_is_logged_in_the_transformers_flavour(local_store, tmp_path):
     with mlflow.start_run() as run:
         mlflow.log_metric("loss", 0.6, step=2)
         mlflow.log_metrics({"loss": 0.5, "eval/auc": 0.7}, step=3)
-        assert mlflow_run.log_model(str(model_dir), step=3, registered_model_name="bco-unit") == "mlflow-transformers"
+        assert mlflow_model.log_model(str(model_dir), step=3, registered_model_name="bco-unit") == "mlflow-transformers"
         model_tags = MlflowClient(local_store).get_run(run.info.run_id).data.tags
         (tmp_path / "adapter").mkdir()
         (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
-        assert mlflow_run.log_model(str(tmp_path / "adapter"), "adapter") == "peft-adapter"
+        assert mlflow_model.log_model(str(tmp_path / "adapter"), "adapter") == "peft-adapter"
     client = MlflowClient(local_store)
     assert client.get_run(run.info.run_id).data.tags["model.format"] == "peft-adapter"    # the last one logged
     # MLflow 3: a LoggedModel of this run, holding the run's metrics at the final step, registered by name.
@@ -368,7 +369,8 @@ def test_job_logs_params_tags_and_step_metrics(jobs, ray_head):
     inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
     assert sorted(t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context") == ["evaluation", "training"]
     digests = {i.dataset.digest: json.loads(i.dataset.source) for i in inputs}
-    assert digests.keys() == {mlflow_run.data_digest(tags["dataset.train"]), mlflow_run.data_digest(tags["dataset.eval"])}
+    assert digests.keys() == {mlflow_inputs.data_digest(tags["dataset.train"]),
+                              mlflow_inputs.data_digest(tags["dataset.eval"])}
     assert {Path(s["uri"]).name for s in digests.values()} == {"train.jsonl", "eval.jsonl"}
     # MLflow 3: the model is a LoggedModel of this run, holding the final step's metrics, registered by name.
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id],

@@ -141,7 +141,7 @@ def test_embedding_func_is_loaded_only_as_the_trainer_wrote_it(tmp_path):
     good = udm / f"embedding_func-{fingerprint_path(str(tmp))[:16]}.pkl"
     tmp.rename(good)
     assert load_embedding_func(str(good))["func"] is len
-    cases = {"s3://bucket/udm/" + good.name: "is a URI",
+    cases = {"memory://bucket/udm/" + good.name: "does not exist",       # a URI: checked the same way
              str(tmp_path / "x.pkl"): "is not an inputs/udm/embedding_func-<hash>.pkl",
              str(udm / ("embedding_func-" + "0" * 16 + ".pkl")): "does not exist"}
     for path, message in cases.items():

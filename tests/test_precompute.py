@@ -149,7 +149,7 @@ def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
     assert not first.reused
     files = list((tmp_path / "out" / "cache").rglob("split=train/*.parquet"))
     table = pq.read_table(files)
-    assert table.num_rows == 400 == first.summary["train"]["rows"]
+    assert table.num_rows == 400 == first.summary.train.rows
     assert len(files) > 1 or pq.ParquetFile(files[0]).metadata.num_row_groups > 1   # many blocks
     assert {"input_ids", "prompt_len", "label", "ref_logps", "udm_weight", "row_id"} <= set(table.column_names)
     assert not {"prompt_embedding", "prompt_text", "fit_sample"} & set(table.column_names)
@@ -159,7 +159,7 @@ def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
     w = table.column("udm_weight").to_numpy()
     lab = table.column("label").to_numpy(zero_copy_only=False)
     assert (w[lab] == 1).all() and (w[~lab] >= 0.5).all() and (w[~lab] <= 10).all() and w[~lab].std() > 0
-    assert 0.5 < first.summary["udm"]["udm/accuracy"] <= 1
+    assert 0.5 < first.summary.udm.accuracy <= 1
     second = run_precompute(cfg, paths, labels)
     assert second.reused and second.dir == first.dir
     forced = run_precompute(dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, force=True)),

@@ -3,6 +3,7 @@ CPUs a laptop or a small head node has: the session's head (at most 2 CPUs) and 
 sizes its pass and worker group to them; nothing waits forever for a CPU another stage holds."""
 from __future__ import annotations
 
+import shlex
 import subprocess
 import time
 
@@ -13,10 +14,12 @@ from conftest import RAY_BIN, ROOT, RayHead
 pytestmark = pytest.mark.e2e
 
 
-def _submit(head: RayHead, out, db: str, submission_id: str, *args: str) -> subprocess.CompletedProcess:
+def _submit(head: RayHead, out, db: str, submission_id: str, *args: str, prefix: str = "") -> subprocess.CompletedProcess:
+    """`ray job submit ... -- python jobs/bco.py ...`; `prefix`: shell run before it in the same entrypoint."""
+    job = shlex.join(["python", "jobs/bco.py", f"--output_dir={out}", f"--mlflow.tracking_uri={db}", *args])
     cmd = [RAY_BIN, "job", "submit", f"--address={head.dashboard}", "--working-dir", str(ROOT),
            "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), "--submission-id", submission_id,
-           "--", "python", "jobs/bco.py", f"--output_dir={out}", f"--mlflow.tracking_uri={db}", *args]
+           "--", "bash", "-c", prefix + job]
     return subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=900)
 
 
@@ -38,23 +41,19 @@ def test_ray_job_submit_succeeds_on_a_1_cpu_head(tmp_path, monkeypatch):
     head = RayHead(1)
     try:
         head.wait()
-        # jobs/*.py do not patch sys.path: Ray puts the uploaded working directory first on the entrypoint's
-        # PYTHONPATH, so a submitted job imports the uploaded bco_ray, not this checkout's installed one.
-        where = subprocess.run([RAY_BIN, "job", "submit", f"--address={head.dashboard}", "--working-dir", str(ROOT),
-                                "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), "--", "python", "-c",
-                                "import bco_ray; print('BCO_RAY' + '_FILE=' + bco_ray.__file__)"],
-                               env=head.env, capture_output=True, text=True, timeout=300)
-        assert where.returncode == 0, where.stdout[-3000:] + where.stderr[-3000:]
-        uploaded = where.stdout.split("BCO_RAY_FILE=")[1].split()[0]
-        assert "working_dir_files" in uploaded and not uploaded.startswith(str(ROOT)), uploaded
         out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
         t0 = time.time()
         too_big = _submit(head, tmp_path / "out-2", db, "bco-1cpu-2workers", "--train.max_steps=2")
         assert too_big.returncode != 0 and time.time() - t0 < 120
         assert "needs 2 × 1 CPU = 2 CPU" in too_big.stdout + too_big.stderr
-        proc = _submit(head, out, db, "bco-submit-1cpu", "--train.num_workers=1", "--train.max_steps=4",
-                       "--train.eval_steps=0", "--data.eval=none")
-        _check_succeeded(head, proc, "bco-submit-1cpu", out, tmp_path)
+        # jobs/*.py do not patch sys.path: Ray puts the uploaded working directory first on the entrypoint's
+        # PYTHONPATH, so a submitted job imports the uploaded bco_ray, not this checkout's installed one.
+        where = "python -c 'import bco_ray; print(\"BCO_RAY\" + \"_FILE=\" + bco_ray.__file__)' && "
+        proc = _submit(head, out, db, "bco-submit-1cpu", "--train.num_workers=1", "--train.max_steps=2",
+                       "--train.eval_steps=0", "--data.eval=none", prefix=where)
+        log = _check_succeeded(head, proc, "bco-submit-1cpu", out, tmp_path)
+        uploaded = log.split("BCO_RAY_FILE=")[1].split()[0]
+        assert "working_dir_files" in uploaded and not uploaded.startswith(str(ROOT)), uploaded
     finally:
         head.stop()
 

@@ -82,6 +82,13 @@ def test_preflight_needs_what_the_job_writes_and_reads_from_outside(clean_env, m
     elsewhere = Paths(policy="org/model", reference="s3://b/m", tokenizer="org/model", embedder=None, pad_id=0)
     remote = {n.field for n in needs(cfg, elsewhere, "http://127.0.0.1:5000")}
     assert not remote & {"model.policy", "model.reference", "mlflow.tracking_uri"}
+    inputs = "s3://b/inputs"        # BCOTrainer's inputs in a bucket: shared by construction, never probed
+    on_s3 = resolve_locations(load_config(None, [f"--data.train={inputs}/data/train-0123456789abcdef.parquet",
+                                                 f"--udm.embedding_func={inputs}/udm/embedding_func-0.pkl"]))
+    in_bucket = Paths(policy=f"{inputs}/models/model-0", reference=f"{inputs}/models/model-0",
+                      tokenizer=f"{inputs}/models/tokenizer-0", embedder=None, pad_id=0)
+    assert {n.field for n in needs(on_s3, in_bucket, "http://127.0.0.1:5000")} == {"precompute.cache_dir",
+                                                                                 "train.storage_path"}
 
 
 def test_preflight_message_names_each_path_and_the_fix():

@@ -18,6 +18,7 @@ from typing import Any
 from bco_ray.api._mapping import FIELD_MAP
 from bco_ray.api._trl_defaults import INTENTIONAL_DIFFERENCES, NOT_IN_TRL_1_13, TRL_1_13_DEFAULTS
 from bco_ray.api.config import BCOConfig
+from bco_ray.console import console
 
 # How the field reaches bco-ray, where FIELD_MAP's single target does not say it all.
 TARGETS: dict[str, str] = {
@@ -80,7 +81,8 @@ NOTES: dict[str, str] = {
                            "`~/bco-ray/mlflow.db`, or under a local `$BCO_RAY_STORAGE`)",
     "udm_embedding_model": "an encoder id or path: turns UDM on (mean-pooled, L2-normalised states)",
     "precompute_num_gpus_per_actor": "None: 0.5 with GPUs (reference and embedding pools share one), else 0",
-    "inputs_dir": "where in-memory inputs are saved; None: `<output_dir>/inputs`",
+    "inputs_dir": "where in-memory inputs are saved (a path or an `s3://` URI); None: `$BCO_RAY_STORAGE/inputs` if "
+                  "set, else `<output_dir>/inputs`",
     "bco_ray_overrides": 'e.g. `{"train.zero_stage": 3, "precompute.ref_actors": [1, 4]}`',
 }
 
@@ -158,7 +160,7 @@ def sync(doc: str) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("--write", "--check"):
-        print(__doc__, file=sys.stderr)
+        console(__doc__, sys.stderr)
         return 2
     path = Path(argv[1])
     doc = path.read_text()
@@ -167,8 +169,8 @@ def main(argv: list[str]) -> int:
         path.write_text(new)
         return 0
     if new != doc:
-        print(f"{path}: generated tables are stale; run python -m bco_ray.api._doc_table --write {path}",
-              file=sys.stderr)
+        console(f"{path}: generated tables are stale; run python -m bco_ray.api._doc_table --write {path}",
+                sys.stderr)
         return 1
     return 0
 

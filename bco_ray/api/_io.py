@@ -1,6 +1,7 @@
 """Saving in-memory inputs (models, datasets, the UDM embedding function) where Ray workers can read them."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -13,6 +14,8 @@ from typing import Any
 
 from bco_ray.api.config import BCOConfigWarning
 from bco_ray.data.fingerprint import fingerprint_path
+from bco_ray.remote import MARKER, local_model_dir
+from bco_ray.storage import is_remote, join, local_path, resolve_output_dir, storage_root
 
 
 def _is_peft_model(m) -> bool:
@@ -24,11 +27,34 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _save_by_content(root: Path, name: str, write: Callable[[str], Any], suffix: str = "",
+def inputs_root(inputs_dir: str | os.PathLike | None, output_dir: str) -> str:
+    """Where BCOTrainer saves in-memory inputs: `inputs_dir` (a local path, made absolute, or a URI such as
+    s3://bucket/prefix); None: $BCO_RAY_STORAGE/inputs when that is set, else <output_dir>/inputs."""
+    if inputs_dir:
+        d = os.fspath(inputs_dir)
+        return d.rstrip("/") if is_remote(d) else str(Path(local_path(d)).expanduser().resolve())
+    root = storage_root()
+    if root:
+        return join(root, "inputs") if is_remote(root) else str(Path(local_path(root), "inputs").resolve())
+    return str(resolve_output_dir(output_dir) / "inputs")
+
+
+def _save_by_content(root: str | Path, name: str, write: Callable[[str], Any], suffix: str = "",
                      directory: bool = False) -> str:
     """`write(path)` into a temporary file (or directory) under root, then move it to
     <root>/<name>-<content hash><suffix>: saved once per content (the policy and an identical reference share
-    one copy, a re-run reuses the precompute cache), and never seen half-written."""
+    one copy, a re-run reuses the precompute cache), and never seen half-written. A remote root (s3://...):
+    written to a local temporary directory, then uploaded (`_upload`)."""
+    if is_remote(str(root)):
+        with tempfile.TemporaryDirectory(prefix=f"bco-ray-{name}-") as d:
+            tmp = Path(d, name)
+            if directory:
+                tmp.mkdir()
+            write(str(tmp))
+            dest = join(str(root), f"{name}-{fingerprint_path(str(tmp))[:16]}{suffix}")
+            _upload(tmp, dest)
+        return dest
+    root = Path(local_path(str(root)))
     root.mkdir(parents=True, exist_ok=True)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
@@ -46,6 +72,27 @@ def _save_by_content(root: Path, name: str, write: Callable[[str], Any], suffix:
         elif tmp.exists():
             tmp.unlink()
     return str(dest)
+
+
+def _upload(tmp: Path, dest: str) -> None:
+    """A local file or directory to the object store at `dest`, unless it is complete there already (same
+    content, by construction of its name). A file is one object, which S3 shows only once fully written. A
+    directory has no atomic rename there: its files go first and the marker object (bco_ray.remote.MARKER)
+    last, and a directory without its marker (an upload cut short) is uploaded again."""
+    import fsspec
+    fs, base = fsspec.core.url_to_fs(dest)
+    fs.invalidate_cache(base)
+    if tmp.is_file():
+        if not fs.exists(base):
+            fs.put_file(str(tmp), base)
+        return
+    marker = f"{base}/{MARKER}"
+    if fs.exists(marker):
+        return
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for f in files:
+        fs.put_file(str(f), f"{base}/{f.relative_to(tmp).as_posix()}")
+    fs.pipe_file(marker, json.dumps({f.relative_to(tmp).as_posix(): f.stat().st_size for f in files}).encode())
 
 
 def _publish(tmp: Path, dest: Path) -> None:
@@ -117,6 +164,7 @@ class _TableShard:
 
 
 def _load_model_dir(path: str):
+    path = local_model_dir(path)
     p = Path(path)
     if (p / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM

@@ -3,27 +3,27 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from bco_ray.api._conversions import (
+    BCOConfigWarning,
+    deepspeed_fields,
+    eval_every,
+    lengths,
+    model_init_fields,
+    plain_value,
+    save_every,
+    steps,
+    warmup_as_ratio,
+)
 from bco_ray.api._mapping import _SCHEDULERS, _known_foreign, _report_to, _to_config, _why_ignored
 from bco_ray.config import Config
 
-
-class BCOConfigWarning(UserWarning):
-    """A TRL/transformers setting that has no effect in bco-ray (or is approximated)."""
-
-
-# BCOConfig field -> the bco-ray Config field it sets (the documented mapping; also used to name the
-# BCOConfig field in bco-ray's validation errors).
-def _value(v: Any) -> Any:
-    """Enum members of transformers (IntervalStrategy, SchedulerType, ...) as their plain values."""
-    return getattr(v, "value", v)
+__all__ = ["BCOConfig", "BCOConfigWarning"]
 
 
 @dataclass(init=False)
@@ -133,7 +133,7 @@ class BCOConfig:
             warnings.warn("BCOConfig.precompute_ref_log_probs=False: bco-ray always precomputes reference "
                           "log-probs (in the Ray Data pass); the reference model is never loaded during training",
                           BCOConfigWarning, stacklevel=3)
-        if str(_value(self.truncation_mode)) != "keep_end":
+        if str(plain_value(self.truncation_mode)) != "keep_end":
             raise ValueError(f"BCOConfig.truncation_mode={self.truncation_mode!r} is not supported: bco-ray keeps "
                              "the end of a long prompt (truncation_mode='keep_end', the default)")
         reps = _report_to(self.report_to)
@@ -149,200 +149,72 @@ class BCOConfig:
     def overrides(self) -> dict:
         """The bco-ray Config fields this BCOConfig sets, as a nested dict (load_config overrides)."""
         o: dict[str, Any] = {}
-
-        def put(path: str, value: Any) -> None:
+        for path, value in {**self._training_fields(), **self._runtime_fields()}.items():
             node = o
             *parents, leaf = path.split(".")
             for p in parents:
                 node = node.setdefault(p, {})
             node[leaf] = value
+        return o
 
-        def warn(msg: str) -> None:
-            warnings.warn(msg, BCOConfigWarning, stacklevel=4)
-
-        put("output_dir", self.output_dir)
-        put("train.micro_batch_size", self.per_device_train_batch_size)
-        put("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
-        put("train.lr", self.learning_rate)
-        put("train.max_steps", self.max_steps)
+    def _training_fields(self) -> dict[str, Any]:
+        """{bco-ray field: value} of the optimisation, schedule, lengths and BCO/UDM settings."""
         epochs = self.num_train_epochs
         if float(epochs) != int(epochs):
             if self.max_steps is None or self.max_steps <= 0:
-                warn(f"BCOConfig.num_train_epochs={epochs}: bco-ray trains whole epochs; rounded up to "
-                     f"{math.ceil(epochs)} (set max_steps for an exact budget)")
+                warnings.warn(f"BCOConfig.num_train_epochs={epochs}: bco-ray trains whole epochs; rounded up to "
+                              f"{math.ceil(epochs)} (set max_steps for an exact budget)", BCOConfigWarning,
+                              stacklevel=4)
             epochs = math.ceil(epochs)
-        put("train.num_epochs", int(epochs))
-        put("train.warmup_ratio", self._warmup_ratio())
-        sched = str(_value(self.lr_scheduler_type))
+        warmup = warmup_as_ratio(self)
+        sched = str(plain_value(self.lr_scheduler_type))
         if sched not in _SCHEDULERS:
             raise ValueError(f"BCOConfig.lr_scheduler_type={sched!r} is not supported by bco-ray; use one of "
                              f"{', '.join(_SCHEDULERS)}")
-        put("train.lr_scheduler", sched)
-        put("train.weight_decay", self.weight_decay)
-        put("train.max_grad_norm", self.max_grad_norm)
-        put("train.logging_steps", self._steps("logging_steps", self.logging_steps, default=1))
-        put("train.eval_steps", self._eval_steps())
-        put("train.save_steps", self._save_steps())
+        f = {"output_dir": self.output_dir, "train.micro_batch_size": self.per_device_train_batch_size,
+             "train.gradient_accumulation_steps": self.gradient_accumulation_steps, "train.lr": self.learning_rate,
+             "train.max_steps": self.max_steps, "train.num_epochs": int(epochs),
+             "train.warmup_ratio": warmup, "train.lr_scheduler": sched,
+             "train.weight_decay": self.weight_decay, "train.max_grad_norm": self.max_grad_norm,
+             "train.logging_steps": steps(self, "logging_steps", self.logging_steps, default=1),
+             "train.eval_steps": eval_every(self), "train.save_steps": save_every(self)}
         if self.save_total_limit is not None:
-            put("train.keep_checkpoints", max(1, int(self.save_total_limit)))
-        put("train.seed", self.seed)
-        put("data.seed", self.seed if self.data_seed is None else self.data_seed)
-        put("train.bf16", "auto" if self.bf16 is None else bool(self.bf16))
-        put("train.gradient_checkpointing", bool(self.gradient_checkpointing))
-        put("train.disable_dropout", bool(self.disable_dropout))
-        put("train.beta", self.beta)
-        max_length, max_prompt_length = self._lengths()
-        put("data.max_length", max_length)
-        put("data.max_prompt_length", max_prompt_length)
-        put("udm.prompt_sample_size", self.prompt_sample_size)
-        put("udm.min_density_ratio", self.min_density_ratio)
-        put("udm.max_density_ratio", self.max_density_ratio)
-        put("train.num_workers", self.num_workers)
+            f["train.keep_checkpoints"] = max(1, int(self.save_total_limit))
+        max_length, max_prompt_length = lengths(self)
+        f.update({"train.seed": self.seed, "data.seed": self.seed if self.data_seed is None else self.data_seed,
+                  "train.bf16": "auto" if self.bf16 is None else bool(self.bf16),
+                  "train.gradient_checkpointing": bool(self.gradient_checkpointing),
+                  "train.disable_dropout": bool(self.disable_dropout), "train.beta": self.beta,
+                  "data.max_length": max_length, "data.max_prompt_length": max_prompt_length,
+                  "udm.prompt_sample_size": self.prompt_sample_size, "udm.min_density_ratio": self.min_density_ratio,
+                  "udm.max_density_ratio": self.max_density_ratio})
+        return f
+
+    def _runtime_fields(self) -> dict[str, Any]:
+        """{bco-ray field: value} of the workers, GPUs, storage, MLflow, UDM embedder, DeepSpeed and model."""
+        f: dict[str, Any] = {"train.num_workers": self.num_workers}
         if self.use_cpu:
-            put("train.use_gpu", False)
+            f["train.use_gpu"] = False
         elif self.use_gpu is not None:
-            put("train.use_gpu", bool(self.use_gpu))
+            f["train.use_gpu"] = bool(self.use_gpu)
         if self.precompute_num_gpus_per_actor is not None:
-            put("precompute.num_gpus_per_actor", self.precompute_num_gpus_per_actor)
+            f["precompute.num_gpus_per_actor"] = self.precompute_num_gpus_per_actor
         elif self.use_gpu and not self.use_cpu:
-            put("precompute.num_gpus_per_actor", 0.5)
+            f["precompute.num_gpus_per_actor"] = 0.5
         if self.storage_path is not None:
-            put("train.storage_path", self.storage_path)
-        put("mlflow.tracking_uri", self.mlflow_tracking_uri)
-        put("mlflow.experiment", self.mlflow_experiment)
-        put("mlflow.run_name", self.run_name)
+            f["train.storage_path"] = self.storage_path
+        f.update({"mlflow.tracking_uri": self.mlflow_tracking_uri, "mlflow.experiment": self.mlflow_experiment,
+                  "mlflow.run_name": self.run_name})
         if self.udm_embedding_model is not None:
-            put("udm.enabled", True)
-            put("udm.embedding_model", self.udm_embedding_model)
-        for k, v in self._deepspeed().items():
-            put(f"train.{k}", v)
+            f.update({"udm.enabled": True, "udm.embedding_model": self.udm_embedding_model})
+        f.update({f"train.{k}": v for k, v in deepspeed_fields(self).items()})
         if self.trust_remote_code:
-            put("model.trust_remote_code", True)
-        for k, v in self._model_init_kwargs().items():
-            put(f"model.{k}", v)
-        return o
+            f["model.trust_remote_code"] = True
+        f.update({f"model.{k}": v for k, v in model_init_fields(self).items()})
+        return f
 
     def to_config(self, **sections: dict) -> Config:
         """The bco-ray Config (validated). `sections` ({"model": {...}, "data": {...}, "udm": {...}}) are merged
         over the mapping (BCOTrainer passes the model, data and UDM locations there; without them the model and
         data are bco-ray's embedded defaults), then `bco_ray_overrides` over everything."""
         return _to_config(self.overrides(), sections, self.bco_ray_overrides)
-
-    # ------------------------------------------------------------------------------------- helpers
-    def _steps(self, name: str, value: Any, default: int) -> int:
-        """HF step counts: an int, or a float < 1 meaning a ratio of the total steps."""
-        if value is None:
-            return default
-        if isinstance(value, float) and 0 < value < 1:
-            if self.max_steps and self.max_steps > 0:
-                return max(1, math.ceil(value * self.max_steps))
-            warnings.warn(f"BCOConfig.{name}={value} is a ratio of the total steps, which bco-ray only knows "
-                          f"up front with max_steps > 0; using {default}", BCOConfigWarning, stacklevel=5)
-            return default
-        if float(value) != int(value):
-            raise ValueError(f"BCOConfig.{name} must be an integer or a ratio in (0, 1), got {value!r}")
-        return int(value)
-
-    def _lengths(self) -> tuple[int, int]:
-        """(max_length, max_prompt_length) for bco-ray. max_length None is 512 (trl 1.13's BCOTrainer does the
-        same, with a warning); max_prompt_length None is max_length - 1, so that the prompt is only cut when not
-        even one completion token would fit (trl 1.13 has no prompt limit)."""
-        max_length = self.max_length
-        if max_length is None:
-            warnings.warn("BCOConfig.max_length=None: using 512, as trl 1.13's BCOTrainer does; set max_length",
-                          BCOConfigWarning, stacklevel=4)
-            max_length = 512
-        if self.max_prompt_length is None:
-            return max_length, max_length - 1
-        return max_length, self.max_prompt_length
-
-    def _warmup_ratio(self) -> float:
-        ws = self.warmup_steps
-        if not ws:
-            return float(self.warmup_ratio)
-        if self.warmup_ratio:
-            raise ValueError("BCOConfig: set warmup_ratio or warmup_steps, not both")
-        if isinstance(ws, float) and 0 < ws < 1:
-            return ws
-        if self.max_steps and self.max_steps > 0:
-            # bco-ray warms up ceil(ratio * total) steps: a hair under steps/total gives exactly `ws` steps
-            return min(max(0.0, (int(ws) - 1e-6) / self.max_steps), 0.999999)
-        raise ValueError(f"BCOConfig.warmup_steps={ws}: bco-ray sets warmup as a ratio of the total steps; "
-                         "use warmup_ratio, or set max_steps so that the ratio is exact")
-
-    def _eval_steps(self) -> int:
-        strategy = str(_value(self.eval_strategy))
-        if strategy == "steps":
-            return self._steps("eval_steps", self.eval_steps if self.eval_steps is not None else self.logging_steps,
-                               default=0)
-        if strategy == "epoch":
-            warnings.warn("BCOConfig.eval_strategy='epoch': bco-ray evaluates every eval_steps steps or at the end; "
-                          "evaluating at the end only", BCOConfigWarning, stacklevel=4)
-        elif strategy != "no":
-            raise ValueError(f"BCOConfig.eval_strategy must be 'no', 'steps' or 'epoch', got {strategy!r}")
-        elif self.eval_steps is not None:
-            warnings.warn("BCOConfig.eval_steps is ignored with eval_strategy='no' (as in transformers); "
-                          "set eval_strategy='steps'", BCOConfigWarning, stacklevel=4)
-        return 0
-
-    def _save_steps(self) -> int:
-        strategy = str(_value(self.save_strategy))
-        if strategy == "steps":
-            return self._steps("save_steps", self.save_steps, default=0)
-        if strategy in ("epoch", "best"):
-            warnings.warn(f"BCOConfig.save_strategy={strategy!r}: bco-ray checkpoints every save_steps steps; "
-                          "no intermediate checkpoints (the final model is always saved)", BCOConfigWarning,
-                          stacklevel=4)
-        elif strategy != "no":
-            raise ValueError(f"BCOConfig.save_strategy must be 'no', 'steps', 'epoch' or 'best', got {strategy!r}")
-        return 0
-
-    def _deepspeed(self) -> dict:
-        ds = self.deepspeed
-        if ds is None:
-            return {}
-        if isinstance(ds, (str, os.PathLike)):
-            ds = json.loads(Path(ds).read_text())
-        if not isinstance(ds, dict):
-            raise ValueError(f"BCOConfig.deepspeed must be a JSON file path or a dict, got {type(ds).__name__}")
-        out: dict = {}
-        zero = ds.get("zero_optimization") or {}
-        stage = zero.get("stage")
-        if stage is not None and stage != "auto":
-            out["zero_stage"] = int(stage)
-        for src, dst in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_params")):
-            dev = (zero.get(src) or {}).get("device", "none")
-            if dev not in (None, "none"):
-                out[dst] = True
-                if dev != "cpu":
-                    warnings.warn(f"BCOConfig.deepspeed: {src}.device={dev!r} -> bco-ray offloads to CPU",
-                                  BCOConfigWarning, stacklevel=4)
-        derived = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                   "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization",
-                   "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer"}
-        extra = sorted(k for k in ds if k not in derived)
-        zero_extra = sorted(k for k in zero if k not in ("stage", "offload_optimizer", "offload_param")
-                            and zero[k] != "auto")
-        if extra or zero_extra:
-            warnings.warn("BCOConfig.deepspeed: bco-ray builds the DeepSpeed config from the BCOConfig fields and "
-                          "takes only zero_optimization.stage / offload_optimizer / offload_param from yours; "
-                          f"ignored: {extra + ['zero_optimization.' + k for k in zero_extra]}", BCOConfigWarning,
-                          stacklevel=4)
-        return out
-
-    def _model_init_kwargs(self) -> dict:
-        kw = dict(self.model_init_kwargs or {})
-        out: dict = {}
-        dtype = kw.pop("dtype", None) or kw.pop("torch_dtype", None)
-        kw.pop("torch_dtype", None)
-        if dtype is not None:
-            name = str(dtype).replace("torch.", "")
-            out["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "float": "float32",
-                            "half": "float16"}.get(name, name)
-        for k in ("revision", "trust_remote_code", "attn_implementation"):
-            if k in kw:
-                out[k] = kw.pop(k)
-        if kw:
-            warnings.warn(f"BCOConfig.model_init_kwargs: {sorted(kw)} ignored (bco-ray takes dtype, revision, "
-                          "trust_remote_code and attn_implementation)", BCOConfigWarning, stacklevel=4)
-        return out

@@ -22,11 +22,12 @@ from bco_ray.api._io import (
     _rows_of_spec,
     _save_by_content,
     _TableShard,
+    inputs_root,
 )
 from bco_ray.api._mapping import _to_config
 from bco_ray.api.config import BCOConfig, BCOConfigWarning
 from bco_ray.config import Config
-from bco_ray.storage import resolve_output_dir
+from bco_ray.storage import join
 
 if TYPE_CHECKING:
     from bco_ray.run import JobResult
@@ -101,11 +102,7 @@ class BCOTrainer:
         self.result: BCOTrainOutput | None = None
         self._state = None
         self._trained_model = None
-        self.inputs_dir = (Path(args.inputs_dir).resolve() if args.inputs_dir
-                           else resolve_output_dir(args.output_dir) / "inputs")
-        if "://" in str(args.inputs_dir or ""):
-            raise ValueError("BCOConfig.inputs_dir must be a local (or shared, mounted) path: models are loaded "
-                             "from it with from_pretrained")
+        self.inputs_dir = inputs_root(args.inputs_dir, args.output_dir)    # a local path or an s3:// URI
         self.config = self._build_config()
 
     # ------------------------------------------------------------------------------- inputs → Config
@@ -147,21 +144,24 @@ class BCOTrainer:
     def _save_dir(self, kind: str, save: Callable[[str], Any]) -> str:
         """Save into a temporary directory, then move it to <inputs>/<kind>-<content hash>: saved once per
         content (the policy and an identical reference share one copy, a re-run reuses the precompute cache)."""
-        return _save_by_content(self.inputs_dir / "models", kind, save, directory=True)
+        return _save_by_content(join(self.inputs_dir, "models"), kind, save, directory=True)
 
     def _data_spec(self, ds, split: str) -> str:
         if isinstance(ds, (str, os.PathLike)):
             return os.fspath(ds)
-        return _save_by_content(self.inputs_dir / "data", split, _as_dataset(ds, split).to_parquet, ".parquet")
+        return _save_by_content(join(self.inputs_dir, "data"), split, _as_dataset(ds, split).to_parquet, ".parquet")
 
     def _save_embedding_func(self) -> str:
         import cloudpickle
         tok = self.embedding_tokenizer
         if isinstance(tok, (str, os.PathLike)):
             from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(os.fspath(tok))
+
+            from bco_ray.remote import local_model_dir
+            tok = AutoTokenizer.from_pretrained(local_model_dir(os.fspath(tok), weights=False))
         blob = _dumps_by_value({"func": self.embedding_func, "tokenizer": tok}, cloudpickle)
-        return _save_by_content(self.inputs_dir / "udm", "embedding_func", lambda p: Path(p).write_bytes(blob), ".pkl")
+        return _save_by_content(join(self.inputs_dir, "udm"), "embedding_func", lambda p: Path(p).write_bytes(blob),
+                                ".pkl")
 
     # ------------------------------------------------------------------------------------ training
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs) -> BCOTrainOutput:

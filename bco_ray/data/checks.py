@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from bco_ray.config import Config
 from bco_ray.data import formats
 from bco_ray.data.sources import files_of, source_fingerprint
+from bco_ray.data.validate import validate_source
 from bco_ray.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def check_source(spec, on_bad_rows: str) -> SplitReport:
     else:
         rep = SplitReport()
         for f in files_of(spec):
-            s = formats.validate_source(f, on_bad_rows=on_bad_rows)
+            s = validate_source(f, on_bad_rows=on_bad_rows)
             rep.add(rows=s["rows"], bad_rows=s["bad_rows"], duplicates=s["duplicates"],
                     desirable=s["labels"]["true"], undesirable=s["labels"]["false"])
     rep.fingerprint = source_fingerprint(spec)

@@ -55,10 +55,11 @@ def hub_sha(repo_id: str, revision: str | None, repo_type: str = "model") -> str
     return _cached_ref(repo_id, revision, repo_type)
 
 
-def fingerprint_path(spec: str, revision: str | None = None) -> str:
+def fingerprint_path(spec: str, revision: str | None = None, *, etags: bool = False) -> str:
     """Content fingerprint of a local/remote file or directory. A hub model id is identified by the commit
     its revision resolves to (a branch that moves gives a new fingerprint), or by id + revision where that
-    commit cannot be known."""
+    commit cannot be known. `etags`: an object store's objects by ETag + size, as listed, without reading them
+    back (cache keys of large remote inputs); off where the bytes themselves must be checked."""
     try:
         fs, path = fsspec.core.url_to_fs(spec)
         exists = fs.exists(path)
@@ -67,6 +68,7 @@ def fingerprint_path(spec: str, revision: str | None = None) -> str:
     if not exists:
         sha = hub_sha(spec, revision) if _looks_like_hub_id(spec) else None
         return f"hub:{spec}@{sha}" if sha else f"id:{spec}@{revision or 'main'}"
+    fs.invalidate_cache(path)            # s3fs & co. keep listings per instance: fingerprint what is there now
     if fs.isdir(path):
         files = sorted(p for p in fs.find(path) if "/." not in p[len(path):])
     else:
@@ -75,7 +77,11 @@ def fingerprint_path(spec: str, revision: str | None = None) -> str:
     for p in files:
         info = fs.info(p)
         h.update(p[len(path):].encode())
-        h.update(_hash_file(fs, p, int(info["size"])).encode())
+        etag = (info.get("ETag") or info.get("etag")) if etags else None
+        if etag:      # object stores: the ETag changes with the content
+            h.update(f"etag:{etag}:{info['size']}".encode())
+        else:
+            h.update(_hash_file(fs, p, int(info["size"])).encode())
     return h.hexdigest()
 
 

@@ -128,4 +128,4 @@ def source_fingerprint(spec) -> str:
     if spec.startswith("hf:"):          # the resolved commit, never a branch name
         h = parse_hf(spec)
         return f"hf:{h.repo_id}@{resolved_sha(h)}/{h.subset or ''}:{h.split}"
-    return ":".join(fingerprint_path(f) for f in files_of(spec))
+    return ":".join(fingerprint_path(f, etags=True) for f in files_of(spec))

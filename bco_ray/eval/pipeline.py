@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 
+import fsspec
 import pyarrow as pa
 import ray
 import torch
@@ -18,8 +18,13 @@ from ray.data import ActorPoolStrategy
 
 from bco_ray.builtin import resolve_data
 from bco_ray.config import Config
+from bco_ray.console import console
+from bco_ray.data import formats
+from bco_ray.data.sources import files_of, hf_rows
+from bco_ray.eval import report
 from bco_ray.eval.generation import completion_logps, generate, load_verifier, verifier_scores
-from bco_ray.models import load_causal_lm, pick_dtype
+from bco_ray.models import load_causal_lm, load_tokenizer, pick_dtype, reference_dtype
+from bco_ray.storage import is_remote, local_path
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +32,6 @@ log = logging.getLogger(__name__)
 def held_out_prompts(spec, tokenizer, n: int, max_prompt_length: int) -> list[dict]:
     """The first `n` distinct prompts of the eval split in file order, rendered as training renders them
     (conversations through the chat template): [{"prompt": text, "prompt_ids": ids as the policy sees them}]."""
-    from bco_ray.data import formats
-    from bco_ray.data.sources import files_of, hf_rows
-
     def rows():
         if isinstance(spec, str) and spec.startswith("hf:"):
             yield from hf_rows(spec)
@@ -62,13 +64,12 @@ def held_out_prompts(spec, tokenizer, n: int, max_prompt_length: int) -> list[di
 def _local_model_dir(path: str) -> str:
     """A snapshot on remote storage (s3://, gs://, ...) copied to a local temp dir; local paths as they are.
     A LoRA snapshot's merged model (`merged/`) is what generates."""
-    if "://" in path and not path.startswith("file://"):
-        import fsspec
+    if is_remote(path):
         fs, p = fsspec.core.url_to_fs(path)
         dst = tempfile.mkdtemp(prefix="bco-gen-")
         fs.get(p.rstrip("/") + "/", dst, recursive=True)
         path = dst
-    path = path[len("file://"):] if path.startswith("file://") else path
+    path = local_path(path)
     merged = os.path.join(path, "merged")
     return merged if os.path.isdir(merged) else path
 
@@ -115,7 +116,6 @@ class Generator:
     @property
     def tokenizer(self):
         if not hasattr(self, "_tok"):
-            from bco_ray.models import load_tokenizer
             self._tok = load_tokenizer(self.settings["tokenizer"], self.model_kwargs.get("revision"),
                                        self.model_kwargs.get("trust_remote_code", False))
         return self._tok
@@ -157,7 +157,6 @@ def run_generation_eval(cfg: Config, paths, snapshots: dict[int, str], res, toke
     prompts = held_out_prompts(cfg.data.eval, tokenizer, e.num_prompts, cfg.data.max_prompt_length)
     if not prompts or not snapshots:
         return []
-    from bco_ray.models import reference_dtype
     m, g = cfg.model, cfg.precompute.num_gpus_per_actor
     settings = {"max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "sample": e.sample,
                 "temperature": e.temperature, "top_p": e.top_p, "seed": cfg.train.seed, "tokenizer": paths.tokenizer}
@@ -174,27 +173,12 @@ def run_generation_eval(cfg: Config, paths, snapshots: dict[int, str], res, toke
     return sorted(ds.take_all(), key=lambda r: (r["step"], r["kind"], r["prompt_index"]))
 
 
-def remove_snapshots(snapshot_root: str) -> None:
-    """Intermediate snapshots are only inputs of the pass: gone once it has run (their results are in MLflow)."""
-    if "://" in snapshot_root and not snapshot_root.startswith("file://"):
-        import fsspec
-        fs, p = fsspec.core.url_to_fs(snapshot_root)
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
-        return
-    shutil.rmtree(snapshot_root, ignore_errors=True)
-
-
-def generation_eval(cfg: Config, paths, res, storage_dir: str, model_dir: str, final_step: int) -> dict:
-    """The driver's hook after training: the pass over step 0 (the initial policy), the snapshots the workers
-    left and the final model; metrics, tables and a summary line. Returns {step: metrics}."""
-    from bco_ray.eval import report
-    from bco_ray.eval.snapshots import list_snapshots, snapshot_root
-    from bco_ray.models import load_tokenizer
+def generation_eval(cfg: Config, paths, res, snapshots: dict[int, str]) -> dict:
+    """The driver's pass after training over the policy at each step of `snapshots` ({step: model path}: step 0
+    the initial policy, the snapshots the workers left, the final model); metrics, tables and a summary line.
+    Returns {step: metrics}."""
     tok = load_tokenizer(paths.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
-    snapshots = {0: paths.policy, **list_snapshots(storage_dir), final_step: model_dir}
-    rows = run_generation_eval(cfg, paths, {s: p for s, p in snapshots.items() if s <= final_step}, res, tok)
+    rows = run_generation_eval(cfg, paths, snapshots, res, tok)
     metrics = report.log_to_mlflow(rows) if rows else {}
-    remove_snapshots(snapshot_root(storage_dir))
-    print(f"[bco-ray] {report.summary_line(metrics)}", flush=True)
+    console(f"[bco-ray] {report.summary_line(metrics)}")
     return metrics

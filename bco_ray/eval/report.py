@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import mlflow
+
 from bco_ray.eval.generation import mean
 
 TABLE = "eval/generations.json"              # final step: prompt | reference | policy | scores, one row a prompt
@@ -59,7 +61,6 @@ def steps_table(rows: list[dict]) -> dict[str, list]:
 
 def log_to_mlflow(rows: list[dict]) -> dict[int, dict[str, float]]:
     """Metrics at their steps, the two tables; returns the metrics."""
-    import mlflow
     metrics = step_metrics(rows)
     for step, m in sorted(metrics.items()):
         mlflow.log_metrics(m, step=step)

@@ -14,6 +14,7 @@ from ray.data import ActorPoolStrategy
 from bco_ray.bco.udm import classifier_to_json, fit_udm_classifier, sample_rows
 from bco_ray.config import Config
 from bco_ray.data.fingerprint import fingerprint_path
+from bco_ray.data.pass_summary import PrecomputeSummary, SplitSummary, UdmFit, WeightHist
 from bco_ray.data.sources import read_source, source_fingerprint
 from bco_ray.models import reference_dtype
 from bco_ray.precompute.cache import Cache, cache_key
@@ -41,22 +42,22 @@ class PrecomputeResult:
     dir: str                # the committed attempt directory (URI)
     train: str
     eval: str | None
-    summary: dict
+    summary: PrecomputeSummary
     reused: bool
 
 
 def key_parts(cfg: Config, paths: Paths) -> dict:
     d, u, m = cfg.data, cfg.udm, cfg.model
     parts = {
-        "reference": fingerprint_path(paths.reference, m.revision),
-        "tokenizer": fingerprint_path(paths.tokenizer, m.revision),
+        "reference": fingerprint_path(paths.reference, m.revision, etags=True),
+        "tokenizer": fingerprint_path(paths.tokenizer, m.revision, etags=True),
         "dtype": reference_dtype(cfg), "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
         "train": source_fingerprint(d.train), "eval": source_fingerprint(d.eval) if d.eval else None,
         "seed": d.seed, "on_bad_rows": d.on_bad_rows, "udm": u.enabled,
         "local_shuffle_max_rows": cfg.precompute.local_shuffle_max_rows,
     }
     if u.enabled:
-        parts.update(embedder=fingerprint_path(u.embedding_func or paths.embedder),
+        parts.update(embedder=fingerprint_path(u.embedding_func or paths.embedder, etags=True),
                      prompt_sample_size=u.prompt_sample_size,
                      min_density_ratio=u.min_density_ratio, max_density_ratio=u.max_density_ratio,
                      max_embed_length=u.max_embed_length, embed_special_tokens=u.embed_special_tokens)
@@ -148,7 +149,7 @@ def finalized(cfg: Config, scored_split: str, shuffle: bool, rows: int, clf_json
                               permute_seed=seed if local else None))
 
 
-def _summarise(ds: ray.data.Dataset, lo: float, hi: float, res: PassResources) -> dict:
+def _summarise(ds: ray.data.Dataset, lo: float, hi: float, res: PassResources) -> SplitSummary:
     tot = {"rows": 0, "chosen": 0, "tokens": 0, "completion_tokens": 0, "pad_tokens": 0, "weight_sum": 0.0}
     hist = np.zeros(HIST_BINS, dtype=np.int64)
     for row in ds.map_batches(block_stats, batch_format="pyarrow", num_cpus=res.task_cpus,
@@ -156,11 +157,12 @@ def _summarise(ds: ray.data.Dataset, lo: float, hi: float, res: PassResources) -
         for k in tot:
             tot[k] += row[k]
         hist += np.asarray(row["hist"])
+    tot = {k: float(v) if k == "weight_sum" else int(v) for k, v in tot.items()}     # plain JSON numbers
     rejected = tot["rows"] - tot["chosen"]
-    return {**tot, "rejected": rejected,
-            "padding_fraction": tot["pad_tokens"] / max(1, tot["pad_tokens"] + tot["tokens"]),
-            "mean_rejected_weight": tot["weight_sum"] / max(1, rejected),
-            "weight_hist": {"edges": np.linspace(lo, hi, HIST_BINS + 1).tolist(), "counts": hist.tolist()}}
+    return SplitSummary(**tot, rejected=rejected,
+                        padding_fraction=tot["pad_tokens"] / max(1, tot["pad_tokens"] + tot["tokens"]),
+                        mean_rejected_weight=tot["weight_sum"] / max(1, rejected),
+                        weight_hist=WeightHist(np.linspace(lo, hi, HIST_BINS + 1).tolist(), hist.tolist()))
 
 
 def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | None = None,
@@ -176,17 +178,21 @@ def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | No
     if record is not None:
         adir = cache.uri(f"{cache.key_dir}/{record['attempt']}")
         log.info("precompute cache hit: %s (reusing, pass --precompute.force to recompute)", adir)
-        return PrecomputeResult(key, adir, record["train"], record.get("eval"), record["summary"], True)
-
-    t0 = time.time()
-    attempt = cache.new_attempt()
-    adir = cache.uri(f"{cache.key_dir}/{attempt}")
-    log.info("precompute cache miss (key %s): scoring into %s", key, adir)
+        return PrecomputeResult(key, adir, record["train"], record.get("eval"),
+                                PrecomputeSummary.from_dict(record["summary"]), True)
     if resources is None:              # a cluster with no CPU yet can only be one that autoscales
         cpus = ray.cluster_resources().get("CPU", 0)
         resources = pass_resources(cpus, cfg.precompute.ref_actors[1], can_grow=cpus == 0)
-    res = resources
-    counts = label_counts or {True: 1 << 62, False: 1 << 62}
+    return _run_pass(cfg, paths, cache, label_counts or {True: 1 << 62, False: 1 << 62}, resources)
+
+
+def _run_pass(cfg: Config, paths: Paths, cache: Cache, counts: dict[bool, int],
+              res: PassResources) -> PrecomputeResult:
+    """Score → fit the UDM classifier → finalize each split into a new attempt of `cache`, then commit it."""
+    t0 = time.time()
+    attempt = cache.new_attempt()
+    adir = cache.uri(f"{cache.key_dir}/{attempt}")
+    log.info("precompute cache miss (key %s): scoring into %s", cache.key, adir)
     counters = Counters.remote()
     score(cfg, paths, counts, counters, res).write_parquet(f"{adir}/scored", partition_cols=["split"],
                                                            ray_remote_args={"num_cpus": res.task_cpus})
@@ -201,18 +207,18 @@ def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | No
         with cache.fs.open(f"{cache.key_dir}/{attempt}/classifier.json", "wb") as f:
             f.write(clf_json)
     out = {"train": f"{adir}/split=train", "eval": f"{adir}/split=eval" if cfg.data.eval else None}
-    summary: dict = {"udm": udm_metrics, "dropped": ray.get(counters.get.remote())}
+    splits: dict[str, SplitSummary] = {}
     for name, path in out.items():
         if path:
             finalized(cfg, f"{adir}/scored/split={name}", name == "train", counts[True] + counts[False], clf_json,
-                      res).write_parquet(
-                path, ray_remote_args={"num_cpus": res.task_cpus})
-            summary[name] = _summarise(ray.data.read_parquet(path, ray_remote_args={"num_cpus": res.task_cpus}),
-                                       u.min_density_ratio, u.max_density_ratio, res)
+                      res).write_parquet(path, ray_remote_args={"num_cpus": res.task_cpus})
+            splits[name] = _summarise(ray.data.read_parquet(path, ray_remote_args={"num_cpus": res.task_cpus}),
+                                      u.min_density_ratio, u.max_density_ratio, res)
     cache.fs.rm(f"{cache.key_dir}/{attempt}/scored", recursive=True)
-    summary["seconds"] = round(time.time() - t0, 2)
-    cache.write_json(f"{cache.key_dir}/{attempt}/summary.json", summary)
-    cache.commit(attempt, {"train": out["train"], "eval": out["eval"], "summary": summary})
-    log.info("precompute done in %.1f s: %s", summary["seconds"], json.dumps(
-        {k: summary["train"][k] for k in ("rows", "tokens", "chosen", "rejected", "padding_fraction")}))
-    return PrecomputeResult(key, adir, out["train"], out["eval"], summary, False)
+    summary = PrecomputeSummary(udm=UdmFit.from_dict(udm_metrics), dropped=ray.get(counters.get.remote()),
+                                train=splits["train"], eval=splits.get("eval"), seconds=round(time.time() - t0, 2))
+    cache.write_json(f"{cache.key_dir}/{attempt}/summary.json", summary.to_dict())
+    cache.commit(attempt, {"train": out["train"], "eval": out["eval"], "summary": summary.to_dict()})
+    log.info("precompute done in %.1f s: %s", summary.seconds, json.dumps(
+        {k: getattr(summary.train, k) for k in ("rows", "tokens", "chosen", "rejected", "padding_fraction")}))
+    return PrecomputeResult(cache.key, adir, out["train"], out["eval"], summary, False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from huggingface_hub import HfApi
+
 from bco_ray.config import Config
 from bco_ray.errors import InputError
 
@@ -24,7 +26,6 @@ def check_push_ready(cfg: Config) -> None:
 def push_model(model_dir: str, cfg: Config, commit_message: str) -> dict:
     """Create the repo if needed (`hub.private`), then upload `model_dir` as one commit to `hub.revision`
     (default branch when None). Returns {"hub.repo_id", "hub.commit", "hub.url"} for the run's tags."""
-    from huggingface_hub import HfApi
     h = cfg.hub
     check_push_ready(cfg)
     api = HfApi(token=os.environ["HF_TOKEN"])

@@ -1,5 +1,6 @@
-"""The job's MLflow run, owned by the driver: created (or resumed by run name), params and tags,
-artifacts at the end, and a terminal status (FINISHED / FAILED / KILLED).
+"""The job's MLflow run, owned by the driver: created (or resumed by run name), params and tags, and a terminal
+status (FINISHED / FAILED / KILLED). What goes into it: bco_ray/tracking/mlflow_inputs.py (datasets, the
+precompute summary) and bco_ray/tracking/mlflow_model.py (the model, plots).
 
 Where runs go: `mlflow.tracking_uri` in the config, else `$MLFLOW_TRACKING_URI`, else a SQLite store
 `mlflow.db` in the working directory. Relative local stores are made absolute, so Ray workers (whose working
@@ -7,13 +8,11 @@ directory is not the driver's) write into the same store; on a cluster, point it
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import yaml
@@ -22,9 +21,6 @@ from mlflow.tracking import MlflowClient
 from bco_ray.config import Config
 from bco_ray.storage import resolve_output_dir
 from bco_ray.tracking.run_tags import git_commit, git_tags, ray_tags, version_tags  # noqa: F401
-
-if TYPE_CHECKING:
-    from bco_ray.data.checks import DataReport
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +40,6 @@ _CLIENT_ENV = ("MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH
                "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
                "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING")
-MODEL_TASK = "text-generation"
-# The transformers flavour saves from a loaded pipeline: above this many bytes of weights the driver does not
-# load the model and the checkpoint is logged as a plain directory instead (override with the variable).
-MODEL_FLAVOUR_MAX_BYTES = int(os.environ.get("BCO_RAY_MLFLOW_MODEL_MAX_BYTES", 4 << 30))
 
 
 # ------------------------------------------------------------------------------------------ where runs go
@@ -200,26 +192,7 @@ def close_run(status: str = "FINISHED", error: str | None = None) -> None:
                   active.info.run_id, status, e)
 
 
-# -------------------------------------------------------------------------------------- precompute
-def log_precompute(summary: dict, run_id: str | None = None, client: MlflowClient | None = None) -> None:
-    """Precompute summary metrics (`precompute/*`, `udm/*`) at step 0 and `precompute/summary.json`. Idempotent:
-    a resumed run that has them already is left as it is, so step 0 appears once in every history."""
-    run_id = run_id or mlflow.active_run().info.run_id
-    client = client or MlflowClient()
-    tr = summary.get("train", {})
-    metrics = {f"precompute/{k}": tr[k] for k in ("rows", "tokens", "chosen", "rejected", "padding_fraction",
-                                                   "mean_rejected_weight") if k in tr}
-    metrics["precompute/seconds"] = summary.get("seconds", 0.0)
-    metrics.update({f"precompute/dropped/{k}": v for k, v in (summary.get("dropped") or {}).items()})
-    metrics.update(summary.get("udm") or {})
-    have = client.get_run(run_id).data.metrics
-    new = {k: float(v) for k, v in metrics.items() if k not in have and isinstance(v, (int, float))}
-    if new:
-        mlflow.log_metrics(new, step=0)
-    if "precompute/summary.json" not in {a.path for a in client.list_artifacts(run_id, "precompute")}:
-        mlflow.log_dict(summary, "precompute/summary.json")
-
-
+# ------------------------------------------------------------------------------------- model card
 CARD_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
@@ -228,136 +201,3 @@ def final_metrics(run_id: str, final: dict) -> dict:
     final record (step, delta, eval/*)."""
     latest = MlflowClient().get_run(run_id).data.metrics
     return {**{k: latest[k] for k in CARD_METRICS if k in latest}, **final}
-
-
-# -------------------------------------------------------------------------------------------- inputs
-def data_digest(fingerprint: str) -> str:
-    """A dataset's MLflow digest: the first 32 hex digits of the sha256 of its fingerprint in the precompute
-    cache key (MLflow allows 36 characters; a fingerprint can be longer: one hash per file of a directory)."""
-    return hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
-
-
-def _dataset_source(spec: str):
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-
-    from bco_ray.builtin import resolve_data
-    if spec.startswith("hf:"):
-        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-
-        from bco_ray.data.sources import parse_hf, resolved_sha
-        h = parse_hf(spec)
-        return HuggingFaceDatasetSource(path=h.repo_id, config_name=h.subset, split=h.split, revision=resolved_sha(h))
-    path = resolve_data(spec)
-    return resolve_dataset_source(path if "://" in path else Path(path).resolve().as_uri())
-
-
-def log_datasets(cfg: Config, report: DataReport) -> None:
-    """The training (and eval) data as run inputs (`mlflow.log_input`): where it comes from (a file URI, an
-    fsspec URI or a hub dataset at its resolved commit) and a digest of its cache-key fingerprint, so runs on
-    the same data share one MLflow dataset. Idempotent: a resumed run does not log them twice."""
-    from mlflow.data.meta_dataset import MetaDataset
-    have = {(d.dataset.name, d.dataset.digest) for d in (mlflow.active_run().inputs.dataset_inputs or [])}
-    for split, context in (("train", "training"), ("eval", "evaluation")):
-        spec, rep = getattr(cfg.data, split), getattr(report, split)
-        if not spec or not rep:
-            continue
-        name = f"{split}:{spec.split('/')[-1]}"[:200]
-        digest = data_digest(rep.fingerprint)
-        if (name, digest) in have:
-            continue
-        ds = MetaDataset(_dataset_source(spec), name=name, digest=digest)
-        mlflow.log_input(ds, context=context, tags={"rows": str(rep.rows), "spec": spec[:200]})
-
-
-# ------------------------------------------------------------------------------------------- artifacts
-def _weights_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in model_dir.iterdir()
-               if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
-
-
-def _log_transformers(model_dir: str, name: str, card: str, step: int, registered_model_name: str | None):
-    """`model_dir` (a Hugging Face checkpoint with its tokenizer) as an MLflow 3 LoggedModel of the transformers
-    flavour, task text-generation, without any hub access; linked to the run and to the run's metrics at
-    `step` (the final step: loss, rewards, eval/*). First from the checkpoint path (no weights loaded; not
-    every MLflow/transformers pair supports it), else from the model loaded on CPU. Returns its ModelInfo."""
-    import mlflow.transformers
-    import transformers
-    from huggingface_hub import ModelCard
-    reqs = [f"transformers=={transformers.__version__}", f"torch=={_version('torch')}",
-            f"safetensors=={_version('safetensors')}", f"tokenizers=={_version('tokenizers')}"]
-    kw = dict(name=name, task=MODEL_TASK, pip_requirements=reqs, model_card=ModelCard(card), step=step,
-              registered_model_name=registered_model_name)
-    if _checkpoint_path_supported(model_dir):
-        return mlflow.transformers.log_model(transformers_model=str(model_dir), **kw)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tok}, **kw)
-
-
-def _checkpoint_path_supported(model_dir: str) -> bool:
-    """Whether this MLflow can log the checkpoint directory without loading it. Probed with the flavour's own
-    config builder (cheap, reads config files only) rather than by trying: a failed `log_model` would leave a
-    FAILED LoggedModel in the run. (MLflow 3.17 with transformers 5 cannot: it expects pipeline classes where
-    transformers 5 registers names.)"""
-    try:
-        from mlflow.transformers.flavor_config import build_flavor_config_from_local_checkpoint
-        build_flavor_config_from_local_checkpoint(str(model_dir), MODEL_TASK)
-        return True
-    except Exception as e:                          # noqa: BLE001 - any failure: log from the loaded model
-        log.info("transformers flavour from the checkpoint path not available (%s: %s); logging the loaded model",
-                 type(e).__name__, e)
-        return False
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import version
-    return version(pkg)
-
-
-def _model_card(model_dir: Path, description: str) -> str:
-    card = model_dir / "README.md"           # written by bco_ray.tracking.model_card
-    return card.read_text() if card.is_file() else f"---\nlibrary_name: transformers\n---\n{description}\n"
-
-
-def log_model(model_dir: str, name: str = "model", description: str = "", step: int = 0,
-              registered_model_name: str | None = None) -> str:
-    """The final model into the active run, named `name`: an MLflow 3 LoggedModel of the transformers flavour
-    (`mlflow.transformers.load_model("runs:/<run id>/model")` or `models:/<model id>` gives a text-generation
-    pipeline; its metrics are the run's at `step`; registered as `registered_model_name` when given), or the
-    plain directory as run artifacts under `name/` where that flavour cannot be used: a LoRA adapter (logged
-    as saved, with `merged/` if there), weights above MODEL_FLAVOUR_MAX_BYTES (not loaded on the driver), or
-    an error from MLflow. Returns the format used ("mlflow-transformers", "hf-directory", "peft-adapter"),
-    also set as tag `model.format`; the LoggedModel's id is tag `model.id`."""
-    src = Path(model_dir)
-    fmt = "peft-adapter" if (src / "adapter_config.json").exists() else "hf-directory"
-    tags: dict = {}
-    if fmt == "hf-directory" and _weights_bytes(src) <= MODEL_FLAVOUR_MAX_BYTES:
-        try:
-            info = _log_transformers(str(src), name, _model_card(src, description or "BCO-trained policy."), step,
-                                     registered_model_name)
-            fmt = "mlflow-transformers"
-            tags = {"model.id": info.model_id, "model.uri": info.model_uri,
-                    "model.registered_version": getattr(info, "registered_model_version", None)}
-        except Exception as e:                      # noqa: BLE001 - the plain directory is the fallback
-            log.warning("could not log the model in MLflow's transformers flavour (%s: %s); logging the "
-                        "Hugging Face directory instead", type(e).__name__, e)
-    if fmt != "mlflow-transformers":
-        mlflow.log_artifacts(str(src), name)
-    set_tags({"model.format": fmt, **tags})
-    return fmt
-
-
-def log_plots(client: MlflowClient, run_id: str, weight_hist: dict | None = None, title: str | None = None,
-              mean_weight: float | None = None) -> list[str]:
-    """Matplotlib PNGs of the run's metric histories, an overview page and the UDM weight histogram (when
-    given) into the run's `plots/`; returns their artifact paths."""
-    from bco_ray.tracking import plots
-    with tempfile.TemporaryDirectory() as d:
-        paths = plots.plot_run(client, run_id, d, title=title)
-        if weight_hist:
-            paths.append(plots.plot_weight_hist(weight_hist, os.path.join(d, "udm_weights.png"), title=title,
-                                                mean=mean_weight))
-        for p in paths:
-            mlflow.log_artifact(p, "plots")
-    return [f"plots/{os.path.basename(p)}" for p in paths]

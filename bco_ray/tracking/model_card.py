@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bco_ray.config import Config
+from bco_ray.data.sources import parse_hf
 
 if TYPE_CHECKING:
     from bco_ray.data.checks import DataReport
@@ -24,7 +25,6 @@ def _hub_id(spec: str | None) -> str | None:
 def _hub_dataset(spec: str | None) -> str | None:
     if not spec or not spec.startswith("hf:"):
         return None
-    from bco_ray.data.sources import parse_hf
     return parse_hf(spec).repo_id
 
 

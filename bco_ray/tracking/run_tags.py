@@ -54,7 +54,7 @@ def git_tags() -> dict:
 
 def ray_tags() -> dict:
     """Where the job ran: Ray's job id, the `ray job submit` submission id, the dashboard URL."""
-    import ray
+    import ray  # driver-side only: tracking/ is also imported by workers and tools without Ray
     if not ray.is_initialized():
         return {}
     tags = {"ray.job_id": ray.get_runtime_context().get_job_id(),
@@ -70,7 +70,7 @@ def ray_tags() -> dict:
 
 
 def version_tags() -> dict:
-    import deepspeed
+    import deepspeed  # heavy: imported once, when a run opens
     import ray
     import torch
     import transformers

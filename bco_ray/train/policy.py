@@ -8,10 +8,13 @@ import os
 
 import deepspeed
 import torch
+from transformers import AutoTokenizer
 
 from bco_ray.config import Config
 from bco_ray.models import load_causal_lm
+from bco_ray.remote import local_model_dir
 from bco_ray.train.ds_config import use_bf16
+from bco_ray.train.zero3_save import consolidated_state_dict
 
 
 def build_policy(cfg: Config, policy_path: str, on_gpu: bool):
@@ -29,7 +32,7 @@ def build_policy(cfg: Config, policy_path: str, on_gpu: bool):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if t.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # optional dependency: only with LoRA
         model = get_peft_model(model, LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
                                                  target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
     return model
@@ -41,16 +44,13 @@ def save_final_model(model, out_dir: str, tokenizer_path: str, rank: int, zero_s
     at a time (bco_ray/train/zero3_save.py), not the whole model on every rank; only a merged LoRA model, built
     from the whole model, gathers it all.
     With LoRA, `out_dir` holds the adapter (loadable with peft) and, if asked, `out_dir/merged` the merged model."""
-    from transformers import AutoTokenizer
-
-    from bco_ray.train.zero3_save import consolidated_state_dict
     full_gather = zero_stage == 3 and lora_merged
     state = consolidated_state_dict(model, rank) if zero_stage == 3 and not full_gather else None
     ctx = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) if full_gather \
         else contextlib.nullcontext()
     with ctx:
         if rank == 0:
-            tok = AutoTokenizer.from_pretrained(tokenizer_path)
+            tok = AutoTokenizer.from_pretrained(local_model_dir(tokenizer_path, weights=False))
             if state is None:
                 state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)

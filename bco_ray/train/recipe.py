@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,14 +23,15 @@ import torch.distributed as dist
 from transformers import get_scheduler
 
 from bco_ray.config import TrainConfig, load_config
-from bco_ray.eval.snapshots import save_snapshot
-from bco_ray.tracking.step_logger import StepLogger, console
+from bco_ray.console import console
+from bco_ray.tracking.step_logger import StepLogger
 from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops
 from bco_ray.train.batching import backward, packed_micro_batches, padded_micro_batches, set_boundary
 from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
 from bco_ray.train.ds_config import deepspeed_config, use_bf16
 from bco_ray.train.evaluate import evaluate
 from bco_ray.train.policy import build_policy, save_final_model
+from bco_ray.train.snapshots import save_snapshot
 from bco_ray.train.step import micro_batch_loss
 from bco_ray.train.throughput import flop_shape, train_flops
 
@@ -281,7 +283,6 @@ def _grad_norm(model) -> float:
 
 def _report_finished(d: str, rank: int) -> None:
     """Re-running a finished run name: report its final model again instead of training from scratch."""
-    import shutil
     with open(os.path.join(d, "final.json")) as f:
         final = json.load(f)
     with tempfile.TemporaryDirectory() as out:

@@ -1,12 +1,18 @@
 """Policy snapshots for the generation eval: at each intermediate evaluation the workers write the policy in
 Hugging Face format under `<storage>/<run>/generation/step_NNNNNNN` (ZeRO-3 shards gathered; with LoRA the
-merged model in `merged/`); the driver's generation pass reads them after training, then removes them."""
+merged model in `merged/`); after training the driver lists them for the generation pass (bco_ray/eval/),
+then removes them."""
 from __future__ import annotations
 
 import os
 import re
 import shutil
 import tempfile
+
+import fsspec
+
+from bco_ray.storage import is_remote, local_path
+from bco_ray.train.policy import save_final_model
 
 COMPLETE = "_COMPLETE"           # written last: a snapshot without it is an interrupted write, never read
 _STEP = re.compile(r"^step_(\d+)$")
@@ -16,14 +22,9 @@ def snapshot_root(storage_dir: str) -> str:
     return f"{storage_dir.rstrip('/')}/generation"
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def save_snapshot(model, storage_dir: str, step: int, tokenizer_path: str, rank: int, zero_stage: int,
                   lora: bool) -> None:
     """Every rank calls this (ZeRO-3 gathers need all of them); rank 0 writes."""
-    from bco_ray.train.policy import save_final_model
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "model")
         save_final_model(model, src, tokenizer_path, rank, zero_stage, lora_merged=lora)
@@ -33,14 +34,13 @@ def save_snapshot(model, storage_dir: str, step: int, tokenizer_path: str, rank:
 
 
 def _publish(src: str, dest: str) -> None:
-    if _is_remote(dest):
-        import fsspec
+    if is_remote(dest):
         fs, p = fsspec.core.url_to_fs(dest)
         if fs.exists(p):
             fs.rm(p, recursive=True)
         fs.put(src.rstrip("/") + "/", p, recursive=True)   # the marker is among the files; readers check it
         return
-    dest = dest[len("file://"):] if dest.startswith("file://") else dest
+    dest = local_path(dest)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(dest))
     shutil.copytree(src, os.path.join(tmp, "model"))
@@ -51,7 +51,6 @@ def _publish(src: str, dest: str) -> None:
 
 def list_snapshots(storage_dir: str) -> dict[int, str]:
     """{step: snapshot path} of the complete snapshots of a run."""
-    import fsspec
     root = snapshot_root(storage_dir)
     fs, p = fsspec.core.url_to_fs(root)
     if not fs.exists(p):
@@ -62,3 +61,15 @@ def list_snapshots(storage_dir: str) -> dict[int, str]:
         if m and fs.exists(f"{entry.rstrip('/')}/{COMPLETE}"):
             out[int(m.group(1))] = f"{root}/{os.path.basename(entry.rstrip('/'))}"
     return out
+
+
+def remove_snapshots(storage_dir: str) -> None:
+    """Intermediate snapshots are only inputs of the generation pass: gone once it has run (their results are
+    in MLflow)."""
+    root = snapshot_root(storage_dir)
+    if is_remote(root):
+        fs, p = fsspec.core.url_to_fs(root)
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+        return
+    shutil.rmtree(local_path(root), ignore_errors=True)

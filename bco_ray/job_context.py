@@ -1,0 +1,49 @@
+"""What the driver-side stages of one job share (bco_ray/run.py, bco_ray/job_train.py): the wall time of each
+phase, and the job's config, models, data report, resources, MLflow run and output locations."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bco_ray.config import Config
+from bco_ray.resources import PassResources
+
+if TYPE_CHECKING:                   # annotations only
+    from bco_ray.data.checks import DataReport
+    from bco_ray.precompute.pipeline import Paths
+
+
+class Phases:
+    """Wall time of each phase of a job (`time/<phase>` metrics and the final line)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t = time.time()
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.seconds[f"time/{name}"] = round(now - self._t, 2)
+        self._t = now
+
+    def line(self) -> str:
+        return ", ".join(f"{k.split('/', 1)[1]} {v:.1f}" for k, v in self.seconds.items())
+
+
+@dataclass
+class Job:
+    """What the stages after the checks share."""
+    cfg: Config
+    paths: Paths
+    data_report: DataReport
+    res: PassResources
+    run_name: str
+    out_dir: Path
+    uri: str
+    run_id: str
+    phases: Phases
+
+    @property
+    def storage_dir(self) -> str:          # this run's checkpoints, final model and generation snapshots
+        return f"{self.cfg.train.storage_path}/{self.run_name}"
