@@ -3,6 +3,7 @@
 `from bco_ray import BCOConfig, BCOTrainer` is the drop-in API for users of TRL's BCOTrainer (bco_ray/api/);
 it is imported on first use, so that `import bco_ray.<module>` in Ray workers stays light.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -12,5 +13,6 @@ __all__ = ["BCOConfig", "BCOTrainer", "BCOTrainOutput", "BCOConfigWarning", "__v
 def __getattr__(name: str):
     if name in ("BCOConfig", "BCOTrainer", "BCOTrainOutput", "BCOConfigWarning"):
         from bco_ray import api
+
         return getattr(api, name)
     raise AttributeError(f"module 'bco_ray' has no attribute {name!r}")

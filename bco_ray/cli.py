@@ -34,8 +34,10 @@ from bco_ray.errors import BcoRayError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 TRAIN_DOC = "Run a BCO job: Ray Data precompute → Ray Train + DeepSpeed → MLflow."
-PRECOMPUTE_DOC = ("Run only the Ray Data pass: tokenize → reference log-probs → UDM weights, into the precompute "
-                  "cache. A later train job with the same model, data and pass settings reuses it.")
+PRECOMPUTE_DOC = (
+    "Run only the Ray Data pass: tokenize → reference log-probs → UDM weights, into the precompute "
+    "cache. A later train job with the same model, data and pass settings reuses it."
+)
 COMPARE_DOC = """Compare the runs of an MLflow experiment: the params that differ between them, the final and best
 value of a metric, and one PNG overlaying that metric's curves (e.g. a beta sweep).
 
@@ -55,15 +57,26 @@ def _default_config() -> Path | None:
 
 # ---------------------------------------------------------------- the config commands' command line
 def _config_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=doc, add_help=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage=f"{prog} [--config FILE] [--print-config] [--dry-run] [--section.key=VALUE ...]")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=doc,
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{prog} [--config FILE] [--print-config] [--dry-run] [--section.key=VALUE ...]",
+    )
     parser.add_argument("-h", "--help", action="store_true", help="show this help (every config field) and exit")
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help=f"YAML config (default: {DEFAULT_CONFIG.name} of the checkout, else the built-in defaults)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help=f"YAML config (default: {DEFAULT_CONFIG.name} of the checkout, else the built-in defaults)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="run every check (config, data, models, hub settings) and exit before any Ray work")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every check (config, data, models, hub settings) and exit before any Ray work",
+    )
     return parser
 
 
@@ -71,8 +84,11 @@ def config_help(parser: argparse.ArgumentParser, config_file: Path | None) -> st
     """The parser's help plus every config field: `--name=DEFAULT  doc`, and the value the config file sets when
     it differs from the built-in default."""
     from_file = load_config(config_file).flat() if config_file else {}
-    lines = [parser.format_help().rstrip(), "",
-             "config fields (override any with --section.key=VALUE; a list as a,b or [a, b]; null for none):"]
+    lines = [
+        parser.format_help().rstrip(),
+        "",
+        "config fields (override any with --section.key=VALUE; a list as a,b or [a, b]; null for none):",
+    ]
     for f in field_docs(Config):
         set_by_file = f.name in from_file and from_file[f.name] != f.default
         where = f"   ({config_file.name}: {show(from_file[f.name])})" if set_by_file else ""
@@ -83,9 +99,14 @@ def config_help(parser: argparse.ArgumentParser, config_file: Path | None) -> st
 
 def resolved_yaml(cfg: Config) -> str:
     """The config as a YAML file that `--config` reads back to the same Config."""
+
     def plain(v):
-        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else (
-            {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v)
+        return (
+            [plain(x) for x in v]
+            if isinstance(v, (list, tuple))
+            else ({k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v)
+        )
+
     return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False, allow_unicode=True)
 
 
@@ -99,7 +120,7 @@ def _parse(prog: str, doc: str, argv: list[str]) -> tuple[argparse.Namespace, Co
         return args, None
     cfg = load_config(config_file, overrides)
     if args.print_config:
-        console(resolved_yaml(cfg).removesuffix("\n"))   # both end with one newline
+        console(resolved_yaml(cfg).removesuffix("\n"))  # both end with one newline
         return args, None
     return args, cfg
 
@@ -111,8 +132,7 @@ def _command_argv(argv: list[str] | None) -> list[str]:
 
 
 def _fail(e: BaseException) -> int:
-    console(f"bco-ray: {e.kind} error: {e}" if isinstance(e, BcoRayError) else f"bco-ray: input error: {e}",
-            sys.stderr)
+    console(f"bco-ray: {e.kind} error: {e}" if isinstance(e, BcoRayError) else f"bco-ray: input error: {e}", sys.stderr)
     return e.exit_code if isinstance(e, BcoRayError) else 2
 
 
@@ -120,7 +140,7 @@ def resume_command(prog: str, argv: list[str]) -> str:
     """The command that resumes this run: the same one (its run name and output locations are in it or in its
     config file), submitted the same way."""
     cmd = shlex.join([*shlex.split(prog), *argv])
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):     # a `ray job submit` entrypoint
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a `ray job submit` entrypoint
         return f"ray job submit --working-dir . --runtime-env configs/runtime_env.yaml -- {cmd}"
     return cmd
 
@@ -144,12 +164,15 @@ def _precompute_checks(cfg: Config):
 
 
 def _print_dry_run(cfg: Config, paths) -> None:
-    console(f"[bco-ray] dry run: config, data, models and hub settings check out; no Ray work done.\n"
-            f"[bco-ray]   data: train {cfg.data.train}, eval {cfg.data.eval}\n"
-            f"[bco-ray]   models: policy {paths.policy}, reference {paths.reference}, tokenizer {paths.tokenizer}"
-            + (f", embedder {paths.embedder}" if paths.embedder else "") + "\n"
-            f"[bco-ray]   outputs {cfg.output_dir}, cache {cfg.precompute.cache_dir}, checkpoints "
-            f"{cfg.train.storage_path}")
+    console(
+        f"[bco-ray] dry run: config, data, models and hub settings check out; no Ray work done.\n"
+        f"[bco-ray]   data: train {cfg.data.train}, eval {cfg.data.eval}\n"
+        f"[bco-ray]   models: policy {paths.policy}, reference {paths.reference}, tokenizer {paths.tokenizer}"
+        + (f", embedder {paths.embedder}" if paths.embedder else "")
+        + "\n"
+        f"[bco-ray]   outputs {cfg.output_dir}, cache {cfg.precompute.cache_dir}, checkpoints "
+        f"{cfg.train.storage_path}"
+    )
 
 
 def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
@@ -162,12 +185,13 @@ def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
         if args.dry_run:
             from bco_ray.job_checks import run_checks
 
-            checked = run_checks(cfg)           # exactly the checks run_job makes before it starts Ray
+            checked = run_checks(cfg)  # exactly the checks run_job makes before it starts Ray
             _print_dry_run(checked.cfg, checked.paths)
             return 0
     except (BcoRayError, FileNotFoundError) as e:
         return _fail(e)
     from bco_ray import run
+
     # `ray job stop` and schedulers send SIGTERM: end like Ctrl-C, so the MLflow run is marked KILLED
     # (checkpoints and the precompute cache are committed atomically, so nothing half-written is trusted).
     signal.signal(signal.SIGTERM, _interrupt)
@@ -185,11 +209,17 @@ def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
 
 def _print_resume(prog: str, argv: list[str], cfg: Config) -> None:
     if cfg.mlflow.run_name:
-        console(f"bco-ray: resume this run (from its last checkpoint, reusing the precompute cache) with:\n"
-                f"  {resume_command(prog, argv)}", sys.stderr)
+        console(
+            f"bco-ray: resume this run (from its last checkpoint, reusing the precompute cache) with:\n"
+            f"  {resume_command(prog, argv)}",
+            sys.stderr,
+        )
     else:
-        console("bco-ray: give the run a name (--mlflow.run_name=NAME) to make it resumable by running the same "
-                "command again", sys.stderr)
+        console(
+            "bco-ray: give the run a name (--mlflow.run_name=NAME) to make it resumable by running the same "
+            "command again",
+            sys.stderr,
+        )
 
 
 def precompute(argv: list[str] | None = None, prog: str = "bco-ray precompute") -> int:
@@ -219,22 +249,37 @@ def precompute(argv: list[str] | None = None, prog: str = "bco-ray precompute") 
 
 
 def _compare_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=COMPARE_DOC,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=COMPARE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--experiment", required=True, help="MLflow experiment name")
     parser.add_argument("--metric", default="eval/auc", help="metric to compare (default: eval/auc)")
-    parser.add_argument("--mode", choices=("auto", "max", "min"), default="auto",
-                        help="which value is best; auto: min for loss-like names, else max")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "max", "min"),
+        default="auto",
+        help="which value is best; auto: min for loss-like names, else max",
+    )
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
     parser.add_argument("--out", default="outputs/compare", help="directory for the CSV, Markdown and PNG")
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.`udm.enabled` = 'True'\"")
-    parser.add_argument("--extra", default="loss,rewards/margins,eval/auc,eval/gen/score,eval/gen/score_ref",
-                        help="comma-separated metrics shown with their final value")
-    parser.add_argument("--all-params", action="store_true",
-                        help="also list params that only say where things are written (output_dir, cache_dir, "
-                             "the tracking URI, ...) when they differ")
-    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
-                        help="EMA-smooth the curves (default: when a curve has > 50 points)")
+    parser.add_argument(
+        "--extra",
+        default="loss,rewards/margins,eval/auc,eval/gen/score,eval/gen/score_ref",
+        help="comma-separated metrics shown with their final value",
+    )
+    parser.add_argument(
+        "--all-params",
+        action="store_true",
+        help="also list params that only say where things are written (output_dir, cache_dir, "
+        "the tracking URI, ...) when they differ",
+    )
+    parser.add_argument(
+        "--smooth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="EMA-smooth the curves (default: when a curve has > 50 points)",
+    )
     return parser
 
 
@@ -249,9 +294,15 @@ def compare(argv: list[str] | None = None, prog: str = "bco-ray compare") -> int
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     uri = normalize_uri(uri) if uri else f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
     try:
-        comp = compare_runs(MlflowClient(uri), args.experiment, args.metric, args.mode, args.filter,
-                            tuple(m for m in args.extra.split(",") if m),
-                            ("mlflow.run_name",) if args.all_params else IGNORED_PARAMS)
+        comp = compare_runs(
+            MlflowClient(uri),
+            args.experiment,
+            args.metric,
+            args.mode,
+            args.filter,
+            tuple(m for m in args.extra.split(",") if m),
+            ("mlflow.run_name",) if args.all_params else IGNORED_PARAMS,
+        )
     except CompareError as e:
         console(f"compare: {e} (tracking URI {uri})", sys.stderr)
         return e.exit_code
@@ -261,8 +312,11 @@ def compare(argv: list[str] | None = None, prog: str = "bco-ray compare") -> int
     return 0
 
 
-COMMANDS = {"train": (train, TRAIN_DOC), "precompute": (precompute, PRECOMPUTE_DOC),
-            "compare": (compare, COMPARE_DOC.split("\n")[0])}
+COMMANDS = {
+    "train": (train, TRAIN_DOC),
+    "precompute": (precompute, PRECOMPUTE_DOC),
+    "compare": (compare, COMPARE_DOC.split("\n")[0]),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not argv or argv[0] not in COMMANDS:
         listed = "\n".join(f"  {name:<11} {doc.split(':')[0].split('.')[0]}" for name, (_, doc) in COMMANDS.items())
-        console(f"usage: bco-ray {{{','.join(COMMANDS)}}} [--help] ...\n       bco-ray --version\n\n"
-                f"commands:\n{listed}\n", sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        console(
+            f"usage: bco-ray {{{','.join(COMMANDS)}}} [--help] ...\n       bco-ray --version\n\ncommands:\n{listed}\n",
+            sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr,
+        )
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     return COMMANDS[argv[0]][0](argv[1:])
 

@@ -7,6 +7,7 @@ max_prompt_length 512 (trl 1.13 has no prompt cap; the BCOConfig API uses max_le
 docs/trl_migration.md).
 Model and data default to the embedded tiny assets, so a job runs with no hub access.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,128 +30,134 @@ class ConfigError(ConfigErrorBase, ValueError):
 
 @dataclass
 class ModelConfig:
-    policy: str = BUILTIN_MODEL          # hub id or local directory (from_pretrained), or builtin:tiny-qwen2
-    reference: str | None = None         # None: the policy's initial weights
-    tokenizer: str | None = None         # None: the policy's tokenizer
-    revision: str | None = None          # hub revision for policy/reference/tokenizer
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"   # auto: bfloat16 on GPU, float32 on CPU
-    attn_implementation: str = "auto"    # auto: transformers picks (sdpa if supported, else eager), or a name
-    trust_remote_code: bool = False      # allow a hub model's own Python code (transformers)
+    policy: str = BUILTIN_MODEL  # hub id or local directory (from_pretrained), or builtin:tiny-qwen2
+    reference: str | None = None  # None: the policy's initial weights
+    tokenizer: str | None = None  # None: the policy's tokenizer
+    revision: str | None = None  # hub revision for policy/reference/tokenizer
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    attn_implementation: str = "auto"  # auto: transformers picks (sdpa if supported, else eager), or a name
+    trust_remote_code: bool = False  # allow a hub model's own Python code (transformers)
 
 
 @dataclass
 class DataConfig:
-    train: str = BUILTIN_TRAIN           # .jsonl/.json/.parquet file, a directory of them, or hf:<id>[@revision][/subset][:split]
-    eval: str | None = BUILTIN_EVAL      # held-out rows for eval/* metrics, same forms as data.train; none: no eval
-    max_length: int = 1024               # tokens per row (prompt + completion); longer rows are cut
-    max_prompt_length: int = 512         # prompt tokens kept (its end) when a row is too long
+    train: str = (
+        BUILTIN_TRAIN  # .jsonl/.json/.parquet file, a directory of them, or hf:<id>[@revision][/subset][:split]
+    )
+    eval: str | None = BUILTIN_EVAL  # held-out rows for eval/* metrics, same forms as data.train; none: no eval
+    max_length: int = 1024  # tokens per row (prompt + completion); longer rows are cut
+    max_prompt_length: int = 512  # prompt tokens kept (its end) when a row is too long
     on_bad_rows: Literal["error", "skip"] = "error"  # error: a bad row stops the job; skip: drop and count bad rows
-    seed: int = 42                       # shuffle seed of the pass
+    seed: int = 42  # shuffle seed of the pass
 
 
 @dataclass
 class UDMConfig:
-    enabled: bool = True                 # UDM: weight rejected rows by a prompt density-ratio classifier
+    enabled: bool = True  # UDM: weight rejected rows by a prompt density-ratio classifier
     embedding_model: str = BUILTIN_EMBEDDER  # UDM prompt embedder: hub id, directory or builtin:minilm
-    embedding_func: str | None = None    # path/URI of a cloudpickled {"func", "tokenizer"} (the Python API's
-                                         # embedding_func + embedding_tokenizer); used instead of embedding_model
-    prompt_sample_size: int = 1024       # prompts embedded to fit the UDM classifier
-    min_density_ratio: float = 0.5       # UDM weights are clamped to at least this
-    max_density_ratio: float = 10.0      # UDM weights are clamped to at most this
-    max_embed_length: int = 256          # prompt tokens the embedder sees
-    embed_special_tokens: bool = False   # the reference embeds prompts tokenized without special tokens
+    embedding_func: str | None = None  # path/URI of a cloudpickled {"func", "tokenizer"} (the Python API's
+    # embedding_func + embedding_tokenizer); used instead of embedding_model
+    prompt_sample_size: int = 1024  # prompts embedded to fit the UDM classifier
+    min_density_ratio: float = 0.5  # UDM weights are clamped to at least this
+    max_density_ratio: float = 10.0  # UDM weights are clamped to at most this
+    max_embed_length: int = 256  # prompt tokens the embedder sees
+    embed_special_tokens: bool = False  # the reference embeds prompts tokenized without special tokens
 
 
 @dataclass
 class PrecomputeConfig:
-    cache_dir: str | None = None         # None: $BCO_RAY_STORAGE/cache, else <output_dir>/cache; local path or URI (s3://...)
-    force: bool = False                  # recompute the pass even when the cache holds it
-    batch_size: int = 256                # rows handed to one actor call
-    token_budget: int = 16384            # padded tokens per forward inside an actor call
-    ref_actors: tuple[int, int] = (1, 1)     # scoring actors (tokenize + reference + UDM embeddings): (min, max) pool size
-    local_shuffle_max_rows: int = 200_000    # up to this many train rows: one seeded permutation, not an all-to-all shuffle
-    num_gpus_per_actor: float = 0.0      # >0 puts each scoring actor on a GPU
-    logp_chunk_size: int = 1024          # completion positions per chunk of the output head's log-softmax
+    cache_dir: str | None = None  # None: $BCO_RAY_STORAGE/cache, else <output_dir>/cache; local path or URI (s3://...)
+    force: bool = False  # recompute the pass even when the cache holds it
+    batch_size: int = 256  # rows handed to one actor call
+    token_budget: int = 16384  # padded tokens per forward inside an actor call
+    ref_actors: tuple[int, int] = (1, 1)  # scoring actors (tokenize + reference + UDM embeddings): (min, max) pool size
+    local_shuffle_max_rows: int = (
+        200_000  # up to this many train rows: one seeded permutation, not an all-to-all shuffle
+    )
+    num_gpus_per_actor: float = 0.0  # >0 puts each scoring actor on a GPU
+    logp_chunk_size: int = 1024  # completion positions per chunk of the output head's log-softmax
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False                # train a LoRA adapter (PEFT) instead of all weights
-    r: int = 16                          # adapter rank
-    alpha: int = 32                      # LoRA scaling (alpha / r)
-    dropout: float = 0.0                 # dropout of the adapter's input
-    save_merged: bool = True             # also save the adapter merged into the base model (plain HF model)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # modules that get adapters
+    enabled: bool = False  # train a LoRA adapter (PEFT) instead of all weights
+    r: int = 16  # adapter rank
+    alpha: int = 32  # LoRA scaling (alpha / r)
+    dropout: float = 0.0  # dropout of the adapter's input
+    save_merged: bool = True  # also save the adapter merged into the base model (plain HF model)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )  # modules that get adapters
 
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 2                 # Ray Train workers (one DeepSpeed rank each)
-    use_gpu: bool = False                # one GPU per training worker
-    cpus_per_worker: float = 1.0         # CPUs each training worker reserves
-    micro_batch_size: int = 8            # rows per worker per forward
-    bucket_window: int = 16              # micro-batches pooled and re-cut by length (1: dataset order); padded mode only
-    micro_batch_tokens: int = -1         # a step's rows packed without padding into forwards of this many tokens; -1: micro_batch_size × data.max_length; 0: padded micro-batches of micro_batch_size rows
+    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
+    use_gpu: bool = False  # one GPU per training worker
+    cpus_per_worker: float = 1.0  # CPUs each training worker reserves
+    micro_batch_size: int = 8  # rows per worker per forward
+    bucket_window: int = 16  # micro-batches pooled and re-cut by length (1: dataset order); padded mode only
+    micro_batch_tokens: int = -1  # a step's rows packed without padding into forwards of this many tokens; -1: micro_batch_size × data.max_length; 0: padded micro-batches of micro_batch_size rows
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-7                     # peak learning rate (AdamW)
-    beta: float = 0.1                    # BCO's beta: scale of the implicit reward
-    warmup_ratio: float = 0.1            # fraction of the steps spent warming the learning rate up
+    lr: float = 5e-7  # peak learning rate (AdamW)
+    beta: float = 0.1  # BCO's beta: scale of the implicit reward
+    warmup_ratio: float = 0.1  # fraction of the steps spent warming the learning rate up
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"  # learning-rate decay after warm-up
-    weight_decay: float = 0.0            # AdamW weight decay
-    max_grad_norm: float = 1.0           # gradient clipping norm
-    num_epochs: int = 1                  # passes over the train split
-    max_steps: int = -1                  # >0 caps optimizer steps
-    logging_steps: int = 1               # train metrics every this many steps
-    eval_steps: int = 0                  # 0: evaluate at the end only
-    save_steps: int = 0                  # 0: no intermediate checkpoints
-    keep_checkpoints: int = 2            # newest checkpoints kept
-    max_failures: int = 0                # restarts from the last checkpoint before the run fails
-    storage_path: str | None = None     # checkpoints + final model; None: $BCO_RAY_STORAGE/ray, else <output_dir>/ray
-    seed: int = 42                       # model init, dropout and bucketing seed
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    num_epochs: int = 1  # passes over the train split
+    max_steps: int = -1  # >0 caps optimizer steps
+    logging_steps: int = 1  # train metrics every this many steps
+    eval_steps: int = 0  # 0: evaluate at the end only
+    save_steps: int = 0  # 0: no intermediate checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    max_failures: int = 0  # restarts from the last checkpoint before the run fails
+    storage_path: str | None = None  # checkpoints + final model; None: $BCO_RAY_STORAGE/ray, else <output_dir>/ray
+    seed: int = 42  # model init, dropout and bucketing seed
     zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage
-    offload_optimizer: bool = False      # DeepSpeed: optimizer state in CPU memory (zero_stage >= 1)
-    offload_params: bool = False         # DeepSpeed: parameters in CPU memory (zero_stage 3)
-    bf16: Literal["auto"] | bool = "auto"   # auto: bf16 on GPU, float32 on CPU; true/false force it
+    offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory (zero_stage >= 1)
+    offload_params: bool = False  # DeepSpeed: parameters in CPU memory (zero_stage 3)
+    bf16: Literal["auto"] | bool = "auto"  # auto: bf16 on GPU, float32 on CPU; true/false force it
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
-    disable_dropout: bool = True         # dropout off in the policy (as TRL's BCOConfig)
-    resources_timeout_s: float = 600.0   # fail clearly instead of waiting forever for workers
-    inject_failure_at_step: int = 0      # testing: rank 1 (or 0) dies once when reaching this step
-    record_rows: bool = False            # testing: each rank appends the row ids of every step to <storage>/rows/
+    disable_dropout: bool = True  # dropout off in the policy (as TRL's BCOConfig)
+    resources_timeout_s: float = 600.0  # fail clearly instead of waiting forever for workers
+    inject_failure_at_step: int = 0  # testing: rank 1 (or 0) dies once when reaching this step
+    record_rows: bool = False  # testing: each rank appends the row ids of every step to <storage>/rows/
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str | None = None      # None: $MLFLOW_TRACKING_URI, else a SQLite file beside output_dir's root
-    experiment: str = "bco-ray"          # MLflow experiment of the run
-    run_name: str | None = None          # None: generated; the same name resumes a stopped run
-    registered_model_name: str | None = None   # also register the logged model under this name (Model Registry)
-    log_system_metrics: bool = True      # CPU/GPU/memory/disk/network as system/* metrics (driver + training nodes)
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a SQLite file beside output_dir's root
+    experiment: str = "bco-ray"  # MLflow experiment of the run
+    run_name: str | None = None  # None: generated; the same name resumes a stopped run
+    registered_model_name: str | None = None  # also register the logged model under this name (Model Registry)
+    log_system_metrics: bool = True  # CPU/GPU/memory/disk/network as system/* metrics (driver + training nodes)
 
 
 @dataclass
 class HubConfig:
-    repo_id: str | None = None           # push the final model to this Hugging Face Hub repo (org/name); None: no push
-    private: bool = True                 # create the repo private if it does not exist
-    revision: str | None = None          # branch to push to; None: the repo's default branch
+    repo_id: str | None = None  # push the final model to this Hugging Face Hub repo (org/name); None: no push
+    private: bool = True  # create the repo private if it does not exist
+    revision: str | None = None  # branch to push to; None: the repo's default branch
 
 
 @dataclass
 class EvalConfig:
-    at_start: bool = True                # also evaluate at step 0, so every eval curve starts at the reference
-    generate: bool = False               # generation eval: completions of held-out eval prompts, reference vs policy
-    verifier: str | None = None          # "module:function": verify(prompt, completion) -> bool | float | dict of floats
-    num_prompts: int = 32                # the eval split's first distinct prompts
-    max_new_tokens: int = 32             # tokens generated per completion
-    batch_size: int = 32                 # prompts per generate call
-    sample: bool = False                 # also one sampled completion per prompt (eval/gen/sampled/*)
-    temperature: float = 1.0             # sampling only
-    top_p: float = 1.0                   # sampling only
+    at_start: bool = True  # also evaluate at step 0, so every eval curve starts at the reference
+    generate: bool = False  # generation eval: completions of held-out eval prompts, reference vs policy
+    verifier: str | None = None  # "module:function": verify(prompt, completion) -> bool | float | dict of floats
+    num_prompts: int = 32  # the eval split's first distinct prompts
+    max_new_tokens: int = 32  # tokens generated per completion
+    batch_size: int = 32  # prompts per generate call
+    sample: bool = False  # also one sampled completion per prompt (eval/gen/sampled/*)
+    temperature: float = 1.0  # sampling only
+    top_p: float = 1.0  # sampling only
 
 
 @dataclass
 class Config:
-    output_dir: str = "outputs"          # relative: under a local $BCO_RAY_STORAGE, ~/bco-ray in a submitted job, else cwd
+    output_dir: str = "outputs"  # relative: under a local $BCO_RAY_STORAGE, ~/bco-ray in a submitted job, else cwd
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     udm: UDMConfig = field(default_factory=UDMConfig)
@@ -192,10 +199,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         return _coerce_choice(value, args, path)
     if isinstance(value, str) and value.strip() and tp is not str and origin not in (list, tuple):
-        try:                        # override text for a non-string field: "4", "1e-6", "no", "{r: 8}"
+        try:  # override text for a non-string field: "4", "1e-6", "no", "{r: 8}"
             value = yaml.safe_load(value)
         except yaml.YAMLError:
-            pass                    # left as text: the branch below names the expected type
+            pass  # left as text: the branch below names the expected type
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config field '{path}': expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -283,8 +290,10 @@ def _yaml_scalar(text: str) -> Any:
 
 def _choice_error(value: Any, choices: list, path: str) -> ConfigError:
     """'train.bf16 must be auto, true or false (got 'ture'). Did you mean 'true'?'"""
+
     def name(c: Any) -> str:
         return str(c).lower() if isinstance(c, bool) else str(c)
+
     names = [name(c) for c in choices]
     listed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
     shown = _yaml_scalar(value) if isinstance(value, str) else value
@@ -337,12 +346,12 @@ def parse_overrides(args: list[str]) -> dict:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
                 value, i = args[i + 1], i + 1
             else:
-                value = "true"   # a bare flag: --precompute.force
+                value = "true"  # a bare flag: --precompute.force
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value          # raw text: _coerce parses it against the field's declared type
+        node[leaf] = value  # raw text: _coerce parses it against the field's declared type
         i += 1
     return out
 
@@ -368,5 +377,6 @@ def validate(cfg: Config) -> None:
     train.lr_scheduler / zero_stage / bf16, ...), then the range and name checks of bco_ray.config_checks.
     Raises ConfigError naming the field and the fix."""
     from bco_ray.config_checks import check_config  # it imports this module's dataclasses
+
     _check_choices(cfg)
     check_config(cfg)

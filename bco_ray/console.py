@@ -1,6 +1,7 @@
 """The one way bco-ray writes to the terminal: `console(line)`. Progress lines users and tests look for
 (`[bco-ray] ...`) and a command's own output go through it; diagnostics go through `logging`. No imports
 beyond the standard library: any module may use it."""
+
 from __future__ import annotations
 
 import sys

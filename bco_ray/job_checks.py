@@ -1,5 +1,6 @@
 """The driver's checks before any Ray work: models and tokenizer load and agree, GPUs and CPUs asked for exist,
 and `run_checks` (config locations → data → models → hub settings) as the job's first stage."""
+
 from __future__ import annotations
 
 import os
@@ -20,18 +21,21 @@ if TYPE_CHECKING:
     from bco_ray.data.checks import DataReport
     from bco_ray.precompute.pipeline import Paths
 
+
 class ResourcesUnavailableError(ResourcesError, RuntimeError):
     """The cluster did not provide what the job asked for within train.resources_timeout_s."""
 
 
 def unavailable_error(cfg: Config, what: str, asks: str) -> ResourcesUnavailableError:
     import ray
+
     have = ray.cluster_resources()
     return ResourcesUnavailableError(
         f"{what} did not get its resources within train.resources_timeout_s={cfg.train.resources_timeout_s:g} s: "
         f"it asks for {asks}; the cluster has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU. "
         f"Ask for less, give the cluster node types that fit (cluster.yaml: available_node_types, max_workers), "
-        f"or allow slow nodes more time (train.resources_timeout_s).")
+        f"or allow slow nodes more time (train.resources_timeout_s)."
+    )
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -42,12 +46,14 @@ class ModelError(InputError, ValueError):
 
 
 def _check_model_path(field: str, p: str) -> None:
-    if is_remote(p):        # object storage: a model directory there holds a config.json (a tokenizer's, its own)
+    if is_remote(p):  # object storage: a model directory there holds a config.json (a tokenizer's, its own)
         needed = ("config.json", "tokenizer_config.json") if field == "model.tokenizer" else ("config.json",)
         why = missing_model_files(p, needed)
         if why:
-            raise ModelError(f"{field}: {p!r}: {why}; give the URI of a directory holding a Hugging Face model "
-                             "(config.json, weights, tokenizer files), a local directory or a hub id like org/name")
+            raise ModelError(
+                f"{field}: {p!r}: {why}; give the URI of a directory holding a Hugging Face model "
+                "(config.json, weights, tokenizer files), a local directory or a hub id like org/name"
+            )
         return
     if "://" in p or os.path.exists(p):
         return
@@ -61,6 +67,7 @@ def resolve_paths(cfg: Config):
     from transformers import AutoConfig
 
     from bco_ray.precompute.pipeline import Paths
+
     m = cfg.model
     models_dir = str(Path(cfg.output_dir).resolve() / "models")
     policy = resolve_model(m.policy, models_dir)
@@ -70,54 +77,70 @@ def resolve_paths(cfg: Config):
         _check_model_path(field, p)
     try:
         tok = load_tokenizer(tokenizer, m.revision, m.trust_remote_code)
-        vocab = {f: AutoConfig.from_pretrained(local_model_dir(p, weights=False), revision=m.revision,
-                                               trust_remote_code=m.trust_remote_code)
-                 .vocab_size for f, p in (("model.policy", policy), ("model.reference", reference))}
+        vocab = {
+            f: AutoConfig.from_pretrained(
+                local_model_dir(p, weights=False), revision=m.revision, trust_remote_code=m.trust_remote_code
+            ).vocab_size
+            for f, p in (("model.policy", policy), ("model.reference", reference))
+        }
     except OSError as e:
-        raise ModelError(f"model: cannot load {e}".splitlines()[0] + " (check model.policy / model.reference / "
-                         "model.tokenizer, and hub access or HF_HUB_OFFLINE)") from e
+        raise ModelError(
+            f"model: cannot load {e}".splitlines()[0] + " (check model.policy / model.reference / "
+            "model.tokenizer, and hub access or HF_HUB_OFFLINE)"
+        ) from e
     if vocab["model.policy"] != vocab["model.reference"]:
-        raise ModelError(f"model.policy has a vocabulary of {vocab['model.policy']} tokens but model.reference has "
-                         f"{vocab['model.reference']}: BCO compares their log-probs token by token, so both must "
-                         "use the same tokenizer (give a reference fine-tuned from the same base as the policy)")
+        raise ModelError(
+            f"model.policy has a vocabulary of {vocab['model.policy']} tokens but model.reference has "
+            f"{vocab['model.reference']}: BCO compares their log-probs token by token, so both must "
+            "use the same tokenizer (give a reference fine-tuned from the same base as the policy)"
+        )
     if len(tok) > vocab["model.policy"]:
-        raise ModelError(f"model.tokenizer has {len(tok)} tokens, more than model.policy's vocabulary of "
-                         f"{vocab['model.policy']}; use the policy's own tokenizer")
+        raise ModelError(
+            f"model.tokenizer has {len(tok)} tokens, more than model.policy's vocabulary of "
+            f"{vocab['model.policy']}; use the policy's own tokenizer"
+        )
     from bco_ray.models import ModelLoadError, check_model_loads
+
     for field, p in {"model.policy": policy, "model.reference": reference}.items():
         if field == "model.reference" and reference == policy:
             continue
-        try:    # built on the meta device: an attention setting the model refuses fails here, not in an actor
+        try:  # built on the meta device: an attention setting the model refuses fails here, not in an actor
             check_model_loads(p, m.revision, m.trust_remote_code, m.attn_implementation)
         except ModelLoadError as e:
             raise ModelError(f"{field}: {e}") from e
     embedder = resolve_embedder(cfg.udm.embedding_model) if cfg.udm.enabled else None
     if embedder is not None:
         _check_model_path("udm.embedding_model", embedder)
-    if cfg.udm.enabled and cfg.udm.embedding_func:      # a pickle: loaded only as BCOTrainer wrote it
+    if cfg.udm.enabled and cfg.udm.embedding_func:  # a pickle: loaded only as BCOTrainer wrote it
         from bco_ray.precompute.embedding_func import EmbeddingFuncError, check_embedding_func
+
         try:
             check_embedding_func(cfg.udm.embedding_func)
         except EmbeddingFuncError as e:
             raise ModelError(str(e)) from e
-    if cfg.eval.generate and cfg.eval.verifier:         # the verifier imports here, before any Ray work
+    if cfg.eval.generate and cfg.eval.verifier:  # the verifier imports here, before any Ray work
         from bco_ray.eval.generation import VerifierError, load_verifier
+
         try:
             load_verifier(cfg.eval.verifier)
         except VerifierError as e:
             raise ModelError(str(e)) from e
-    return Paths(policy=policy, reference=reference, tokenizer=tokenizer, embedder=embedder,
-                 pad_id=tok.pad_token_id), tok
+    return Paths(
+        policy=policy, reference=reference, tokenizer=tokenizer, embedder=embedder, pad_id=tok.pad_token_id
+    ), tok
 
 
 def check_resources(cfg: Config, started_locally: bool) -> None:
     """GPUs asked for where there are none: an error now, not a job waiting forever. On a cluster that
     may autoscale, GPU nodes can appear later, so the check applies to a Ray this job started itself."""
     import ray
+
     wants = cfg.train.use_gpu or cfg.precompute.num_gpus_per_actor > 0
     if wants and started_locally and not ray.cluster_resources().get("GPU"):
-        raise ModelError("train.use_gpu / precompute.num_gpus_per_actor ask for GPUs but this Ray has none; "
-                         "set --train.use_gpu=false --precompute.num_gpus_per_actor=0, or submit to a GPU cluster")
+        raise ModelError(
+            "train.use_gpu / precompute.num_gpus_per_actor ask for GPUs but this Ray has none; "
+            "set --train.use_gpu=false --precompute.num_gpus_per_actor=0, or submit to a GPU cluster"
+        )
 
 
 def check_cluster_fits(cfg: Config, started_locally: bool) -> PassResources:
@@ -125,6 +148,7 @@ def check_cluster_fits(cfg: Config, started_locally: bool) -> PassResources:
     never fit: a cluster with CPUs that cannot grow (a local Ray, or a fixed cluster) with fewer CPUs than
     train.num_workers × train.cpus_per_worker. A cluster with no CPUs yet (an autoscaling head) may grow."""
     import ray
+
     t = cfg.train
     cpus = ray.cluster_resources().get("CPU", 0.0)
     can_grow = cpus == 0 and not started_locally
@@ -135,13 +159,15 @@ def check_cluster_fits(cfg: Config, started_locally: bool) -> PassResources:
             f"(train.num_workers × train.cpus_per_worker) but this cluster has {cpus:g} CPU and cannot grow; "
             f"lower train.num_workers or train.cpus_per_worker "
             f"(e.g. --train.cpus_per_worker={cpus / t.num_workers:g}), "
-            "or run on a larger cluster")
+            "or run on a larger cluster"
+        )
     return pass_resources(cpus, cfg.precompute.ref_actors[1], can_grow)
 
 
 @dataclass
 class Checked:
     """What the checks stage hands on: the config with its locations resolved, the data report, the models."""
+
     cfg: Config
     data_report: DataReport
     paths: Paths
@@ -153,7 +179,8 @@ def run_checks(cfg: Config) -> Checked:
     from bco_ray.data.checks import check_data
     from bco_ray.storage import resolve_locations
     from bco_ray.tracking.hub import HubError, check_push_ready
-    cfg = resolve_locations(cfg)                          # output/cache/checkpoints: never in the job's upload
+
+    cfg = resolve_locations(cfg)  # output/cache/checkpoints: never in the job's upload
     data_report = check_data(cfg)
     paths, _ = resolve_paths(cfg)
     try:

@@ -1,5 +1,6 @@
 """What the driver-side stages of one job share (bco_ray/run.py, bco_ray/job_train.py): the wall time of each
 phase, and the job's config, models, data report, resources, MLflow run and output locations."""
+
 from __future__ import annotations
 
 import time
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 from bco_ray.config import Config
 from bco_ray.resources import PassResources
 
-if TYPE_CHECKING:                   # annotations only
+if TYPE_CHECKING:  # annotations only
     from bco_ray.data.checks import DataReport
     from bco_ray.precompute.pipeline import Paths
 
@@ -34,6 +35,7 @@ class Phases:
 @dataclass
 class Job:
     """What the stages after the checks share."""
+
     cfg: Config
     paths: Paths
     data_report: DataReport
@@ -45,5 +47,5 @@ class Job:
     phases: Phases
 
     @property
-    def storage_dir(self) -> str:          # this run's checkpoints, final model and generation snapshots
+    def storage_dir(self) -> str:  # this run's checkpoints, final model and generation snapshots
         return f"{self.cfg.train.storage_path}/{self.run_name}"

@@ -1,5 +1,6 @@
 """The training stage of a job, driver side: Ray Train's TorchTrainer over the precompute pass's Parquet output
 (the workers: bco_ray/train/), its fit, and the final model copied into the run's outputs."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ from bco_ray.tracking.mlflow_run import worker_env
 @dataclass
 class Trained:
     model_dir: Path
-    final: dict                    # rank 0's final.json
+    final: dict  # rank 0's final.json
     checkpoint: str
 
     @property
@@ -37,13 +38,13 @@ def train(job: Job, pre: PrecomputeResult) -> Trained:
     """Ray Train + DeepSpeed on the pass's output, then the final model copied into the run's outputs."""
     # Progress bars of the per-worker shards would interleave in the job log; the pass above keeps its own.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    t_fit = time.time()              # the worker group's start is measured from here (time/train_start)
+    t_fit = time.time()  # the worker group's start is measured from here (time/train_start)
     trainer = _trainer(job, pre, t_fit)
     job.phases.lap("publish_precompute")
     final_ckpt = _fit(job.cfg, trainer).checkpoint
     job.phases.lap("fit")
     trained = _collect_model(job, final_ckpt)
-    worker = trained.final.get("timings", {})        # measured by rank 0: engine ready, training, evaluation, save
+    worker = trained.final.get("timings", {})  # measured by rank 0: engine ready, training, evaluation, save
     if "engine_ready_at" in worker:
         job.phases.seconds["time/train_start"] = round(worker["engine_ready_at"] - t_fit, 2)
     for k in ("train", "eval", "save"):
@@ -57,6 +58,7 @@ def _trainer(job: Job, pre: PrecomputeResult, t_fit: float) -> TorchTrainer:
     """The TorchTrainer of bco_ray/train/loop.py's workers, reading the pass's Parquet output."""
     # The workers' code imports DeepSpeed (slow, chatty): only once a job trains, not wherever bco_ray.run is.
     from bco_ray.train.loop import train_loop_per_worker
+
     cfg, t, paths = job.cfg, job.cfg.train, job.paths
     per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     # The workers hold the CPUs while their shards stream in: the light Parquet reads that feed them ask for
@@ -69,21 +71,28 @@ def _trainer(job: Job, pre: PrecomputeResult, t_fit: float) -> TorchTrainer:
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(t.resources_timeout_s)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "policy_path": paths.policy, "tokenizer_path": paths.tokenizer,
-                           "pad_id": paths.pad_id, "train_rows": pre.summary.train.rows,
-                           "has_eval": bool(pre.eval),
-                           "mlflow": {"tracking_uri": job.uri, "run_id": job.run_id,
-                                      "system_metrics": cfg.mlflow.log_system_metrics},
-                           "storage_dir": job.storage_dir, "fit_started_at": t_fit},
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "policy_path": paths.policy,
+            "tokenizer_path": paths.tokenizer,
+            "pad_id": paths.pad_id,
+            "train_rows": pre.summary.train.rows,
+            "has_eval": bool(pre.eval),
+            "mlflow": {"tracking_uri": job.uri, "run_id": job.run_id, "system_metrics": cfg.mlflow.log_system_metrics},
+            "storage_dir": job.storage_dir,
+            "fit_started_at": t_fit,
+        },
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
-        run_config=RunConfig(name=job.run_name, storage_path=t.storage_path,
-                             # A worker group that does not start within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
-                             # is retried train.max_failures times, then fails the run (Ray's default: forever).
-                             failure_config=FailureConfig(max_failures=t.max_failures,
-                                                          controller_failure_limit=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                             worker_runtime_env={"env_vars": worker_env(job.uri)}),
+        run_config=RunConfig(
+            name=job.run_name,
+            storage_path=t.storage_path,
+            # A worker group that does not start within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+            # is retried train.max_failures times, then fails the run (Ray's default: forever).
+            failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(job.uri)},
+        ),
         datasets=datasets,
         # Not split by Ray Data (whose streaming split hands blocks to whichever worker asks first): every
         # worker reads the ordered split and takes its own rows of each global batch, so a resumed epoch
@@ -102,8 +111,10 @@ def _fit(cfg: Config, trainer: TorchTrainer):
         # (tests/test_cluster.py's resources test fails if Ray renames it).
         if type(e.controller_failure).__name__ == "WorkerGroupStartupTimeoutError":
             gpu = ", GPU: 1" if t.use_gpu else ""
-            asks = (f"{t.num_workers} × {{CPU: {t.cpus_per_worker:g}{gpu}}} "
-                    "(train.num_workers, train.cpus_per_worker, train.use_gpu)")
+            asks = (
+                f"{t.num_workers} × {{CPU: {t.cpus_per_worker:g}{gpu}}} "
+                "(train.num_workers, train.cpus_per_worker, train.use_gpu)"
+            )
             raise unavailable_error(cfg, "The Ray Train worker group", asks) from e
         raise
 

@@ -1,5 +1,6 @@
 """Loading models and tokenizers: one from_pretrained path for hub ids, local dirs, the builtin tiny model and
 directories on object storage (s3://..., copied once per node by bco_ray/remote.py)."""
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,9 @@ def reference_dtype(cfg: Config) -> str:
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
-    tok = AutoTokenizer.from_pretrained(local_model_dir(path, weights=False), revision=revision,
-                                        trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        local_model_dir(path, weights=False), revision=revision, trust_remote_code=trust_remote_code
+    )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
         log.warning("tokenizer %s has no pad token; using %r for padding", path, tok.pad_token)
@@ -67,19 +69,30 @@ def attn_kwargs(attn_implementation: str | None) -> dict:
     return {"attn_implementation": attn_implementation}
 
 
-def load_causal_lm(path: str, *, dtype: torch.dtype, revision: str | None = None,
-                   attn_implementation: str | None = AUTO_ATTN, trust_remote_code: bool = False):
+def load_causal_lm(
+    path: str,
+    *,
+    dtype: torch.dtype,
+    revision: str | None = None,
+    attn_implementation: str | None = AUTO_ATTN,
+    trust_remote_code: bool = False,
+):
     return AutoModelForCausalLM.from_pretrained(
-        local_model_dir(path), revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-        **attn_kwargs(attn_implementation))
+        local_model_dir(path),
+        revision=revision,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        **attn_kwargs(attn_implementation),
+    )
 
 
 def _build_error(config, attn_implementation: str | None, trust_remote_code: bool) -> Exception | None:
     """Build the causal LM from its config on the meta device (no weights, no memory); the error, if any."""
     try:
         with torch.device("meta"):
-            AutoModelForCausalLM.from_config(copy.deepcopy(config), trust_remote_code=trust_remote_code,
-                                             **attn_kwargs(attn_implementation))
+            AutoModelForCausalLM.from_config(
+                copy.deepcopy(config), trust_remote_code=trust_remote_code, **attn_kwargs(attn_implementation)
+            )
     except Exception as e:  # noqa: BLE001 - any failure to build is reported, with its cause
         return e
     return None
@@ -90,14 +103,16 @@ def _first_sentence(e: Exception) -> str:
     return text.split(". ")[0].rstrip(".")[:300]
 
 
-def check_model_loads(path: str, revision: str | None = None, trust_remote_code: bool = False,
-                      attn_implementation: str | None = AUTO_ATTN) -> None:
+def check_model_loads(
+    path: str, revision: str | None = None, trust_remote_code: bool = False, attn_implementation: str | None = AUTO_ATTN
+) -> None:
     """Cheaply check that `path` builds as a causal LM with this attention setting, before any Ray work:
     the config is read and the model built on the meta device (no weights loaded). Raises ModelLoadError."""
     try:
-        config = AutoConfig.from_pretrained(local_model_dir(path, weights=False), revision=revision,
-                                            trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:      # a remote directory that is missing: FileNotFoundError
+        config = AutoConfig.from_pretrained(
+            local_model_dir(path, weights=False), revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:  # a remote directory that is missing: FileNotFoundError
         raise ModelLoadError(f"{path!r}: cannot read its config ({_first_sentence(e)})") from e
     err = _build_error(config, attn_implementation, trust_remote_code)
     if err is None:
@@ -106,9 +121,12 @@ def check_model_loads(path: str, revision: str | None = None, trust_remote_code:
         raise ModelLoadError(
             f"{path!r} cannot run with model.attn_implementation={attn_implementation!r} "
             f"({_first_sentence(err)}); set model.attn_implementation=auto (the default: transformers picks "
-            f"what the model supports) or another implementation it supports, e.g. eager") from err
-    raise ModelLoadError(f"{path!r} cannot be built as a causal language model ({_first_sentence(err)}); "
-                         "give a decoder-only model with a causal LM head") from err
+            f"what the model supports) or another implementation it supports, e.g. eager"
+        ) from err
+    raise ModelLoadError(
+        f"{path!r} cannot be built as a causal language model ({_first_sentence(err)}); "
+        "give a decoder-only model with a causal LM head"
+    ) from err
 
 
 def load_embedder(path: str, dtype: torch.dtype):

@@ -8,6 +8,7 @@ only reads must exist on every node (hub ids and object-store URIs, e.g. an s3:/
 itself or BCOTrainer's s3:// inputs_dir, are shared by construction: not probed). Markers are removed afterwards. One error names every path that fails,
 why, and the fix.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,33 +29,40 @@ class SharedStorageError(StorageError, ValueError):
 
 @dataclass(frozen=True)
 class Need:
-    field: str          # the config field, e.g. "train.storage_path"
-    path: str           # a local path or a URI
-    writes: bool        # written by the job (shared storage), else only read
+    field: str  # the config field, e.g. "train.storage_path"
+    path: str  # a local path or a URI
+    writes: bool  # written by the job (shared storage), else only read
 
 
 def needs(cfg, paths, tracking_uri: str) -> list[Need]:
     """The paths a job writes (cache, checkpoints, a file-based MLflow store) and reads from outside its own
     uploaded working directory and installed packages (local models, data files, an embedding function)."""
-    out = [Need("precompute.cache_dir", cfg.precompute.cache_dir, True),
-           Need("train.storage_path", cfg.train.storage_path, True)]
+    out = [
+        Need("precompute.cache_dir", cfg.precompute.cache_dir, True),
+        Need("train.storage_path", cfg.train.storage_path, True),
+    ]
     if tracking_uri.startswith("sqlite:///"):
-        db = tracking_uri[len("sqlite:///"):].split("?")[0]
+        db = tracking_uri[len("sqlite:///") :].split("?")[0]
         out.append(Need("mlflow.tracking_uri", os.path.dirname(db) or ".", True))
     elif tracking_uri.startswith("file:"):
         out.append(Need("mlflow.tracking_uri", urlparse(tracking_uri).path, True))
     elif "://" not in tracking_uri:
         out.append(Need("mlflow.tracking_uri", tracking_uri, True))
-    reads = [("model.policy", paths.policy), ("model.reference", paths.reference),
-             ("model.tokenizer", paths.tokenizer), ("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
-             ("udm.embedding_func", cfg.udm.embedding_func)]
+    reads = [
+        ("model.policy", paths.policy),
+        ("model.reference", paths.reference),
+        ("model.tokenizer", paths.tokenizer),
+        ("data.train", cfg.data.train),
+        ("data.eval", cfg.data.eval),
+        ("udm.embedding_func", cfg.udm.embedding_func),
+    ]
     if cfg.udm.enabled and cfg.udm.embedding_model != BUILTIN_EMBEDDER:
         reads.append(("udm.embedding_model", paths.embedder))
     for field, p in reads:
         if not p or p.startswith(("builtin:", "hf:")) or is_remote(p):
             continue
         p = local_path(p)
-        if os.path.exists(p) and not in_job_working_dir(p):     # the working dir is on every node
+        if os.path.exists(p) and not in_job_working_dir(p):  # the working dir is on every node
             out.append(Need(field, os.path.abspath(p), False))
     return out
 
@@ -78,6 +86,7 @@ def _probe(items: list[tuple[str, str, str | None]]) -> dict:
 
     import fsspec
     import ray
+
     seen = {}
     for field, loc, token in items:
         try:
@@ -91,7 +100,7 @@ def _probe(items: list[tuple[str, str, str | None]]) -> dict:
                     seen[field] = "ok" if f.read() == token else "another file at the same path"
         except FileNotFoundError:
             seen[field] = "not found"
-        except Exception as e:     # credentials, endpoint, permissions: reported, not raised
+        except Exception as e:  # credentials, endpoint, permissions: reported, not raised
             seen[field] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "seen": seen}
 
@@ -102,6 +111,7 @@ def check_shared_paths(cfg, paths, tracking_uri: str, timeout_s: float = 60.0) -
     import fsspec
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return len(nodes)
@@ -123,8 +133,12 @@ def check_shared_paths(cfg, paths, tracking_uri: str, timeout_s: float = 60.0) -
             problems[need.field] = (need.path, f"the driver cannot write there ({type(e).__name__}: {e})")
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
     try:
-        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(items) for n in nodes}
+        refs = {
+            n["NodeID"]: probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(items)
+            for n in nodes
+        }
         _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         for node_id, ref in refs.items():
             if ref in pending:
@@ -149,9 +163,11 @@ def _message(problems: dict, n_nodes: int) -> str:
     lines = [f"this cluster has {n_nodes} nodes, and a path the job needs is not the same on all of them:"]
     for field, (path, why) in problems.items():
         lines.append(f"  {field}={path}: {why}")
-    lines.append(f"Fix: put the job's storage where every node sees it: set {ENV}=s3://<bucket>/<prefix> on the head "
-                 "(the default root for the cache, checkpoints and outputs; cluster.yaml does this), or pass "
-                 "--precompute.cache_dir / --train.storage_path as s3:// URIs or paths on a mount every node shares; "
-                 "give models and data as hub ids or s3:// URIs, and MLflow as a tracking server "
-                 "(--mlflow.tracking_uri=http://<head>:5000).")
+    lines.append(
+        f"Fix: put the job's storage where every node sees it: set {ENV}=s3://<bucket>/<prefix> on the head "
+        "(the default root for the cache, checkpoints and outputs; cluster.yaml does this), or pass "
+        "--precompute.cache_dir / --train.storage_path as s3:// URIs or paths on a mount every node shares; "
+        "give models and data as hub ids or s3:// URIs, and MLflow as a tracking server "
+        "(--mlflow.tracking_uri=http://<head>:5000)."
+    )
     return "\n".join(lines)

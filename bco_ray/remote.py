@@ -17,6 +17,7 @@ marker is written, and a re-upload writes the same bytes under the same content-
 The cache root is `$BCO_RAY_REMOTE_CACHE`, default `~/.cache/bco-ray/remote`; old entries are not removed.
 No Ray import here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,12 +48,13 @@ def _is_hidden(rel: str) -> bool:
 def listing(uri: str, weights: bool = True) -> dict[str, tuple[int, str]]:
     """{relative name: (size, version)} of the objects under `uri` that a download copies."""
     import fsspec
+
     fs, root = fsspec.core.url_to_fs(uri)
     root = root.rstrip("/")
     fs.invalidate_cache(root)
     out = {}
     for path, info in fs.find(root, detail=True).items():
-        rel = path[len(root):].lstrip("/")
+        rel = path[len(root) :].lstrip("/")
         if not rel or _is_hidden(rel) or (not weights and rel.endswith(WEIGHT_SUFFIXES)):
             continue
         version = next((str(info[k]) for k in _VERSION_KEYS if info.get(k) is not None), "")
@@ -76,6 +78,7 @@ def fetch_dir(uri: str, weights: bool = True, root: Path | None = None) -> Path:
     """The cached local copy of the directory at `uri`, downloaded first if this node has none for its
     current listing. FileNotFoundError when nothing is there."""
     from filelock import FileLock
+
     files = listing(uri, weights)
     if not files:
         raise FileNotFoundError(f"{uri}: no objects under this prefix")
@@ -86,7 +89,7 @@ def fetch_dir(uri: str, weights: bool = True, root: Path | None = None) -> Path:
     if dest.is_dir():
         return dest
     with FileLock(str(root / f".{key}.lock")):
-        if dest.is_dir():           # another process on this node finished it while we waited
+        if dest.is_dir():  # another process on this node finished it while we waited
             return dest
         _download(uri, files, root, dest)
     return dest
@@ -94,6 +97,7 @@ def fetch_dir(uri: str, weights: bool = True, root: Path | None = None) -> Path:
 
 def _download(uri: str, files: dict[str, tuple[int, str]], root: Path, dest: Path) -> None:
     import fsspec
+
     fs, base = fsspec.core.url_to_fs(uri)
     base = base.rstrip("/")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=root))
@@ -103,8 +107,10 @@ def _download(uri: str, files: dict[str, tuple[int, str]], root: Path, dest: Pat
             local.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f"{base}/{rel}", str(local))
             if local.stat().st_size != size:
-                raise OSError(f"{uri}/{rel} changed while it was downloaded ({local.stat().st_size} bytes, "
-                              f"listed {size}); try again")
+                raise OSError(
+                    f"{uri}/{rel} changed while it was downloaded ({local.stat().st_size} bytes, "
+                    f"listed {size}); try again"
+                )
         os.chmod(tmp, 0o755)
         os.rename(tmp, dest)
     finally:
@@ -118,6 +124,7 @@ def _download(uri: str, files: dict[str, tuple[int, str]], root: Path, dest: Pat
 def missing_model_files(uri: str, needed: tuple[str, ...] = ("config.json",)) -> str | None:
     """None when one of `needed` is under the remote `uri`; else why not, in a few words."""
     import fsspec
+
     try:
         fs, root = fsspec.core.url_to_fs(uri)
         root = root.rstrip("/")
@@ -125,6 +132,6 @@ def missing_model_files(uri: str, needed: tuple[str, ...] = ("config.json",)) ->
         if any(fs.exists(f"{root}/{name}") for name in needed):
             return None
         return f"there is no {' or '.join(needed)} under it"
-    except Exception as e:      # noqa: BLE001 - credentials, endpoint, bucket: reported with the field
+    except Exception as e:  # noqa: BLE001 - credentials, endpoint, bucket: reported with the field
         first = str(e).splitlines()[0][:200] if str(e) else ""
         return f"cannot read it ({type(e).__name__}: {first})"

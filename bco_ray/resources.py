@@ -8,6 +8,7 @@ naming what is missing, on one that never will. Two rules keep the stages from s
     statistics) keep a share, and on a small cluster every ask is scaled down to fit (a logical CPU share,
     not extra logical CPUs: Ray's CPU count stays what the machine has).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,13 +29,13 @@ def usable_cpus() -> int:
 
 
 def _cgroup_quota() -> float | None:
-    try:                                            # cgroup v2: "max 100000" or "200000 100000"
+    try:  # cgroup v2: "max 100000" or "200000 100000"
         with open("/sys/fs/cgroup/cpu.max") as f:
             q, p = f.read().split()[:2]
         return None if q == "max" else int(q) / int(p)
     except (OSError, ValueError):
         pass
-    try:                                            # cgroup v1
+    try:  # cgroup v1
         with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
             q = int(f.read())
         with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
@@ -47,10 +48,11 @@ def _cgroup_quota() -> float | None:
 @dataclass(frozen=True)
 class PassResources:
     """Logical CPU asks of the pass's stages on this cluster."""
-    actor_cpus: float          # each scoring actor (tokenize, reference log-probs, embeddings)
-    task_cpus: float           # each light task (read, write, shuffle + weights, statistics)
-    max_actors: int            # upper bound of the scoring pool
-    actor_threads: int         # torch threads of a scoring actor (the pass's only heavy compute)
+
+    actor_cpus: float  # each scoring actor (tokenize, reference log-probs, embeddings)
+    task_cpus: float  # each light task (read, write, shuffle + weights, statistics)
+    max_actors: int  # upper bound of the scoring pool
+    actor_threads: int  # torch threads of a scoring actor (the pass's only heavy compute)
 
 
 def pass_resources(cluster_cpus: float, wanted_actors: int, can_grow: bool) -> PassResources:
@@ -63,8 +65,13 @@ def pass_resources(cluster_cpus: float, wanted_actors: int, can_grow: bool) -> P
     then runs torch on every CPU, since nothing else heavy runs during the pass."""
     if can_grow or cluster_cpus >= 3:
         free = max(int(cluster_cpus) - 1, 1)
-        return PassResources(actor_cpus=1.0, task_cpus=0.25, max_actors=max(1, min(wanted_actors, free)),
-                             actor_threads=1)
+        return PassResources(
+            actor_cpus=1.0, task_cpus=0.25, max_actors=max(1, min(wanted_actors, free)), actor_threads=1
+        )
     c = cluster_cpus if cluster_cpus > 0 else 1.0
-    return PassResources(actor_cpus=math.floor(c * 500) / 1000, task_cpus=math.floor(c * 1000 / 6) / 1000, max_actors=1,
-                         actor_threads=max(1, int(c)))
+    return PassResources(
+        actor_cpus=math.floor(c * 500) / 1000,
+        task_cpus=math.floor(c * 1000 / 6) / 1000,
+        max_actors=1,
+        actor_threads=max(1, int(c)),
+    )

@@ -2,6 +2,7 @@
 checks (config, data, models: bco_ray/job_checks.py) → Ray and preflight → MLflow run → precompute pass →
 train (Ray Train: bco_ray/job_train.py) → collect the model → generation eval (if asked) → publish (model card,
 MLflow model, hub) → plots. `jobs/bco.py` is a thin command line around `run_job`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,7 +66,7 @@ def init_ray(cfg: Config) -> bool:
     # real ones; the pass and the workers size themselves to what there is (bco_ray/resources.py).
     local = {"address": "local", "num_cpus": usable_cpus()}
     address = os.environ.get("RAY_ADDRESS")
-    if address == "local":     # RAY_ADDRESS=local: always a fresh local Ray, even if a cluster runs here
+    if address == "local":  # RAY_ADDRESS=local: always a fresh local Ray, even if a cluster runs here
         ray.init(**local)
         return True
     if address:
@@ -82,21 +83,21 @@ def init_ray(cfg: Config) -> bool:
 @dataclass
 class JobResult:
     """What `run_job` returns; also written as <output_dir>/runs/<run_name>/result.json."""
-    model_dir: str                 # the trained model, Hugging Face format
-    precompute_dir: str            # the precompute cache entry the run trained on
+
+    model_dir: str  # the trained model, Hugging Face format
+    precompute_dir: str  # the precompute cache entry the run trained on
     precompute_reused: bool
-    checkpoint: str                # Ray Train's final checkpoint
-    final: dict                    # rank 0's final record: step, delta, eval/*, timings
-    out_dir: str                   # <output_dir>/runs/<run_name>
-    run_id: str = ""               # the MLflow run
+    checkpoint: str  # Ray Train's final checkpoint
+    final: dict  # rank 0's final record: step, delta, eval/*, timings
+    out_dir: str  # <output_dir>/runs/<run_name>
+    run_id: str = ""  # the MLflow run
     tracking_uri: str = ""
     run_name: str = ""
-    seconds: float = 0.0           # the whole job
-    timings: dict[str, float] = field(default_factory=dict)    # time/<phase>
+    seconds: float = 0.0  # the whole job
+    timings: dict[str, float] = field(default_factory=dict)  # time/<phase>
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
 
 
 def run_job(cfg: Config) -> JobResult:
@@ -104,7 +105,7 @@ def run_job(cfg: Config) -> JobResult:
     locations and final metrics."""
     t0 = time.time()
     phases = Phases()
-    checked = run_checks(cfg)                 # before any Ray work: bad config values, rows or models fail here
+    checked = run_checks(cfg)  # before any Ray work: bad config values, rows or models fail here
     cfg = checked.cfg
     run_name = cfg.mlflow.run_name or time.strftime("bco-%Y%m%d-%H%M%S")
     phases.lap("checks")
@@ -112,13 +113,15 @@ def run_job(cfg: Config) -> JobResult:
     out_dir = Path(cfg.output_dir) / "runs" / run_name
     out_dir.mkdir(parents=True, exist_ok=True)
     uri, run_id, resumed = mlflow_run.open_run(cfg, run_name)
-    console(f"[bco-ray] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
-            f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: {mlflow_run.view_hint(uri, run_id)}\n"
-            f"[bco-ray] storage: cache {cfg.precompute.cache_dir}, checkpoints {cfg.train.storage_path}, "
-            f"outputs {cfg.output_dir} ({n_nodes} node{'s' if n_nodes != 1 else ''})")
+    console(
+        f"[bco-ray] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
+        f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: {mlflow_run.view_hint(uri, run_id)}\n"
+        f"[bco-ray] storage: cache {cfg.precompute.cache_dir}, checkpoints {cfg.train.storage_path}, "
+        f"outputs {cfg.output_dir} ({n_nodes} node{'s' if n_nodes != 1 else ''})"
+    )
     job = Job(cfg, checked.paths, checked.data_report, res, run_name, out_dir, uri, run_id, phases)
     try:
-        mlflow_run.set_tags(mlflow_run.ray_tags())      # job id, submission id, dashboard URL
+        mlflow_run.set_tags(mlflow_run.ray_tags())  # job id, submission id, dashboard URL
         result = _pipeline(job)
     except KeyboardInterrupt:
         mlflow_run.close_run("KILLED", "interrupted")
@@ -127,11 +130,18 @@ def run_job(cfg: Config) -> JobResult:
         mlflow_run.close_run("FAILED", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
         raise
     mlflow_run.close_run("FINISHED")
-    result = dataclasses.replace(result, run_id=run_id, tracking_uri=uri, run_name=run_name,
-                                 seconds=round(time.time() - t0, 1), timings=phases.seconds)
+    result = dataclasses.replace(
+        result,
+        run_id=run_id,
+        tracking_uri=uri,
+        run_name=run_name,
+        seconds=round(time.time() - t0, 1),
+        timings=phases.seconds,
+    )
     (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
-    console(f"[bco-ray] done in {result.seconds} s ({phases.line()}): model at {result.model_dir}, "
-            f"outputs in {out_dir}")
+    console(
+        f"[bco-ray] done in {result.seconds} s ({phases.line()}): model at {result.model_dir}, outputs in {out_dir}"
+    )
     return result
 
 
@@ -153,13 +163,19 @@ def _pipeline(job: Job) -> JobResult:
     pre = _precompute(job)
     _log_inputs(job, pre)
     trained = train(job, pre)
-    if job.cfg.eval.generate and pre.eval:   # reference vs policy completions of held-out prompts (bco_ray/eval/)
+    if job.cfg.eval.generate and pre.eval:  # reference vs policy completions of held-out prompts (bco_ray/eval/)
         _generation_eval(job, trained)
     _publish(job, trained)
     _log_plots(job, pre)
     mlflow.log_metrics(job.phases.seconds, step=trained.step)
-    return JobResult(model_dir=str(trained.model_dir), precompute_dir=pre.dir, precompute_reused=pre.reused,
-                     checkpoint=trained.checkpoint, final=trained.final, out_dir=str(job.out_dir))
+    return JobResult(
+        model_dir=str(trained.model_dir),
+        precompute_dir=pre.dir,
+        precompute_reused=pre.reused,
+        checkpoint=trained.checkpoint,
+        final=trained.final,
+        out_dir=str(job.out_dir),
+    )
 
 
 def _precompute(job: Job) -> PrecomputeResult:
@@ -171,8 +187,10 @@ def _precompute(job: Job) -> PrecomputeResult:
         if isinstance(e, ray.exceptions.GetTimeoutError) and "starting actors" in str(e):
             p = cfg.precompute
             gpu = f", GPU: {p.num_gpus_per_actor:g}" if p.num_gpus_per_actor > 0 else ""
-            asks = (f"actors of {{CPU: {res.actor_cpus:g}{gpu}}} (precompute.ref_actors={list(p.ref_actors)}, "
-                    "precompute.num_gpus_per_actor)")
+            asks = (
+                f"actors of {{CPU: {res.actor_cpus:g}{gpu}}} (precompute.ref_actors={list(p.ref_actors)}, "
+                "precompute.num_gpus_per_actor)"
+            )
             raise unavailable_error(cfg, "The precompute pass", asks) from e
         raise
     job.phases.lap("precompute")
@@ -184,13 +202,19 @@ def _log_inputs(job: Job, pre: PrecomputeResult) -> None:
     """Tags, datasets (mlflow.log_input: source URI + cache-key fingerprint digest) and the pass's summary."""
     t, report = job.cfg.train, job.data_report
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    mlflow_run.set_tags({"precompute.cache_key": pre.key, "precompute.reused": pre.reused,
-                         "dataset.train": report.train.fingerprint,
-                         "dataset.eval": report.eval.fingerprint if report.eval else None,
-                         "num_workers": t.num_workers, "num_gpus": t.num_workers if t.use_gpu else 0,
-                         "cluster_gpus": gpus})
+    mlflow_run.set_tags(
+        {
+            "precompute.cache_key": pre.key,
+            "precompute.reused": pre.reused,
+            "dataset.train": report.train.fingerprint,
+            "dataset.eval": report.eval.fingerprint if report.eval else None,
+            "num_workers": t.num_workers,
+            "num_gpus": t.num_workers if t.use_gpu else 0,
+            "cluster_gpus": gpus,
+        }
+    )
     mlflow_inputs.log_datasets(job.cfg, report)
-    mlflow_inputs.log_precompute(pre.summary)        # step 0, once per run (a resumed run keeps its first)
+    mlflow_inputs.log_precompute(pre.summary)  # step 0, once per run (a resumed run keeps its first)
 
 
 def _generation_eval(job: Job, trained: Trained) -> None:
@@ -205,10 +229,20 @@ def _generation_eval(job: Job, trained: Trained) -> None:
 def _publish(job: Job, trained: Trained) -> None:
     """Model card, the MLflow model (registered if asked), and the hub push (if asked)."""
     cfg, run_id, run_name, model_dir = job.cfg, job.run_id, job.run_name, trained.model_dir
-    model_card.write_model_card(model_dir, cfg, mlflow_run.final_metrics(run_id, trained.final), run_id=run_id,
-                                run_name=run_name, data_report=job.data_report)
-    mlflow_model.log_model(str(model_dir), description=f"BCO policy from bco-ray run '{run_name}' ({run_id}).",
-                           step=trained.step, registered_model_name=cfg.mlflow.registered_model_name)
+    model_card.write_model_card(
+        model_dir,
+        cfg,
+        mlflow_run.final_metrics(run_id, trained.final),
+        run_id=run_id,
+        run_name=run_name,
+        data_report=job.data_report,
+    )
+    mlflow_model.log_model(
+        str(model_dir),
+        description=f"BCO policy from bco-ray run '{run_name}' ({run_id}).",
+        step=trained.step,
+        registered_model_name=cfg.mlflow.registered_model_name,
+    )
     if cfg.hub.repo_id:
         mlflow_run.set_tags(hub.push_model(str(model_dir), cfg, f"bco-ray run {run_name} (MLflow run {run_id})"))
     job.phases.lap("log_model")
@@ -217,8 +251,13 @@ def _publish(job: Job, trained: Trained) -> None:
 def _log_plots(job: Job, pre: PrecomputeResult) -> None:
     """Training curves and the UDM weight histogram as MLflow artifacts, and the UDM classifier."""
     tr, udm = pre.summary.train, job.cfg.udm.enabled
-    mlflow_model.log_plots(MlflowClient(job.uri), job.run_id, tr.weight_hist if udm else None, title=job.run_name,
-                           mean_weight=tr.mean_rejected_weight)
+    mlflow_model.log_plots(
+        MlflowClient(job.uri),
+        job.run_id,
+        tr.weight_hist if udm else None,
+        title=job.run_name,
+        mean_weight=tr.mean_rejected_weight,
+    )
     if udm:
         mlflow.log_artifact(_local(f"{pre.dir}/classifier.json"), "udm")
     job.phases.lap("plots")

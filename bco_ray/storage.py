@@ -12,6 +12,7 @@ the head to an `s3://` prefix), is the root of every default location:
 `output_dir` is the driver's own directory (run summaries, a copy of the final model): the final model's
 shared copy lives with the checkpoints. No Ray import here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,7 @@ def is_remote(uri: str | None) -> bool:
 
 
 def local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def join(root: str, *parts: str) -> str:
@@ -69,6 +70,9 @@ def resolve_locations(cfg):
     out = resolve_output_dir(cfg.output_dir)
     cache = cfg.precompute.cache_dir or (join(root, "cache") if root else str(out / "cache"))
     storage = cfg.train.storage_path or (join(root, "ray") if root else str(out / "ray"))
-    return dataclasses.replace(cfg, output_dir=str(out),
-                               precompute=dataclasses.replace(cfg.precompute, cache_dir=cache),
-                               train=dataclasses.replace(cfg.train, storage_path=storage))
+    return dataclasses.replace(
+        cfg,
+        output_dir=str(out),
+        precompute=dataclasses.replace(cfg.precompute, cache_dir=cache),
+        train=dataclasses.replace(cfg.train, storage_path=storage),
+    )

@@ -3,6 +3,7 @@
 Nothing here needs Ray: if `ray` cannot be imported, a stub that makes `@ray.remote` a no-op is put in
 `sys.modules` so that `bco_ray.precompute.stages` (whose `RefLogps` is plain Python) still imports.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,11 +28,25 @@ from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops  # noqa: E4
 
 # Model shapes. "qwen0.5b" is Qwen2.5-0.5B's architecture, randomly initialised (no hub download).
 SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
-    "qwen0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                     rope_theta=1000000.0),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    ),
+    "qwen0.5b": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+    ),
 }
 PAD_ID = 0
 
@@ -41,7 +56,7 @@ def ensure_ray_importable() -> bool:
     if importlib.util.find_spec("ray") is not None:
         return True
     stub = types.ModuleType("ray")
-    stub.remote = lambda *a, **k: (a[0] if a and callable(a[0]) and not k else (lambda obj: obj))
+    stub.remote = lambda *a, **k: a[0] if a and callable(a[0]) and not k else (lambda obj: obj)
     sys.modules["ray"] = stub
     return False
 
@@ -60,6 +75,7 @@ def pick_attn(requested: str, device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         try:
             import flash_attn  # noqa: F401  (a build for another torch fails here, not mid-benchmark)
+
             return "flash_attention_2"
         except Exception as e:
             print(f"flash_attn present but unusable ({type(e).__name__}: {e}); using sdpa", flush=True)
@@ -70,8 +86,17 @@ def make_model_dir(shape: str, dtype: torch.dtype, device: torch.device, seed: i
     """Random-init model of `shape`, saved (safetensors) to a temp dir, so every consumer loads it with
     from_pretrained as the real pipeline does. Caller removes it with `shutil.rmtree`."""
     from transformers import AutoModelForCausalLM, Qwen2Config
-    cfg = Qwen2Config(**SHAPES[shape], tie_word_embeddings=True, rms_norm_eps=1e-6, use_sliding_window=False,
-                      attention_dropout=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=PAD_ID)
+
+    cfg = Qwen2Config(
+        **SHAPES[shape],
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        attention_dropout=0.0,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=PAD_ID,
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -84,6 +109,7 @@ def make_model_dir(shape: str, dtype: torch.dtype, device: torch.device, seed: i
 
 def load_model(path: str, dtype: torch.dtype, device: torch.device, attn: str):
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
 
 
@@ -91,8 +117,14 @@ def remove(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def synthetic_rows(n: int, vocab: int, prompt: tuple[int, int], completion: tuple[int, int], seed: int = 0,
-                   total: tuple[int, int] | None = None) -> dict[str, list]:
+def synthetic_rows(
+    n: int,
+    vocab: int,
+    prompt: tuple[int, int],
+    completion: tuple[int, int],
+    seed: int = 0,
+    total: tuple[int, int] | None = None,
+) -> dict[str, list]:
     """`n` rows of random token ids (never the pad id). Lengths uniform in the given inclusive ranges;
     with `total`, the whole length is drawn from it and the prompt takes 1/8..1/2 of it."""
     rng = np.random.default_rng(seed)
@@ -131,6 +163,7 @@ def param_counts(model) -> dict:
 def count_params(path: str) -> tuple[dict, object]:
     """param_counts of the model saved at `path`, built on the meta device (no memory, no init)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     cfg = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -143,7 +176,7 @@ def peak_flops(override_tflops: float | None) -> tuple[float | None, str]:
     if not torch.cuda.is_available():
         return None, "cpu (no MFU)"
     name = torch.cuda.get_device_name()
-    peak = gpu_peak_flops(name, "bf16")            # the trainer's table (its MFU metric), dense bf16
+    peak = gpu_peak_flops(name, "bf16")  # the trainer's table (its MFU metric), dense bf16
     return (peak, name) if peak else (None, f"{name} (unknown peak: pass --peak-tflops)")
 
 
@@ -169,6 +202,7 @@ class Timer:
 
 def free_memory() -> None:
     import gc
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -194,6 +228,10 @@ def result_line(data: dict) -> None:
 
 def env_info(device: torch.device) -> dict:
     import transformers
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads()}
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+    }

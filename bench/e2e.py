@@ -26,6 +26,7 @@ otherwise also train the partial last batch). Both sides score every row with th
 
 Wall seconds are each subprocess's whole wall time (interpreter start to exit); speed-up = trl / bco-ray.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,13 +44,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 TRL_VERSION, TORCH_VERSION = "1.13.0", "2.13.0"
-SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=1024)
-QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-             "TQDM_DISABLE": "1", "RAY_USAGE_STATS_ENABLED": "0", "CUDA_VISIBLE_DEVICES": ""}
+SHAPE = dict(
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+QUIET_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "CUDA_VISIBLE_DEVICES": "",
+}
 
 # Runs inside the trl virtualenv: argv[1] is a JSON dict of settings; the last stdout line is `E2E_TRL {json}`.
-TRL_SCRIPT = r'''
+TRL_SCRIPT = r"""
 import json, sys, time
 T0 = time.perf_counter()
 c = json.loads(sys.argv[1])
@@ -81,7 +94,7 @@ print("E2E_TRL " + json.dumps({
     "torch_threads": torch.get_num_threads(),
     "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__}}),
     flush=True)
-'''
+"""
 
 
 def parse_args(argv=None):
@@ -94,8 +107,11 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-7)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--trl-venv", default=str(Path(tempfile.gettempdir()) / f"bco-ray-e2e-trl-{TRL_VERSION}"),
-                   help="virtualenv with trl (created if missing; default under the system temp dir)")
+    p.add_argument(
+        "--trl-venv",
+        default=str(Path(tempfile.gettempdir()) / f"bco-ray-e2e-trl-{TRL_VERSION}"),
+        help="virtualenv with trl (created if missing; default under the system temp dir)",
+    )
     p.add_argument("--ray-address", default=None, help="RAY_ADDRESS for bco-ray (default: local, a fresh Ray)")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--skip-bco-ray", action="store_true")
@@ -120,10 +136,19 @@ def build_model(model_dir: Path, seed: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
     from bco_ray.builtin import tokenizer_path
+
     tok = AutoTokenizer.from_pretrained(tokenizer_path())
-    cfg = Qwen2Config(vocab_size=len(tok), **SHAPE, tie_word_embeddings=True, rms_norm_eps=1e-6,
-                      use_sliding_window=False, attention_dropout=0.0, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        **SHAPE,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        attention_dropout=0.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -140,6 +165,7 @@ def word_pool(tok) -> list[str]:
 def write_rows(path: Path, tok, n: int, seed: int, lengths=(50, 400)) -> dict:
     """`n` unpaired rows of `lengths` tokens (prompt 1/8-1/2 of them), labels balanced; returns token stats."""
     import numpy as np
+
     rng = np.random.default_rng(seed)
     pool = word_pool(tok)
     labels = np.array([True] * (n // 2) + [False] * (n - n // 2))
@@ -153,8 +179,13 @@ def write_rows(path: Path, tok, n: int, seed: int, lengths=(50, 400)) -> dict:
             row = {"prompt": "".join(words[:plen]), "completion": "".join(words[plen:]), "label": bool(label)}
             totals.append(len(tok(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"]))
             f.write(json.dumps(row) + "\n")
-    return {"rows": n, "tokens": sum(totals), "min_tokens": min(totals), "max_tokens": max(totals),
-            "true_labels": int(labels.sum())}
+    return {
+        "rows": n,
+        "tokens": sum(totals),
+        "min_tokens": min(totals),
+        "max_tokens": max(totals),
+        "true_labels": int(labels.sum()),
+    }
 
 
 # --------------------------------------------------------------------------------------- processes
@@ -166,8 +197,10 @@ def run_logged(cmd: list[str], env: dict, log_path: Path) -> tuple[float, str]:
     seconds = time.perf_counter() - t0
     out = log_path.read_text(errors="replace")
     if rc != 0:
-        raise RuntimeError(f"{cmd[0]} ... exited {rc} after {seconds:.1f} s; last lines of {log_path}:\n"
-                           + "\n".join(out.splitlines()[-30:]))
+        raise RuntimeError(
+            f"{cmd[0]} ... exited {rc} after {seconds:.1f} s; last lines of {log_path}:\n"
+            + "\n".join(out.splitlines()[-30:])
+        )
     return seconds, out
 
 
@@ -179,9 +212,13 @@ def ensure_trl_venv(venv: Path) -> Path:
         return py
     log(f"creating the trl virtualenv at {venv} (a few minutes of pip)")
     pip = [str(venv / "bin" / "pip"), "install", "-q"]
-    for cmd in (["python3", "-m", "venv", str(venv)], pip + [f"torch=={TORCH_VERSION}"],
-                pip + [f"trl=={TRL_VERSION}", "accelerate", "datasets", "scikit-learn"], check):
-        subprocess.run(cmd, check=True, stdout=sys.stderr)      # stdout stays the table
+    for cmd in (
+        ["python3", "-m", "venv", str(venv)],
+        pip + [f"torch=={TORCH_VERSION}"],
+        pip + [f"trl=={TRL_VERSION}", "accelerate", "datasets", "scikit-learn"],
+        check,
+    ):
+        subprocess.run(cmd, check=True, stdout=sys.stderr)  # stdout stays the table
     return py
 
 
@@ -189,31 +226,57 @@ def run_trl(a, work: Path, model_dir: Path, data: Path) -> dict:
     py = ensure_trl_venv(Path(a.trl_venv))
     script = work / "trl_bco.py"
     script.write_text(TRL_SCRIPT)
-    settings = {"model": str(model_dir), "data": str(data), "output_dir": str(work / "trl-out"),
-                "batch_size": a.batch_size, "grad_accum": a.workers, "steps": a.steps, "lr": a.lr,
-                "beta": a.beta, "warmup_ratio": a.warmup_ratio, "max_length": a.max_length, "seed": a.seed}
+    settings = {
+        "model": str(model_dir),
+        "data": str(data),
+        "output_dir": str(work / "trl-out"),
+        "batch_size": a.batch_size,
+        "grad_accum": a.workers,
+        "steps": a.steps,
+        "lr": a.lr,
+        "beta": a.beta,
+        "warmup_ratio": a.warmup_ratio,
+        "max_length": a.max_length,
+        "seed": a.seed,
+    }
     log(f"trl {TRL_VERSION}: {a.steps} steps of {a.workers} × {a.batch_size} rows (gradient accumulation)")
     seconds, out = run_logged([str(py), str(script), json.dumps(settings)], QUIET_ENV, work / "trl.log")
     line = [ln for ln in out.splitlines() if ln.startswith("E2E_TRL ")][-1]
-    res = json.loads(line[len("E2E_TRL "):])
+    res = json.loads(line[len("E2E_TRL ") :])
     res["warnings"] = sorted({m.group(0)[:160] for m in re.finditer(r"\w*Warning: .*", out)})
     return {"wall_seconds": round(seconds, 2), **res}
 
 
 def bco_ray_command(a, work: Path, model_dir: Path, data: Path, run_name: str) -> list[str]:
-    config = work / "bco-ray.yaml"          # dataclass defaults, not configs/tiny.yaml's toy settings
+    config = work / "bco-ray.yaml"  # dataclass defaults, not configs/tiny.yaml's toy settings
     config.write_text("mlflow:\n  experiment: bco-ray-e2e\n")
     overrides = {
-        "output_dir": work / "bco-ray-out", "model.policy": model_dir, "model.dtype": "float32",
-        "data.train": data, "data.eval": "none", "data.max_length": a.max_length,
-        "data.max_prompt_length": a.max_length - 1, "data.seed": a.seed, "udm.enabled": "false",
-        "train.num_workers": a.workers, "train.micro_batch_size": a.batch_size, "train.num_epochs": 1,
-        "train.max_steps": -1, "train.lr": a.lr, "train.beta": a.beta, "train.warmup_ratio": a.warmup_ratio,
-        "train.lr_scheduler": "linear", "train.bf16": "false", "train.use_gpu": "false", "train.seed": a.seed,
-        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "mlflow.run_name": run_name,
+        "output_dir": work / "bco-ray-out",
+        "model.policy": model_dir,
+        "model.dtype": "float32",
+        "data.train": data,
+        "data.eval": "none",
+        "data.max_length": a.max_length,
+        "data.max_prompt_length": a.max_length - 1,
+        "data.seed": a.seed,
+        "udm.enabled": "false",
+        "train.num_workers": a.workers,
+        "train.micro_batch_size": a.batch_size,
+        "train.num_epochs": 1,
+        "train.max_steps": -1,
+        "train.lr": a.lr,
+        "train.beta": a.beta,
+        "train.warmup_ratio": a.warmup_ratio,
+        "train.lr_scheduler": "linear",
+        "train.bf16": "false",
+        "train.use_gpu": "false",
+        "train.seed": a.seed,
+        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+        "mlflow.run_name": run_name,
     }
     return [sys.executable, str(ROOT / "jobs" / "bco.py"), "--config", str(config)] + [
-        f"--{k}={v}" for k, v in overrides.items()]
+        f"--{k}={v}" for k, v in overrides.items()
+    ]
 
 
 def parse_done_line(out: str) -> tuple[float, dict[str, float]]:
@@ -239,20 +302,26 @@ def run_bco_ray(a, work: Path, model_dir: Path, data: Path) -> dict:
         log("WARNING: bco-ray reused a precompute cache; the pass is not counted")
     result = json.loads((work / "bco-ray-out" / "runs" / run_name / "result.json").read_text())
     final = result.get("final", {})
-    return {"wall_seconds": round(seconds, 2), "job_seconds": job_seconds, "phases": phases,
-            "steps": int(final.get("step", 0)), "precompute_reused": bool(result.get("precompute_reused")),
-            "command": " ".join(cmd)}
+    return {
+        "wall_seconds": round(seconds, 2),
+        "job_seconds": job_seconds,
+        "phases": phases,
+        "steps": int(final.get("step", 0)),
+        "precompute_reused": bool(result.get("precompute_reused")),
+        "command": " ".join(cmd),
+    }
 
 
 # ------------------------------------------------------------------------------------------ report
-FIT_PARTS = ("train_start", "train", "eval", "save")   # measured by rank 0 inside the `fit` phase
+FIT_PARTS = ("train_start", "train", "eval", "save")  # measured by rank 0 inside the `fit` phase
 
 
 def phase_text(phases: dict[str, float]) -> str:
     """`checks 6.9, ..., fit 85.1 (train_start 71.3, train 8.4, ...), ...`: fit's parts in parentheses."""
     parts = ", ".join(f"{k} {phases[k]:g}" for k in FIT_PARTS if k in phases)
-    return ", ".join(f"{k} {v:g}" + (f" ({parts})" if k == "fit" and parts else "")
-                     for k, v in phases.items() if k not in FIT_PARTS)
+    return ", ".join(
+        f"{k} {v:g}" + (f" ({parts})" if k == "fit" and parts else "") for k, v in phases.items() if k not in FIT_PARTS
+    )
 
 
 def table(a, res: dict) -> str:
@@ -260,13 +329,29 @@ def table(a, res: dict) -> str:
     lines = []
     if "trl" in res:
         t = res["trl"]
-        lines.append((f"trl {TRL_VERSION}", f"1 (GA {a.workers})", t["rows"], t["steps"], t["wall_seconds"],
-                      f"train() {t['train_seconds']} s, construct {t['construct_seconds']} s, "
-                      f"imports {t['import_seconds']} s, {t['torch_threads']} torch threads"))
+        lines.append(
+            (
+                f"trl {TRL_VERSION}",
+                f"1 (GA {a.workers})",
+                t["rows"],
+                t["steps"],
+                t["wall_seconds"],
+                f"train() {t['train_seconds']} s, construct {t['construct_seconds']} s, "
+                f"imports {t['import_seconds']} s, {t['torch_threads']} torch threads",
+            )
+        )
     if "bco_ray" in res:
         b = res["bco_ray"]
-        lines.append(("bco-ray", a.workers, a.rows, b["steps"], b["wall_seconds"],
-                      f"job {b['job_seconds']} s: {phase_text(b['phases'])}"))
+        lines.append(
+            (
+                "bco-ray",
+                a.workers,
+                a.rows,
+                b["steps"],
+                b["wall_seconds"],
+                f"job {b['job_seconds']} s: {phase_text(b['phases'])}",
+            )
+        )
     rows = [tuple(str(x) for x in r) for r in [head] + lines]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
     out = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
@@ -282,14 +367,29 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bco-ray-e2e-"))
     try:
         model_dir, data = work / "model", work / "train.jsonl"
-        with contextlib.redirect_stdout(sys.stderr):     # DeepSpeed's import-time log line: keep stdout the table
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import-time log line: keep stdout the table
             tok, n_params = build_model(model_dir, a.seed)
             stats = write_rows(data, tok, a.rows, a.seed)
         log(f"workload in {work}: {n_params / 1e6:.2f} M parameters, {stats}")
-        res = {"workload": {**stats, "params": n_params, "shape": SHAPE, "vocab": len(tok), "seed": a.seed,
-                            "workers": a.workers, "batch_size": a.batch_size, "expected_steps": a.steps,
-                            "max_length": a.max_length, "lr": a.lr, "beta": a.beta, "warmup_ratio": a.warmup_ratio,
-                            "dtype": "float32", "device": "cpu", "cpus": os.cpu_count()}}
+        res = {
+            "workload": {
+                **stats,
+                "params": n_params,
+                "shape": SHAPE,
+                "vocab": len(tok),
+                "seed": a.seed,
+                "workers": a.workers,
+                "batch_size": a.batch_size,
+                "expected_steps": a.steps,
+                "max_length": a.max_length,
+                "lr": a.lr,
+                "beta": a.beta,
+                "warmup_ratio": a.warmup_ratio,
+                "dtype": "float32",
+                "device": "cpu",
+                "cpus": os.cpu_count(),
+            }
+        }
         if not a.skip_trl:
             res["trl"] = run_trl(a, work, model_dir, data)
         if not a.skip_bco_ray:

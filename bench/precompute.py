@@ -19,6 +19,7 @@ lm_head to it, so the vocabulary projection is not counted), peak = dense bf16 (
     python bench/precompute.py --model tiny --rows 64                      # CPU smoke
     python bench/precompute.py --model qwen0.5b --rows 4096 --token-budget 65536 --block-rows 1024
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,19 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"))
     p.add_argument("--completion-len", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"))
     p.add_argument("--batch-size", type=int, default=8, help="naive loop: rows per forward")
-    p.add_argument("--naive-pad", choices=["batch", "max"], default="batch",
-                   help="naive loop pads to the batch's longest row or to --max-length")
+    p.add_argument(
+        "--naive-pad",
+        choices=["batch", "max"],
+        default="batch",
+        help="naive loop pads to the batch's longest row or to --max-length",
+    )
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--token-budget", type=int, default=None, help="ours: padded tokens per forward "
-                   "(default 65536 on GPU, 16384 on CPU)")
+    p.add_argument(
+        "--token-budget",
+        type=int,
+        default=None,
+        help="ours: padded tokens per forward (default 65536 on GPU, 16384 on CPU)",
+    )
     p.add_argument("--block-rows", type=int, default=256, help="ours: rows per RefLogps call (Ray Data batch_size)")
     p.add_argument("--chunk-size", type=int, default=1024, help="ours: completion positions per lm_head chunk")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
@@ -60,22 +69,42 @@ def parse_args(argv=None):
 
 
 def to_table(rows: dict, lo: int, hi: int) -> pa.Table:
-    return pa.table({"input_ids": pa.array(rows["input_ids"][lo:hi], pa.list_(pa.int32())),
-                     "prompt_len": pa.array(rows["prompt_len"][lo:hi], pa.int32()),
-                     "label": pa.array(rows["label"][lo:hi], pa.bool_())})
+    return pa.table(
+        {
+            "input_ids": pa.array(rows["input_ids"][lo:hi], pa.list_(pa.int32())),
+            "prompt_len": pa.array(rows["prompt_len"][lo:hi], pa.int32()),
+            "label": pa.array(rows["label"][lo:hi], pa.bool_()),
+        }
+    )
 
 
-def figures(name: str, seconds: float, rows: int, tokens: int, padded: int, flops: float, attn_flops: float,
-            peak: float | None, mem) -> dict:
-    f = {"seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 2),
-         "tokens_per_s": round(tokens / seconds, 1), "padding_fraction": round(1 - tokens / max(padded, 1), 4),
-         "peak_mem_gib": mem}
+def figures(
+    name: str,
+    seconds: float,
+    rows: int,
+    tokens: int,
+    padded: int,
+    flops: float,
+    attn_flops: float,
+    peak: float | None,
+    mem,
+) -> dict:
+    f = {
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows / seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "padding_fraction": round(1 - tokens / max(padded, 1), 4),
+        "peak_mem_gib": mem,
+    }
     if peak:
         f["fwd_mfu"] = round(flops / seconds / peak, 4)
         f["fwd_mfu_attn"] = round((flops + attn_flops) / seconds / peak, 4)
-    print(f"[{name}] {rows} rows in {seconds:.2f} s: {f['rows_per_s']:.1f} rows/s, {f['tokens_per_s']:.0f} tok/s, "
-          f"padding {f['padding_fraction']:.1%}, peak mem {mem} GiB"
-          + (f", fwd MFU {f['fwd_mfu']:.1%} (with attention {f['fwd_mfu_attn']:.1%})" if peak else ""), flush=True)
+    print(
+        f"[{name}] {rows} rows in {seconds:.2f} s: {f['rows_per_s']:.1f} rows/s, {f['tokens_per_s']:.0f} tok/s, "
+        f"padding {f['padding_fraction']:.1%}, peak mem {mem} GiB"
+        + (f", fwd MFU {f['fwd_mfu']:.1%} (with attention {f['fwd_mfu_attn']:.1%})" if peak else ""),
+        flush=True,
+    )
     return f
 
 
@@ -87,40 +116,48 @@ def run_naive(a, path, rows, dtype, device, lengths, n_flops, attn_flops, peak) 
 
     def batch(lo):
         pad_to = a.max_length if a.naive_pad == "max" else None
-        ids, mask = pad_right(rows["input_ids"][lo:lo + bs], C.PAD_ID, pad_to)
-        plen = torch.as_tensor(rows["prompt_len"][lo:lo + bs])
+        ids, mask = pad_right(rows["input_ids"][lo : lo + bs], C.PAD_ID, pad_to)
+        plen = torch.as_tensor(rows["prompt_len"][lo : lo + bs])
         return C.full_logits_logps(model, ids.to(device), mask.to(device), plen.to(device)), ids.numel()
 
     with torch.inference_mode():
-        batch(0)                                       # warm-up (kernels, allocator), not timed
+        batch(0)  # warm-up (kernels, allocator), not timed
         padded = 0
         with C.Timer(device) as t:
             for lo in range(0, n, bs):
                 lp, slots = batch(lo)
-                out[lo:lo + bs] = lp.float().cpu().numpy()
+                out[lo : lo + bs] = lp.float().cpu().numpy()
                 padded += slots
     f = figures("naive", t.seconds, n, sum(lengths), padded, n_flops, attn_flops, peak, C.peak_gib(device))
-    model = None                                   # freed before the next model loads
+    model = None  # freed before the next model loads
     C.free_memory()
     return f, out
 
 
 def run_ours(a, path, rows, dtype_name, device, lengths, n_flops, attn_flops, peak, attn) -> tuple[dict, np.ndarray]:
     from bco_ray.precompute.stages import RefLogps
+
     C.reset_peak(device)
     with C.Timer(device) as t_load:
-        stage = RefLogps(path, None, dtype_name, 1.0 if device.type == "cuda" else 0.0, a.token_budget,
-                         a.chunk_size, C.PAD_ID, attn_implementation=attn)
+        stage = RefLogps(
+            path,
+            None,
+            dtype_name,
+            1.0 if device.type == "cuda" else 0.0,
+            a.token_budget,
+            a.chunk_size,
+            C.PAD_ID,
+            attn_implementation=attn,
+        )
     n = len(lengths)
-    stage(to_table(rows, 0, min(n, 16)))               # warm-up, not timed
+    stage(to_table(rows, 0, min(n, 16)))  # warm-up, not timed
     outs, pads = [], 0
     with C.Timer(device) as t:
         for lo in range(0, n, a.block_rows):
             res = stage(to_table(rows, lo, lo + a.block_rows))
             outs.append(res.column("ref_logps").to_numpy())
             pads += int(np.asarray(res.column("pad_tokens")).sum())
-    f = figures("ours", t.seconds, n, sum(lengths), sum(lengths) + pads, n_flops, attn_flops, peak,
-                C.peak_gib(device))
+    f = figures("ours", t.seconds, n, sum(lengths), sum(lengths) + pads, n_flops, attn_flops, peak, C.peak_gib(device))
     f["model_load_s"] = round(t_load.seconds, 2)
     del stage
     C.free_memory()
@@ -132,26 +169,54 @@ def run_ray(a, path, rows, dtype_name, device, lengths, attn) -> dict:
     from ray.data import ActorPoolStrategy
 
     from bco_ray.precompute.stages import RefLogps
+
     gpus = 1 if device.type == "cuda" else 0
-    ray.init(num_cpus=4, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                 x for x in (str(C.ROOT), os.environ.get("PYTHONPATH")) if x)}})
+    ray.init(
+        num_cpus=4,
+        num_gpus=gpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {"PYTHONPATH": os.pathsep.join(x for x in (str(C.ROOT), os.environ.get("PYTHONPATH")) if x)}
+        },
+    )
     try:
         table = to_table(rows, 0, len(lengths))
         with C.Timer(device) as t:
-            ds = ray.data.from_arrow(table).map_batches(
-                RefLogps, batch_format="pyarrow", batch_size=a.block_rows, compute=ActorPoolStrategy(size=1),
-                fn_constructor_kwargs=dict(model_path=path, revision=None, dtype=dtype_name, num_gpus=gpus,
-                                           token_budget=a.token_budget, chunk_size=a.chunk_size, pad_id=C.PAD_ID,
-                                           attn_implementation=attn),
-                **({"num_gpus": gpus} if gpus else {})).materialize()
+            ds = (
+                ray.data.from_arrow(table)
+                .map_batches(
+                    RefLogps,
+                    batch_format="pyarrow",
+                    batch_size=a.block_rows,
+                    compute=ActorPoolStrategy(size=1),
+                    fn_constructor_kwargs=dict(
+                        model_path=path,
+                        revision=None,
+                        dtype=dtype_name,
+                        num_gpus=gpus,
+                        token_budget=a.token_budget,
+                        chunk_size=a.chunk_size,
+                        pad_id=C.PAD_ID,
+                        attn_implementation=attn,
+                    ),
+                    **({"num_gpus": gpus} if gpus else {}),
+                )
+                .materialize()
+            )
         assert ds.count() == len(lengths)
     finally:
         ray.shutdown()
-    f = {"seconds": round(t.seconds, 3), "rows_per_s": round(len(lengths) / t.seconds, 2),
-         "tokens_per_s": round(sum(lengths) / t.seconds, 1)}
-    print(f"[ray] end to end (actor start + model load included): {len(lengths)} rows in {t.seconds:.2f} s, "
-          f"{f['rows_per_s']:.1f} rows/s, {f['tokens_per_s']:.0f} tok/s", flush=True)
+    f = {
+        "seconds": round(t.seconds, 3),
+        "rows_per_s": round(len(lengths) / t.seconds, 2),
+        "tokens_per_s": round(sum(lengths) / t.seconds, 1),
+    }
+    print(
+        f"[ray] end to end (actor start + model load included): {len(lengths)} rows in {t.seconds:.2f} s, "
+        f"{f['rows_per_s']:.1f} rows/s, {f['tokens_per_s']:.0f} tok/s",
+        flush=True,
+    )
     return f
 
 
@@ -175,16 +240,35 @@ def main(argv=None) -> int:
         total, n_params = counts["params_total"], counts["params_n_flops"]
         n_flops = 2.0 * n_params * sum(lengths)
         attn_flops = 2.0 * cfg.num_hidden_layers * cfg.hidden_size * float(sum(x * x for x in lengths))
-        print(f"model {a.model}: {total / 1e6:.1f}M params, N (no input embedding) {n_params / 1e6:.1f}M, "
-              f"{dtype_name}, init+save {t_init.seconds:.1f} s; ours attn={attn}, naive attn={a.naive_attn}; "
-              f"peak {peak and peak / 1e12} TFLOP/s ({peak_src})", flush=True)
-        print(f"data: {a.rows} rows, {sum(lengths)} tokens, length {min(lengths)}..{max(lengths)} "
-              f"(mean {np.mean(lengths):.0f})", flush=True)
+        print(
+            f"model {a.model}: {total / 1e6:.1f}M params, N (no input embedding) {n_params / 1e6:.1f}M, "
+            f"{dtype_name}, init+save {t_init.seconds:.1f} s; ours attn={attn}, naive attn={a.naive_attn}; "
+            f"peak {peak and peak / 1e12} TFLOP/s ({peak_src})",
+            flush=True,
+        )
+        print(
+            f"data: {a.rows} rows, {sum(lengths)} tokens, length {min(lengths)}..{max(lengths)} "
+            f"(mean {np.mean(lengths):.0f})",
+            flush=True,
+        )
         ours, lp_ours = run_ours(a, path, rows, dtype_name, device, lengths, n_flops, attn_flops, peak, attn)
-        res = {"bench": "precompute", "model": a.model, "rows": a.rows, "tokens": sum(lengths), "dtype": dtype_name,
-               "attn": attn, "token_budget": a.token_budget, "block_rows": a.block_rows, "batch_size": a.batch_size,
-               "params_total": total, "params_n_flops": n_params, "peak_flops": peak, "peak_source": peak_src,
-               "ours": ours, **C.env_info(device)}
+        res = {
+            "bench": "precompute",
+            "model": a.model,
+            "rows": a.rows,
+            "tokens": sum(lengths),
+            "dtype": dtype_name,
+            "attn": attn,
+            "token_budget": a.token_budget,
+            "block_rows": a.block_rows,
+            "batch_size": a.batch_size,
+            "params_total": total,
+            "params_n_flops": n_params,
+            "peak_flops": peak,
+            "peak_source": peak_src,
+            "ours": ours,
+            **C.env_info(device),
+        }
         if not a.skip_naive:
             naive, lp_naive = run_naive(a, path, rows, dtype, device, lengths, n_flops, attn_flops, peak)
             res["naive"] = naive
@@ -193,13 +277,16 @@ def main(argv=None) -> int:
             diff = np.abs(lp_ours - lp_naive)
             res["logps_max_abs_diff"] = float(diff.max())
             res["logps_max_rel_diff"] = float((diff / np.maximum(np.abs(lp_naive), 1.0)).max())
-            print(f"RATIO ours/naive rows/s = {res['speedup_rows_per_s']}x (same rows, so tokens/s too); "
-                  f"peak memory ours/naive = {res['peak_mem_ratio']}; log-prob max |diff| "
-                  f"{res['logps_max_abs_diff']:.4g} (relative {res['logps_max_rel_diff']:.2g})", flush=True)
+            print(
+                f"RATIO ours/naive rows/s = {res['speedup_rows_per_s']}x (same rows, so tokens/s too); "
+                f"peak memory ours/naive = {res['peak_mem_ratio']}; log-prob max |diff| "
+                f"{res['logps_max_abs_diff']:.4g} (relative {res['logps_max_rel_diff']:.2g})",
+                flush=True,
+            )
         if a.ray:
             try:
                 res["ray"] = run_ray(a, path, rows, dtype_name, device, lengths, attn)
-            except Exception as e:                     # the core figures above stand without Ray
+            except Exception as e:  # the core figures above stand without Ray
                 print(f"[ray] failed: {type(e).__name__}: {e}", flush=True)
                 res["ray"] = {"error": f"{type(e).__name__}: {e}"}
     finally:

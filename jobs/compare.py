@@ -1,6 +1,6 @@
 """Compare the runs of an MLflow experiment (the same as `bco-ray compare`; `--help` says how).
 
-    python jobs/compare.py --experiment sweep --metric eval/auc --out reports/
+python jobs/compare.py --experiment sweep --metric eval/auc --out reports/
 """
 
 from __future__ import annotations

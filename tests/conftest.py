@@ -5,6 +5,7 @@ Jobs share what a user's jobs would share: one Ray head per test session (`ray_h
 `ray start --head` on loopback with at most 2 CPUs, as a laptop or a small head node), and one precompute
 cache (`shared_cache`), so a test pays for its own behaviour, not for Ray's start or for a pass another test
 ran on the same inputs. Tests that need a cluster of their own (autoscaling, several nodes, 1 CPU) start it."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,8 @@ def free_port() -> int:
 
 
 def job_env(**extra) -> dict:
-    env = dict(os.environ)                # PATH starts with this interpreter's bin (see above)
-    env["RAY_ADDRESS"] = "local"        # never join a cluster that happens to run on this machine
+    env = dict(os.environ)  # PATH starts with this interpreter's bin (see above)
+    env["RAY_ADDRESS"] = "local"  # never join a cluster that happens to run on this machine
     env.update(PYTHONUNBUFFERED="1", **extra)
     return env
 
@@ -85,7 +86,7 @@ class RayHead:
     `ray stop`, which ends every Ray on the machine). Clients need RAY_AUTH_MODE=disabled, as the head."""
 
     def __init__(self, num_cpus: int, *extra: str, env: dict | None = None):
-        self.tmp = tempfile.mkdtemp(prefix="ray-")     # short: Ray's socket paths have a length limit
+        self.tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths have a length limit
         self.port, dash = free_port(), free_port()
         self.gcs = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{dash}"
@@ -94,15 +95,31 @@ class RayHead:
         self.num_cpus = num_cpus
         self._log = open(Path(self.tmp) / "ray_start.log", "w")
         self.proc = subprocess.Popen(
-            [RAY_BIN, "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-             f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-             "--disable-usage-stats", f"--temp-dir={self.tmp}", *extra],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+            [
+                RAY_BIN,
+                "start",
+                "--head",
+                "--block",
+                f"--port={self.port}",
+                "--node-ip-address=127.0.0.1",
+                f"--num-cpus={num_cpus}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--ray-client-server-port={free_port()}",
+                "--disable-usage-stats",
+                f"--temp-dir={self.tmp}",
+                *extra,
+            ],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait(self, timeout: float = 180) -> RayHead:
         """Until the job API answers (its agent registers a little after the head)."""
         import urllib.request
+
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -128,6 +145,7 @@ class RayHead:
 def small_cluster_cpus() -> int:
     """A head the size of a laptop or a small head node: the CPUs this machine gives us, at most 2."""
     from bco_ray.resources import usable_cpus
+
     return min(usable_cpus(), 2)
 
 
@@ -147,6 +165,7 @@ def ray_client(ray_head):
     per-process state that a disconnect and reconnect in one process would leave stale)."""
     import ray
     import ray.data
+
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(address=ray_head.gcs, log_to_driver=False)
     ray.data.DataContext.get_current().use_datasource_v2 = False
@@ -162,18 +181,25 @@ def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("precompute-cache")
 
 
-def run_job(tmp: Path, *overrides: str, head: RayHead | None = None, cache: Path | None = None,
-            timeout: int = 900) -> subprocess.CompletedProcess:
+def run_job(
+    tmp: Path, *overrides: str, head: RayHead | None = None, cache: Path | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """`python jobs/bco.py` with the embedded defaults, writing into tmp; on `head` if given (else a local
     Ray of its own, as `make demo`), with the precompute cache in `cache` if given."""
-    cmd = [sys.executable, str(ROOT / "jobs" / "bco.py"), f"--output_dir={tmp / 'outputs'}",
-           f"--mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-           *([f"--precompute.cache_dir={cache}"] if cache else []), *overrides]
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs" / "bco.py"),
+        f"--output_dir={tmp / 'outputs'}",
+        f"--mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        *([f"--precompute.cache_dir={cache}"] if cache else []),
+        *overrides,
+    ]
     env = head.client_env() if head else job_env()
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
-    (tmp / "job.log").write_text(f"{' '.join(cmd)}\n{time.time() - t0:.1f} s\n{proc.stdout}\n"
-                                 f"----- stderr -----\n{proc.stderr}")
+    (tmp / "job.log").write_text(
+        f"{' '.join(cmd)}\n{time.time() - t0:.1f} s\n{proc.stdout}\n----- stderr -----\n{proc.stderr}"
+    )
     return proc
 
 
@@ -185,13 +211,13 @@ SMALL = ("--udm.enabled=false", "--data.eval=none", "--train.logging_steps=1", "
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     """Small enough for CI's 2 cores, large enough for the loss to move."""
-    return ["--train.max_steps=30", "--train.logging_steps=1", "--train.eval_steps=0",
-            "--udm.prompt_sample_size=256"]
+    return ["--train.max_steps=30", "--train.logging_steps=1", "--train.eval_steps=0", "--udm.prompt_sample_size=256"]
 
 
 def _stop_tree(proc: subprocess.Popen) -> None:
     """Terminate a process and everything it started (then kill what is left)."""
     import psutil
+
     try:
         root = psutil.Process(proc.pid)
         procs = [root, *root.children(recursive=True)]
@@ -211,6 +237,7 @@ def _stop_tree(proc: subprocess.Popen) -> None:
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     import urllib.request
+
     deadline = time.time() + timeout
     while True:
         try:
@@ -218,7 +245,7 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300
                 if r.status < 500:
                     return
         except OSError as e:
-            if getattr(e, "code", 500) < 500:       # an HTTP error page: the server is up
+            if getattr(e, "code", 500) < 500:  # an HTTP error page: the server is up
                 return
         if proc.poll() is not None or time.time() > deadline:
             raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
@@ -234,9 +261,24 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = d / "mlflow-server.log"
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-             "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env or job_env())
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{d / 'mlflow.db'}",
+                "--artifacts-destination",
+                artifacts,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+            env=env or job_env(),
+        )
 
     def wait(self) -> MlflowServer:
         _wait_http(f"{self.uri}/health", self.proc, self.log)
@@ -252,19 +294,28 @@ class MotoS3:
 
     def __init__(self, d: Path, bucket: str = "bco"):
         self.port, self.bucket = free_port(), bucket
-        self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "MLFLOW_S3_ENDPOINT_URL":
-                    f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
-                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+            "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
         log = d / "moto.log"
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                                      "-p", str(self.port)], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+        )
         _wait_http(self.env["AWS_ENDPOINT_URL"], self.proc, log, timeout=60)
         self.fs().mkdir(bucket)
 
     def fs(self):
         import s3fs
-        return s3fs.S3FileSystem(key="testing", secret="testing",
-                                 client_kwargs={"endpoint_url": self.env["AWS_ENDPOINT_URL"]})
+
+        return s3fs.S3FileSystem(
+            key="testing", secret="testing", client_kwargs={"endpoint_url": self.env["AWS_ENDPOINT_URL"]}
+        )
 
     def stop(self) -> None:
         _stop_tree(self.proc)
@@ -286,14 +337,21 @@ class SeparateDiskNode:
 
     def __init__(self, head: RayHead, num_cpus: int, private: list[str], env: dict, log: Path):
         mounts = " && ".join(f"mount -t tmpfs tmpfs {p}" for p in private)
-        cmd = (f"{mounts} && exec {RAY_BIN} start --block --address={head.gcs} --num-cpus={num_cpus} "
-               f"--node-ip-address=127.0.0.1 --temp-dir={head.tmp} --disable-usage-stats")
-        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
-                                     env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        cmd = (
+            f"{mounts} && exec {RAY_BIN} start --block --address={head.gcs} --num-cpus={num_cpus} "
+            f"--node-ip-address=127.0.0.1 --temp-dir={head.tmp} --disable-usage-stats"
+        )
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
+            env=env,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+        )
 
     def pids(self, needle: str) -> list[int]:
         """Processes of this node whose command line contains `needle`."""
         import psutil
+
         out = []
         for p in psutil.Process(self.proc.pid).children(recursive=True):
             try:

@@ -5,6 +5,7 @@ BartModel encoder) works; BCOConfig maps TRL's field names and rejects unknown o
 
 The real runs (marked e2e) join the session's Ray head from this process (module fixtures).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,21 +27,55 @@ from bco_ray.config import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "train.jsonl").read_text().splitlines()[:48]]
 EVAL_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "eval.jsonl").read_text().splitlines()[:16]]
-STEP0_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-              "delta", "count/chosen", "count/rejected", "learning_rate")
+STEP0_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "delta",
+    "count/chosen",
+    "count/rejected",
+    "learning_rate",
+)
 
 
 # =============================================================================== BCOConfig, no Ray
 def test_trl_field_names_map_onto_the_bco_ray_config(tmp_path):
-    args = BCOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=2,
-                     gradient_accumulation_steps=3, learning_rate=1e-6, num_train_epochs=2, max_steps=40,
-                     warmup_ratio=0.05, lr_scheduler_type="cosine", logging_steps=5, eval_strategy="steps",
-                     eval_steps=10, save_steps=20, seed=7, bf16=False, gradient_checkpointing=False, beta=0.2,
-                     max_length=256, max_prompt_length=128, prompt_sample_size=64, min_density_ratio=0.2,
-                     max_density_ratio=5.0, precompute_ref_log_probs=True, report_to="mlflow", run_name="r",
-                     deepspeed={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
-                     num_workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"),
-                     mlflow_tracking_uri="sqlite:///x.db", mlflow_experiment="e")
+    args = BCOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=2,
+        gradient_accumulation_steps=3,
+        learning_rate=1e-6,
+        num_train_epochs=2,
+        max_steps=40,
+        warmup_ratio=0.05,
+        lr_scheduler_type="cosine",
+        logging_steps=5,
+        eval_strategy="steps",
+        eval_steps=10,
+        save_steps=20,
+        seed=7,
+        bf16=False,
+        gradient_checkpointing=False,
+        beta=0.2,
+        max_length=256,
+        max_prompt_length=128,
+        prompt_sample_size=64,
+        min_density_ratio=0.2,
+        max_density_ratio=5.0,
+        precompute_ref_log_probs=True,
+        report_to="mlflow",
+        run_name="r",
+        deepspeed={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
+        num_workers=2,
+        use_gpu=False,
+        storage_path=str(tmp_path / "ray"),
+        mlflow_tracking_uri="sqlite:///x.db",
+        mlflow_experiment="e",
+    )
     cfg = args.to_config()
     t, d, u = cfg.train, cfg.data, cfg.udm
     assert cfg.output_dir == str(tmp_path)
@@ -67,25 +102,27 @@ def test_trl_defaults():
     assert cfg.train.num_workers == 1 and cfg.train.bf16 == "auto"
     assert cfg.udm.prompt_sample_size == 1024 and (cfg.udm.min_density_ratio, cfg.udm.max_density_ratio) == (0.5, 10)
     assert cfg.model.trust_remote_code is False
-    assert BCOConfig(trust_remote_code=True).to_config().model.trust_remote_code is True     # a trl 1.13 field
+    assert BCOConfig(trust_remote_code=True).to_config().model.trust_remote_code is True  # a trl 1.13 field
 
 
 def test_max_length_alone_runs_with_trl_1_13_truncation():
     """A TRL script that sets only max_length gets a valid prompt limit, max_length - 1, with which bco-ray's
     truncation keeps the prompt whole and cuts the completion to the budget left, as trl 1.13 does."""
     from bco_ray.data.tokenize import _build
+
     cfg = BCOConfig(max_length=128).to_config()
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (128, 127)
-    assert BCOConfig(max_length=128, max_prompt_length=32).to_config().data.max_prompt_length == 32   # set: kept
+    assert BCOConfig(max_length=128, max_prompt_length=32).to_config().data.max_prompt_length == 32  # set: kept
     with pytest.warns(BCOConfigWarning, match="max_length=None: using 512"):
-        cfg = BCOConfig(max_length=None).to_config()                         # trl 1.13's BCOTrainer: 512
+        cfg = BCOConfig(max_length=None).to_config()  # trl 1.13's BCOTrainer: 512
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (512, 511)
     # trl 1.13 (_process_tokens): budget = max_length - 1 (BOS) - 1 (EOS); completion[: budget - len(prompt)]
     bos, eos, max_length = 1, 2, 16
-    prompt, completion = list(range(10, 20)), list(range(30, 40))            # 10 + 10 tokens > 16 - 2
-    _, ids, prompt_len = _build(prompt, prompt + completion, bos=bos, eos=eos, max_length=max_length,
-                                max_prompt_length=max_length - 1)
-    trl = [bos] + prompt + completion[:max_length - 2 - len(prompt)] + [eos]
+    prompt, completion = list(range(10, 20)), list(range(30, 40))  # 10 + 10 tokens > 16 - 2
+    _, ids, prompt_len = _build(
+        prompt, prompt + completion, bos=bos, eos=eos, max_length=max_length, max_prompt_length=max_length - 1
+    )
+    trl = [bos] + prompt + completion[: max_length - 2 - len(prompt)] + [eos]
     assert ids == trl and prompt_len == 1 + len(prompt) and len(ids) == max_length
 
 
@@ -105,7 +142,7 @@ def test_unknown_fields_error_and_meaningless_ones_warn():
         BCOConfig(max_completion_length=128)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        BCOConfig(output_dir="o", beta=0.3, report_to="mlflow")          # no warning for mapped fields
+        BCOConfig(output_dir="o", beta=0.3, report_to="mlflow")  # no warning for mapped fields
     # copies keep working (dataclasses.replace goes through __init__)
     assert dataclasses.replace(BCOConfig(beta=0.3), seed=3).beta == 0.3
 
@@ -122,28 +159,40 @@ def test_bad_values_name_the_bco_config_field():
 
 
 def test_steps_ratios_warmup_steps_and_overrides():
-    cfg = BCOConfig(max_steps=100, logging_steps=0.05, warmup_steps=10, eval_strategy="steps",
-                    save_strategy="no", bco_ray_overrides={"train.zero_stage": 1, "udm": {"max_embed_length": 64}}
-                    ).to_config()
+    cfg = BCOConfig(
+        max_steps=100,
+        logging_steps=0.05,
+        warmup_steps=10,
+        eval_strategy="steps",
+        save_strategy="no",
+        bco_ray_overrides={"train.zero_stage": 1, "udm": {"max_embed_length": 64}},
+    ).to_config()
     assert cfg.train.logging_steps == 5 and cfg.train.eval_steps == 5 and cfg.train.save_steps == 0
     assert cfg.train.zero_stage == 1 and cfg.udm.max_embed_length == 64
-    assert __import__("math").ceil(cfg.train.warmup_ratio * 100) == 10      # exactly 10 warmup steps
+    assert __import__("math").ceil(cfg.train.warmup_ratio * 100) == 10  # exactly 10 warmup steps
     with pytest.raises(ValueError, match="warmup_steps"):
-        BCOConfig(warmup_steps=10).to_config()                              # no max_steps: no exact ratio
+        BCOConfig(warmup_steps=10).to_config()  # no max_steps: no exact ratio
 
 
 def test_peft_config_maps_to_lora(tmp_path):
     peft = pytest.importorskip("peft")
     path = materialize_tiny_model(tmp_path / "m", seed=0)
-    trainer = BCOTrainer(model=str(path), args=BCOConfig(output_dir=str(tmp_path / "o")),
-                         train_dataset=TRAIN_ROWS,
-                         peft_config=peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                                     target_modules=["q_proj", "v_proj"]))
+    trainer = BCOTrainer(
+        model=str(path),
+        args=BCOConfig(output_dir=str(tmp_path / "o")),
+        train_dataset=TRAIN_ROWS,
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+    )
     lora = trainer.config.train.lora
-    assert (lora.enabled, lora.r, lora.alpha, lora.dropout, lora.target_modules) == (True, 4, 8, 0.1,
-                                                                                      ["q_proj", "v_proj"])
-    assert trainer.config.model.policy == str(path)                   # an id/path is passed through, not copied
-    assert trainer.config.udm.enabled is False                         # UDM only with an embedding function
+    assert (lora.enabled, lora.r, lora.alpha, lora.dropout, lora.target_modules) == (
+        True,
+        4,
+        8,
+        0.1,
+        ["q_proj", "v_proj"],
+    )
+    assert trainer.config.model.policy == str(path)  # an id/path is passed through, not copied
+    assert trainer.config.udm.enabled is False  # UDM only with an embedding function
     assert Path(trainer.config.data.train).suffix == ".parquet"
 
 
@@ -161,15 +210,26 @@ def test_trainer_argument_checks_and_inputs_saved_once(tmp_path):
     with pytest.raises(ValueError, match="both embedding_func and embedding_tokenizer"):
         BCOTrainer(model=path, args=args, train_dataset=TRAIN_ROWS, embedding_func=lambda **kw: None)
     with pytest.warns(BCOConfigWarning, match="callbacks"):
-        first = BCOTrainer(model=model, ref_model=model, args=args, processing_class=path,
-                           train_dataset=Dataset.from_list(TRAIN_ROWS), callbacks=[object()])
-    second = BCOTrainer(model=model, ref_model=AutoModelForCausalLM.from_pretrained(path), args=args,
-                        processing_class=path, train_dataset=TRAIN_ROWS)
+        first = BCOTrainer(
+            model=model,
+            ref_model=model,
+            args=args,
+            processing_class=path,
+            train_dataset=Dataset.from_list(TRAIN_ROWS),
+            callbacks=[object()],
+        )
+    second = BCOTrainer(
+        model=model,
+        ref_model=AutoModelForCausalLM.from_pretrained(path),
+        args=args,
+        processing_class=path,
+        train_dataset=TRAIN_ROWS,
+    )
     # the same weights and rows are stored once; ref_model=model (or an identical copy) means no separate reference
     assert first.config.model.policy == second.config.model.policy and first.config.model.reference is None
     assert second.config.model.reference is None and first.config.data.train == second.config.data.train
     assert len(list((tmp_path / "o" / "inputs" / "models").iterdir())) == 1
-    assert len(list((tmp_path / "o" / "inputs" / "data").iterdir())) == 1       # and no temporary file left behind
+    assert len(list((tmp_path / "o" / "inputs" / "data").iterdir())) == 1  # and no temporary file left behind
 
 
 # ====================================================================================== real runs
@@ -177,6 +237,7 @@ def test_trainer_argument_checks_and_inputs_saved_once(tmp_path):
 def local_ray(ray_client):
     """This module's runs use the session's Ray head from this process, as a notebook user's would."""
     import ray.data
+
     ctx = ray.data.DataContext.get_current()
     # The pass unions train and eval rows before its seeded shuffle; without preserve_order the union's block
     # order follows which read finishes first, so the training order (and step 0) can change between two runs
@@ -190,8 +251,10 @@ def local_ray(ray_client):
 def tiny_models(tmp_path_factory):
     """The tiny Qwen2 (seed 0) as the model, a second one (seed 1) as the reference, so rewards are not zero."""
     root = tmp_path_factory.mktemp("tiny_models")
-    return {"model_id": str(materialize_tiny_model(root / "policy", seed=0)),
-            "ref_id": str(materialize_tiny_model(root / "reference", seed=1))}
+    return {
+        "model_id": str(materialize_tiny_model(root / "policy", seed=0)),
+        "ref_id": str(materialize_tiny_model(root / "reference", seed=1)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -209,15 +272,29 @@ def snippet(tmp_path_factory, tiny_models, local_ray):
     ref_model = AutoModelForCausalLM.from_pretrained(ref_id)
     tokenizer = AutoTokenizer.from_pretrained(model_id)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    training_args = BCOConfig(output_dir=output_dir, per_device_train_batch_size=batch_size,
-                              gradient_accumulation_steps=gradient_accumulation_steps,
-                              learning_rate=1e-3, max_steps=3, logging_steps=1, run_name="snippet",
-                              mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", mlflow_experiment="api")
-    trainer = BCOTrainer(model=model, ref_model=ref_model, args=training_args, processing_class=tokenizer,
-                         train_dataset=dataset["train"], eval_dataset=dataset["test"])
+    training_args = BCOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        learning_rate=1e-3,
+        max_steps=3,
+        logging_steps=1,
+        run_name="snippet",
+        mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        mlflow_experiment="api",
+    )
+    trainer = BCOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        processing_class=tokenizer,
+        train_dataset=dataset["train"],
+        eval_dataset=dataset["test"],
+    )
     result = trainer.train()
-    return SimpleNamespace(tmp=tmp, trainer=trainer, result=result, model=model, initial=initial,
-                           tokenizer=tokenizer, args=training_args)
+    return SimpleNamespace(
+        tmp=tmp, trainer=trainer, result=result, model=model, initial=initial, tokenizer=tokenizer, args=training_args
+    )
 
 
 def _history(client, run_id: str, key: str) -> dict[int, float]:
@@ -239,7 +316,7 @@ def test_snippet_trains_through_ray_deepspeed_and_mlflow(snippet):
     assert sorted(_history(client, r.run_id, "loss")) == [1, 2, 3]
     assert {"eval/loss", "eval/auc", "rewards/margins", "delta", "grad_norm"} <= set(run.data.metrics)
     assert {"config.yaml", "plots"} <= {a.path for a in client.list_artifacts(r.run_id)}
-    assert run.data.tags["model.id"].startswith("m-")                # the model: an MLflow 3 LoggedModel
+    assert run.data.tags["model.id"].startswith("m-")  # the model: an MLflow 3 LoggedModel
 
     # the result: final metrics and where the outputs are
     assert r.global_step == 3 and r.metrics["eval/loss"] == pytest.approx(run.data.metrics["eval/loss"])
@@ -288,13 +365,13 @@ def test_step0_numbers_equal_the_config_file_path(snippet, tiny_models, tmp_path
     for name, rows in (("train", TRAIN_ROWS), ("eval", EVAL_ROWS)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "job.yaml").write_text(f"""
-output_dir: {tmp_path / 'outputs'}
+output_dir: {tmp_path / "outputs"}
 model:
-  policy: {tiny_models['model_id']}
-  reference: {tiny_models['ref_id']}
+  policy: {tiny_models["model_id"]}
+  reference: {tiny_models["ref_id"]}
 data:
-  train: {tmp_path / 'train.jsonl'}
-  eval: {tmp_path / 'eval.jsonl'}     # the pass shuffles train and eval rows together: same eval, same order
+  train: {tmp_path / "train.jsonl"}
+  eval: {tmp_path / "eval.jsonl"}     # the pass shuffles train and eval rows together: same eval, same order
 udm:
   enabled: false
 train:
@@ -306,7 +383,7 @@ train:
   max_steps: 1
   logging_steps: 1
 mlflow:
-  tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}
+  tracking_uri: sqlite:///{tmp_path / "mlflow.db"}
   experiment: config-file
   run_name: config-file
 """)
@@ -322,17 +399,29 @@ mlflow:
         a = _history(ours, snippet.result.run_id, key)[1]
         b = _history(theirs, res["run_id"], key)[1]
         assert a == pytest.approx(b, abs=1e-6), (key, a, b)
-    assert abs(_history(ours, snippet.result.run_id, "rewards/margins")[1]) > 1e-3    # not a trivial step 0
+    assert abs(_history(ours, snippet.result.run_id, "rewards/margins")[1]) > 1e-3  # not a trivial step 0
 
 
 def _bart_embedder():
     """A tiny BartModel; the embedding function mean-pools its encoder states (TRL docs' recipe)."""
     from transformers import AutoTokenizer, BartConfig, BartModel
+
     tok = AutoTokenizer.from_pretrained(tokenizer_path())
     torch.manual_seed(0)
-    bart = BartModel(BartConfig(vocab_size=len(tok), d_model=24, encoder_layers=1, decoder_layers=1,
-                                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=48,
-                                decoder_ffn_dim=48, max_position_embeddings=256, pad_token_id=tok.pad_token_id)).eval()
+    bart = BartModel(
+        BartConfig(
+            vocab_size=len(tok),
+            d_model=24,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+        )
+    ).eval()
 
     def embed_prompt(input_ids, attention_mask, model):
         hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -349,13 +438,26 @@ def test_udm_with_a_bart_embedding_function(tiny_models, tmp_path, local_ray):
     from transformers import AutoTokenizer
 
     embedding_func, embedding_tokenizer, dim = _bart_embedder()
-    args = BCOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-3,
-                     max_steps=2, logging_steps=1, prompt_sample_size=32, run_name="udm-bart",
-                     mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow_experiment="api-udm")
-    trainer = BCOTrainer(model=tiny_models["model_id"], ref_model=None, args=args,
-                         processing_class=AutoTokenizer.from_pretrained(tiny_models["model_id"]),
-                         train_dataset=TRAIN_ROWS, embedding_func=embedding_func,
-                         embedding_tokenizer=embedding_tokenizer)
+    args = BCOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        max_steps=2,
+        logging_steps=1,
+        prompt_sample_size=32,
+        run_name="udm-bart",
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        mlflow_experiment="api-udm",
+    )
+    trainer = BCOTrainer(
+        model=tiny_models["model_id"],
+        ref_model=None,
+        args=args,
+        processing_class=AutoTokenizer.from_pretrained(tiny_models["model_id"]),
+        train_dataset=TRAIN_ROWS,
+        embedding_func=embedding_func,
+        embedding_tokenizer=embedding_tokenizer,
+    )
     assert trainer.config.udm.enabled and trainer.config.model.reference is None
     result = trainer.train()
 
@@ -364,8 +466,9 @@ def test_udm_with_a_bart_embedding_function(tiny_models, tmp_path, local_ray):
     assert run.info.status == "FINISHED"
     assert {"udm/accuracy", "loss", "delta"} <= set(run.data.metrics)
     from bco_ray.bco.udm import classifier_from_json
+
     clf = classifier_from_json((Path(result.raw.precompute_dir) / "classifier.json").read_bytes())
-    assert clf.n_features_in_ == dim                          # fitted on the BART function's embeddings
+    assert clf.n_features_in_ == dim  # fitted on the BART function's embeddings
     weight = run.data.metrics["precompute/mean_rejected_weight"]
     assert weight != pytest.approx(1.0) and 0.5 <= weight <= 10.0
-    assert trainer.model.config.model_type == "qwen2"         # loaded from the run's model directory
+    assert trainer.model.config.model_type == "qwen2"  # loaded from the run's model directory

@@ -1,5 +1,6 @@
 """Bad input gets one clear error naming the field (and file/row for data) before any cluster work:
 no Ray started, no MLflow run opened, nothing trained."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,21 +28,29 @@ def _no_ray_work(monkeypatch, request):
     """Fails the test if the job reaches the point where it joins or starts Ray. (This pytest process may
     already be a Ray driver, for the session's in-process tests, so `ray.is_initialized()` cannot tell.)"""
     import bco_ray.run
+
     if request.node.get_closest_marker("e2e"):
         return
 
     def init_ray(cfg):
         raise AssertionError("the job reached Ray: the bad input was not caught before cluster work")
+
     monkeypatch.setattr(bco_ray.run, "init_ray", init_ray)
 
 
 def _run(tmp_path, capsys, *args):
-    rc = bco_job.main([f"--output_dir={tmp_path / 'out'}", f"--mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                       "--data.eval=none", *args])
+    rc = bco_job.main(
+        [
+            f"--output_dir={tmp_path / 'out'}",
+            f"--mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+            "--data.eval=none",
+            *args,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert not (tmp_path / "m.db").exists()               # no MLflow run opened
-    assert not (tmp_path / "out" / "ray").exists()        # nothing trained
+    assert not (tmp_path / "m.db").exists()  # no MLflow run opened
+    assert not (tmp_path / "out" / "ray").exists()  # nothing trained
     return err
 
 
@@ -52,7 +61,10 @@ CONFIG_CASES = [
     (["--train.beta=0"], "train.beta must be > 0"),
     (["--train.beta=-0.5"], "train.beta must be > 0"),
     (["--train.zero_stage=4"], "train.zero_stage must be 0, 1, 2 or 3 (got 4)"),
-    (["--udm.min_density_ratio=5", "--udm.max_density_ratio=2"], "udm.min_density_ratio (5.0) must be <= udm.max_density_ratio (2.0)"),
+    (
+        ["--udm.min_density_ratio=5", "--udm.max_density_ratio=2"],
+        "udm.min_density_ratio (5.0) must be <= udm.max_density_ratio (2.0)",
+    ),
     (["--data.max_prompt_length=64"], "data.max_prompt_length (64) must be > 0 and < data.max_length (64)"),
     (["--train.num_workers=0"], "train.num_workers must be >= 1 (got 0)"),
     (["--train.offload_params=true"], "train.offload_params needs train.zero_stage=3"),
@@ -104,6 +116,7 @@ def test_bad_data_rows_name_file_row_and_field(tmp_path, capsys, i):
 def test_bad_rows_can_be_skipped_instead(tmp_path):
     from bco_ray.config import load_config
     from bco_ray.data.checks import check_data
+
     rows = [dict(r) for r in GOOD]
     rows[3]["label"] = "yes"
     path = _jsonl(tmp_path / "train.jsonl", rows, b"{not json\n")
@@ -136,6 +149,7 @@ def test_policy_and_reference_with_different_vocabularies(tmp_path, capsys):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from bco_ray.builtin import materialize_tiny_model
+
     policy = materialize_tiny_model(tmp_path / "policy")
     cfg = Qwen2Config.from_pretrained(policy)
     cfg.vocab_size = 600
@@ -147,6 +161,7 @@ def test_policy_and_reference_with_different_vocabularies(tmp_path, capsys):
 def test_duplicates_warn_but_run_checks(tmp_path, caplog):
     from bco_ray.config import load_config
     from bco_ray.data.checks import check_data
+
     path = _jsonl(tmp_path / "train.jsonl", GOOD + GOOD[:5])
     rep = check_data(load_config(overrides=[f"--data.train={path}", "--data.eval=none"]))
     assert rep.train.duplicates == 5 and "5 duplicate rows" in caplog.text
@@ -157,6 +172,7 @@ def test_tokenizer_without_pad_token_gets_one(tmp_path, caplog):
 
     from bco_ray.builtin import tokenizer_path
     from bco_ray.models import load_tokenizer
+
     tok = AutoTokenizer.from_pretrained(tokenizer_path())
     tok.pad_token = None
     tok.save_pretrained(tmp_path / "tok")
@@ -168,6 +184,7 @@ def test_tokenizer_without_pad_token_gets_one(tmp_path, caplog):
 def test_gpus_requested_where_there_are_none(tmp_path):
     """A local Ray (started by the job, in its own process, as `make demo` does) has no GPU: one clear error."""
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     proc = run_job(tmp_path, "--data.eval=none", "--train.use_gpu=true")

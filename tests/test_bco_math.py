@@ -1,6 +1,7 @@
 """Hand-checked numbers for the BCO maths: per-row loss and rewards, the running reward shift δ,
 summed completion log-probs (against a hand computation and against a full-logits reference), and the
 UDM density-ratio weights. Expected values are written out with plain `math`, never with the code under test."""
+
 import math
 import os
 
@@ -30,18 +31,18 @@ def test_bco_losses_hand_computed():
     policy = torch.tensor([-10.0, -15.0, -5.0, -3.0, -7.0])
     ref = torch.tensor([-12.0, -12.0, -5.0, -8.0, -9.0])
     labels = torch.tensor([True, False, True, False, True])
-    weights = torch.tensor([1.0, 2.0, 7.0, 0.5, 1.0])   # row 2: a weight on a desirable row is ignored
+    weights = torch.tensor([1.0, 2.0, 7.0, 0.5, 1.0])  # row 2: a weight on a desirable row is ignored
 
     losses, rewards = bco_losses(policy, ref, labels, weights, beta, delta)
 
     # r = 0.1 * (policy - ref)
-    exp_rewards = [0.1 * 2, 0.1 * -3, 0.0, 0.1 * 5, 0.1 * 2]          # 0.2, -0.3, 0, 0.5, 0.2
+    exp_rewards = [0.1 * 2, 0.1 * -3, 0.0, 0.1 * 5, 0.1 * 2]  # 0.2, -0.3, 0, 0.5, 0.2
     exp_losses = [
-        softplus(-(0.2 - 0.05)),          # desirable: -log σ(0.15) = log(1+e^-0.15) ≈ 0.620957
-        2.0 * softplus(-0.3 - 0.05),      # undesirable, w=2: -2 log σ(-(-0.35)) = 2 log(1+e^-0.35) ≈ 1.0996
-        softplus(0.05),                   # desirable: -log σ(0 - 0.05) = log(1+e^0.05) ≈ 0.718306 (w=7 ignored)
-        0.5 * softplus(0.5 - 0.05),       # undesirable, w=0.5: -0.5 log σ(-0.45) = 0.5 log(1+e^0.45) ≈ 0.4719
-        softplus(-0.15),                  # desirable, same as row 0
+        softplus(-(0.2 - 0.05)),  # desirable: -log σ(0.15) = log(1+e^-0.15) ≈ 0.620957
+        2.0 * softplus(-0.3 - 0.05),  # undesirable, w=2: -2 log σ(-(-0.35)) = 2 log(1+e^-0.35) ≈ 1.0996
+        softplus(0.05),  # desirable: -log σ(0 - 0.05) = log(1+e^0.05) ≈ 0.718306 (w=7 ignored)
+        0.5 * softplus(0.5 - 0.05),  # undesirable, w=0.5: -0.5 log σ(-0.45) = 0.5 log(1+e^0.45) ≈ 0.4719
+        softplus(-0.15),  # desirable, same as row 0
     ]
     assert math.isclose(exp_losses[0], 0.6209570, abs_tol=1e-6)
     assert rewards.dtype == torch.float32 and losses.dtype == torch.float32
@@ -57,23 +58,35 @@ def test_bco_losses_gradient_and_extremes():
     weights = torch.tensor([1.0, 2.0])
     losses, _ = bco_losses(policy, ref, labels, weights, beta, delta)
     losses.sum().backward()
+
     def sig(x):
         return 1.0 / (1.0 + math.exp(-x))
+
     # desirable: d/dp [-log σ(β(p-ref)-δ)] = -β σ(-(r-δ)) = -0.1 σ(-0.15)
     # undesirable: d/dp [-w log σ(-(β(p-ref)-δ))] = w β σ(r-δ) = 2 * 0.1 * σ(-0.35)
-    torch.testing.assert_close(policy.grad, torch.tensor([-0.1 * sig(-0.15), 0.2 * sig(-0.35)]),
-                               atol=1e-7, rtol=0)
+    torch.testing.assert_close(policy.grad, torch.tensor([-0.1 * sig(-0.15), 0.2 * sig(-0.35)]), atol=1e-7, rtol=0)
 
     # numerically stable far in the tails: -log σ(-200) = 200 (no inf / nan)
-    losses, _ = bco_losses(torch.tensor([-2000.0, 2000.0]), torch.tensor([0.0, 0.0]),
-                           torch.tensor([True, False]), torch.tensor([1.0, 3.0]), 0.1, 0.0)
+    losses, _ = bco_losses(
+        torch.tensor([-2000.0, 2000.0]),
+        torch.tensor([0.0, 0.0]),
+        torch.tensor([True, False]),
+        torch.tensor([1.0, 3.0]),
+        0.1,
+        0.0,
+    )
     torch.testing.assert_close(losses, torch.tensor([200.0, 600.0]))
 
 
 def test_bco_losses_accepts_bf16_and_int_labels():
-    losses, rewards = bco_losses(torch.tensor([-1.0, -2.0], dtype=torch.bfloat16),
-                                 torch.tensor([-1.5, -1.0]), torch.tensor([1, 0]),
-                                 torch.tensor([1.0, 1.0]), 0.1, 0.0)
+    losses, rewards = bco_losses(
+        torch.tensor([-1.0, -2.0], dtype=torch.bfloat16),
+        torch.tensor([-1.5, -1.0]),
+        torch.tensor([1, 0]),
+        torch.tensor([1.0, 1.0]),
+        0.1,
+        0.0,
+    )
     assert losses.dtype == torch.float32
     torch.testing.assert_close(rewards, torch.tensor([0.05, -0.1]))
     torch.testing.assert_close(losses, torch.tensor([softplus(-0.05), softplus(-0.1)]))
@@ -113,10 +126,14 @@ def test_running_mean_sequence_and_state_dict():
 
 # ----------------------------------------------------------------------- completion log-probs: hand model
 # Count matrix C: with one-hot hidden states and lm_head logits log C[a], p(v | previous token a) = C[a, v] / sum_v C[a, v].
-C = torch.tensor([[1.0, 2.0, 3.0, 4.0],     # row sum 10
-                  [4.0, 3.0, 2.0, 1.0],     # row sum 10
-                  [1.0, 1.0, 1.0, 1.0],     # row sum 4
-                  [2.0, 2.0, 3.0, 3.0]])    # row sum 10
+C = torch.tensor(
+    [
+        [1.0, 2.0, 3.0, 4.0],  # row sum 10
+        [4.0, 3.0, 2.0, 1.0],  # row sum 10
+        [1.0, 1.0, 1.0, 1.0],  # row sum 4
+        [2.0, 2.0, 3.0, 3.0],
+    ]
+)  # row sum 10
 
 
 class _Backbone(nn.Module):
@@ -124,11 +141,11 @@ class _Backbone(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(4, 4)
         with torch.no_grad():
-            self.embed.weight.copy_(torch.eye(4))           # hidden state = one-hot of the token
+            self.embed.weight.copy_(torch.eye(4))  # hidden state = one-hot of the token
 
     def forward(self, input_ids, attention_mask=None, use_cache=None):
         assert use_cache is False
-        return SimpleNamespace(last_hidden_state=self.embed(input_ids))   # identity "transformer"
+        return SimpleNamespace(last_hidden_state=self.embed(input_ids))  # identity "transformer"
 
 
 class _HandModel(nn.Module):
@@ -137,7 +154,7 @@ class _HandModel(nn.Module):
         self.backbone = _Backbone()
         self.lm_head = nn.Linear(4, 4, bias=False)
         with torch.no_grad():
-            self.lm_head.weight.copy_(C.log().T)             # logits(one_hot(a)) = W @ e_a = log C[a]
+            self.lm_head.weight.copy_(C.log().T)  # logits(one_hot(a)) = W @ e_a = log C[a]
 
     def get_decoder(self):
         return self.backbone
@@ -147,19 +164,21 @@ class _HandModel(nn.Module):
 
 
 PAD = 3
-HAND_IDS = torch.tensor([
-    [2, 0, 1, 3, PAD, PAD],   # prompt [2, 0], completion [1, 3], 2 pads
-    [1, 3, 2, 0, 1, 2],       # prompt [1, 3, 2], completion [0, 1, 2], no pad
-    [0, 2, PAD, PAD, PAD, PAD],  # prompt [0], completion [2]
-    [3, 3, 1, PAD, PAD, PAD],    # prompt [3, 3, 1], empty completion
-])
+HAND_IDS = torch.tensor(
+    [
+        [2, 0, 1, 3, PAD, PAD],  # prompt [2, 0], completion [1, 3], 2 pads
+        [1, 3, 2, 0, 1, 2],  # prompt [1, 3, 2], completion [0, 1, 2], no pad
+        [0, 2, PAD, PAD, PAD, PAD],  # prompt [0], completion [2]
+        [3, 3, 1, PAD, PAD, PAD],  # prompt [3, 3, 1], empty completion
+    ]
+)
 HAND_MASK = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
 HAND_PROMPT = torch.tensor([2, 3, 1, 3])
 HAND_EXPECTED = [
-    math.log(2 / 10) + math.log(1 / 10),                    # p(1|0)=C[0,1]/10, p(3|1)=C[1,3]/10
+    math.log(2 / 10) + math.log(1 / 10),  # p(1|0)=C[0,1]/10, p(3|1)=C[1,3]/10
     math.log(1 / 4) + math.log(2 / 10) + math.log(2 / 10),  # p(0|2)=1/4, p(1|0)=2/10, p(2|1)=2/10
-    math.log(3 / 10),                                       # p(2|0)=3/10
-    0.0,                                                    # nothing to predict
+    math.log(3 / 10),  # p(2|0)=3/10
+    0.0,  # nothing to predict
 ]
 
 
@@ -173,8 +192,12 @@ def test_policy_completion_logps_hand_model(chunk_size):
     # padding never counts: other pad ids give the same sums
     other = HAND_IDS.clone()
     other[HAND_MASK == 0] = 0
-    torch.testing.assert_close(policy_completion_logps(model, other, HAND_MASK, HAND_PROMPT, chunk_size),
-                               torch.tensor(HAND_EXPECTED), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        policy_completion_logps(model, other, HAND_MASK, HAND_PROMPT, chunk_size),
+        torch.tensor(HAND_EXPECTED),
+        atol=1e-5,
+        rtol=0,
+    )
 
     # gradients reach the lm_head: d/dW of sum over rows; the empty row contributes 0
     out.sum().backward()
@@ -200,10 +223,20 @@ def test_completion_positions_and_prompt_tokens_not_counted():
 # ---------------------------------------------------------------- completion log-probs: tiny Qwen2 vs full logits
 def _tiny_qwen2(seed: int = 0, tie: bool = True):
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      initializer_range=0.2, tie_word_embeddings=tie, attn_implementation="eager")
+    cfg = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -223,10 +256,10 @@ def _reference_logps(model, ids, mask, prompt_len):
 def _qwen_batch():
     g = torch.Generator().manual_seed(1)
     lengths = torch.tensor([9, 12, 5, 7])
-    prompt_len = torch.tensor([4, 3, 2, 7])           # last row: empty completion
+    prompt_len = torch.tensor([4, 3, 2, 7])  # last row: empty completion
     ids = torch.randint(0, 50, (4, 12), generator=g)
     mask = (torch.arange(12).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    ids[mask == 0] = 0                                 # right padding
+    ids[mask == 0] = 0  # right padding
     return ids, mask, prompt_len
 
 
@@ -235,7 +268,7 @@ def _qwen_batch():
 def test_policy_completion_logps_matches_full_logits(chunk_size, tie):
     ids, mask, prompt_len = _qwen_batch()
     model = _tiny_qwen2(tie=tie)
-    coef = torch.tensor([1.0, -0.5, 2.0, 3.0])       # arbitrary per-row weights for the backward
+    coef = torch.tensor([1.0, -0.5, 2.0, 3.0])  # arbitrary per-row weights for the backward
 
     ref = _reference_logps(model, ids, mask, prompt_len)
     (ref * coef).sum().backward()
@@ -250,9 +283,10 @@ def test_policy_completion_logps_matches_full_logits(chunk_size, tie):
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
-    with torch.no_grad():   # no-grad path (no checkpointing) gives the same numbers
-        torch.testing.assert_close(policy_completion_logps(model, ids, mask, prompt_len, chunk_size),
-                                   ref.detach(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no-grad path (no checkpointing) gives the same numbers
+        torch.testing.assert_close(
+            policy_completion_logps(model, ids, mask, prompt_len, chunk_size), ref.detach(), atol=1e-5, rtol=1e-5
+        )
 
 
 # ----------------------------------------------------------------------------------------- UDM
@@ -265,7 +299,7 @@ def _fit_separable():
 
 def test_fit_udm_classifier_separable():
     clf, metrics = _fit_separable()
-    assert list(clf.classes_) == [0.0, 1.0]          # predict_proba[:, 1] is P(desirable)
+    assert list(clf.classes_) == [0.0, 1.0]  # predict_proba[:, 1] is P(desirable)
     assert metrics == {"udm/accuracy": 1.0, "udm/accuracy_chosen": 1.0, "udm/accuracy_rejected": 1.0}
     p = clf.predict_proba(np.array([[3.0], [-3.0]], dtype=np.float32))[:, 1]
     assert p[0] > 0.5 > p[1]
@@ -275,7 +309,7 @@ def test_fit_udm_classifier_separable():
 
 def test_udm_weights_exact_probabilities_and_clamping():
     clf, _ = _fit_separable()
-    clf.coef_ = np.array([[1.0]])                    # p(x) = σ(x) exactly, so p/(1-p) = e^x
+    clf.coef_ = np.array([[1.0]])  # p(x) = σ(x) exactly, so p/(1-p) = e^x
     clf.intercept_ = np.array([0.0])
     xs = [math.log(3.0), 0.0, math.log(0.25), math.log(20.0), math.log(0.5), math.log(7.0), math.log(20.0)]
     labels = [False, False, False, False, False, False, True]
@@ -307,6 +341,7 @@ def test_classifier_round_trips_through_plain_json():
     import json
 
     from bco_ray.bco.udm import classifier_from_json, classifier_to_json
+
     rng = np.random.default_rng(0)
     chosen, rejected = rng.normal(1, 1, (30, 5)), rng.normal(-1, 1, (40, 5))
     clf, _ = fit_udm_classifier(chosen, rejected)

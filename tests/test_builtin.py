@@ -1,4 +1,5 @@
 """Fast checks of the embedded default assets (bco_ray/assets, bco_ray/builtin.py)."""
+
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may touch the hub
@@ -79,9 +80,11 @@ def test_tokenizer_round_trips_dataset(tok):
 def test_chat_template(tok):
     msgs = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
     assert tok.apply_chat_template(msgs, tokenize=False) == (
-        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n")
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n"
+    )
     assert tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True).endswith(
-        "<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_model_dir_tokenizer_matches_bundled(tok, tiny_model_dir):

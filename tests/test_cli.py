@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent
 def no_ray(monkeypatch):
     def init_ray(cfg):
         raise AssertionError("the command reached Ray")
+
     monkeypatch.setattr(run, "init_ray", init_ray)
 
 
@@ -31,7 +32,7 @@ def test_help_lists_every_config_field_with_default_and_doc(capsys):
     assert cli.train(["--help"]) == 0
     out = capsys.readouterr().out
     fields = field_docs(Config)
-    assert len(fields) == len(Config().flat())                    # every leaf field of the config
+    assert len(fields) == len(Config().flat())  # every leaf field of the config
     for f in fields:
         assert f.doc, f"config field {f.name} has no comment in its dataclass"
         assert f"  --{f.name}={show(f.default)}" in out, f.name
@@ -61,20 +62,24 @@ def test_dry_run_checks_everything_and_starts_no_ray(tmp_path, capsys, no_ray, m
     # The same checks fail the same way as a real run: a missing policy is an input error, exit status 2.
     assert cli.precompute(["--dry-run", f"--output_dir={tmp_path}", "--model.policy=./no/such/model"]) == 2
     assert "bco-ray: input error: model.policy: './no/such/model' does not exist" in capsys.readouterr().err
-    monkeypatch.delenv("HF_TOKEN", raising=False)           # the hub settings: a push needs a token
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # the hub settings: a push needs a token
     assert cli.train(["--dry-run", f"--output_dir={tmp_path}", "--hub.repo_id=org/name"]) == 2
     assert "bco-ray: input error: hub.repo_id='org/name' pushes the model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("error, kind, code", [
-    (run.ModelError("model.policy: bad"), "input", 2),
-    (run.ResourcesUnavailableError("the worker group did not start"), "resources", 3),
-    (__import__("bco_ray.preflight", fromlist=["x"]).SharedStorageError("cache not shared"), "storage", 4),
-    (FileNotFoundError("data.train: no such file"), "input", 2),
-])
+@pytest.mark.parametrize(
+    "error, kind, code",
+    [
+        (run.ModelError("model.policy: bad"), "input", 2),
+        (run.ResourcesUnavailableError("the worker group did not start"), "resources", 3),
+        (__import__("bco_ray.preflight", fromlist=["x"]).SharedStorageError("cache not shared"), "storage", 4),
+        (FileNotFoundError("data.train: no such file"), "input", 2),
+    ],
+)
 def test_each_error_kind_has_its_message_and_exit_status(monkeypatch, capsys, error, kind, code):
     def run_job(cfg):
         raise error
+
     monkeypatch.setattr(run, "run_job", run_job)
     assert cli.train(["--mlflow.run_name=r1", "--train.lr=1e-6"], prog="python jobs/bco.py") == code
     err = capsys.readouterr().err
@@ -89,15 +94,21 @@ def test_config_error_exit_status_and_unexpected_errors_print_the_resume_command
 
     def run_job(cfg):
         raise KeyboardInterrupt("signal 15")
+
     monkeypatch.setattr(run, "run_job", run_job)
     with pytest.raises(KeyboardInterrupt):
-        cli.train(["--config", str(ROOT / "configs" / "tiny.yaml"), "--mlflow.run_name=r2",
-                   "--mlflow.experiment=my sweep"], prog="bco-ray train")
+        cli.train(
+            ["--config", str(ROOT / "configs" / "tiny.yaml"), "--mlflow.run_name=r2", "--mlflow.experiment=my sweep"],
+            prog="bco-ray train",
+        )
     err = capsys.readouterr().err
-    assert f"  bco-ray train --config {ROOT / 'configs' / 'tiny.yaml'} --mlflow.run_name=r2 '--mlflow.experiment=my sweep'" in err
+    assert (
+        f"  bco-ray train --config {ROOT / 'configs' / 'tiny.yaml'} --mlflow.run_name=r2 '--mlflow.experiment=my sweep'"
+        in err
+    )
     with pytest.raises(KeyboardInterrupt):
         cli.train([])
-    assert "--mlflow.run_name=NAME" in capsys.readouterr().err      # unnamed: how to make it resumable
+    assert "--mlflow.run_name=NAME" in capsys.readouterr().err  # unnamed: how to make it resumable
 
 
 def test_error_classes_share_one_base_and_keep_their_builtin_bases():
@@ -109,10 +120,20 @@ def test_error_classes_share_one_base_and_keep_their_builtin_bases():
     from bco_ray.preflight import SharedStorageError
     from bco_ray.tracking.compare import CompareError
     from bco_ray.tracking.hub import HubError
-    kinds = {ConfigError: ("config", 2), DataError: ("input", 2), DataFormatError: ("input", 2),
-             run.ModelError: ("input", 2), ModelLoadError: ("input", 2), EmbeddingFuncError: ("input", 2),
-             VerifierError: ("input", 2), HubError: ("input", 2), CompareError: ("input", 2),
-             run.ResourcesUnavailableError: ("resources", 3), SharedStorageError: ("storage", 4)}
+
+    kinds = {
+        ConfigError: ("config", 2),
+        DataError: ("input", 2),
+        DataFormatError: ("input", 2),
+        run.ModelError: ("input", 2),
+        ModelLoadError: ("input", 2),
+        EmbeddingFuncError: ("input", 2),
+        VerifierError: ("input", 2),
+        HubError: ("input", 2),
+        CompareError: ("input", 2),
+        run.ResourcesUnavailableError: ("resources", 3),
+        SharedStorageError: ("storage", 4),
+    }
     for cls, (kind, code) in kinds.items():
         assert issubclass(cls, BcoRayError) and (cls.kind, cls.exit_code) == (kind, code), cls
         assert issubclass(cls, RuntimeError if kind == "resources" else ValueError), cls
@@ -125,8 +146,16 @@ def test_console_script_and_job_scripts():
     assert version.strip() == f"bco-ray {__import__('bco_ray').__version__}"
     usage = subprocess.run([BIN / "bco-ray"], capture_output=True, text=True)
     assert usage.returncode == 2 and "bco-ray {train,precompute,compare}" in usage.stderr
-    for script, text in (("bco.py", "--train.beta=0.1"), ("precompute.py", "--precompute.force=false"),
-                         ("compare.py", "--experiment EXPERIMENT")):
-        proc = subprocess.run([sys.executable, str(ROOT / "jobs" / script), "--help"], capture_output=True,
-                              text=True, cwd="/", timeout=120)
+    for script, text in (
+        ("bco.py", "--train.beta=0.1"),
+        ("precompute.py", "--precompute.force=false"),
+        ("compare.py", "--experiment EXPERIMENT"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "jobs" / script), "--help"],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=120,
+        )
         assert proc.returncode == 0 and text in proc.stdout, proc.stderr[-2000:]

@@ -1,5 +1,6 @@
 """The typed config: reference defaults, YAML + `--a.b=c` overrides, type coercion, and errors that name
 the offending field."""
+
 from pathlib import Path
 
 import pytest
@@ -41,16 +42,18 @@ def test_tiny_yaml_loads():
     assert cfg.model.policy == "builtin:tiny-qwen2-sft" and cfg.eval.generate and cfg.eval.verifier
     assert cfg.train.max_steps == 60 and cfg.train.micro_batch_size == 16
     assert cfg.mlflow.experiment == "bco-ray-tiny"
-    assert cfg.train.beta == 0.1                      # not set there: reference default
+    assert cfg.train.beta == 0.1  # not set there: reference default
 
 
 def test_yaml_then_overrides(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("train:\n  lr: 1.0e-4\n  beta: 0.2\n  lora:\n    r: 4\ndata:\n  max_length: 128\n  max_prompt_length: 64\n")
+    p.write_text(
+        "train:\n  lr: 1.0e-4\n  beta: 0.2\n  lora:\n    r: 4\ndata:\n  max_length: 128\n  max_prompt_length: 64\n"
+    )
     cfg = load_config(p, ["--train.lr=2e-5", "--train.lora.alpha", "8", "--data.max_prompt_length=100"])
-    assert cfg.train.lr == 2e-5                       # override wins over the file
-    assert cfg.train.beta == 0.2                      # file wins over the default
-    assert cfg.train.lora.r == 4 and cfg.train.lora.alpha == 8   # nested merge keeps siblings
+    assert cfg.train.lr == 2e-5  # override wins over the file
+    assert cfg.train.beta == 0.2  # file wins over the default
+    assert cfg.train.lora.r == 4 and cfg.train.lora.alpha == 8  # nested merge keeps siblings
     assert cfg.data.max_length == 128 and cfg.data.max_prompt_length == 100
     # overrides as a dict merge the same way
     cfg = load_config(p, {"train": {"lora": {"alpha": 9}}})
@@ -66,16 +69,39 @@ def test_empty_yaml_file(tmp_path):
 
 def test_parse_overrides_forms():
     """`--a.b=c`, `--a.b c` and bare flags nest the same way; values are typed by load_config (below)."""
-    parsed = parse_overrides(["--train.lr=1e-6", "--udm.enabled", "false", "--precompute.force",
-                              "--train.num_workers", "4", "--train.lora.enabled"])
+    parsed = parse_overrides(
+        [
+            "--train.lr=1e-6",
+            "--udm.enabled",
+            "false",
+            "--precompute.force",
+            "--train.num_workers",
+            "4",
+            "--train.lora.enabled",
+        ]
+    )
     assert parsed.keys() == {"train", "udm", "precompute"}
     assert parsed["train"].keys() == {"lr", "num_workers", "lora"} and parsed["train"]["lora"].keys() == {"enabled"}
-    assert parsed["precompute"]["force"] in (True, "true")         # a bare flag means true
-    assert parsed["train"]["lora"]["enabled"] in (True, "true")    # ... also as the last argument
-    cfg = load_config(overrides=["--train.lr=1e-6", "--udm.enabled", "false", "--precompute.force",
-                                 "--train.num_workers", "4", "--train.lora.enabled"])
-    assert (cfg.train.lr, cfg.udm.enabled, cfg.precompute.force, cfg.train.num_workers, cfg.train.lora.enabled) \
-        == (1e-6, False, True, 4, True)
+    assert parsed["precompute"]["force"] in (True, "true")  # a bare flag means true
+    assert parsed["train"]["lora"]["enabled"] in (True, "true")  # ... also as the last argument
+    cfg = load_config(
+        overrides=[
+            "--train.lr=1e-6",
+            "--udm.enabled",
+            "false",
+            "--precompute.force",
+            "--train.num_workers",
+            "4",
+            "--train.lora.enabled",
+        ]
+    )
+    assert (cfg.train.lr, cfg.udm.enabled, cfg.precompute.force, cfg.train.num_workers, cfg.train.lora.enabled) == (
+        1e-6,
+        False,
+        True,
+        4,
+        True,
+    )
     # a negative number after a space is a value, not a flag
     assert load_config(overrides=["--train.max_grad_norm", "-1"]).train.max_grad_norm == -1.0
     assert parse_overrides([]) == {}
@@ -84,22 +110,27 @@ def test_parse_overrides_forms():
 
 
 def test_overrides_and_coercion():
-    cfg = load_config(overrides=[
-        "--train.lr=1e-6",                 # YAML 1.1 reads "1e-6" as a string: coerced to float
-        "--train.beta", "1",               # int → float
-        "--train.num_workers=4",
-        "--train.micro_batch_size=2.0",    # integral float → int
-        "--udm.enabled", "no",
-        "--precompute.force",              # bare flag → True
-        "--train.use_gpu=True",
-        "--precompute.ref_actors", "2,4",  # comma list → tuple[int, int]
-        "--precompute.local_shuffle_max_rows=1000",
-        "--train.lora.target_modules=q_proj,v_proj",
-        "--model.reference=none",          # optional field → None
-        "--model.tokenizer=null",
-        "--mlflow.run_name=my-run",
-        "--output_dir=/tmp/x",
-    ])
+    cfg = load_config(
+        overrides=[
+            "--train.lr=1e-6",  # YAML 1.1 reads "1e-6" as a string: coerced to float
+            "--train.beta",
+            "1",  # int → float
+            "--train.num_workers=4",
+            "--train.micro_batch_size=2.0",  # integral float → int
+            "--udm.enabled",
+            "no",
+            "--precompute.force",  # bare flag → True
+            "--train.use_gpu=True",
+            "--precompute.ref_actors",
+            "2,4",  # comma list → tuple[int, int]
+            "--precompute.local_shuffle_max_rows=1000",
+            "--train.lora.target_modules=q_proj,v_proj",
+            "--model.reference=none",  # optional field → None
+            "--model.tokenizer=null",
+            "--mlflow.run_name=my-run",
+            "--output_dir=/tmp/x",
+        ]
+    )
     assert cfg.train.lr == 1e-6 and isinstance(cfg.train.lr, float)
     assert cfg.train.beta == 1.0 and isinstance(cfg.train.beta, float)
     assert cfg.train.num_workers == 4 and isinstance(cfg.train.num_workers, int)
@@ -112,29 +143,32 @@ def test_overrides_and_coercion():
     assert cfg.mlflow.run_name == "my-run" and cfg.output_dir == "/tmp/x"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--train.lrr=1"], "unknown config field 'train.lrr'. Did you mean 'train.lr'?"),
-    (["--trian.lr=1"], "unknown config field 'trian'. Did you mean 'train'?"),
-    (["--train.lora.alhpa=1"], "unknown config field 'train.lora.alhpa'. Did you mean 'train.lora.alpha'?"),
-    (["--train.num_workers=abc"], "config field 'train.num_workers': expected an integer, got 'abc'"),
-    (["--train.micro_batch_size=1.5"], "config field 'train.micro_batch_size': expected an integer, got 1.5"),
-    (["--train.num_workers=true"], "config field 'train.num_workers': expected an integer, got True"),
-    (["--train.lr=fast"], "config field 'train.lr': expected a number, got 'fast'"),
-    (["--udm.enabled=maybe"], "config field 'udm.enabled': expected true/false, got 'maybe'"),
-    (["--precompute.ref_actors=[1,2,3]"], "config field 'precompute.ref_actors': expected 2 values"),
-    (["--train.lora=5"], "config field 'train.lora': expected a mapping of LoraConfig fields"),
-    (["--train.beta=0"], "train.beta must be > 0 (got 0.0)"),
-    (["--train.beta=-0.1"], "train.beta must be > 0 (got -0.1)"),
-    (["--train.zero_stage=5"], "train.zero_stage must be 0, 1, 2 or 3 (got 5)"),
-    (["--udm.min_density_ratio=11"],
-     "udm.min_density_ratio (11.0) must be <= udm.max_density_ratio (10.0)"),
-    (["--data.max_prompt_length=1024"],
-     "data.max_prompt_length (1024) must be > 0 and < data.max_length (1024)"),
-    (["--data.max_length=256", "--data.max_prompt_length=300"],
-     "data.max_prompt_length (300) must be > 0 and < data.max_length (256)"),
-    (["--train.num_workers=0"], "train.num_workers must be >= 1 (got 0)"),
-    (["--train.offload_params"], "train.offload_params needs train.zero_stage=3"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--train.lrr=1"], "unknown config field 'train.lrr'. Did you mean 'train.lr'?"),
+        (["--trian.lr=1"], "unknown config field 'trian'. Did you mean 'train'?"),
+        (["--train.lora.alhpa=1"], "unknown config field 'train.lora.alhpa'. Did you mean 'train.lora.alpha'?"),
+        (["--train.num_workers=abc"], "config field 'train.num_workers': expected an integer, got 'abc'"),
+        (["--train.micro_batch_size=1.5"], "config field 'train.micro_batch_size': expected an integer, got 1.5"),
+        (["--train.num_workers=true"], "config field 'train.num_workers': expected an integer, got True"),
+        (["--train.lr=fast"], "config field 'train.lr': expected a number, got 'fast'"),
+        (["--udm.enabled=maybe"], "config field 'udm.enabled': expected true/false, got 'maybe'"),
+        (["--precompute.ref_actors=[1,2,3]"], "config field 'precompute.ref_actors': expected 2 values"),
+        (["--train.lora=5"], "config field 'train.lora': expected a mapping of LoraConfig fields"),
+        (["--train.beta=0"], "train.beta must be > 0 (got 0.0)"),
+        (["--train.beta=-0.1"], "train.beta must be > 0 (got -0.1)"),
+        (["--train.zero_stage=5"], "train.zero_stage must be 0, 1, 2 or 3 (got 5)"),
+        (["--udm.min_density_ratio=11"], "udm.min_density_ratio (11.0) must be <= udm.max_density_ratio (10.0)"),
+        (["--data.max_prompt_length=1024"], "data.max_prompt_length (1024) must be > 0 and < data.max_length (1024)"),
+        (
+            ["--data.max_length=256", "--data.max_prompt_length=300"],
+            "data.max_prompt_length (300) must be > 0 and < data.max_length (256)",
+        ),
+        (["--train.num_workers=0"], "train.num_workers must be >= 1 (got 0)"),
+        (["--train.offload_params"], "train.offload_params needs train.zero_stage=3"),
+    ],
+)
 def test_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(overrides=overrides)
@@ -163,18 +197,23 @@ def test_yaml_errors(tmp_path):
 
 
 def test_string_overrides_are_kept_verbatim():
-    cfg = load_config(overrides=["--model.revision=0123456",    # a numeric-looking commit: YAML octal → '42798'
-                                 "--mlflow.run_name=on",        # YAML 1.1 bool → 'True'
-                                 "--mlflow.experiment=1.10",    # float → '1.1'
-                                 "--model.policy=org/m: v2"])   # a mapping → "expected a string" error
+    cfg = load_config(
+        overrides=[
+            "--model.revision=0123456",  # a numeric-looking commit: YAML octal → '42798'
+            "--mlflow.run_name=on",  # YAML 1.1 bool → 'True'
+            "--mlflow.experiment=1.10",  # float → '1.1'
+            "--model.policy=org/m: v2",
+        ]
+    )  # a mapping → "expected a string" error
     assert cfg.model.revision == "0123456"
     assert cfg.mlflow.run_name == "on"
     assert cfg.mlflow.experiment == "1.10"
     assert cfg.model.policy == "org/m: v2"
 
 
-@pytest.mark.parametrize("text, value", [("true", True), ("false", False), ("auto", "auto"), ("True", True),
-                                         ('"true"', True), ("no", False)])
+@pytest.mark.parametrize(
+    "text, value", [("true", True), ("false", False), ("auto", "auto"), ("True", True), ('"true"', True), ("no", False)]
+)
 def test_yaml_bf16_takes_yaml_values(tmp_path, text, value):
     """`train.bf16: true` is YAML's boolean: accepted (and kept as a bool), as are auto and the quoted text."""
     p = tmp_path / "c.yaml"
@@ -186,26 +225,35 @@ def test_yaml_bf16_takes_yaml_values(tmp_path, text, value):
 
 def test_choice_fields_take_yaml_native_values(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("model:\n  dtype: bfloat16\ndata:\n  on_bad_rows: skip\n"
-                 "train:\n  lr_scheduler: Cosine\n  zero_stage: 3\n  offload_params: true\n")
+    p.write_text(
+        "model:\n  dtype: bfloat16\ndata:\n  on_bad_rows: skip\n"
+        "train:\n  lr_scheduler: Cosine\n  zero_stage: 3\n  offload_params: true\n"
+    )
     cfg = load_config(p, ["--train.zero_stage=3"])
     assert (cfg.model.dtype, cfg.data.on_bad_rows, cfg.train.lr_scheduler) == ("bfloat16", "skip", "cosine")
     assert cfg.train.zero_stage == 3 and type(cfg.train.zero_stage) is int
-    assert load_config(overrides=cfg.to_dict()) == cfg                  # the workers' round trip
+    assert load_config(overrides=cfg.to_dict()) == cfg  # the workers' round trip
     p.write_text('train:\n  zero_stage: "1"\n')
     assert load_config(p).train.zero_stage == 1
 
 
-@pytest.mark.parametrize("yaml_text, message", [
-    ("train:\n  bf16: ture\n", "train.bf16 must be auto, true or false (got 'ture'). Did you mean 'true'?"),
-    ("train:\n  bf16: 1\n", "train.bf16 must be auto, true or false (got 1)"),
-    ("train:\n  lr_scheduler: cosin\n",
-     "train.lr_scheduler must be linear, cosine or constant (got 'cosin'). Did you mean 'cosine'?"),
-    ("train:\n  zero_stage: true\n", "train.zero_stage must be 0, 1, 2 or 3 (got True)"),
-    ("data:\n  on_bad_rows: skp\n", "data.on_bad_rows must be error or skip (got 'skp'). Did you mean 'skip'?"),
-    ("model:\n  dtype: bf16\n",
-     "model.dtype must be auto, float32, bfloat16 or float16 (got 'bf16'). Did you mean 'bfloat16'?"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("train:\n  bf16: ture\n", "train.bf16 must be auto, true or false (got 'ture'). Did you mean 'true'?"),
+        ("train:\n  bf16: 1\n", "train.bf16 must be auto, true or false (got 1)"),
+        (
+            "train:\n  lr_scheduler: cosin\n",
+            "train.lr_scheduler must be linear, cosine or constant (got 'cosin'). Did you mean 'cosine'?",
+        ),
+        ("train:\n  zero_stage: true\n", "train.zero_stage must be 0, 1, 2 or 3 (got True)"),
+        ("data:\n  on_bad_rows: skp\n", "data.on_bad_rows must be error or skip (got 'skp'). Did you mean 'skip'?"),
+        (
+            "model:\n  dtype: bf16\n",
+            "model.dtype must be auto, float32, bfloat16 or float16 (got 'bf16'). Did you mean 'bfloat16'?",
+        ),
+    ],
+)
 def test_bad_choice_names_the_field_and_the_close_match(tmp_path, yaml_text, message):
     p = tmp_path / "c.yaml"
     p.write_text(yaml_text)
@@ -216,6 +264,7 @@ def test_bad_choice_names_the_field_and_the_close_match(tmp_path, yaml_text, mes
 
 def test_validate_checks_choices_of_a_config_built_in_code():
     from bco_ray.config import validate
+
     cfg = Config()
     cfg.train.lr_scheduler = "polynomial"
     with pytest.raises(ConfigError, match="train.lr_scheduler must be linear, cosine or constant"):
@@ -229,8 +278,9 @@ def test_use_bf16_reads_the_typed_field():
     from bco_ray.config import TrainConfig
     from bco_ray.models import use_bf16
     from bco_ray.train.ds_config import deepspeed_config
+
     assert [use_bf16(TrainConfig(bf16="auto"), gpu) for gpu in (True, False)] == [True, False]
     assert [use_bf16(TrainConfig(bf16=True), gpu) for gpu in (True, False)] == [True, True]
     assert [use_bf16(TrainConfig(bf16=False), gpu) for gpu in (True, False)] == [False, False]
-    assert use_bf16(TrainConfig(bf16="false"), True) is False                # the old text spelling, built in code
+    assert use_bf16(TrainConfig(bf16="false"), True) is False  # the old text spelling, built in code
     assert deepspeed_config(load_config(overrides=["--train.bf16=true"]).train, 1, False)["bf16"] == {"enabled": True}

@@ -3,6 +3,7 @@ and rewards, the same δ after every micro-batch and the same all-reduced window
 
 No optimizer step (lr 0 equivalent): the model stays fixed, so only the δ pooling and the metric reduction
 are under test, plus padding invariance (each rank pads its half to its own longest row)."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,9 +17,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-B = 3            # rows per rank per micro-batch
+B = 3  # rows per rank per micro-batch
 WORLD = 2
-MICRO = 3        # consecutive micro-batches
+MICRO = 3  # consecutive micro-batches
 BETA = 0.1
 PAD_ID = 0
 VOCAB = 50
@@ -32,10 +33,20 @@ def _free_port() -> int:
 
 def _model():
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      initializer_range=0.2, tie_word_embeddings=True, attn_implementation="eager")
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+    )
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -47,14 +58,16 @@ def _global_batches() -> list[dict[str, np.ndarray]]:
         n = WORLD * B
         lengths = rng.integers(4, 16, size=n)
         prompt_len = np.array([rng.integers(1, L) for L in lengths])
-        out.append({
-            "input_ids": np.array([rng.integers(1, VOCAB, size=L) for L in lengths], dtype=object),
-            "prompt_len": prompt_len,
-            "label": rng.random(n) < 0.5,
-            # ref log-probs roughly where a random 50-token model puts them (≈ -log 50 per token)
-            "ref_logps": (-(lengths - prompt_len) * np.log(VOCAB) + rng.normal(0, 2, n)).astype(np.float32),
-            "udm_weight": rng.uniform(0.5, 3.0, size=n).astype(np.float32),
-        })
+        out.append(
+            {
+                "input_ids": np.array([rng.integers(1, VOCAB, size=L) for L in lengths], dtype=object),
+                "prompt_len": prompt_len,
+                "label": rng.random(n) < 0.5,
+                # ref log-probs roughly where a random 50-token model puts them (≈ -log 50 per token)
+                "ref_logps": (-(lengths - prompt_len) * np.log(VOCAB) + rng.normal(0, 2, n)).astype(np.float32),
+                "udm_weight": rng.uniform(0.5, 3.0, size=n).astype(np.float32),
+            }
+        )
     return out
 
 
@@ -72,7 +85,7 @@ def _run(rows: slice | None):
         part = {k: v[rows] for k, v in g.items()} if rows is not None else g
         batch = collate(part, PAD_ID)
         losses, rewards, logps = bco_forward(model, batch, delta, BETA, chunk_size=4)
-        losses.mean().backward()                     # as in training; no optimizer step
+        losses.mean().backward()  # as in training; no optimizer step
         tokens = int(batch["attention_mask"].sum())
         for w in (window, total):
             w.add(losses, rewards, logps, batch["label"], tokens)
@@ -88,6 +101,7 @@ def _run(rows: slice | None):
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
+
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
         rec = _run(slice(rank * B, (rank + 1) * B))
@@ -124,7 +138,7 @@ def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    single = _run(None)          # no process group in this process: 1 worker × 2b rows
+    single = _run(None)  # no process group in this process: 1 worker × 2b rows
 
     for k in range(MICRO):
         # the same δ on every rank, equal to the single process's δ (rewards of all ranks pooled)
@@ -132,8 +146,7 @@ def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
         assert ranks[1]["delta"][k] == ranks[0]["delta"][k]
         # per-row numbers: rank r's rows are rows [r*b, (r+1)*b) of the single run
         for key in ("losses", "rewards", "logps"):
-            torch.testing.assert_close(torch.cat([rk[key][k] for rk in ranks]), single[key][k],
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.cat([rk[key][k] for rk in ranks]), single[key][k], atol=1e-5, rtol=1e-5)
         # all-reduced window metrics: identical on both ranks and equal to the single process's
         _assert_metrics_close(ranks[0]["window"][k], ranks[1]["window"][k])
         _assert_metrics_close(ranks[0]["window"][k], single["window"][k])

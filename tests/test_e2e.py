@@ -1,5 +1,6 @@
 """The real pipeline, end to end, on the embedded defaults: Ray Data pass → 2 Ray Train workers with
 DeepSpeed ZeRO-2 → MLflow. Asserts on what a user would look at afterwards."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,16 @@ pytestmark = pytest.mark.e2e
 
 def test_job_trains_logs_and_saves(tmp_path, tiny_overrides):
     # With the generation eval on a handful of held-out prompts, one intermediate eval (a policy snapshot).
-    proc = run_job(tmp_path, *tiny_overrides, "--mlflow.run_name=e2e", "--mlflow.experiment=e2e",
-                   "--train.eval_steps=15", "--eval.num_prompts=8", "--eval.max_new_tokens=12",
-                   "--train.lr=5e-3")      # 30 steps at the demo's 5e-4 move the SFT'd policy's loss too little to test
+    proc = run_job(
+        tmp_path,
+        *tiny_overrides,
+        "--mlflow.run_name=e2e",
+        "--mlflow.experiment=e2e",
+        "--train.eval_steps=15",
+        "--eval.num_prompts=8",
+        "--eval.max_new_tokens=12",
+        "--train.lr=5e-3",
+    )  # 30 steps at the demo's 5e-4 move the SFT'd policy's loss too little to test
     assert proc.returncode == 0, (tmp_path / "job.log").read_text()[-6000:]
     result = json.loads(next((tmp_path / "outputs" / "runs").glob("e2e/result.json")).read_text())
 
@@ -29,8 +37,19 @@ def test_job_trains_logs_and_saves(tmp_path, tiny_overrides):
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2" and run.data.params["train.zero_stage"] == "2"
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "delta", "learning_rate",
-                "logps/chosen", "logps/rejected", "grad_norm", "tokens_per_second", "eval/auc"):
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "delta",
+        "learning_rate",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "tokens_per_second",
+        "eval/auc",
+    ):
         assert key in run.data.metrics, key
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
     assert len(losses) == 30
@@ -40,7 +59,7 @@ def test_job_trains_logs_and_saves(tmp_path, tiny_overrides):
     assert max(m.step for m in margins) == 30 and sorted(margins, key=lambda m: m.step)[-1].value > 0
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"plots", "config.yaml", "precompute", "udm"} <= artifacts       # the model: a LoggedModel (MLflow 3)
+    assert {"plots", "config.yaml", "precompute", "udm"} <= artifacts  # the model: a LoggedModel (MLflow 3)
     assert run.data.tags["model.format"] == "mlflow-transformers" and run.data.tags["model.id"].startswith("m-")
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/loss.png", "plots/udm_weights.png", "plots/gen_score.png"} <= plots
@@ -55,16 +74,18 @@ def test_job_trains_logs_and_saves(tmp_path, tiny_overrides):
     assert score[30] >= score_ref[30], (score, score_ref)
     for key in ("eval/gen/hedged", "eval/gen/hedged_ref", "eval/gen/length", "eval/gen/reward", "eval/gen/reward_ref"):
         assert key in run.data.metrics, key
-    assert {a.path for a in client.list_artifacts(run_id, "eval")} >= {"eval/generations.json",
-                                                                       "eval/generations_by_step.json"}
+    assert {a.path for a in client.list_artifacts(run_id, "eval")} >= {
+        "eval/generations.json",
+        "eval/generations_by_step.json",
+    }
     table = json.loads(open(client.download_artifacts(run_id, "eval/generations.json", str(tmp_path))).read())
     assert table["columns"][:4] == ["step", "prompt", "reference", "policy"] and len(table["data"]) == 8
     assert {"score", "score_ref", "reward", "reward_ref"} <= set(table["columns"])
-    assert not (tmp_path / "outputs" / "ray" / "e2e" / "generation").exists()     # snapshots removed after the pass
+    assert not (tmp_path / "outputs" / "ray" / "e2e" / "generation").exists()  # snapshots removed after the pass
 
     # The saved policy loads with plain transformers and moved away from its initial weights.
     trained = AutoModelForCausalLM.from_pretrained(result["model_dir"])
-    init = load_file(str(SFT_DIR / "model.safetensors"))            # the demo's policy starts from the SFT'd model
+    init = load_file(str(SFT_DIR / "model.safetensors"))  # the demo's policy starts from the SFT'd model
     diffs = [float((trained.state_dict()[k] - v).abs().max()) for k, v in init.items()]
     assert max(diffs) > 1e-3
     with torch.no_grad():

@@ -19,6 +19,7 @@ norm 1.90 for 3.15); stages 0-2 were unaffected.
 Two optimizer steps with clipping active: Adam's first step is ≈ lr·sign(g) whatever the gradient's
 scale, the second one depends on how the two steps' gradients compare, so a wrong accumulation or
 clipping shows in the parameters; the gradient norm DeepSpeed reports checks the scale directly."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,14 +34,14 @@ import numpy as np
 import pytest
 import torch
 
-GAS = 2              # micro-batches per optimizer step
-STEPS = 2            # optimizer steps
-ROWS = 4             # rows per micro-batch
+GAS = 2  # micro-batches per optimizer step
+STEPS = 2  # optimizer steps
+ROWS = 4  # rows per micro-batch
 LR = 1e-3
 WEIGHT_DECAY = 0.1
 MAX_GRAD_NORM = 0.05  # below every gradient norm of the run: clipping is always active
 BETA = 0.1
-CHUNK = 16           # completion tokens per lm_head chunk: several chunks per micro-batch
+CHUNK = 16  # completion tokens per lm_head chunk: several chunks per micro-batch
 PAD_ID = 2
 TOL = 1e-5
 
@@ -63,8 +64,14 @@ def _init_world_of_one() -> None:
     """torch.distributed (gloo, loopback) with one rank, as the worker of a 1-worker job sees it."""
     import deepspeed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+    )
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
 
@@ -74,6 +81,7 @@ def _model():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from bco_ray.builtin import ASSETS
+
     cfg = Qwen2Config.from_pretrained(ASSETS / "tiny-qwen2")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -89,20 +97,33 @@ def _micro_batches() -> list[dict]:
         prompt_len = np.array([rng.integers(2, L - 2) for L in lengths])
         ids = np.empty(ROWS, dtype=object)
         ids[:] = [rng.integers(3, 512, size=L) for L in lengths]
-        out.append({
-            "input_ids": ids, "prompt_len": prompt_len,
-            "label": np.array([True, False, True, False]),
-            "ref_logps": (-(lengths - prompt_len) * np.log(512) + rng.normal(0, 3, ROWS)).astype(np.float32),
-            "udm_weight": rng.uniform(0.5, 3.0, size=ROWS).astype(np.float32),
-        })
+        out.append(
+            {
+                "input_ids": ids,
+                "prompt_len": prompt_len,
+                "label": np.array([True, False, True, False]),
+                "ref_logps": (-(lengths - prompt_len) * np.log(512) + rng.normal(0, 3, ROWS)).astype(np.float32),
+                "udm_weight": rng.uniform(0.5, 3.0, size=ROWS).astype(np.float32),
+            }
+        )
     return out
 
 
 def _train_config(**kw):
     from bco_ray.config import TrainConfig
-    return TrainConfig(micro_batch_size=ROWS, gradient_accumulation_steps=GAS, lr=LR, weight_decay=WEIGHT_DECAY,
-                       max_grad_norm=MAX_GRAD_NORM, warmup_ratio=0.0, lr_scheduler="constant", beta=BETA,
-                       bf16="false", **kw)
+
+    return TrainConfig(
+        micro_batch_size=ROWS,
+        gradient_accumulation_steps=GAS,
+        lr=LR,
+        weight_decay=WEIGHT_DECAY,
+        max_grad_norm=MAX_GRAD_NORM,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        beta=BETA,
+        bf16="false",
+        **kw,
+    )
 
 
 def _reference():
@@ -135,9 +156,11 @@ def _engine_run(t):
 
     model = _model()
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(t, world_size=1, on_gpu=False),
-        lr_scheduler=lambda opt: get_scheduler(t.lr_scheduler, opt, num_warmup_steps=0, num_training_steps=STEPS))
+        lr_scheduler=lambda opt: get_scheduler(t.lr_scheduler, opt, num_warmup_steps=0, num_training_steps=STEPS),
+    )
     delta, norms = RunningMean(), []
     for i, raw in enumerate(_micro_batches()):
         batch = collate(raw, PAD_ID)
@@ -145,7 +168,7 @@ def _engine_run(t):
         engine.backward(losses.mean())
         engine.step()
         if (i + 1) % GAS == 0:
-            norm = engine.get_global_grad_norm()             # what the loop logs as grad_norm
+            norm = engine.get_global_grad_norm()  # what the loop logs as grad_norm
             norms.append(None if norm is None else float(norm))
     params = list(engine.module.parameters())
     ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if t.zero_stage == 3 else _Null()
@@ -190,16 +213,18 @@ def results() -> dict:
 
 
 def test_reference_update_is_visible_and_clipped(results):
-    assert results["moved"] > 100 * TOL                     # the update is visible at this tolerance
-    assert min(results["ref_norms"]) > 2 * MAX_GRAD_NORM    # clipping is active on every step
+    assert results["moved"] > 100 * TOL  # the update is visible at this tolerance
+    assert min(results["ref_norms"]) > 2 * MAX_GRAD_NORM  # clipping is active on every step
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_engine_update_matches_plain_adamw(stage, results):
     r = results[stage]
     assert "error" not in r, r.get("error")
-    print(f"\n[{stage}] {r['optimizer']}: max |engine - AdamW| = {r['diff']:.3g} ({r['worst']}); "
-          f"update max {results['moved']:.3g}; grad norms engine {r['norms']} vs AdamW {results['ref_norms']}")
+    print(
+        f"\n[{stage}] {r['optimizer']}: max |engine - AdamW| = {r['diff']:.3g} ({r['worst']}); "
+        f"update max {results['moved']:.3g}; grad norms engine {r['norms']} vs AdamW {results['ref_norms']}"
+    )
     assert r["diff"] <= TOL, f"{stage}: {r['worst']} differs by {r['diff']:.3g}"
-    if stage != "zero0":                                     # ZeRO-0 reports none (the loop logs 0.0)
+    if stage != "zero0":  # ZeRO-0 reports none (the loop logs 0.0)
         assert r["norms"] == pytest.approx(results["ref_norms"], rel=1e-5)

@@ -30,6 +30,7 @@ def bad(row, fmt="unpaired", index=17):
 
 # ----------------------------------------------------------------------------- rows
 
+
 def test_detect_format():
     assert detect_format({"prompt": "p", "completion": "c", "label": True, "x": 1}) == "unpaired"
     assert detect_format({"prompt": "p", "chosen": "a", "rejected": "b"}) == "paired"
@@ -47,13 +48,16 @@ def test_unpaired_labels_accepted(label):
     assert type(out["label"]) is bool
 
 
-@pytest.mark.parametrize("label,shown", [("yes", "'yes' (str)"), (2, "2 (int)"),
-                                         (None, "None (NoneType)"), (1.0, "1.0 (float)"),
-                                         ("true", "'true' (str)")])
+@pytest.mark.parametrize(
+    "label,shown",
+    [("yes", "'yes' (str)"), (2, "2 (int)"), (None, "None (NoneType)"), (1.0, "1.0 (float)"), ("true", "'true' (str)")],
+)
 def test_bad_label_names_row_and_field(label, shown):
     err = bad({"prompt": "p", "completion": "c", "label": label})
-    assert str(err) == (f"train.jsonl row 17, field 'label': expected a boolean (true/false or "
-                        f"0/1), got {shown}. Fix the row or pass --data.on_bad_rows=skip.")
+    assert str(err) == (
+        f"train.jsonl row 17, field 'label': expected a boolean (true/false or "
+        f"0/1), got {shown}. Fix the row or pass --data.on_bad_rows=skip."
+    )
     assert (err.index, err.field, err.reason) == (17, "label", "label_not_boolean")
 
 
@@ -62,7 +66,8 @@ def test_paired_gives_two_rows():
     check_row(row, source=SRC, index=0, fmt="paired")
     assert to_unpaired(row, "paired") == [
         {"prompt": "Q?", "completion": "good", "label": True},
-        {"prompt": "Q?", "completion": "bad", "label": False}]
+        {"prompt": "Q?", "completion": "bad", "label": False},
+    ]
 
 
 def test_implicit_prompt_text():
@@ -71,37 +76,42 @@ def test_implicit_prompt_text():
     # longest common prefix; like TRL, the space before the split goes to the completions
     assert to_unpaired(row, "implicit") == [
         {"prompt": "Q: 2+2? A:", "completion": " 4", "label": True},
-        {"prompt": "Q: 2+2? A:", "completion": " 5", "label": False}]
+        {"prompt": "Q: 2+2? A:", "completion": " 5", "label": False},
+    ]
     assert to_unpaired({"chosen": "abcX", "rejected": "abcY"}, "implicit")[1] == {
-        "prompt": "abc", "completion": "Y", "label": False}
+        "prompt": "abc",
+        "completion": "Y",
+        "label": False,
+    }
 
 
 def test_implicit_prompt_conversational():
     shared = msgs(("system", "be brief"), ("user", "2+2?"))
-    row = {"chosen": shared + msgs(("assistant", "4")),
-           "rejected": shared + msgs(("assistant", "5"))}
+    row = {"chosen": shared + msgs(("assistant", "4")), "rejected": shared + msgs(("assistant", "5"))}
     check_row(row, source=SRC, index=0, fmt="implicit")
     assert to_unpaired(row, "implicit") == [
         {"prompt": shared, "completion": msgs(("assistant", "4")), "label": True},
-        {"prompt": shared, "completion": msgs(("assistant", "5")), "label": False}]
+        {"prompt": shared, "completion": msgs(("assistant", "5")), "label": False},
+    ]
 
 
 def test_implicit_errors():
     err = bad({"chosen": "yes", "rejected": "no"}, fmt="implicit")
     assert "row 17, field 'chosen'" in str(err) and "no common prefix" in str(err)
-    assert bad({"chosen": msgs(("user", "a")), "rejected": msgs(("user", "b"))},
-               fmt="implicit").reason == "no_common_prefix"
+    assert (
+        bad({"chosen": msgs(("user", "a")), "rejected": msgs(("user", "b"))}, fmt="implicit").reason
+        == "no_common_prefix"
+    )
     err = bad({"chosen": "same text", "rejected": "same text"}, fmt="implicit")
     assert err.reason == "empty_after_common_prefix"
 
 
 def test_conversational_unpaired_stays_lists():
-    row = {"prompt": msgs(("user", "hi")), "completion": msgs(("assistant", "hello")),
-           "label": 1}
+    row = {"prompt": msgs(("user", "hi")), "completion": msgs(("assistant", "hello")), "label": 1}
     check_row(row, source=SRC, index=0, fmt="unpaired")
     assert to_unpaired(row, "unpaired") == [
-        {"prompt": msgs(("user", "hi")), "completion": msgs(("assistant", "hello")),
-         "label": True}]
+        {"prompt": msgs(("user", "hi")), "completion": msgs(("assistant", "hello")), "label": True}
+    ]
 
 
 def test_missing_column():
@@ -111,18 +121,20 @@ def test_missing_column():
     assert "row 3, field 'rejected'" in str(err)
 
 
-@pytest.mark.parametrize("row,field,reason", [
-    ({"prompt": "  \n", "completion": "c", "label": 1}, "prompt", "empty_prompt"),
-    ({"prompt": "p", "completion": "", "label": 1}, "completion", "empty_completion"),
-    ({"prompt": "p", "chosen": "", "rejected": "r"}, "chosen", "empty_chosen"),
-    ({"prompt": 5, "completion": "c", "label": 1}, "prompt", "wrong_type"),
-    ({"prompt": None, "completion": "c", "label": 1}, "prompt", "wrong_type"),
-    ({"prompt": [{"role": "user"}], "completion": "c", "label": 1}, "prompt", "bad_message"),
-    ({"prompt": [], "completion": [], "label": 1}, "prompt", "empty_prompt"),
-    ({"prompt": "p", "completion": msgs(("assistant", "c")), "label": 1}, "completion",
-     "mixed_text_types"),
-    ({"prompt": "bad \ud800 text", "completion": "c", "label": 1}, "prompt", "invalid_unicode"),
-])
+@pytest.mark.parametrize(
+    "row,field,reason",
+    [
+        ({"prompt": "  \n", "completion": "c", "label": 1}, "prompt", "empty_prompt"),
+        ({"prompt": "p", "completion": "", "label": 1}, "completion", "empty_completion"),
+        ({"prompt": "p", "chosen": "", "rejected": "r"}, "chosen", "empty_chosen"),
+        ({"prompt": 5, "completion": "c", "label": 1}, "prompt", "wrong_type"),
+        ({"prompt": None, "completion": "c", "label": 1}, "prompt", "wrong_type"),
+        ({"prompt": [{"role": "user"}], "completion": "c", "label": 1}, "prompt", "bad_message"),
+        ({"prompt": [], "completion": [], "label": 1}, "prompt", "empty_prompt"),
+        ({"prompt": "p", "completion": msgs(("assistant", "c")), "label": 1}, "completion", "mixed_text_types"),
+        ({"prompt": "bad \ud800 text", "completion": "c", "label": 1}, "prompt", "invalid_unicode"),
+    ],
+)
 def test_bad_rows(row, field, reason):
     fmt = detect_format(row)
     err = bad(row, fmt=fmt)
@@ -133,15 +145,21 @@ def test_bad_rows(row, field, reason):
 
 # ----------------------------------------------------------------------------- files
 
-GOOD = [{"prompt": "p1", "completion": "c1", "label": True},
-        {"prompt": "p2", "completion": "c2", "label": 0}]
+GOOD = [{"prompt": "p1", "completion": "c1", "label": True}, {"prompt": "p2", "completion": "c2", "label": 0}]
 
 
 def test_validate_jsonl_summary(tmp_path):
     rows = GOOD + [GOOD[0], {"prompt": "p1", "completion": "c1", "label": False}]
     s = validate_source(write_jsonl(tmp_path / "d.jsonl", rows))
-    assert s == {"format": "unpaired", "rows": 4, "bad_rows": 0, "bad_reasons": {},
-                 "unpaired_rows": 4, "labels": {"true": 2, "false": 2}, "duplicates": 1}
+    assert s == {
+        "format": "unpaired",
+        "rows": 4,
+        "bad_rows": 0,
+        "bad_reasons": {},
+        "unpaired_rows": 4,
+        "labels": {"true": 2, "false": 2},
+        "duplicates": 1,
+    }
 
 
 def test_validate_paired_counts(tmp_path):
@@ -168,28 +186,43 @@ def test_non_utf8_bytes(tmp_path):
 
 
 def test_skip_mode_counts_and_max_errors(tmp_path):
-    rows = [GOOD[0], {"prompt": "p", "completion": "c", "label": "yes"},
-            {"prompt": "", "completion": "c", "label": 1}, GOOD[1],
-            {"prompt": "p", "completion": "c"}]
+    rows = [
+        GOOD[0],
+        {"prompt": "p", "completion": "c", "label": "yes"},
+        {"prompt": "", "completion": "c", "label": 1},
+        GOOD[1],
+        {"prompt": "p", "completion": "c"},
+    ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with open(path, "ab") as f:
         f.write(b"[1, 2]\n\xfe\n")
     s = validate_source(path, on_bad_rows="skip")
     assert (s["rows"], s["bad_rows"], s["unpaired_rows"]) == (2, 5, 2)
-    assert s["bad_reasons"] == {"label_not_boolean": 1, "empty_prompt": 1, "missing_label": 1,
-                                "not_an_object": 1, "invalid_utf8": 1}
+    assert s["bad_reasons"] == {
+        "label_not_boolean": 1,
+        "empty_prompt": 1,
+        "missing_label": 1,
+        "not_an_object": 1,
+        "invalid_utf8": 1,
+    }
     with pytest.raises(DataFormatError) as e:
         validate_source(path)
     assert e.value.index == 1 and "more bad rows" not in str(e.value)
-    with pytest.raises(DataFormatError, match=r"(?s)row 1, field 'label'.*2 more bad rows:.*"
-                                              r"row 2, field 'prompt'.*row 4, field 'label'"):
+    with pytest.raises(
+        DataFormatError,
+        match=r"(?s)row 1, field 'label'.*2 more bad rows:.*"
+        r"row 2, field 'prompt'.*row 4, field 'label'",
+    ):
         validate_source(path, max_errors=3)
 
 
 def test_mixed_formats_raise_even_when_skipping(tmp_path):
     rows = GOOD + [{"prompt": "q", "chosen": "a", "rejected": "b"}]
-    with pytest.raises(DataFormatError, match=r"row 2: is a paired-format row .* unpaired-format "
-                                              r"\(detected from row 0\); mixed formats"):
+    with pytest.raises(
+        DataFormatError,
+        match=r"row 2: is a paired-format row .* unpaired-format "
+        r"\(detected from row 0\); mixed formats",
+    ):
         validate_source(write_jsonl(tmp_path / "d.jsonl", rows), on_bad_rows="skip")
 
 
@@ -206,11 +239,16 @@ def test_no_valid_rows(tmp_path):
 
 
 def test_parquet_input(tmp_path):
-    table = pa.Table.from_pylist([
-        {"prompt": msgs(("user", "hi")), "chosen": msgs(("assistant", "hello")),
-         "rejected": msgs(("assistant", "go away"))},
-        {"prompt": msgs(("user", "hi")), "chosen": msgs(("assistant", "hey")),
-         "rejected": msgs(("assistant", ""))}])
+    table = pa.Table.from_pylist(
+        [
+            {
+                "prompt": msgs(("user", "hi")),
+                "chosen": msgs(("assistant", "hello")),
+                "rejected": msgs(("assistant", "go away")),
+            },
+            {"prompt": msgs(("user", "hi")), "chosen": msgs(("assistant", "hey")), "rejected": msgs(("assistant", ""))},
+        ]
+    )
     path = str(tmp_path / "d.parquet")
     pq.write_table(table, path, row_group_size=1)
     assert [i for i, _ in iter_rows(path)] == [0, 1]

@@ -1,6 +1,7 @@
 """The generation eval's parts (no Ray): the arithmetic verifier against the data's labels, batched generation
 against one-prompt generation, completion log-probs against the training function, the per-step metrics on
 hand-computed rows, snapshots, config checks, and the shipped SFT reference (its config, hash, determinism)."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,11 @@ def test_arithmetic_verifier_agrees_with_every_label():
 
 def test_verifier_loading_and_results():
     assert load_verifier("bco_ray.eval.arithmetic:verify") is verify
-    for bad, says in (("nocolon", "package.module:function"), ("no_such_mod_xyz:f", "cannot import"),
-                      ("bco_ray.eval.arithmetic:nope", "no function")):
+    for bad, says in (
+        ("nocolon", "package.module:function"),
+        ("no_such_mod_xyz:f", "cannot import"),
+        ("bco_ray.eval.arithmetic:nope", "no function"),
+    ):
         with pytest.raises(VerifierError, match=says):
             load_verifier(bad)
     assert verifier_scores(lambda p, c: True, "p", "c") == {"score": 1.0}
@@ -54,22 +58,28 @@ def test_verifier_loading_and_results():
 def test_eval_config_checks():
     cfg = load_config(overrides=["--eval.generate=true", "--eval.verifier=bco_ray.eval.arithmetic:verify"])
     assert cfg.eval.generate and cfg.eval.at_start and cfg.eval.num_prompts == 32
-    for bad, says in (("--eval.verifier=verify", "eval.verifier"), ("--eval.max_new_tokens=0", "eval.max_new_tokens"),
-                      ("--eval.top_p=0", "eval.top_p"), ("--eval.temperature=-1", "eval.temperature")):
+    for bad, says in (
+        ("--eval.verifier=verify", "eval.verifier"),
+        ("--eval.max_new_tokens=0", "eval.max_new_tokens"),
+        ("--eval.top_p=0", "eval.top_p"),
+        ("--eval.temperature=-1", "eval.temperature"),
+    ):
         with pytest.raises(ConfigError, match=says):
             load_config(overrides=[bad])
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny):
     tok = AutoTokenizer.from_pretrained(tokenizer_path())
-    prompts = [[0] + tok(t, add_special_tokens=False)["input_ids"] for t in
-               ("What is 3 + 4?\nAnswer:", "Which is larger, 120 or 7?\nAnswer:", "Double 9.\nAnswer:")]
+    prompts = [
+        [0] + tok(t, add_special_tokens=False)["input_ids"]
+        for t in ("What is 3 + 4?\nAnswer:", "Which is larger, 120 or 7?\nAnswer:", "Double 9.\nAnswer:")
+    ]
     kw = dict(max_new_tokens=6, eos_id=1, pad_id=2)
     batched = generate(tiny, prompts, batch_size=3, **kw)
     assert batched == [generate(tiny, [p], batch_size=1, **kw)[0] for p in prompts]
     assert all(0 < len(c) <= 6 for c in batched)
     sampled = generate(tiny, prompts, sample=True, seed=3, **kw)
-    assert sampled == generate(tiny, prompts, sample=True, seed=3, **kw)     # seeded: repeatable
+    assert sampled == generate(tiny, prompts, sample=True, seed=3, **kw)  # seeded: repeatable
 
 
 def test_completion_logps_is_the_training_quantity(tiny):
@@ -83,16 +93,33 @@ def test_completion_logps_is_the_training_quantity(tiny):
 
 
 def _row(step, i, score, score_ref, reward, reward_ref, length, kind="greedy"):
-    return {"step": step, "kind": kind, "prompt_index": i, "prompt": f"p{i}", "completion": f"c{step}{i}",
-            "completion_ref": f"r{i}", "length": length, "length_ref": 3, "finished": 1.0, "reward": reward,
-            "reward_ref": reward_ref, "verifier/score": score, "verifier_ref/score": score_ref,
-            "verifier/hedged": 1.0 - score, "verifier_ref/hedged": 1.0}
+    return {
+        "step": step,
+        "kind": kind,
+        "prompt_index": i,
+        "prompt": f"p{i}",
+        "completion": f"c{step}{i}",
+        "completion_ref": f"r{i}",
+        "length": length,
+        "length_ref": 3,
+        "finished": 1.0,
+        "reward": reward,
+        "reward_ref": reward_ref,
+        "verifier/score": score,
+        "verifier_ref/score": score_ref,
+        "verifier/hedged": 1.0 - score,
+        "verifier_ref/hedged": 1.0,
+    }
 
 
 def test_step_metrics_and_tables_by_hand():
-    rows = [_row(0, 0, 0.0, 0.0, 0.0, 0.0, 3), _row(0, 1, 1.0, 1.0, 0.0, 0.0, 3),
-            _row(20, 0, 1.0, 0.0, 0.5, -0.25, 2), _row(20, 1, 1.0, 1.0, 0.25, 0.0, 4),
-            _row(20, 0, 0.0, 0.0, 0.0, 0.0, 9, kind="sampled")]
+    rows = [
+        _row(0, 0, 0.0, 0.0, 0.0, 0.0, 3),
+        _row(0, 1, 1.0, 1.0, 0.0, 0.0, 3),
+        _row(20, 0, 1.0, 0.0, 0.5, -0.25, 2),
+        _row(20, 1, 1.0, 1.0, 0.25, 0.0, 4),
+        _row(20, 0, 0.0, 0.0, 0.0, 0.0, 9, kind="sampled"),
+    ]
     m = report.step_metrics(rows)
     assert m[0]["eval/gen/score"] == 0.5 and m[0]["eval/gen/score_ref"] == 0.5 and m[0]["eval/gen/reward"] == 0.0
     assert m[20]["eval/gen/score"] == 1.0 and m[20]["eval/gen/score_ref"] == 0.5
@@ -118,7 +145,7 @@ def test_snapshots_are_written_whole_and_listed(tmp_path, tiny):
     for step in (20, 40):
         save_snapshot(tiny, str(tmp_path), step, str(tokenizer_path()), rank=0, zero_stage=0, lora=False)
     save_snapshot(tiny, str(tmp_path), 20, str(tokenizer_path()), rank=0, zero_stage=0, lora=False)  # again
-    (tmp_path / "generation" / "step_0000060").mkdir()                    # an interrupted write: not listed
+    (tmp_path / "generation" / "step_0000060").mkdir()  # an interrupted write: not listed
     snaps = list_snapshots(str(tmp_path))
     assert sorted(snaps) == [20, 40]
     assert Qwen2ForCausalLM.from_pretrained(snaps[40]).config.hidden_size == tiny.config.hidden_size
@@ -126,14 +153,22 @@ def test_snapshots_are_written_whole_and_listed(tmp_path, tiny):
 
 def test_sft_asset_matches_its_config_and_hash():
     from bco_ray.builtin_sft import RECIPE, sha256
+
     path = resolve_model(BUILTIN_SFT_MODEL, "/nonexistent")
     assert path == str(SFT_DIR)
     info = json.loads((SFT_DIR / "sft.json").read_text())
     assert info["recipe"] == RECIPE and info["max_steps"] is None
     assert info["model.safetensors.sha256"] == sha256(SFT_DIR / "model.safetensors")
     shipped, base = AutoConfig.from_pretrained(SFT_DIR), AutoConfig.from_pretrained(ASSETS / "tiny-qwen2")
-    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "tie_word_embeddings"):
+    for k in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+    ):
         assert getattr(shipped, k) == getattr(base, k), k
     weights, fresh = load_file(str(SFT_DIR / "model.safetensors")), Qwen2ForCausalLM(base).state_dict()
     assert set(weights) <= set(fresh) and all(fresh[k].shape == v.shape for k, v in weights.items())
@@ -142,6 +177,7 @@ def test_sft_asset_matches_its_config_and_hash():
 def test_sft_build_is_deterministic(tmp_path):
     """Two short builds give byte-identical weights (the full build is `python -m bco_ray.builtin_sft --check`)."""
     from bco_ray.builtin_sft import build, sha256
+
     a, b = build(tmp_path / "a", max_steps=3), build(tmp_path / "b", max_steps=3)
     assert sha256(a / "model.safetensors") == sha256(b / "model.safetensors")
     assert json.loads((a / "sft.json").read_text())["max_steps"] == 3

@@ -4,6 +4,7 @@ There is no hub access here: the hub's answer (`HfApi.repo_info(...).sha`) comes
 move, like a branch receiving a commit, and `datasets.load_dataset` is replaced by a recorder. What is checked
 is what bco-ray asks of them: the revision resolved to a commit once, rows read at that commit as a stream, a
 cache key that changes when the branch moves and stays when it does not."""
+
 from __future__ import annotations
 
 import types
@@ -21,6 +22,7 @@ SHA1, SHA2 = "1" * 40, "2" * 40
 def hub(monkeypatch):
     """A fake hub: `heads[(repo_type, repo_id, revision)]` is the commit a revision points at now."""
     import huggingface_hub
+
     heads: dict = {}
     calls: list = []
 
@@ -36,21 +38,34 @@ def hub(monkeypatch):
     return types.SimpleNamespace(heads=heads, calls=calls)
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("hf:org/name", ("org/name", None, None, "train")),
-    ("hf:org/name:test", ("org/name", None, None, "test")),
-    ("hf:imdb:train", ("imdb", None, None, "train")),
-    ("hf:org/name/subset:validation", ("org/name", None, "subset", "validation")),
-    ("hf:org/name@v1.0:train", ("org/name", "v1.0", None, "train")),
-    ("hf:org/name@" + SHA1 + "/default:test", ("org/name", SHA1, "default", "test")),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("hf:org/name", ("org/name", None, None, "train")),
+        ("hf:org/name:test", ("org/name", None, None, "test")),
+        ("hf:imdb:train", ("imdb", None, None, "train")),
+        ("hf:org/name/subset:validation", ("org/name", None, "subset", "validation")),
+        ("hf:org/name@v1.0:train", ("org/name", "v1.0", None, "train")),
+        ("hf:org/name@" + SHA1 + "/default:test", ("org/name", SHA1, "default", "test")),
+    ],
+)
 def test_hf_spec_parses(spec, expected):
     h = sources.parse_hf(spec)
     assert (h.repo_id, h.revision, h.subset, h.split) == expected
 
 
-@pytest.mark.parametrize("spec", ["hf:", "hf:org/../etc:train", "hf:org/name@:train", "hf:org/name@a/b/c:train",
-                                  "hf:a/b/c/d:train", "hf:org/na me:train", "hf:org/name:tr ain"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "hf:",
+        "hf:org/../etc:train",
+        "hf:org/name@:train",
+        "hf:org/name@a/b/c:train",
+        "hf:a/b/c/d:train",
+        "hf:org/na me:train",
+        "hf:org/name:tr ain",
+    ],
+)
 def test_bad_hf_spec_names_the_form(spec):
     with pytest.raises(ValueError, match=r"hf:<id>\[@revision\]\[/subset\]\[:split\]"):
         sources.parse_hf(spec)
@@ -58,6 +73,7 @@ def test_bad_hf_spec_names_the_form(spec):
 
 def test_rows_are_read_at_the_resolved_commit_as_a_stream(hub, monkeypatch):
     import datasets
+
     seen = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: seen.append((a, kw)) or "stream")
     hub.heads[("dataset", "org/fb", "main")] = SHA1
@@ -74,8 +90,8 @@ def test_cache_key_follows_the_commit_not_the_branch(hub, tmp_path):
     cfg = load_config(overrides=["--data.train=hf:org/fb:train", "--data.eval=none", "--udm.enabled=false"])
     first = sources.source_fingerprint(cfg.data.train)
     assert first == f"hf:org/fb@{SHA1}/:train" and "main" not in first
-    assert sources.source_fingerprint("hf:org/fb:train") == first           # same commit: same key part
-    hub.heads[("dataset", "org/fb", "main")] = SHA2                         # a new commit on main
+    assert sources.source_fingerprint("hf:org/fb:train") == first  # same commit: same key part
+    hub.heads[("dataset", "org/fb", "main")] = SHA2  # a new commit on main
     assert sources.source_fingerprint("hf:org/fb:train") == f"hf:org/fb@{SHA2}/:train"
     assert cache.cache_key({"train": first}) != cache.cache_key({"train": sources.source_fingerprint(cfg.data.train)})
     with pytest.raises(FileNotFoundError, match="cannot resolve revision"):
@@ -89,6 +105,7 @@ def test_hub_model_ids_are_fingerprinted_by_commit(hub, tmp_path, monkeypatch):
     assert fingerprint.fingerprint_path("org/policy", "v1") == f"hub:org/policy@{SHA2}"
     # Offline: the local Hugging Face cache's ref for the revision; unknown everywhere: id@revision as before.
     import huggingface_hub
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     refs = tmp_path / "models--org--policy" / "refs"
@@ -96,16 +113,18 @@ def test_hub_model_ids_are_fingerprinted_by_commit(hub, tmp_path, monkeypatch):
     (refs / "main").write_text(SHA2)
     assert fingerprint.fingerprint_path("org/policy") == f"hub:org/policy@{SHA2}"
     assert fingerprint.fingerprint_path("org/other", "dev") == "id:org/other@dev"
-    assert fingerprint.fingerprint_path(str(tmp_path / "no" / "such" / "dir")).startswith("id:")   # a path, not an id
+    assert fingerprint.fingerprint_path(str(tmp_path / "no" / "such" / "dir")).startswith("id:")  # a path, not an id
 
 
 def test_a_hub_stream_is_read_by_one_streaming_read_task(hub, monkeypatch):
     """read_source's datasource for hf: specs (Ray's public Datasource API): one read task that streams the
     dataset opened at the pinned commit, in Arrow batches, every row once."""
     import datasets
+
     rows = [{"prompt": f"p{i}", "completion": f" c{i}", "label": i % 2 == 0} for i in range(10)]
-    monkeypatch.setattr(datasets, "load_dataset",
-                        lambda *a, **kw: datasets.Dataset.from_list(rows).to_iterable_dataset())
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *a, **kw: datasets.Dataset.from_list(rows).to_iterable_dataset()
+    )
     hub.heads[("dataset", "org/fb", "main")] = SHA1
     tasks = sources._stream_datasource(sources.hf_rows("hf:org/fb:train"), batch_size=4).get_read_tasks(8)
     assert len(tasks) == 1

@@ -13,19 +13,25 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tiers, lowest first. A module may import from its own package and from any lower tier.
 TIERS = [
     {"errors"},
-    {"console", "builtin", "storage", "resources", "bco", "assets"},   # foundations: no bco-ray imports but errors
-    {"remote"},                                                 # models on object storage, copied to the node
-    {"config"},                                                 # the typed config and its checks and docs
-    {"models", "data"},                                         # loading models; reading and checking data
-    {"tracking"},                                               # MLflow, Hub, plots: used by driver and workers
+    {"console", "builtin", "storage", "resources", "bco", "assets"},  # foundations: no bco-ray imports but errors
+    {"remote"},  # models on object storage, copied to the node
+    {"config"},  # the typed config and its checks and docs
+    {"models", "data"},  # loading models; reading and checking data
+    {"tracking"},  # MLflow, Hub, plots: used by driver and workers
     {"precompute", "train", "eval", "preflight", "builtin_sft"},
-    {"run"},                                                    # one job, driver side
-    {"api", "cli"},                                             # the Python API and the command line
-    {"jobs", "init"},                                           # the job scripts; bco_ray/__init__ (the API)
+    {"run"},  # one job, driver side
+    {"api", "cli"},  # the Python API and the command line
+    {"jobs", "init"},  # the job scripts; bco_ray/__init__ (the API)
 ]
 # Modules that belong to another package (the config's checks and docs are part of the config).
-PACKAGE_OF = {"config_checks": "config", "config_doc": "config", "job_checks": "run", "job_context": "run",
-              "job_train": "run", "__init__": "init"}
+PACKAGE_OF = {
+    "config_checks": "config",
+    "config_doc": "config",
+    "job_checks": "run",
+    "job_context": "run",
+    "job_train": "run",
+    "__init__": "init",
+}
 # Known leaks, each to be removed; the test fails if one of them is fixed and still listed (stale entry).
 ALLOWED: set[tuple[str, str]] = set()
 
@@ -87,17 +93,25 @@ def _violations() -> list[str]:
             if other == me:
                 continue
             if any(p.startswith("_") and p != "__init__" for p in full.split(".")) or (
-                    name and name.startswith("_") and full == target):
+                name and name.startswith("_") and full == target
+            ):
                 found.append(f"{where}: imports the private {full}{'' if full != target else '.' + name}")
             if _tier(other) >= _tier(me):
-                found.append(f"{where}: {mod} ({me}, tier {_tier(me)}) imports {full} ({other}, tier "
-                             f"{_tier(other)}): layers point down only")
+                found.append(
+                    f"{where}: {mod} ({me}, tier {_tier(me)}) imports {full} ({other}, tier "
+                    f"{_tier(other)}): layers point down only"
+                )
         for local, target in _imported_modules(tree, modules).items():
             if _package(target) == me:
                 continue
             for node in ast.walk(tree):
-                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == local
-                        and node.attr.startswith("_") and not node.attr.startswith("__")):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == local
+                    and node.attr.startswith("_")
+                    and not node.attr.startswith("__")
+                ):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: uses the private {target}.{node.attr}")
     return sorted(set(found))
 

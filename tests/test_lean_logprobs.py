@@ -1,5 +1,6 @@
 """The log-prob kernel (`TokenLogps`: one pass over a [chunk, vocab] tile in forward, only the log-sum-exp
 kept for backward) equals a float64 full-logits reference, values and gradients, at and across chunk edges."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,7 @@ def test_bf16_logits_are_reduced_in_float32():
     targets = torch.randint(0, VOCAB, (N,), generator=g)
     got = token_logps(logits.bfloat16(), targets)
     ref = logits.bfloat16().double().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)   # exact up to float32: no bf16 rounding
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)  # exact up to float32: no bf16 rounding
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 11, 22, 23, 24, 1024])

@@ -3,6 +3,7 @@ compared with log_softmax(model(input_ids, attention_mask).logits) gathered at t
 and gradients; the families whose logits are post-processed (Gemma2 softcap, Cohere logit_scale, Granite
 logits_scaling) stay on the memory-light path; an unknown post-processing falls back to the full forward;
 MoE auxiliary loss matches the model's `aux_loss`."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,9 +29,19 @@ from bco_ray.bco.logprobs import (
 )
 
 V, T = 64, 12
-_COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
-               bos_token_id=0, eos_token_id=1, pad_token_id=2)
+_COMMON = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.2,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
+)
 
 CONFIGS = {
     "qwen2": lambda: Qwen2Config(**_COMMON),
@@ -38,9 +49,15 @@ CONFIGS = {
     "gemma2": lambda: Gemma2Config(**{**_COMMON, "initializer_range": 0.5}, head_dim=8, final_logit_softcapping=2.0),
     "cohere": lambda: CohereConfig(**_COMMON, logit_scale=0.25),
     "granite": lambda: GraniteConfig(**_COMMON, logits_scaling=4.0),
-    "qwen2_moe": lambda: Qwen2MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                        shared_expert_intermediate_size=32, output_router_logits=True,
-                                        router_aux_loss_coef=0.02),
+    "qwen2_moe": lambda: Qwen2MoeConfig(
+        **_COMMON,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        output_router_logits=True,
+        router_aux_loss_coef=0.02,
+    ),
 }
 
 
@@ -53,15 +70,15 @@ def _batch():
     """Right-padded rows of different lengths: a full row, a prompt of one token, an empty completion."""
     g = torch.Generator().manual_seed(1)
     lengths = torch.tensor([9, 12, 5, 7])
-    prompt_len = torch.tensor([4, 1, 2, 7])            # last row: nothing to predict
+    prompt_len = torch.tensor([4, 1, 2, 7])  # last row: nothing to predict
     ids = torch.randint(0, V, (4, T), generator=g)
     mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    ids[mask == 0] = 2                                  # right padding
+    ids[mask == 0] = 2  # right padding
     return ids, mask, prompt_len
 
 
-N_COMPLETION = 5 + 11 + 3                               # completion tokens in _batch()
-COEF = torch.tensor([1.0, -0.5, 2.0, 3.0])             # arbitrary per-row weights for the backward
+N_COMPLETION = 5 + 11 + 3  # completion tokens in _batch()
+COEF = torch.tensor([1.0, -0.5, 2.0, 3.0])  # arbitrary per-row weights for the backward
 
 
 def _reference(model, ids, mask, prompt_len):
@@ -101,8 +118,12 @@ def test_family_matches_full_logits(models, family):
     ref, ref_aux, ref_grads = _grads_of(model, lambda: _reference(model, ids, mask, prompt_len))
     assert light_path_ok(model), f"{family}: the known families stay on the memory-light path"
     for chunk_size in (1, 4, 1024):
-        got, aux, grads = _grads_of(model, lambda chunk_size=chunk_size: policy_completion_logps(
-            model, ids, mask, prompt_len, chunk_size, return_aux_loss=True))
+        got, aux, grads = _grads_of(
+            model,
+            lambda chunk_size=chunk_size: policy_completion_logps(
+                model, ids, mask, prompt_len, chunk_size, return_aux_loss=True
+            ),
+        )
         assert got.dtype == torch.float32 and got[3].item() == 0.0 and (got[:3] < 0).all()
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         _assert_grads_close(grads, ref_grads)
@@ -110,7 +131,7 @@ def test_family_matches_full_logits(models, family):
             torch.testing.assert_close(aux, ref_aux, atol=1e-6, rtol=1e-5)
         else:
             assert aux is None
-    with torch.no_grad():       # the no-grad path (no checkpointing), and the plain return type
+    with torch.no_grad():  # the no-grad path (no checkpointing), and the plain return type
         got = policy_completion_logps(model, ids, mask, prompt_len, 3)
     assert isinstance(got, torch.Tensor)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -121,8 +142,7 @@ def test_chunk_edges_gemma2(models, chunk_size):
     model = models["gemma2"]
     ids, mask, prompt_len = _batch()
     ref, _, ref_grads = _grads_of(model, lambda: _reference(model, ids, mask, prompt_len))
-    got, _, grads = _grads_of(model, lambda: (policy_completion_logps(model, ids, mask, prompt_len, chunk_size),
-                                              None))
+    got, _, grads = _grads_of(model, lambda: (policy_completion_logps(model, ids, mask, prompt_len, chunk_size), None))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     _assert_grads_close(grads, ref_grads)
 
@@ -136,7 +156,7 @@ def test_old_backbone_plus_lm_head_was_wrong_for_gemma2(models):
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         old = completion_logps(hidden, model.get_output_embeddings(), ids, prompt_len, mask.sum(1))
         new = policy_completion_logps(model, ids, mask, prompt_len)
-    assert ((old[:3] - ref[:3]).abs() > 10).all()       # 2-3x the true value
+    assert ((old[:3] - ref[:3]).abs() > 10).all()  # 2-3x the true value
     assert (old[:3] / ref[:3] > 2).all()
     torch.testing.assert_close(new, ref, atol=1e-5, rtol=1e-5)
 
@@ -155,27 +175,31 @@ def test_moe_aux_loss_and_coef(models):
 
 class _UnknownPostprocessing(Qwen2ForCausalLM):
     """A family whose forward post-processes logits in a way the light head does not know about."""
+
     seen_logits_to_keep: list = []
 
     def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
         self.seen_logits_to_keep.append(logits_to_keep)
-        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
-                              **kwargs)
-        out.logits = 3.0 * out.logits + 0.1 * out.logits ** 2
+        out = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs
+        )
+        out.logits = 3.0 * out.logits + 0.1 * out.logits**2
         return out
 
 
 def test_unknown_postprocessing_falls_back_to_full_forward():
     torch.manual_seed(0)
     model = _UnknownPostprocessing(Qwen2Config(**_COMMON)).eval()
-    model.train()                                       # the probe runs in eval mode and restores the modes
+    model.train()  # the probe runs in eval mode and restores the modes
     model.model.layers[0].eval()
     ids, mask, prompt_len = _batch()
     ref, _, ref_grads = _grads_of(model, lambda: _reference(model, ids, mask, prompt_len))
     model.seen_logits_to_keep.clear()
     for chunk_size in (1, 5, 1024):
-        got, _, grads = _grads_of(model, lambda chunk_size=chunk_size: (
-            policy_completion_logps(model, ids, mask, prompt_len, chunk_size), None))
+        got, _, grads = _grads_of(
+            model,
+            lambda chunk_size=chunk_size: (policy_completion_logps(model, ids, mask, prompt_len, chunk_size), None),
+        )
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         _assert_grads_close(grads, ref_grads)
     assert not light_path_ok(model)
@@ -184,7 +208,7 @@ def test_unknown_postprocessing_falls_back_to_full_forward():
     # (row 1 has a one-token prompt, so its first predictor is position 0)
     assert model.seen_logits_to_keep == [0, T, T, T]
     shorter = prompt_len.clone()
-    shorter[1] = 6                                       # now the first predictor is position 1 (row 2)
+    shorter[1] = 6  # now the first predictor is position 1 (row 2)
     with torch.no_grad():
         policy_completion_logps(model, ids, mask, shorter)
     assert model.seen_logits_to_keep[-1] == T - 1
@@ -202,8 +226,9 @@ def test_unknown_postprocessing_moe_fallback_keeps_aux_loss():
     model = _UnknownMoe(CONFIGS["qwen2_moe"]()).eval()
     ids, mask, prompt_len = _batch()
     ref, ref_aux, ref_grads = _grads_of(model, lambda: _reference(model, ids, mask, prompt_len))
-    got, aux, grads = _grads_of(model, lambda: policy_completion_logps(model, ids, mask, prompt_len, 4,
-                                                                       return_aux_loss=True))
+    got, aux, grads = _grads_of(
+        model, lambda: policy_completion_logps(model, ids, mask, prompt_len, 4, return_aux_loss=True)
+    )
     assert not light_path_ok(model)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(aux, ref_aux, atol=1e-6, rtol=1e-5)
@@ -212,6 +237,7 @@ def test_unknown_postprocessing_moe_fallback_keeps_aux_loss():
 
 def test_probe_runs_once_per_model_instance(monkeypatch):
     import bco_ray.bco.logprobs as lp
+
     calls = []
     real = lp._probe
     monkeypatch.setattr(lp, "_probe", lambda m, d: calls.append(m) or real(m, d))
@@ -226,8 +252,9 @@ def test_probe_runs_once_per_model_instance(monkeypatch):
 def test_peft_lora_wrapped_gemma2(models):
     """Under LoRA the training loop passes a PeftModel: the light path sees through it."""
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(_model("gemma2", seed=3), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                                           task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        _model("gemma2", seed=3), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    )
     ids, mask, prompt_len = _batch()
     ref, _, ref_grads = _grads_of(model, lambda: _reference(model, ids, mask, prompt_len))
     got, _, grads = _grads_of(model, lambda: (policy_completion_logps(model, ids, mask, prompt_len, 4), None))

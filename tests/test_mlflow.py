@@ -7,6 +7,7 @@ End to end (marked e2e) against a real `mlflow server` on 127.0.0.1, started onc
 job runs with β=0.1; a job with β=0.5 fails after its MLflow run is open (its precompute cache cannot be
 created) and is marked FAILED; re-run under the same name it continues that MLflow run to FINISHED (this
 time through $MLFLOW_TRACKING_URI); `jobs/compare.py` then compares the two β runs."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,19 @@ from bco_ray.tracking.step_logger import StepLogger
 from conftest import ROOT, MlflowServer, job_env
 
 PLOTS = {"loss", "rewards", "margins", "delta", "eval_auc", "overview", "udm_weights"}
-STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "delta", "learning_rate", "grad_norm",
-             "logps/chosen", "logps/rejected", "tokens_per_second", "samples_per_second")
+STEP_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "delta",
+    "learning_rate",
+    "grad_norm",
+    "logps/chosen",
+    "logps/rejected",
+    "tokens_per_second",
+    "samples_per_second",
+)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -41,6 +53,7 @@ STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "d
 def _restore_mlflow_globals():
     """mlflow.set_tracking_uri / set_experiment write os.environ; keep them from leaking into later tests."""
     from mlflow.tracking._tracking_service import utils as tracking_utils
+
     saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
     saved_uri = tracking_utils._tracking_uri
     yield
@@ -93,7 +106,7 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
     assert mlflow_run.tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert mlflow_run.tracking_uri(cfg) == "http://mlflow.internal:5000"
-    cfg = load_config(overrides=["--mlflow.tracking_uri=sqlite:///runs/m.db"])      # config wins over the env
+    cfg = load_config(overrides=["--mlflow.tracking_uri=sqlite:///runs/m.db"])  # config wins over the env
     assert mlflow_run.tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve() / 'runs' / 'm.db'}"
     assert mlflow_run.normalize_uri("mlruns") == (tmp_path.resolve() / "mlruns").as_uri()
     assert mlflow_run.normalize_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
@@ -110,9 +123,21 @@ def test_failed_run_then_resume_logs_nothing_twice(local_store):
     uri, run_id, resumed = mlflow_run.open_run(cfg, "r")
     assert not resumed and uri == local_store
     client = MlflowClient(uri)
-    summary = PrecomputeSummary.from_dict({
-        "train": {"rows": 10, "tokens": 100, "chosen": 6, "rejected": 4, "padding_fraction": 0.1,
-                  "mean_rejected_weight": 1.5}, "udm": {"udm/accuracy": 0.7}, "dropped": {"empty": 1}, "seconds": 2.0})
+    summary = PrecomputeSummary.from_dict(
+        {
+            "train": {
+                "rows": 10,
+                "tokens": 100,
+                "chosen": 6,
+                "rejected": 4,
+                "padding_fraction": 0.1,
+                "mean_rejected_weight": 1.5,
+            },
+            "udm": {"udm/accuracy": 0.7},
+            "dropped": {"empty": 1},
+            "seconds": 2.0,
+        }
+    )
     mlflow_inputs.log_precompute(summary)
     logger = StepLogger({"tracking_uri": uri, "run_id": run_id}, rank=0, buffered=True)
     for step in (1, 2):
@@ -124,13 +149,14 @@ def test_failed_run_then_resume_logs_nothing_twice(local_store):
     assert run.data.tags["error_type"] == "RuntimeError" and "version.torch" in run.data.tags
 
     # Same run name: the same MLflow run, the failure cleared, a changed param recorded (params are immutable).
-    cfg2 = load_config(overrides=[f"--mlflow.tracking_uri={local_store}", "--mlflow.experiment=unit-resume",
-                                  "--train.max_steps=4"])
+    cfg2 = load_config(
+        overrides=[f"--mlflow.tracking_uri={local_store}", "--mlflow.experiment=unit-resume", "--train.max_steps=4"]
+    )
     _, run_id2, resumed = mlflow_run.open_run(cfg2, "r")
     assert resumed and run_id2 == run_id
-    mlflow_inputs.log_precompute(summary)                       # a resumed job logs its precompute again
+    mlflow_inputs.log_precompute(summary)  # a resumed job logs its precompute again
     logger = StepLogger({"tracking_uri": uri, "run_id": run_id}, rank=0, buffered=False)
-    for step in (1, 2, 3, 4):                                   # restarted from scratch: steps 1, 2 again
+    for step in (1, 2, 3, 4):  # restarted from scratch: steps 1, 2 again
         logger.log({"loss": 1.0 + step}, step)
     mlflow_run.close_run("FINISHED")
     run = client.get_run(run_id)
@@ -157,10 +183,10 @@ def test_step_logger_keeps_points_when_the_server_is_down(local_store):
     run_id = MlflowClient(local_store).create_run(exp.experiment_id).info.run_id
     logger = StepLogger({"tracking_uri": local_store, "run_id": run_id}, rank=0, buffered=False)
     good = logger.client
-    logger.client = MlflowClient("http://127.0.0.1:9")      # nothing listens: every call fails
+    logger.client = MlflowClient("http://127.0.0.1:9")  # nothing listens: every call fails
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
-        logger.log({"loss": 0.5}, 1)                        # does not raise: training goes on
+        logger.log({"loss": 0.5}, 1)  # does not raise: training goes on
     finally:
         os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     assert len(logger.pending) == 1
@@ -174,6 +200,7 @@ def test_model_is_logged_in_the_transformers_flavour(local_store, tmp_path):
     from transformers import AutoTokenizer
 
     from bco_ray.builtin import materialize_tiny_model, tokenizer_path
+
     model_dir = materialize_tiny_model(tmp_path / "tiny")
     AutoTokenizer.from_pretrained(str(tokenizer_path())).save_pretrained(str(model_dir))
     mlflow.set_tracking_uri(local_store)
@@ -187,17 +214,18 @@ def test_model_is_logged_in_the_transformers_flavour(local_store, tmp_path):
         (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
         assert mlflow_model.log_model(str(tmp_path / "adapter"), "adapter") == "peft-adapter"
     client = MlflowClient(local_store)
-    assert client.get_run(run.info.run_id).data.tags["model.format"] == "peft-adapter"    # the last one logged
+    assert client.get_run(run.info.run_id).data.tags["model.format"] == "peft-adapter"  # the last one logged
     # MLflow 3: a LoggedModel of this run, holding the run's metrics at the final step, registered by name.
     models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
     assert [(m.name, str(m.status)) for m in models] == [("model", "READY")]
     assert model_tags["model.id"] == models[0].model_id and model_tags["model.registered_version"] == "1"
     assert {m.key: m.value for m in models[0].metrics} == {"loss": 0.5, "eval/auc": 0.7}
-    assert _steps(client, run.info.run_id, "loss") == [2, 3]          # linking logs no second point
+    assert _steps(client, run.info.run_id, "loss") == [2, 3]  # linking logs no second point
     (version,) = client.search_model_versions("name = 'bco-unit'")
     assert models[0].model_id in version.source and version.run_id == run.info.run_id
     assert "adapter/adapter_config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     from mlflow import transformers as mlflow_transformers
+
     pipe = mlflow_transformers.load_model(f"runs:/{run.info.run_id}/model")
     out = pipe("12+7=", max_new_tokens=3, do_sample=False)
     assert out[0]["generated_text"].startswith("12+7=")
@@ -206,36 +234,51 @@ def test_model_is_logged_in_the_transformers_flavour(local_store, tmp_path):
 def _synthetic_sweep(uri: str, experiment: str) -> dict[float, str]:
     """Three finished β runs with 40 steps of noisy training curves and 2 evaluations, plus a failed run."""
     import random
+
     mlflow.set_tracking_uri(uri)
     exp = mlflow.set_experiment(experiment)
     client = MlflowClient(uri)
     ids = {}
-    for beta in (0.1, 0.3, 1.0):      # (outputs written elsewhere by one run: not a difference that matters)
+    for beta in (0.1, 0.3, 1.0):  # (outputs written elsewhere by one run: not a difference that matters)
         cfg = load_config(overrides=[f"--train.beta={beta}", f"--output_dir=out-{beta == 0.3}"])
         run = client.create_run(exp.experiment_id, run_name=f"beta-{beta}")
         rid = run.info.run_id
         params = [mlflow.entities.Param(k, v) for k, v in mlflow_run.config_params(cfg).items()]
         for i in range(0, len(params), 100):
-            client.log_batch(rid, params=params[i:i + 100])
+            client.log_batch(rid, params=params[i : i + 100])
         rng = random.Random(beta)
         logger = StepLogger({"tracking_uri": uri, "run_id": rid}, rank=0, buffered=True)
         for s in range(1, 41):
-            logger.log({"loss": 0.69 * math.exp(-s * beta / 20) + 0.04 * rng.random(),
-                        "rewards/chosen": s * beta / 50, "rewards/rejected": -s * beta / 40,
-                        "rewards/margins": s * beta * 0.045, "delta": s * beta * 0.001,
-                        "learning_rate": 5e-3 * min(1.0, s / 4) * (40 - s) / 40}, s)
+            logger.log(
+                {
+                    "loss": 0.69 * math.exp(-s * beta / 20) + 0.04 * rng.random(),
+                    "rewards/chosen": s * beta / 50,
+                    "rewards/rejected": -s * beta / 40,
+                    "rewards/margins": s * beta * 0.045,
+                    "delta": s * beta * 0.001,
+                    "learning_rate": 5e-3 * min(1.0, s / 4) * (40 - s) / 40,
+                },
+                s,
+            )
             if s % 20 == 0:
-                logger.log({"eval/auc": 0.5 + 0.4 * (1 - math.exp(-s * beta / 10)) - 0.05 * (s == 40),
-                            "eval/accuracy": 0.5 + 0.3 * (1 - math.exp(-s * beta / 10)), "eval/loss": 0.7 - s * beta / 100},
-                           s)
+                logger.log(
+                    {
+                        "eval/auc": 0.5 + 0.4 * (1 - math.exp(-s * beta / 10)) - 0.05 * (s == 40),
+                        "eval/accuracy": 0.5 + 0.3 * (1 - math.exp(-s * beta / 10)),
+                        "eval/loss": 0.7 - s * beta / 100,
+                    },
+                    s,
+                )
         logger.flush()
         client.set_terminated(rid, "FINISHED")
         ids[beta] = rid
     failed = client.create_run(exp.experiment_id, run_name="broken")
-    params = [mlflow.entities.Param(k, v) for k, v in mlflow_run.config_params(load_config(
-        overrides=["--train.beta=2.0"])).items()]
+    params = [
+        mlflow.entities.Param(k, v)
+        for k, v in mlflow_run.config_params(load_config(overrides=["--train.beta=2.0"])).items()
+    ]
     for i in range(0, len(params), 100):
-        client.log_batch(failed.info.run_id, params=params[i:i + 100])
+        client.log_batch(failed.info.run_id, params=params[i : i + 100])
     client.set_terminated(failed.info.run_id, "FAILED")
     return ids
 
@@ -244,10 +287,12 @@ def test_compare_and_plots_on_synthetic_runs(local_store, tmp_path):
     ids = _synthetic_sweep(local_store, "unit-sweep")
     client = MlflowClient(local_store)
     comp = compare.compare_runs(client, "unit-sweep", "eval/auc")
-    assert comp.mode == "max" and comp.varying == ["train.beta"]       # not mlflow.*, output_dir: where, not what
+    assert comp.mode == "max" and comp.varying == ["train.beta"]  # not mlflow.*, output_dir: where, not what
     assert compare.compare_runs(client, "unit-sweep", "eval/auc", ignore_params=()).varying == [
-        "output_dir", "train.beta"]
-    assert [r.name for r in comp.runs] == ["beta-1.0", "beta-0.3", "beta-0.1", "broken"]   # best first, no metric last
+        "output_dir",
+        "train.beta",
+    ]
+    assert [r.name for r in comp.runs] == ["beta-1.0", "beta-0.3", "beta-0.1", "broken"]  # best first, no metric last
     top = comp.runs[0]
     assert top.best_step == 20 and top.final < top.best and top.last_step == 40
     assert comp.runs[-1].status == "FAILED" and comp.runs[-1].final is None
@@ -298,16 +343,25 @@ def mlflow_server(tmp_path_factory):
 
 SUBMIT_COMMIT = "5ab1e" * 8
 # The generation eval has its own end-to-end test (test_e2e.py); these jobs are about what MLflow records.
-E2E_ARGS = ["--train.max_steps=4", "--train.logging_steps=1", "--train.eval_steps=0", "--udm.prompt_sample_size=64",
-            "--mlflow.experiment=beta-sweep", "--eval.generate=false"]
+E2E_ARGS = [
+    "--train.max_steps=4",
+    "--train.logging_steps=1",
+    "--train.eval_steps=0",
+    "--udm.prompt_sample_size=64",
+    "--mlflow.experiment=beta-sweep",
+    "--eval.generate=false",
+]
 
 
-def _job(tmp: Path, head, *overrides: str, env: dict | None = None, log: str = "job.log") -> subprocess.CompletedProcess:
+def _job(
+    tmp: Path, head, *overrides: str, env: dict | None = None, log: str = "job.log"
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "jobs" / "bco.py"), f"--output_dir={tmp / 'outputs'}", *E2E_ARGS, *overrides]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=tmp, env=head.client_env(**(env or {})), capture_output=True, text=True,
-                          timeout=900)
-    (tmp / log).write_text(f"{' '.join(cmd)}\n{time.time() - t0:.1f} s\n{proc.stdout}\n----- stderr -----\n{proc.stderr}")
+    proc = subprocess.run(cmd, cwd=tmp, env=head.client_env(**(env or {})), capture_output=True, text=True, timeout=900)
+    (tmp / log).write_text(
+        f"{' '.join(cmd)}\n{time.time() - t0:.1f} s\n{proc.stdout}\n----- stderr -----\n{proc.stderr}"
+    )
     return proc
 
 
@@ -326,21 +380,41 @@ def jobs(mlflow_server, ray_head, tmp_path_factory):
 
     # The commit as `ray job submit ... -- BCO_RAY_GIT_COMMIT=$(git rev-parse HEAD) python jobs/bco.py` gives it;
     # system metrics sampled every second so that a short job records several.
-    proc = _job(tmp, ray_head, f"--mlflow.tracking_uri={mlflow_server}", "--mlflow.run_name=beta-0.1", "--train.beta=0.1",
-                "--mlflow.registered_model_name=bco-beta", log="a.log",
-                env={"BCO_RAY_GIT_COMMIT": SUBMIT_COMMIT, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+    proc = _job(
+        tmp,
+        ray_head,
+        f"--mlflow.tracking_uri={mlflow_server}",
+        "--mlflow.run_name=beta-0.1",
+        "--train.beta=0.1",
+        "--mlflow.registered_model_name=bco-beta",
+        log="a.log",
+        env={"BCO_RAY_GIT_COMMIT": SUBMIT_COMMIT, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
+    )
     assert proc.returncode == 0, (tmp / "a.log").read_text()[-6000:]
     out["a"] = run_state("beta-0.1")
 
     (tmp / "not-a-dir").write_text("a file where the precompute cache should go")
-    proc = _job(tmp, ray_head, f"--mlflow.tracking_uri={mlflow_server}", "--mlflow.run_name=beta-0.5", "--train.beta=0.5",
-                f"--precompute.cache_dir={tmp / 'not-a-dir' / 'cache'}", log="failed.log")
+    proc = _job(
+        tmp,
+        ray_head,
+        f"--mlflow.tracking_uri={mlflow_server}",
+        "--mlflow.run_name=beta-0.5",
+        "--train.beta=0.5",
+        f"--precompute.cache_dir={tmp / 'not-a-dir' / 'cache'}",
+        log="failed.log",
+    )
     out["failed_rc"] = proc.returncode
     out["failed"] = run_state("beta-0.5")
 
     # Same run name, the tracking server named by the environment this time, a working cache.
-    proc = _job(tmp, ray_head, "--mlflow.run_name=beta-0.5", "--train.beta=0.5", env={"MLFLOW_TRACKING_URI": mlflow_server},
-                log="b.log")
+    proc = _job(
+        tmp,
+        ray_head,
+        "--mlflow.run_name=beta-0.5",
+        "--train.beta=0.5",
+        env={"MLFLOW_TRACKING_URI": mlflow_server},
+        log="b.log",
+    )
     assert proc.returncode == 0, (tmp / "b.log").read_text()[-6000:]
     out["b"] = run_state("beta-0.5")
     return out
@@ -351,30 +425,51 @@ def test_job_logs_params_tags_and_step_metrics(jobs, ray_head):
     run = jobs["a"]
     client = MlflowClient(jobs["uri"])
     assert run.info.status == "FINISHED"
-    expected = mlflow_run.config_params(resolve_locations(load_config(ROOT / "configs" / "tiny.yaml", [  # jobs/bco.py's default
-        f"--output_dir={jobs['tmp'] / 'outputs'}", *E2E_ARGS, f"--mlflow.tracking_uri={jobs['uri']}",
-        "--mlflow.run_name=beta-0.1", "--train.beta=0.1", "--mlflow.registered_model_name=bco-beta"])))
-    assert run.data.params == expected                          # the whole resolved config, flattened
+    expected = mlflow_run.config_params(
+        resolve_locations(
+            load_config(
+                ROOT / "configs" / "tiny.yaml",
+                [  # jobs/bco.py's default
+                    f"--output_dir={jobs['tmp'] / 'outputs'}",
+                    *E2E_ARGS,
+                    f"--mlflow.tracking_uri={jobs['uri']}",
+                    "--mlflow.run_name=beta-0.1",
+                    "--train.beta=0.1",
+                    "--mlflow.registered_model_name=bco-beta",
+                ],
+            )
+        )
+    )
+    assert run.data.params == expected  # the whole resolved config, flattened
     tags = run.data.tags
     for key in ("version.ray", "version.deepspeed", "version.torch", "precompute.cache_key", "dataset.train"):
         assert tags.get(key), key
     assert tags["num_workers"] == "2" and tags["num_gpus"] == "0" and tags["precompute.reused"] == "False"
-    assert tags["git_commit"] == SUBMIT_COMMIT and tags["git_commit.source"] == "env"   # taken at submit time
+    assert tags["git_commit"] == SUBMIT_COMMIT and tags["git_commit.source"] == "env"  # taken at submit time
     assert tags["ray.job_id"] and tags["ray.dashboard_url"] == ray_head.dashboard  # where it ran
     # System metrics: the driver's (system/*) and the training node's (system/train-node0/*), sampled each second.
-    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
-                "system/train-node0/cpu_utilization_percentage"):
+    for key in (
+        "system/cpu_utilization_percentage",
+        "system/system_memory_usage_megabytes",
+        "system/train-node0/cpu_utilization_percentage",
+    ):
         assert len(client.get_metric_history(run.info.run_id, key)) >= 1, key
     # The data as run inputs: source URI and the digest of the cache key's data fingerprint.
     inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
-    assert sorted(t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context") == ["evaluation", "training"]
+    assert sorted(t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context") == [
+        "evaluation",
+        "training",
+    ]
     digests = {i.dataset.digest: json.loads(i.dataset.source) for i in inputs}
-    assert digests.keys() == {mlflow_inputs.data_digest(tags["dataset.train"]),
-                              mlflow_inputs.data_digest(tags["dataset.eval"])}
+    assert digests.keys() == {
+        mlflow_inputs.data_digest(tags["dataset.train"]),
+        mlflow_inputs.data_digest(tags["dataset.eval"]),
+    }
     assert {Path(s["uri"]).name for s in digests.values()} == {"train.jsonl", "eval.jsonl"}
     # MLflow 3: the model is a LoggedModel of this run, holding the final step's metrics, registered by name.
-    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
     assert [(m.name, str(m.status)) for m in models] == [("model", "READY")]
     linked = {m.key: (m.step, m.value) for m in models[0].metrics}
     assert linked["eval/auc"] == (4, run.data.metrics["eval/auc"]) and linked["loss"][0] == 4
@@ -382,14 +477,14 @@ def test_job_logs_params_tags_and_step_metrics(jobs, ray_head):
     (version,) = client.search_model_versions("name = 'bco-beta'")
     assert models[0].model_id in version.source
     for key in STEP_KEYS:
-        assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key     # step = optimizer step, each once
-    assert _steps(client, run.info.run_id, "eval/auc") == [0, 4]                 # the reference, then the end
+        assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key  # step = optimizer step, each once
+    assert _steps(client, run.info.run_id, "eval/auc") == [0, 4]  # the reference, then the end
     assert 0.0 <= run.data.metrics["eval/auc"] <= 1.0
     for key in ("precompute/rows", "precompute/tokens", "precompute/padding_fraction", "udm/accuracy"):
         assert _steps(client, run.info.run_id, key) == [0], key
     assert run.data.metrics["precompute/rows"] > 2000
     for phase in ("checks", "ray_start", "precompute", "train_start", "train", "eval", "save", "log_model"):
-        assert run.data.metrics[f"time/{phase}"] >= 0, phase                # per-phase wall times of the job
+        assert run.data.metrics[f"time/{phase}"] >= 0, phase  # per-phase wall times of the job
 
 
 @pytest.mark.e2e
@@ -399,18 +494,21 @@ def test_job_logs_config_plots_classifier_and_model(jobs, tmp_path):
     assert {"config.yaml", "plots", "precompute", "udm"} <= {a.path for a in client.list_artifacts(rid)}
     cfg = yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", str(tmp_path))).read_text())
     assert cfg["train"]["beta"] == 0.1 and cfg["train"]["max_steps"] == 4
-    assert json.loads(Path(client.download_artifacts(rid, "precompute/summary.json", str(tmp_path))).read_text())["train"]
+    assert json.loads(Path(client.download_artifacts(rid, "precompute/summary.json", str(tmp_path))).read_text())[
+        "train"
+    ]
     assert "udm/classifier.json" in {a.path for a in client.list_artifacts(rid, "udm")}
     clf = json.loads(Path(client.download_artifacts(rid, "udm/classifier.json", str(tmp_path))).read_text())
-    assert len(clf["coef"][0]) == 384 and clf["classes"] == [0.0, 1.0]        # plain parameters, not a pickle
+    assert len(clf["coef"][0]) == 384 and clf["classes"] == [0.0, 1.0]  # plain parameters, not a pickle
     plot_dir = Path(client.download_artifacts(rid, "plots", str(tmp_path)))
     assert {p.stem for p in plot_dir.glob("*.png")} == PLOTS
     for p in plot_dir.glob("*.png"):
         h, w, colour = _png(p)
         assert h >= 400 and w >= 700 and colour > 0.0005, p.name
-    keep = os.environ.get("BCO_RAY_KEEP_PLOTS")            # a directory to copy them to, for a look
+    keep = os.environ.get("BCO_RAY_KEEP_PLOTS")  # a directory to copy them to, for a look
     if keep:
         import shutil
+
         shutil.copytree(plot_dir, Path(keep) / "job-plots", dirs_exist_ok=True)
 
     assert jobs["a"].data.tags["model.format"] == "mlflow-transformers"
@@ -421,6 +519,7 @@ def test_job_logs_config_plots_classifier_and_model(jobs, tmp_path):
     assert any(p.name == "classifier.json" for p in cache_files)
     assert not [p for p in cache_files if p.suffix in (".pkl", ".pickle") or p.read_bytes()[:1] == b"\x80"]
     from mlflow import transformers as mlflow_transformers
+
     mlflow.set_tracking_uri(jobs["uri"])
     pipe = mlflow_transformers.load_model(f"runs:/{rid}/model")
     assert pipe("3+4=", max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith("3+4=")
@@ -440,8 +539,8 @@ def test_rerun_continues_the_failed_run(jobs):
     run, client = jobs["b"], MlflowClient(jobs["uri"])
     assert run.info.run_id == jobs["failed"].info.run_id and run.info.status == "FINISHED"
     assert "error" not in run.data.tags and run.data.tags["resume.previous_status"] == "FAILED"
-    assert run.data.tags["resume.changed_params"].startswith("precompute.cache_dir: ")   # not the URI's source
-    assert run.data.tags["precompute.reused"] == "True"        # the first job's pass: β is not in the cache key
+    assert run.data.tags["resume.changed_params"].startswith("precompute.cache_dir: ")  # not the URI's source
+    assert run.data.tags["precompute.reused"] == "True"  # the first job's pass: β is not in the cache key
     for key in STEP_KEYS:
         assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key
     assert _steps(client, run.info.run_id, "precompute/rows") == [0]
@@ -451,9 +550,24 @@ def test_rerun_continues_the_failed_run(jobs):
 @pytest.mark.e2e
 def test_compare_cli_over_the_beta_runs(jobs, tmp_path):
     out = tmp_path / "compare"
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "compare.py"), "--experiment", "beta-sweep",
-                           "--metric", "loss", "--tracking-uri", jobs["uri"], "--out", str(out)],
-                          env=job_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "compare.py"),
+            "--experiment",
+            "beta-sweep",
+            "--metric",
+            "loss",
+            "--tracking-uri",
+            jobs["uri"],
+            "--out",
+            str(out),
+        ],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("run "))
@@ -469,9 +583,23 @@ def test_compare_cli_over_the_beta_runs(jobs, tmp_path):
     keep = os.environ.get("BCO_RAY_KEEP_PLOTS")
     if keep:
         import shutil
+
         shutil.copytree(out, Path(keep) / "compare", dirs_exist_ok=True)
 
-    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "compare.py"), "--experiment", "nope",
-                          "--tracking-uri", jobs["uri"], "--out", str(out)], env=job_env(), capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "compare.py"),
+            "--experiment",
+            "nope",
+            "--tracking-uri",
+            jobs["uri"],
+            "--out",
+            str(out),
+        ],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "beta-sweep" in bad.stderr

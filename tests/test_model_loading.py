@@ -1,5 +1,6 @@
 """Model loading: the default attention setting lets transformers pick what each family supports (Gemma2 has
 no SDPA), and an attention setting a model refuses fails before any Ray work with one clear message."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,10 +18,22 @@ from bco_ray.models import ModelLoadError, check_model_loads, load_causal_lm
 def gemma2_dir(tmp_path_factory):
     """A tiny random Gemma2 (its vocabulary fits the bundled tokenizer), saved like a hub checkpoint."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
+
     path = tmp_path_factory.mktemp("tiny-gemma2")
-    cfg = Gemma2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                       final_logit_softcapping=30.0, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    cfg = Gemma2Config(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        final_logit_softcapping=30.0,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
     torch.manual_seed(0)
     Gemma2ForCausalLM(cfg).save_pretrained(path)
     for f in tokenizer_path().glob("*.json"):
@@ -33,12 +46,12 @@ def test_default_lets_transformers_pick():
 
 
 def test_gemma2_loads_with_the_default(gemma2_dir):
-    check_model_loads(gemma2_dir)                                  # default "auto"
+    check_model_loads(gemma2_dir)  # default "auto"
     check_model_loads(gemma2_dir, attn_implementation=None)
     check_model_loads(gemma2_dir, attn_implementation="eager")
     model = load_causal_lm(gemma2_dir, dtype=torch.float32)
     assert type(model).__name__ == "Gemma2ForCausalLM"
-    assert model.config._attn_implementation == "eager"            # what Gemma2 supports on CPU
+    assert model.config._attn_implementation == "eager"  # what Gemma2 supports on CPU
 
 
 def test_gemma2_refuses_sdpa_with_one_clear_message(gemma2_dir):
@@ -47,8 +60,8 @@ def test_gemma2_refuses_sdpa_with_one_clear_message(gemma2_dir):
     msg = str(e.value)
     assert "\n" not in msg
     assert gemma2_dir in msg and "model.attn_implementation='sdpa'" in msg
-    assert "model.attn_implementation=auto" in msg                  # the fix
-    assert "scaled_dot_product_attention" in msg                    # transformers' reason, first sentence only
+    assert "model.attn_implementation=auto" in msg  # the fix
+    assert "scaled_dot_product_attention" in msg  # transformers' reason, first sentence only
 
 
 @pytest.mark.parametrize("attn", ["bogus", "flash_attention_2"])
@@ -61,8 +74,10 @@ def test_impossible_attention_setting(gemma2_dir, attn):
 
 def test_not_a_causal_lm(tmp_path):
     from transformers import ViTConfig
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-              intermediate_size=64).save_pretrained(tmp_path)
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ModelLoadError, match="cannot be built as a causal language model"):
         check_model_loads(str(tmp_path))
     with pytest.raises(ModelLoadError, match="cannot read its config"):
@@ -71,10 +86,11 @@ def test_not_a_causal_lm(tmp_path):
 
 def test_resolve_paths_checks_attention_before_ray(gemma2_dir, tmp_path):
     from bco_ray.run import ModelError, resolve_paths
+
     cfg = Config(output_dir=str(tmp_path))
     cfg.model.policy = gemma2_dir
     cfg.udm.enabled = False
-    paths, _ = resolve_paths(cfg)                                  # the default: fine
+    paths, _ = resolve_paths(cfg)  # the default: fine
     assert paths.policy == gemma2_dir
     cfg.model.attn_implementation = "sdpa"
     with pytest.raises(ModelError, match=r"^model\.policy: .*model\.attn_implementation='sdpa'"):

@@ -8,6 +8,7 @@ counted too. Inside: the training step's forward (`micro_batch_loss`: packed log
 metric sums on the device) and backward on a tiny Qwen2 in float32, after one warm-up micro-batch (the
 once-per-model light-path probe reads the device by design). The counter is shown to work: today's padded
 micro-batch and the logging step's `reduce()` do trip it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,15 @@ from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
 from bco_ray.train.step import collate, micro_batch_loss
 
 aten = torch.ops.aten
-SYNC_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.item.default,
-            aten.nonzero.default, aten.nonzero_static.default, aten.masked_select.default}
+SYNC_OPS = {
+    aten._local_scalar_dense.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.item.default,
+    aten.nonzero.default,
+    aten.nonzero_static.default,
+    aten.masked_select.default,
+}
 TENSOR_METHODS = ("tolist", "numpy", "cpu", "item")
 
 
@@ -37,8 +45,9 @@ class SyncCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in SYNC_OPS:
             self.counts[str(func)] += 1
-        elif func is aten.index.Tensor and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                               for i in args[1] if i is not None):
+        elif func is aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
+        ):
             self.counts["index with a boolean mask"] += 1
         elif func in (aten._to_copy.default, aten.copy_.default):
             src = args[1] if func is aten.copy_.default else args[0]
@@ -57,7 +66,9 @@ def count_syncs():
         def method(self, *a, **k):
             mode.counts[f"Tensor.{name}"] += 1
             return originals[name](self, *a, **k)
+
         return method
+
     for name in TENSOR_METHODS:
         setattr(torch.Tensor, name, counted(name))
     try:
@@ -69,17 +80,28 @@ def count_syncs():
 
 
 def _setup():
-    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256)
+    cfg = Qwen2Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     rng = np.random.default_rng(0)
     lengths = [7, 60, 33, 12, 90, 25, 41, 8]
     ids = np.empty(len(lengths), dtype=object)
     ids[:] = [rng.integers(3, 128, n) for n in lengths]
-    rows = {"input_ids": ids, "prompt_len": np.array([3, 20, 5, 4, 30, 10, 1, 2]),
-            "label": np.arange(8) % 2 == 0, "ref_logps": rng.normal(-100, 5, 8).astype(np.float32),
-            "udm_weight": np.ones(8, np.float32)}
+    rows = {
+        "input_ids": ids,
+        "prompt_len": np.array([3, 20, 5, 4, 30, 10, 1, 2]),
+        "label": np.arange(8) % 2 == 0,
+        "ref_logps": rng.normal(-100, 5, 8).astype(np.float32),
+        "udm_weight": np.ones(8, np.float32),
+    }
     return model, rows, lengths
 
 
@@ -87,15 +109,15 @@ def test_a_packed_micro_batch_never_synchronises_the_host():
     model, rows, lengths = _setup()
     packs, n_chunks = plan_step([lengths], [rows["prompt_len"]], 100, 16, 0)
     batches = [to_device(collate_packed(rows, p, 0, 8, c), torch.device("cpu")) for p, c in zip(packs, n_chunks)]
-    batches.append(to_device(collate_packed(rows, [], 0, 8, 1), torch.device("cpu")))   # an empty pack too
+    batches.append(to_device(collate_packed(rows, [], 0, 8, 1), torch.device("cpu")))  # an empty pack too
     assert len(batches) >= 4
     delta, sums = DeviceRunningMean(), DeviceWindowSums()
-    micro_batch_loss(model, batches[0], delta, 0.1, 16, sums).backward()        # warm-up: the probe
+    micro_batch_loss(model, batches[0], delta, 0.1, 16, sums).backward()  # warm-up: the probe
     with count_syncs() as counts:
         for b in batches[1:]:
             micro_batch_loss(model, b, delta, 0.1, 16, sums).backward()
     assert not counts, f"host synchronisations inside packed micro-batches: {dict(counts)}"
-    with count_syncs() as counts:                                                 # a logging step reads them
+    with count_syncs() as counts:  # a logging step reads them
         m = sums.reduce()
         float(delta.mean)
     assert counts and m["count/chosen"] + m["count/rejected"] == sum(len(p) for p in packs)
@@ -110,4 +132,4 @@ def test_the_counter_sees_the_padded_path_synchronise():
     micro_batch_loss(model, batch, delta, 0.1, 16).backward()
     with count_syncs() as counts:
         micro_batch_loss(model, batch, delta, 0.1, 16).backward()
-    assert counts["aten.nonzero.default"] >= 1                  # completion positions found on the device
+    assert counts["aten.nonzero.default"] >= 1  # completion positions found on the device

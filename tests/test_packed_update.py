@@ -11,6 +11,7 @@ Not packed (the reference, one process, no DeepSpeed): the same rows cut into th
 right-padded (`collate`) and scored with `bco_forward`; δ (`RunningMean`) absorbs each group's rewards
 of all ranks, the step's loss is the mean over its rows, clipping to max_grad_norm, `torch.optim.AdamW`.
 Parameters after two steps agree to 1e-5 (the update itself is ~2e-4)."""
+
 from __future__ import annotations
 
 import os
@@ -25,11 +26,11 @@ import pytest
 import torch
 from test_zero3_lockstep import init_gloo_rank, record_error, run_ranks
 
-ROWS, GAS, STEPS = 4, 2, 2          # micro_batch_size, gradient_accumulation_steps, optimizer steps
+ROWS, GAS, STEPS = 4, 2, 2  # micro_batch_size, gradient_accumulation_steps, optimizer steps
 BUDGET, CHUNK = 128, 16
-LR, BETA, MAX_GRAD_NORM, PAD_ID = 1e-4, 0.1, 0.5, 2   # lr: see tests/test_zero3_lockstep.py (Adam and rounding)
+LR, BETA, MAX_GRAD_NORM, PAD_ID = 1e-4, 0.1, 0.5, 2  # lr: see tests/test_zero3_lockstep.py (Adam and rounding)
 TOL = 1e-5
-STAGE = {1: 2, 2: 3}                # ZeRO stage per world size
+STAGE = {1: 2, 2: 3}  # ZeRO stage per world size
 TIMEOUT_S = 240
 
 
@@ -37,6 +38,7 @@ def _model():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from bco_ray.builtin import ASSETS
+
     cfg = Qwen2Config.from_pretrained(ASSETS / "tiny-qwen2")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -50,15 +52,22 @@ def _split(world: int) -> list[dict]:
     for _ in range(STEPS * GAS):
         n = world * ROWS
         lengths = rng.integers(3, 60, size=n)
-        lengths[rng.integers(0, n)] = 150                 # one row longer than the budget per global batch
+        lengths[rng.integers(0, n)] = 150  # one row longer than the budget per global batch
         if world == 2:
-            lengths[ROWS:] = rng.integers(3, 12, size=ROWS)    # rank 1's rows are short: fewer packs
+            lengths[ROWS:] = rng.integers(3, 12, size=ROWS)  # rank 1's rows are short: fewer packs
         ids = np.empty(n, dtype=object)
         ids[:] = [rng.integers(3, 512, size=L) for L in lengths]
         plen = np.array([rng.integers(1, max(2, L // 2)) for L in lengths])
-        out.append({"input_ids": ids, "prompt_len": plen, "label": rng.random(n) < 0.5,
-                    "ref_logps": (-(lengths - plen) * np.log(512) + rng.normal(0, 3, n)).astype(np.float32),
-                    "udm_weight": rng.uniform(0.5, 2.0, n).astype(np.float32), "row_id": np.arange(n)})
+        out.append(
+            {
+                "input_ids": ids,
+                "prompt_len": plen,
+                "label": rng.random(n) < 0.5,
+                "ref_logps": (-(lengths - plen) * np.log(512) + rng.normal(0, 3, n)).astype(np.float32),
+                "udm_weight": rng.uniform(0.5, 2.0, n).astype(np.float32),
+                "row_id": np.arange(n),
+            }
+        )
     return out
 
 
@@ -75,9 +84,19 @@ class _Shard:
 
 def _train_config(world: int):
     from bco_ray.config import TrainConfig
-    return TrainConfig(zero_stage=STAGE[world], micro_batch_size=ROWS, gradient_accumulation_steps=GAS, lr=LR,
-                       beta=BETA, max_grad_norm=MAX_GRAD_NORM, warmup_ratio=0.0, lr_scheduler="constant",
-                       bf16=False, micro_batch_tokens=BUDGET)
+
+    return TrainConfig(
+        zero_stage=STAGE[world],
+        micro_batch_size=ROWS,
+        gradient_accumulation_steps=GAS,
+        lr=LR,
+        beta=BETA,
+        max_grad_norm=MAX_GRAD_NORM,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        bf16=False,
+        micro_batch_tokens=BUDGET,
+    )
 
 
 def _worker(rank: int, port: int, out_dir: str, world: int) -> None:
@@ -88,23 +107,33 @@ def _worker(rank: int, port: int, out_dir: str, world: int) -> None:
         from bco_ray.train.device_stats import DeviceRunningMean
         from bco_ray.train.ds_config import deepspeed_config
         from bco_ray.train.step import micro_batch_loss
+
         init_gloo_rank(rank, world, port)
         t = _train_config(world)
         model = _model()
-        engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(t, world, on_gpu=False),
-                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            config=deepspeed_config(t, world, on_gpu=False),
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+        )
         delta, packs = DeviceRunningMean(), []
-        for batch, _, _, last in packed_micro_batches(_Shard(_split(world)), t, rank, world, 0, PAD_ID,
-                                                      torch.device("cpu"), CHUNK):
+        for batch, _, _, last in packed_micro_batches(
+            _Shard(_split(world)), t, rank, world, 0, PAD_ID, torch.device("cpu"), CHUNK
+        ):
             packs.append(batch["rows"])
             set_boundary(engine, batch, last)
             backward(engine, batch, micro_batch_loss(engine, batch, delta, BETA, CHUNK))
             engine.step()
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None) \
-                if t.zero_stage == 3 else contextlib.nullcontext():
+        with (
+            deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+            if t.zero_stage == 3
+            else contextlib.nullcontext()
+        ):
             params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-        torch.save({"params": params, "packs": packs, "delta": float(delta.mean),
-                    "steps": engine.global_steps}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"params": params, "packs": packs, "delta": float(delta.mean), "steps": engine.global_steps},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
         engine.destroy()
         torch.distributed.destroy_process_group()
     except BaseException:
@@ -125,7 +154,7 @@ def _reference(world: int):
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     delta, split = RunningMean(), _split(world)
     for s in range(STEPS):
-        by_rank = [_take(split[s * GAS:(s + 1) * GAS], r * ROWS, (r + 1) * ROWS) for r in range(world)]
+        by_rank = [_take(split[s * GAS : (s + 1) * GAS], r * ROWS, (r + 1) * ROWS) for r in range(world)]
         lengths = [[len(x) for x in b["input_ids"]] for b in by_rank]
         plans = [plan_step(lengths, [b["prompt_len"] for b in by_rank], BUDGET, CHUNK, r)[0] for r in range(world)]
         for j in range(len(plans[0])):
@@ -134,13 +163,21 @@ def _reference(world: int):
             for rows, idx in groups:
                 raw = {k: v[idx] for k, v in rows.items()}
                 b = collate(raw, PAD_ID)
-                logps.append(policy_completion_logps(model, b["input_ids"], b["attention_mask"], b["prompt_len"], CHUNK))
+                logps.append(
+                    policy_completion_logps(model, b["input_ids"], b["attention_mask"], b["prompt_len"], CHUNK)
+                )
                 cols.append(b)
             ref = torch.cat([b["ref_logps"] for b in cols])
             lp = torch.cat(logps)
             delta.update(BETA * (lp.detach() - ref))
-            losses, _ = bco_losses(lp, ref, torch.cat([b["label"] for b in cols]),
-                                   torch.cat([b["udm_weight"] for b in cols]), BETA, delta.mean)
+            losses, _ = bco_losses(
+                lp,
+                ref,
+                torch.cat([b["label"] for b in cols]),
+                torch.cat([b["udm_weight"] for b in cols]),
+                BETA,
+                delta.mean,
+            )
             (losses.sum() / (world * ROWS * GAS)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         opt.step()
@@ -157,16 +194,18 @@ def test_packed_step_equals_padded_step(world, tmp_path):
     runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     ref, before, ref_delta = _reference(world)
     assert runs[0]["steps"] == STEPS
-    assert len(runs[0]["packs"]) > STEPS * GAS            # more forwards than padded micro-batches: real packing
+    assert len(runs[0]["packs"]) > STEPS * GAS  # more forwards than padded micro-batches: real packing
     if world == 2:
-        assert [len(r["packs"]) for r in runs] == [len(runs[0]["packs"])] * 2   # lockstep
-        assert 0 in runs[1]["packs"]                       # rank 1 ran an empty pack
+        assert [len(r["packs"]) for r in runs] == [len(runs[0]["packs"])] * 2  # lockstep
+        assert 0 in runs[1]["packs"]  # rank 1 ran an empty pack
     moved = max(float((ref[n] - before[n]).abs().max()) for n in ref)
     assert moved > 10 * TOL
     for r, run in enumerate(runs):
         diff = {n: float((run["params"][n] - ref[n]).abs().max()) for n in ref}
         worst = max(diff, key=diff.get)
-        print(f"\n[world {world}, rank {r}] rows per pack {run['packs']}: max |packed - padded| {diff[worst]:.2g} "
-              f"({worst}), update up to {moved:.2g}; δ {run['delta']:.6f} vs {ref_delta:.6f}")
+        print(
+            f"\n[world {world}, rank {r}] rows per pack {run['packs']}: max |packed - padded| {diff[worst]:.2g} "
+            f"({worst}), update up to {moved:.2g}; δ {run['delta']:.6f} vs {ref_delta:.6f}"
+        )
         assert diff[worst] <= TOL, f"{worst} differs by {diff[worst]:.3g}"
         assert run["delta"] == pytest.approx(ref_delta, rel=1e-6, abs=1e-6)

@@ -5,6 +5,7 @@ than the longest row) in float32 on CPU. Rows of very different lengths (3 to 90
 than the token budget (a pack of its own), a row with a one-token prompt and one with nothing to predict; one
 rank gets an empty pack. Per-row log-probs and the gradient of an arbitrary weighted sum of them equal the
 padded batch's (`collate` + `policy_completion_logps`) to 1e-5."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,23 +19,37 @@ from bco_ray.train.step import collate
 
 V, PAD = 64, 2
 BUDGET, CHUNK = 64, 7
-_COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, pad_token_id=PAD)
+_COMMON = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+    pad_token_id=PAD,
+)
 CONFIGS = {
     "qwen2": (lambda: Qwen2Config(**_COMMON), "sdpa"),
     "llama": (lambda: LlamaConfig(**_COMMON), "sdpa"),
     "gemma2": (lambda: Gemma2Config(**_COMMON, head_dim=8, final_logit_softcapping=2.0, sliding_window=16), "eager"),
 }
 LENGTHS = [5, 90, 12, 40, 3, 70, 2]
-PROMPT = [2, 30, 1, 10, 3, 0, 1]          # row 4: nothing to predict; row 5: prompt_len 0 (from position 1)
+PROMPT = [2, 30, 1, 10, 3, 0, 1]  # row 4: nothing to predict; row 5: prompt_len 0 (from position 1)
 
 
 def _rows() -> dict:
     rng = np.random.default_rng(0)
     ids = np.empty(len(LENGTHS), dtype=object)
     ids[:] = [rng.integers(3, V, n) for n in LENGTHS]
-    return {"input_ids": ids, "prompt_len": np.array(PROMPT), "label": np.arange(len(LENGTHS)) % 2 == 0,
-            "ref_logps": np.zeros(len(LENGTHS), np.float32), "udm_weight": np.ones(len(LENGTHS), np.float32)}
+    return {
+        "input_ids": ids,
+        "prompt_len": np.array(PROMPT),
+        "label": np.arange(len(LENGTHS)) % 2 == 0,
+        "ref_logps": np.zeros(len(LENGTHS), np.float32),
+        "udm_weight": np.ones(len(LENGTHS), np.float32),
+    }
 
 
 def _model(family: str):
@@ -48,16 +63,16 @@ def test_pack_rows_keeps_every_row_once_within_the_budget():
     assert sorted(i for p in packs for i in p) == list(range(len(LENGTHS)))
     for p in packs:
         assert len(p) == 1 or sum(LENGTHS[i] for i in p) <= BUDGET
-    assert [1] in packs                                  # 90 > 64: a pack of its own
+    assert [1] in packs  # 90 > 64: a pack of its own
     assert pack_rows([], BUDGET) == []
 
 
 def test_plan_step_gives_every_rank_as_many_packs_and_chunks():
-    lengths = [LENGTHS, [4, 6]]                          # rank 1: one small pack, then empty ones
+    lengths = [LENGTHS, [4, 6]]  # rank 1: one small pack, then empty ones
     prompts = [PROMPT, [1, 2]]
     plans = [plan_step(lengths, prompts, BUDGET, CHUNK, r) for r in range(2)]
     assert len(plans[0][0]) == len(plans[1][0]) > 1
-    assert plans[0][1] == plans[1][1]                    # same head chunks per pack on both ranks
+    assert plans[0][1] == plans[1][1]  # same head chunks per pack on both ranks
     assert plans[1][0][1:] == [[]] * (len(plans[1][0]) - 1)
     for j, pack in enumerate(plans[0][0]):
         need = -(-sum(completion_tokens(LENGTHS[i], PROMPT[i]) for i in pack) // CHUNK)
@@ -91,7 +106,7 @@ def test_packed_equals_padded_values_and_gradients(family):
     (packs, n_chunks), _ = plan_step([LENGTHS, [3]], [PROMPT, [1]], BUDGET, CHUNK, 0), None
     assert any(len(p) == 1 and LENGTHS[p[0]] > BUDGET for p in packs) and len(packs) >= 3
     got, total = torch.zeros(len(LENGTHS)), 0.0
-    for pack, nc in list(zip(packs, n_chunks)) + [([], 1)]:      # and an empty pack, as a short rank runs it
+    for pack, nc in list(zip(packs, n_chunks)) + [([], 1)]:  # and an empty pack, as a short rank runs it
         lp = packed_completion_logps(model, collate_packed(rows, pack, PAD, len(LENGTHS), nc), CHUNK)
         if pack:
             got[pack] = lp.detach()
@@ -121,7 +136,7 @@ def test_gemma2_sliding_window_is_applied_within_rows():
             got = packed_completion_logps(model, collate_packed(rows, [1, 5], PAD, 2))
         torch.testing.assert_close(got, ref[[1, 5]], rtol=1e-5, atol=1e-5)
         refs.append(ref)
-    assert not torch.allclose(refs[0][[1, 5]], refs[1][[1, 5]])          # the window changes these rows
+    assert not torch.allclose(refs[0][[1, 5]], refs[1][[1, 5]])  # the window changes these rows
 
 
 def test_reference_pass_packed_equals_padded(tmp_path):
@@ -129,12 +144,20 @@ def test_reference_pass_packed_equals_padded(tmp_path):
     import pyarrow as pa
 
     from bco_ray.precompute.stages import RefLogps
+
     _model("qwen2").save_pretrained(tmp_path, safe_serialization=True)
     rows = _rows()
-    table = pa.table({"input_ids": pa.array([x.tolist() for x in rows["input_ids"]], pa.list_(pa.int32())),
-                      "prompt_len": pa.array(rows["prompt_len"], pa.int32())})
-    out = {packed: RefLogps(str(tmp_path), None, "float32", 0, BUDGET, CHUNK, PAD, packed=packed)(table)
-           for packed in (False, True)}
-    np.testing.assert_allclose(out[True].column("ref_logps").to_numpy(), out[False].column("ref_logps").to_numpy(),
-                               rtol=1e-5, atol=1e-5)
+    table = pa.table(
+        {
+            "input_ids": pa.array([x.tolist() for x in rows["input_ids"]], pa.list_(pa.int32())),
+            "prompt_len": pa.array(rows["prompt_len"], pa.int32()),
+        }
+    )
+    out = {
+        packed: RefLogps(str(tmp_path), None, "float32", 0, BUDGET, CHUNK, PAD, packed=packed)(table)
+        for packed in (False, True)
+    }
+    np.testing.assert_allclose(
+        out[True].column("ref_logps").to_numpy(), out[False].column("ref_logps").to_numpy(), rtol=1e-5, atol=1e-5
+    )
     assert out[True].column("pad_tokens").to_numpy().sum() == 0 < out[False].column("pad_tokens").to_numpy().sum()

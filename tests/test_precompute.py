@@ -1,4 +1,5 @@
 """The precompute pass: cache keys, atomic commits, streaming through many blocks, token-budget batching."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,10 +26,10 @@ def test_budget_batches_respect_budget_and_cut_padding():
     rng = random.Random(0)
     lengths = [rng.choice([rng.randint(8, 40), rng.randint(200, 512)]) for _ in range(512)]
     batches = budget_batches(lengths, token_budget=4096)
-    assert sorted(i for b in batches for i in b) == list(range(512))          # every row exactly once
+    assert sorted(i for b in batches for i in b) == list(range(512))  # every row exactly once
     assert all(len(b) * max(lengths[i] for i in b) <= 4096 for b in batches)
     real, padded = padding_fraction(lengths, batches)
-    fixed = [list(range(i, min(i + 16, 512))) for i in range(0, 512, 16)]      # dataset order, 16 rows
+    fixed = [list(range(i, min(i + 16, 512))) for i in range(0, 512, 16)]  # dataset order, 16 rows
     real2, padded2 = padding_fraction(lengths, fixed)
     assert real == real2
     waste, waste_fixed = 1 - real / padded, 1 - real2 / padded2
@@ -62,7 +63,7 @@ def test_cache_key_changes_with_every_input(tmp_path):
     cfg = load_config(overrides={"data": {"train": str(data), "eval": None}})
     key = lambda c=cfg, p=paths: cache_key(key_parts(c, p))  # noqa: E731
     base = key()
-    assert key() == base                                                       # deterministic
+    assert key() == base  # deterministic
     changed = {}
 
     def with_cfg(section, **kw):
@@ -76,7 +77,7 @@ def test_cache_key_changes_with_every_input(tmp_path):
     changed["min ratio"] = key(with_cfg("udm", min_density_ratio=0.2))
     changed["max ratio"] = key(with_cfg("udm", max_density_ratio=5.0))
     changed["dtype"] = key(with_cfg("model", dtype="bfloat16"))
-    (tmp_path / "ref" / "model.safetensors").write_bytes(b"\0" * 99 + b"\1")      # new reference weights
+    (tmp_path / "ref" / "model.safetensors").write_bytes(b"\0" * 99 + b"\1")  # new reference weights
     changed["reference weights"] = key()
     (tmp_path / "ref" / "model.safetensors").write_bytes(b"\0" * 100)
     assert key() == base
@@ -88,7 +89,7 @@ def test_cache_key_changes_with_every_input(tmp_path):
     data.write_text(json.dumps({"prompt": "p", "completion": "c", "label": True}) + "\n")
     (tmp_path / "emb" / "model.safetensors").write_bytes(b"\2" * 10)
     changed["embedding model"] = key()
-    assert key(with_cfg("train", lr=1.0)) == changed["embedding model"]     # training settings: irrelevant
+    assert key(with_cfg("train", lr=1.0)) == changed["embedding model"]  # training settings: irrelevant
     for what, k in changed.items():
         assert k != base, what
     assert fingerprint_path("org/some-model", "abc") == "id:org/some-model@abc"  # hub ids: id + revision
@@ -99,16 +100,16 @@ def test_an_uncommitted_attempt_is_never_trusted(tmp_path):
     cache = Cache(str(tmp_path), "k1")
     assert cache.complete() is None
     attempt = cache.new_attempt()
-    (tmp_path / "k1" / attempt / "part-0.parquet").write_bytes(b"half a file")   # the pass dies here
+    (tmp_path / "k1" / attempt / "part-0.parquet").write_bytes(b"half a file")  # the pass dies here
     assert cache.complete() is None
-    again = Cache(str(tmp_path), "k1")                                          # the next run starts anew
+    again = Cache(str(tmp_path), "k1")  # the next run starts anew
     attempt2 = again.new_attempt()
     assert attempt2 != attempt
     again.write_json(f"{again.key_dir}/{attempt2}/summary.json", {"rows": 1})
     again.commit(attempt2, {"train": "t"})
     assert again.complete()["attempt"] == attempt2
-    assert not list(tmp_path.glob("k1/COMPLETE.json.tmp*"))                    # the marker was renamed in
-    (tmp_path / "k1" / attempt2 / "summary.json").unlink()                     # marker without its data
+    assert not list(tmp_path.glob("k1/COMPLETE.json.tmp*"))  # the marker was renamed in
+    (tmp_path / "k1" / attempt2 / "summary.json").unlink()  # marker without its data
     assert again.complete() is None
     again.invalidate()
     assert not (tmp_path / "k1" / "COMPLETE.json").exists()
@@ -120,7 +121,7 @@ def local_ray(ray_client):
     """This process as a driver on the session's 2-CPU head, with tiny blocks."""
     ctx = ray_client.data.DataContext.get_current()
     old = ctx.target_max_block_size
-    ctx.target_max_block_size = 32 * 1024        # force many small blocks: the pass must stream them
+    ctx.target_max_block_size = 32 * 1024  # force many small blocks: the pass must stream them
     yield ray_client
     ctx.target_max_block_size = old
 
@@ -133,28 +134,35 @@ def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
     from bco_ray.data.checks import check_data
     from bco_ray.precompute.pipeline import run_precompute
     from bco_ray.run import resolve_paths
+
     src = [json.loads(x) for x in open(resolve_data(BUILTIN_TRAIN))][:400]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in src))
     # local_shuffle_max_rows=0: Ray Data's all-to-all shuffle, the large-data path (the seeded local permutation
     # of small data is what every other job here takes).
-    cfg = load_config(overrides={"output_dir": str(tmp_path / "out"), "data": {
-        "train": str(data), "eval": None, "max_length": 64, "max_prompt_length": 48},
-        "udm": {"prompt_sample_size": 64}, "precompute": {"batch_size": 32, "local_shuffle_max_rows": 0}})
+    cfg = load_config(
+        overrides={
+            "output_dir": str(tmp_path / "out"),
+            "data": {"train": str(data), "eval": None, "max_length": 64, "max_prompt_length": 48},
+            "udm": {"prompt_sample_size": 64},
+            "precompute": {"batch_size": 32, "local_shuffle_max_rows": 0},
+        }
+    )
     report = check_data(cfg)
     paths, _ = resolve_paths(cfg)
     labels = report.train.labels.by_label()
     from bco_ray.resources import pass_resources
+
     first = run_precompute(cfg, paths, labels, pass_resources(ray.cluster_resources()["CPU"], 1, False))
     assert not first.reused
     files = list((tmp_path / "out" / "cache").rglob("split=train/*.parquet"))
     table = pq.read_table(files)
     assert table.num_rows == 400 == first.summary.train.rows
-    assert len(files) > 1 or pq.ParquetFile(files[0]).metadata.num_row_groups > 1   # many blocks
+    assert len(files) > 1 or pq.ParquetFile(files[0]).metadata.num_row_groups > 1  # many blocks
     assert {"input_ids", "prompt_len", "label", "ref_logps", "udm_weight", "row_id"} <= set(table.column_names)
     assert not {"prompt_embedding", "prompt_text", "fit_sample"} & set(table.column_names)
-    assert not list((tmp_path / "out" / "cache").rglob("scored"))          # the intermediate pass is removed
-    assert not list((tmp_path / "out" / "cache").rglob("*.pkl"))           # nothing executable in the cache
+    assert not list((tmp_path / "out" / "cache").rglob("scored"))  # the intermediate pass is removed
+    assert not list((tmp_path / "out" / "cache").rglob("*.pkl"))  # nothing executable in the cache
     assert list((tmp_path / "out" / "cache").rglob("classifier.json"))
     w = table.column("udm_weight").to_numpy()
     lab = table.column("label").to_numpy(zero_copy_only=False)
@@ -162,6 +170,7 @@ def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
     assert 0.5 < first.summary.udm.accuracy <= 1
     second = run_precompute(cfg, paths, labels)
     assert second.reused and second.dir == first.dir
-    forced = run_precompute(dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, force=True)),
-                            paths, labels)
+    forced = run_precompute(
+        dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, force=True)), paths, labels
+    )
     assert not forced.reused and forced.dir != first.dir

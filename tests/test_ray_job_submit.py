@@ -1,6 +1,7 @@
 """`ray job submit --working-dir . -- python jobs/bco.py ...` against real Ray heads on loopback, with the
 CPUs a laptop or a small head node has: the session's head (at most 2 CPUs) and a head of 1 CPU. The job
 sizes its pass and worker group to them; nothing waits forever for a CPU another stage holds."""
+
 from __future__ import annotations
 
 import shlex
@@ -14,12 +15,27 @@ from conftest import RAY_BIN, ROOT, RayHead
 pytestmark = pytest.mark.e2e
 
 
-def _submit(head: RayHead, out, db: str, submission_id: str, *args: str, prefix: str = "") -> subprocess.CompletedProcess:
+def _submit(
+    head: RayHead, out, db: str, submission_id: str, *args: str, prefix: str = ""
+) -> subprocess.CompletedProcess:
     """`ray job submit ... -- python jobs/bco.py ...`; `prefix`: shell run before it in the same entrypoint."""
     job = shlex.join(["python", "jobs/bco.py", f"--output_dir={out}", f"--mlflow.tracking_uri={db}", *args])
-    cmd = [RAY_BIN, "job", "submit", f"--address={head.dashboard}", "--working-dir", str(ROOT),
-           "--runtime-env", str(ROOT / "configs" / "runtime_env.yaml"), "--submission-id", submission_id,
-           "--", "bash", "-c", prefix + job]
+    cmd = [
+        RAY_BIN,
+        "job",
+        "submit",
+        f"--address={head.dashboard}",
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env",
+        str(ROOT / "configs" / "runtime_env.yaml"),
+        "--submission-id",
+        submission_id,
+        "--",
+        "bash",
+        "-c",
+        prefix + job,
+    ]
     return subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=900)
 
 
@@ -28,6 +44,7 @@ def _check_succeeded(head: RayHead, proc, submission_id: str, out, tmp_path) -> 
     (tmp_path / f"{submission_id}.log").write_text(log)
     assert proc.returncode == 0, log[-6000:]
     from ray.job_submission import JobStatus, JobSubmissionClient
+
     assert JobSubmissionClient(head.dashboard).get_job_status(submission_id) == JobStatus.SUCCEEDED
     assert "[bco-ray] done" in log
     assert list(out.glob("runs/*/model/model.safetensors"))
@@ -48,9 +65,18 @@ def test_ray_job_submit_succeeds_on_a_1_cpu_head(tmp_path, monkeypatch):
         assert "needs 2 × 1 CPU = 2 CPU" in too_big.stdout + too_big.stderr
         # jobs/*.py do not patch sys.path: Ray puts the uploaded working directory first on the entrypoint's
         # PYTHONPATH, so a submitted job imports the uploaded bco_ray, not this checkout's installed one.
-        where = "python -c 'import bco_ray; print(\"BCO_RAY\" + \"_FILE=\" + bco_ray.__file__)' && "
-        proc = _submit(head, out, db, "bco-submit-1cpu", "--train.num_workers=1", "--train.max_steps=2",
-                       "--train.eval_steps=0", "--data.eval=none", prefix=where)
+        where = 'python -c \'import bco_ray; print("BCO_RAY" + "_FILE=" + bco_ray.__file__)\' && '
+        proc = _submit(
+            head,
+            out,
+            db,
+            "bco-submit-1cpu",
+            "--train.num_workers=1",
+            "--train.max_steps=2",
+            "--train.eval_steps=0",
+            "--data.eval=none",
+            prefix=where,
+        )
         log = _check_succeeded(head, proc, "bco-submit-1cpu", out, tmp_path)
         uploaded = log.split("BCO_RAY_FILE=")[1].split()[0]
         assert "working_dir_files" in uploaded and not uploaded.startswith(str(ROOT)), uploaded
@@ -65,12 +91,15 @@ def test_ray_job_stop_then_resubmit_resumes(ray_head, tmp_path, monkeypatch):
     finishes, continuing the same MLflow run with each step logged once."""
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
+
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     client = JobSubmissionClient(ray_head.dashboard)
     out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert ray_head.num_cpus <= 2
-    entry = (f"python jobs/bco.py --output_dir={out} --mlflow.tracking_uri={db} --mlflow.run_name=stopme "
-             "--data.eval=none --train.eval_steps=0 --train.logging_steps=1 --train.max_steps=60 --train.save_steps=5")
+    entry = (
+        f"python jobs/bco.py --output_dir={out} --mlflow.tracking_uri={db} --mlflow.run_name=stopme "
+        "--data.eval=none --train.eval_steps=0 --train.logging_steps=1 --train.max_steps=60 --train.save_steps=5"
+    )
     runtime_env = {"working_dir": str(ROOT), "excludes": [".git", ".venv", ".gpu", "outputs", "mlflow.db"]}
     first = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
     deadline = time.time() + 600
@@ -78,7 +107,9 @@ def test_ray_job_stop_then_resubmit_resumes(ray_head, tmp_path, monkeypatch):
     # may be a half-registered report: stopping then would rightly restart from scratch).
     snapshot = out / "ray" / "stopme" / "checkpoint_manager_snapshot.json"
     while not (snapshot.exists() and "checkpoint_step" in snapshot.read_text()) and time.time() < deadline:
-        assert client.get_job_status(first) not in (JobStatus.FAILED, JobStatus.SUCCEEDED), client.get_job_logs(first)[-4000:]
+        assert client.get_job_status(first) not in (JobStatus.FAILED, JobStatus.SUCCEEDED), client.get_job_logs(first)[
+            -4000:
+        ]
         time.sleep(1)
     assert client.stop_job(first)
     while client.get_job_status(first) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
@@ -91,7 +122,7 @@ def test_ray_job_stop_then_resubmit_resumes(ray_head, tmp_path, monkeypatch):
     second = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
     while client.get_job_status(second) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
         time.sleep(2)
-    assert "UDM classifier accuracy" in client.get_job_logs(first)          # the pass ran, on 2 CPUs, UDM on
+    assert "UDM classifier accuracy" in client.get_job_logs(first)  # the pass ran, on 2 CPUs, UDM on
     logs = client.get_job_logs(second)
     assert client.get_job_status(second) == JobStatus.SUCCEEDED, logs[-4000:]
     assert "precompute reused" in logs, logs[-4000:]
@@ -99,4 +130,4 @@ def test_ray_job_stop_then_resubmit_resumes(ray_head, tmp_path, monkeypatch):
     (run2,) = mlflow.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'stopme'")
     assert run2.info.run_id == run.info.run_id and run2.info.status == "FINISHED"
     steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")]
-    assert sorted(steps) == list(range(1, 61))                   # each step once across the stop
+    assert sorted(steps) == list(range(1, 61))  # each step once across the stop

@@ -11,6 +11,7 @@ micro-batch of our BCO forward (fresh δ) and aggregates it with our metric wind
   * UDM: our density-ratio weights from the reference's fitted classifier on the reference's prompt
     embeddings, the resulting loss, and our classifier fit on the reference's sampled embeddings.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,8 @@ from bco_ray.train.step import bco_forward, collate
 PARITY = Path(__file__).resolve().parent / "parity"
 REF = json.loads((PARITY / "reference_step0.json").read_text())
 BETA = REF["settings"]["beta"]
-MAX_LENGTH = REF["settings"]["max_length"]      # BCOConfig.max_length default (1024)
-MAX_PROMPT_LENGTH = 512                          # our default; trl 1.13 has no prompt limit, rows are short
+MAX_LENGTH = REF["settings"]["max_length"]  # BCOConfig.max_length default (1024)
+MAX_PROMPT_LENGTH = 512  # our default; trl 1.13 has no prompt limit, rows are short
 ATOL = 1e-5
 
 
@@ -61,9 +62,11 @@ def models(tmp_path_factory):
         path = materialize_tiny_model(root / name, seed=seed)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
         if _fingerprint(model) != REF["fingerprints"][name]:
-            pytest.skip(f"materialize_tiny_model(seed={seed}) builds different weights here than where the "
-                        f"reference was recorded ({REF['versions']}; here torch {torch.__version__}): "
-                        "re-run tests/parity/run_reference.py in a trl==1.13.0 venv with these versions")
+            pytest.skip(
+                f"materialize_tiny_model(seed={seed}) builds different weights here than where the "
+                f"reference was recorded ({REF['versions']}; here torch {torch.__version__}): "
+                "re-run tests/parity/run_reference.py in a trl==1.13.0 venv with these versions"
+            )
         out[name] = model
     out["policy"].train()  # as in the reference's training step (the tiny config has no dropout)
     out["ref"].eval()
@@ -74,8 +77,10 @@ def models(tmp_path_factory):
 def tok():
     digest = hashlib.sha256((tokenizer_path() / "tokenizer.json").read_bytes()).hexdigest()
     if digest != REF["fingerprints"]["tokenizer.json"]:
-        pytest.skip("the bundled tokenizer changed since the reference was recorded: re-run "
-                    "tests/parity/run_reference.py in a trl==1.13.0 venv")
+        pytest.skip(
+            "the bundled tokenizer changed since the reference was recorded: re-run "
+            "tests/parity/run_reference.py in a trl==1.13.0 venv"
+        )
     return AutoTokenizer.from_pretrained(tokenizer_path())
 
 
@@ -91,18 +96,33 @@ def tokenized(tok):
 def _step0(models, tok, tokenized, udm_weight):
     """Our step 0 on one micro-batch of all rows: reference log-probs, then bco_forward with a fresh δ."""
     n = len(tokenized["input_ids"])
-    batch = collate({"input_ids": tokenized["input_ids"], "prompt_len": tokenized["prompt_len"],
-                     "label": tokenized["label"], "ref_logps": np.zeros(n, np.float32),
-                     "udm_weight": np.asarray(udm_weight, np.float32)}, tok.pad_token_id)
+    batch = collate(
+        {
+            "input_ids": tokenized["input_ids"],
+            "prompt_len": tokenized["prompt_len"],
+            "label": tokenized["label"],
+            "ref_logps": np.zeros(n, np.float32),
+            "udm_weight": np.asarray(udm_weight, np.float32),
+        },
+        tok.pad_token_id,
+    )
     with torch.no_grad():
-        batch["ref_logps"] = policy_completion_logps(models["ref"], batch["input_ids"], batch["attention_mask"],
-                                                     batch["prompt_len"]).float()
+        batch["ref_logps"] = policy_completion_logps(
+            models["ref"], batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+        ).float()
     delta = RunningMean()
     losses, rewards, logps = bco_forward(models["policy"], batch, delta, BETA)
     window = WindowSums()
     window.add(losses, rewards, logps, batch["label"], tokens=int(batch["attention_mask"].sum()))
-    return {"losses": losses.detach(), "rewards": rewards.detach(), "logps": logps.detach(),
-            "ref_logps": batch["ref_logps"], "delta": delta, "metrics": window.reduce(), "loss": losses.mean()}
+    return {
+        "losses": losses.detach(),
+        "rewards": rewards.detach(),
+        "logps": logps.detach(),
+        "ref_logps": batch["ref_logps"],
+        "delta": delta,
+        "metrics": window.reduce(),
+        "loss": losses.mean(),
+    }
 
 
 def _close(ours, ref, atol=ATOL, what=""):

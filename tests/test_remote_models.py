@@ -3,6 +3,7 @@ model directory under s3:// is downloaded once per node into a cache keyed by it
 and loads with transformers; BCOTrainer uploads in-memory inputs to an s3:// inputs_dir, content-addressed,
 with a completion marker written last (bco_ray/api/_io.py); the job's checks name a missing remote model.
 No Ray here: the multi-node job that downloads its policy from the bucket is in test_multinode_s3.py."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,8 @@ def s3(tmp_path_factory):
         yield server
     server.stop()
     import s3fs
-    s3fs.S3FileSystem.clear_instance_cache()     # instances made here point at this server's endpoint
+
+    s3fs.S3FileSystem.clear_instance_cache()  # instances made here point at this server's endpoint
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,9 @@ def test_a_model_on_s3_is_downloaded_once_per_listing_and_loads(s3, tiny, cache,
     from transformers import AutoModelForCausalLM
 
     from bco_ray.models import load_causal_lm, load_tokenizer
+
     uri = _upload(s3, tiny, "models/one")
-    s3.fs().pipe_file(f"{s3.bucket}/models/one/.cache/huggingface/x.lock", b"")   # hidden: not copied
+    s3.fs().pipe_file(f"{s3.bucket}/models/one/.cache/huggingface/x.lock", b"")  # hidden: not copied
     local = Path(local_model_dir(uri))
     assert local.parent == cache and (local / "config.json").is_file()
     assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in tiny.iterdir())
@@ -71,7 +74,7 @@ def test_a_model_on_s3_is_downloaded_once_per_listing_and_loads(s3, tiny, cache,
     assert local_model_dir(uri) == str(local)
     assert "downloaded " not in capfd.readouterr().err
     assert load_tokenizer(uri).pad_token_id is not None and load_tokenizer(uri).pad_token_id is not None
-    assert capfd.readouterr().err.count("downloaded " + uri) == 1   # the tokenizer's copy: no weights, once
+    assert capfd.readouterr().err.count("downloaded " + uri) == 1  # the tokenizer's copy: no weights, once
     meta = Path(local_model_dir(uri, weights=False))
     assert meta != local and (meta / "config.json").is_file() and not list(meta.glob("*.safetensors"))
     assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == sorted([local.name, meta.name])
@@ -89,6 +92,7 @@ def test_a_model_on_s3_is_downloaded_once_per_listing_and_loads(s3, tiny, cache,
 
 def test_concurrent_downloads_of_one_model_share_one_copy(s3, tiny, cache, monkeypatch):
     import bco_ray.remote as remote
+
     uri = _upload(s3, tiny, "models/two")
     real, calls, started = remote._download, [], threading.Barrier(2)
 
@@ -108,7 +112,7 @@ def test_concurrent_downloads_of_one_model_share_one_copy(s3, tiny, cache, monke
         t.start()
     for t in threads:
         t.join()
-    assert len(out) == 2 and out[0] == out[1] and calls == [uri]        # the second waited for the first's copy
+    assert len(out) == 2 and out[0] == out[1] and calls == [uri]  # the second waited for the first's copy
     key = cache_key(uri, listing(uri), True)
     assert out[0] == cache / key and (out[0] / "model.safetensors").is_file()
 
@@ -116,6 +120,7 @@ def test_concurrent_downloads_of_one_model_share_one_copy(s3, tiny, cache, monke
 def _recording(monkeypatch, uri: str) -> list[str]:
     """The object writes the s3 filesystem used for `uri` makes, in order."""
     import fsspec
+
     fs = fsspec.core.url_to_fs(uri)[0]
     writes: list[str] = []
     put_file, pipe_file = fs.put_file, fs.pipe_file
@@ -127,6 +132,7 @@ def _recording(monkeypatch, uri: str) -> list[str]:
     def pipe(path, *a, **kw):
         writes.append(path)
         return pipe_file(path, *a, **kw)
+
     monkeypatch.setattr(fs, "put_file", put)
     monkeypatch.setattr(fs, "pipe_file", pipe)
     return writes
@@ -136,30 +142,31 @@ def test_save_by_content_to_s3_is_idempotent_and_marks_completion_last(s3, tiny,
     import shutil
 
     from bco_ray.api._io import _save_by_content
+
     root = f"s3://{s3.bucket}/inputs/models"
     writes = _recording(monkeypatch, root)
-    save = lambda d: [shutil.copy2(f, Path(d) / f.name) for f in tiny.iterdir()]   # noqa: E731
+    save = lambda d: [shutil.copy2(f, Path(d) / f.name) for f in tiny.iterdir()]  # noqa: E731
     dest = _save_by_content(root, "model", save, directory=True)
     assert dest.startswith(root + "/model-")
-    prefix = dest[len("s3://"):]
+    prefix = dest[len("s3://") :]
     assert writes[-1] == f"{prefix}/{MARKER}" and len(writes) == len(list(tiny.iterdir())) + 1
     fs = s3.fs()
     assert sorted(json.loads(fs.cat(f"{prefix}/{MARKER}"))) == sorted(p.name for p in tiny.iterdir())
 
     writes.clear()
-    assert _save_by_content(root, "model", save, directory=True) == dest and writes == []   # complete: skipped
+    assert _save_by_content(root, "model", save, directory=True) == dest and writes == []  # complete: skipped
 
-    fs.rm(f"{prefix}/{MARKER}")                           # an upload cut short: files there, no marker
+    fs.rm(f"{prefix}/{MARKER}")  # an upload cut short: files there, no marker
     fs.rm(f"{prefix}/model.safetensors")
     assert _save_by_content(root, "model", save, directory=True) == dest
     assert writes[-1] == f"{prefix}/{MARKER}" and f"{prefix}/model.safetensors" in writes
     fs.invalidate_cache()
     assert fs.exists(f"{prefix}/model.safetensors")
 
-    writes.clear()        # a single file: one object, which S3 shows only once written; no marker
+    writes.clear()  # a single file: one object, which S3 shows only once written; no marker
     f1 = _save_by_content(f"s3://{s3.bucket}/inputs/data", "train", lambda p: Path(p).write_text("x"), ".txt")
     f2 = _save_by_content(f"s3://{s3.bucket}/inputs/data", "train", lambda p: Path(p).write_text("x"), ".txt")
-    assert f1 == f2 and writes == [f1[len("s3://"):]] and fs.cat(f1[len("s3://"):]) == b"x"
+    assert f1 == f2 and writes == [f1[len("s3://") :]] and fs.cat(f1[len("s3://") :]) == b"x"
 
 
 def _embed(input_ids=None, attention_mask=None):
@@ -174,11 +181,17 @@ def test_trainer_puts_its_inputs_in_the_bucket(s3, tiny, cache, tmp_path, monkey
     from bco_ray.job_checks import resolve_paths
     from bco_ray.precompute.embedding_func import EmbeddingFuncError, load_embedding_func
     from bco_ray.storage import resolve_locations
+
     model, tok = AutoModelForCausalLM.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
     inputs = f"s3://{s3.bucket}/explicit/inputs"
-    trainer = BCOTrainer(model=model, args=BCOConfig(output_dir=str(tmp_path / "o"), inputs_dir=inputs),
-                         processing_class=tok, train_dataset=TRAIN_ROWS, embedding_func=_embed,
-                         embedding_tokenizer=str(tiny))
+    trainer = BCOTrainer(
+        model=model,
+        args=BCOConfig(output_dir=str(tmp_path / "o"), inputs_dir=inputs),
+        processing_class=tok,
+        train_dataset=TRAIN_ROWS,
+        embedding_func=_embed,
+        embedding_tokenizer=str(tiny),
+    )
     cfg = trainer.config
     assert cfg.model.policy.startswith(f"{inputs}/models/model-") and cfg.model.reference is None
     assert cfg.model.tokenizer.startswith(f"{inputs}/models/tokenizer-")
@@ -187,23 +200,24 @@ def test_trainer_puts_its_inputs_in_the_bucket(s3, tiny, cache, tmp_path, monkey
     fs = s3.fs()
     fs.invalidate_cache()
     for uri in (cfg.model.policy, cfg.model.tokenizer):
-        assert fs.exists(f"{uri[len('s3://'):]}/{MARKER}")
-    assert not (tmp_path / "o" / "inputs").exists()                    # nothing left on the driver's disk
+        assert fs.exists(f"{uri[len('s3://') :]}/{MARKER}")
+    assert not (tmp_path / "o" / "inputs").exists()  # nothing left on the driver's disk
 
     # what the job does with them before any Ray work: data read from the bucket, models checked
     cfg = resolve_locations(cfg)
     assert check_data(cfg).train.rows == len(TRAIN_ROWS)
     paths, tokenizer = resolve_paths(cfg)
     assert paths.policy == cfg.model.policy and tokenizer.pad_token_id == paths.pad_id
-    obj = load_embedding_func(cfg.udm.embedding_func)                  # the pickle, checked and loaded from s3
+    obj = load_embedding_func(cfg.udm.embedding_func)  # the pickle, checked and loaded from s3
     assert obj["func"](input_ids=torch.zeros(2, 3, dtype=torch.long)).shape == (2, 4)
-    fs.pipe_file(cfg.udm.embedding_func[len("s3://"):], pickle.dumps({"func": print, "tokenizer": None}))
-    with pytest.raises(EmbeddingFuncError, match="changed after it was written"):    # replaced in the bucket
+    fs.pipe_file(cfg.udm.embedding_func[len("s3://") :], pickle.dumps({"func": print, "tokenizer": None}))
+    with pytest.raises(EmbeddingFuncError, match="changed after it was written"):  # replaced in the bucket
         load_embedding_func(cfg.udm.embedding_func)
 
     monkeypatch.setenv("BCO_RAY_STORAGE", f"s3://{s3.bucket}/store")  # the default inputs_dir follows it
-    by_env = BCOTrainer(model=model, args=BCOConfig(output_dir=str(tmp_path / "o")), processing_class=tok,
-                        train_dataset=TRAIN_ROWS)
+    by_env = BCOTrainer(
+        model=model, args=BCOConfig(output_dir=str(tmp_path / "o")), processing_class=tok, train_dataset=TRAIN_ROWS
+    )
     assert by_env.config.model.policy.startswith(f"s3://{s3.bucket}/store/inputs/models/model-")
     assert by_env.config.model.policy.rsplit("/", 1)[1] == trainer.config.model.policy.rsplit("/", 1)[1]
 
@@ -211,15 +225,19 @@ def test_trainer_puts_its_inputs_in_the_bucket(s3, tiny, cache, tmp_path, monkey
 def test_checks_name_a_missing_remote_model(s3, tiny, cache):
     from bco_ray.config import load_config
     from bco_ray.job_checks import ModelError, resolve_paths
+
     uri = _upload(s3, tiny, "models/three")
     good = load_config(None, [f"--model.policy={uri}", "--udm.enabled=false"])
     paths, _ = resolve_paths(good)
     assert paths.policy == uri and paths.tokenizer == uri
-    assert not list(Path(cache).glob("*/model.safetensors"))        # the checks fetched no weights
+    assert not list(Path(cache).glob("*/model.safetensors"))  # the checks fetched no weights
     missing = f"s3://{s3.bucket}/models/nothing-here"
     bad = load_config(None, [f"--model.policy={uri}", f"--model.reference={missing}", "--udm.enabled=false"])
-    with pytest.raises(ModelError, match=rf"^model.reference: '{missing}': there is no config.json under it; "
-                                         "give the URI of a directory holding a Hugging Face model"):
+    with pytest.raises(
+        ModelError,
+        match=rf"^model.reference: '{missing}': there is no config.json under it; "
+        "give the URI of a directory holding a Hugging Face model",
+    ):
         resolve_paths(bad)
 
 
@@ -227,6 +245,7 @@ def test_the_cache_key_fingerprints_an_s3_model_by_its_listing(s3, tiny, monkeyp
     """The precompute cache key's fingerprint of a model on s3 comes from the objects' ETags and sizes (no object
     is read back: a large model costs one listing), and changes when an object changes."""
     from bco_ray.data import fingerprint
+
     uri = _upload(s3, tiny, "models/fp")
     reads = []
     monkeypatch.setattr(fingerprint, "_hash_file", lambda fs, p, size: reads.append(p) or "read")
@@ -234,5 +253,5 @@ def test_the_cache_key_fingerprints_an_s3_model_by_its_listing(s3, tiny, monkeyp
     assert reads == [] and first == fingerprint.fingerprint_path(uri, etags=True)
     s3.fs().pipe_file(f"{s3.bucket}/models/fp/config.json", b'{"changed": true}')
     assert fingerprint.fingerprint_path(uri, etags=True) != first and reads == []
-    fingerprint.fingerprint_path(uri)                  # by content (the embedding func's check): every object
+    fingerprint.fingerprint_path(uri)  # by content (the embedding func's check): every object
     assert len(reads) == len([f for f in tiny.rglob("*") if f.is_file()])

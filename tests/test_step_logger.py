@@ -4,6 +4,7 @@ Ray Train 2.60 workers replace `builtins.print` with `redirected_print`: in a Ra
 `sys.__stdout__`, so it prints the text *and* logs it on the root logger, whose console handler writes it to
 stderr; the driver shows both. The test reproduces that set-up (capsys also replaces sys.stdout) and checks that
 a `print` there comes out twice while the step logger's line comes out once."""
+
 from __future__ import annotations
 
 import builtins
@@ -20,14 +21,16 @@ def _ray_train_print():
     """Ray Train's patched print, or a stand-in that does the same (tee + root logger) if Ray moved it."""
     try:
         from ray.train.v2._internal.logging.patch_print import redirected_print
+
         return redirected_print
-    except ImportError:                      # pragma: no cover - same behaviour, written out
+    except ImportError:  # pragma: no cover - same behaviour, written out
         original = builtins.print
 
         def redirected_print(*objects, sep=" ", end="\n", file=None, flush=False):
             if sys.stdout is not sys.__stdout__:
                 original(*objects, sep=sep, end=end, file=file, flush=flush)
             logging.getLogger().info(sep.join(map(str, objects)))
+
         return redirected_print
 
 
@@ -45,8 +48,11 @@ def ray_worker_print(monkeypatch):
 def step_logger(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = client.create_run(client.create_experiment("steps")).info.run_id
-    return StepLogger({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "run_id": run_id}, rank=0,
-                      buffered=True), client, run_id
+    return (
+        StepLogger({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "run_id": run_id}, rank=0, buffered=True),
+        client,
+        run_id,
+    )
 
 
 def _lines(capsys, text: str) -> list[str]:
@@ -64,8 +70,10 @@ def test_each_step_line_comes_out_once(ray_worker_print, capsys, step_logger):
     logger, client, run_id = step_logger
     logger.log({"loss": 0.5, "grad_norm": 1.25}, step=3)
     logger.log({"eval/loss": 0.6}, step=4)
-    assert _lines(capsys, "[bco-ray] step") == ["[bco-ray] step 3: loss=0.5 grad_norm=1.25",
-                                                "[bco-ray] step 4: eval/loss=0.6"]
+    assert _lines(capsys, "[bco-ray] step") == [
+        "[bco-ray] step 3: loss=0.5 grad_norm=1.25",
+        "[bco-ray] step 4: eval/loss=0.6",
+    ]
     logger.flush()
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [3]
 

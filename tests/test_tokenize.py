@@ -10,19 +10,34 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from bco_ray.data.tokenize import EmptyCompletion, render, tokenize_batch, tokenize_pair
 
 # Character-level BPE with a single merge a+b -> "ab": hand-computable ids.
-VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, " ": 4,
-         "a": 5, "b": 6, "c": 7, "d": 8, "e": 9, "f": 10, "g": 11, "h": 12, "ab": 13}
+VOCAB = {
+    "<unk>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<pad>": 3,
+    " ": 4,
+    "a": 5,
+    "b": 6,
+    "c": 7,
+    "d": 8,
+    "e": 9,
+    "f": 10,
+    "g": 11,
+    "h": 12,
+    "ab": 13,
+}
 # user turns start with "g", assistant turns with "h"; the generation prompt is "h".
-TEMPLATE = ("{% for m in messages %}{{ 'g' if m['role'] == 'user' else 'h' }}{{ m['content'] }} "
-            "{% endfor %}{% if add_generation_prompt %}h{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}{{ 'g' if m['role'] == 'user' else 'h' }}{{ m['content'] }} "
+    "{% endfor %}{% if add_generation_prompt %}h{% endif %}"
+)
 BUNDLED = Path(__file__).resolve().parents[1] / "bco_ray" / "assets" / "tokenizer"
 
 
 def make_tokenizer(bos=True, chat_template=None):
     tok = Tokenizer(models.BPE(vocab=dict(VOCAB), merges=[("a", "b")], unk_token="<unk>"))
     kwargs = {"bos_token": "<s>"} if bos else {}
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
-                                unk_token="<unk>", **kwargs)
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", **kwargs)
     if chat_template:
         t.chat_template = chat_template
     return t
@@ -39,6 +54,7 @@ def msgs(*pairs):
 
 # ----------------------------------------------------------------------------- render
 
+
 def test_render_plain_text_unchanged(tok):
     assert render(tok, "gcd ", "hef") == ("gcd ", "hef")
 
@@ -52,8 +68,9 @@ def test_render_conversational_with_template():
 
 
 def test_render_without_chat_template_is_clear(tok):
-    with pytest.raises(ValueError, match="tokenizer has no chat template; conversational data "
-                                         "needs one: set model.tokenizer"):
+    with pytest.raises(
+        ValueError, match="tokenizer has no chat template; conversational data needs one: set model.tokenizer"
+    ):
         render(tok, msgs(("user", "cd")), msgs(("assistant", "ef")))
 
 
@@ -66,6 +83,7 @@ def test_render_errors():
 
 
 # ----------------------------------------------------------------------------- tokenize_pair
+
 
 def test_bos_eos_added_once(tok):
     out = tokenize_pair(tok, "cd", "ef")
@@ -97,16 +115,27 @@ def test_bpe_merge_across_boundary(tok):
 
 def test_truncation_prompt_from_end_then_completion(tok):
     # prompt cdefgh = [7..12] (6), completion hgfe = [12, 11, 10, 9] (4): 1 + 6 + 4 + 1 = 12
-    assert tokenize_pair(tok, "cdefgh", "hgfe", max_length=12, max_prompt_length=3)[
-        "input_ids"] == [1, 7, 8, 9, 10, 11, 12, 12, 11, 10, 9, 2]
+    assert tokenize_pair(tok, "cdefgh", "hgfe", max_length=12, max_prompt_length=3)["input_ids"] == [
+        1,
+        7,
+        8,
+        9,
+        10,
+        11,
+        12,
+        12,
+        11,
+        10,
+        9,
+        2,
+    ]
     # prompt cut to its last 4 tokens is enough
     out = tokenize_pair(tok, "cdefgh", "hgfe", max_length=10, max_prompt_length=4)
     assert out["input_ids"] == [1, 9, 10, 11, 12, 12, 11, 10, 9, 2]
     assert out["prompt_len"] == 5 and len(out["input_ids"]) == 10
     # prompt cut to 3, then the completion is cut from the right to the remaining budget
     out = tokenize_pair(tok, "cdefgh", "hgfe", max_length=8, max_prompt_length=3)
-    assert out == {"prompt_ids": [1, 10, 11, 12], "input_ids": [1, 10, 11, 12, 12, 11, 10, 2],
-                   "prompt_len": 4}
+    assert out == {"prompt_ids": [1, 10, 11, 12], "input_ids": [1, 10, 11, 12, 12, 11, 10, 2], "prompt_len": 4}
 
 
 def test_truncated_completion_that_ended_with_eos_still_fits(tok):
@@ -132,11 +161,14 @@ def test_bad_lengths(tok, max_length, max_prompt_length):
 
 # ----------------------------------------------------------------------------- tokenize_batch
 
+
 def test_tokenize_batch_matches_pairs_and_counts_drops():
     t = make_tokenizer(chat_template=TEMPLATE)
-    rows = {"prompt": ["cd", "ca", msgs(("user", "cd")), "cd"],
-            "completion": ["ef", "bd", msgs(("assistant", "ef")), ""],
-            "label": [True, 0, np.bool_(True), 1]}
+    rows = {
+        "prompt": ["cd", "ca", msgs(("user", "cd")), "cd"],
+        "completion": ["ef", "bd", msgs(("assistant", "ef")), ""],
+        "label": [True, 0, np.bool_(True), 1],
+    }
     out, dropped = tokenize_batch(t, rows, max_length=8, max_prompt_length=4)
     assert dropped == {"empty_completion": 1, "empty_completion_after_truncation": 0}
     assert out["label"] == [True, False, True] and type(out["label"][2]) is bool
@@ -156,20 +188,21 @@ def test_tokenize_batch_matches_pairs_and_counts_drops():
 
 def test_tokenize_batch_numpy_columns_and_empty():
     t = make_tokenizer(bos=False)
-    rows = {"prompt": np.array(["cd"], dtype=object), "completion": np.array(["ef"], dtype=object),
-            "label": np.array([True])}
+    rows = {
+        "prompt": np.array(["cd"], dtype=object),
+        "completion": np.array(["ef"], dtype=object),
+        "label": np.array([True]),
+    }
     out, _ = tokenize_batch(t, rows, max_length=8, max_prompt_length=4)
     assert out["input_ids"] == [[7, 8, 9, 10, 2]] and out["prompt_len"] == [2]
-    out, dropped = tokenize_batch(t, {"prompt": [], "completion": [], "label": []},
-                                  max_length=8, max_prompt_length=4)
+    out, dropped = tokenize_batch(t, {"prompt": [], "completion": [], "label": []}, max_length=8, max_prompt_length=4)
     assert out["input_ids"] == [] and sum(dropped.values()) == 0
 
 
 @pytest.mark.skipif(not (BUNDLED / "tokenizer.json").exists(), reason="no bundled tokenizer")
 def test_bundled_tokenizer_round_trip():
     t = AutoTokenizer.from_pretrained(str(BUNDLED))
-    rows = {"prompt": [msgs(("user", "What is 2+3?"))], "completion": [msgs(("assistant", "5"))],
-            "label": [True]}
+    rows = {"prompt": [msgs(("user", "What is 2+3?"))], "completion": [msgs(("assistant", "5"))], "label": [True]}
     out, _ = tokenize_batch(t, rows, max_length=64, max_prompt_length=32)
     ids, n = out["input_ids"][0], out["prompt_len"][0]
     assert t.decode(ids[:n]) == (t.bos_token or "") + out["prompt_text"][0]

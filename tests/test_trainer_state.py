@@ -1,5 +1,6 @@
 """`BCOTrainer.state` (transformers' TrainerState) rebuilt from a run's MLflow history, without Ray: the run is
 made here in a temporary sqlite store with the metrics the training loop logs."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,13 @@ def run(tmp_path_factory):
     run_id = client.create_run(client.create_experiment("state")).info.run_id
     points = [("precompute/rows", 48.0, 0), ("udm/accuracy", 0.7, 0)]
     for step, loss, epoch in ((2, 0.69, 0.5), (4, 0.61, 1.0)):
-        points += [("loss", loss, step), ("learning_rate", 1e-3, step), ("grad_norm", 0.4, step),
-                   ("rewards/chosen", 0.01 * step, step), ("epoch", epoch, step)]
+        points += [
+            ("loss", loss, step),
+            ("learning_rate", 1e-3, step),
+            ("grad_norm", 0.4, step),
+            ("rewards/chosen", 0.01 * step, step),
+            ("epoch", epoch, step),
+        ]
     points += [("eval/loss", 0.7, 2), ("eval/auc", 0.55, 2), ("eval/loss", 0.65, 4), ("eval/auc", 0.6, 4)]
     client.log_batch(run_id, metrics=[Metric(k, v, 1000 + i, s) for i, (k, v, s) in enumerate(points)])
     return client, run_id
@@ -53,7 +59,11 @@ def test_log_history_leaves_out_the_pass_metrics():
 def test_trainer_state_before_train_is_the_initial_one(tmp_path):
     from bco_ray import BCOConfig, BCOTrainer
     from bco_ray.builtin import materialize_tiny_model
+
     path = str(materialize_tiny_model(tmp_path / "m", seed=0))
-    trainer = BCOTrainer(model=path, args=BCOConfig(output_dir=str(tmp_path / "o")),
-                         train_dataset=[{"prompt": "1+1=", "completion": "2", "label": True}])
+    trainer = BCOTrainer(
+        model=path,
+        args=BCOConfig(output_dir=str(tmp_path / "o")),
+        train_dataset=[{"prompt": "1+1=", "completion": "2", "label": True}],
+    )
     assert trainer.state.global_step == 0 and trainer.state.log_history == []

@@ -1,6 +1,7 @@
 """bco-ray's `BCOConfig` defaults equal trl 1.13.0's (recorded from trl's source, file:line per field, in
 bco_ray/api/_trl_defaults.py; trl itself is not needed here), and docs/trl_migration.md's field tables are the
 generated ones."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,5 +73,11 @@ def test_sync_replaces_a_stale_table(tmp_path):
 
 
 def test_fmt():
-    assert [fmt(5e-7), fmt(3.0), fmt(10), fmt("linear"), fmt(None), fmt(True)] == \
-        ["5e-7", "3.0", "10", '`"linear"`', "None", "True"]
+    assert [fmt(5e-7), fmt(3.0), fmt(10), fmt("linear"), fmt(None), fmt(True)] == [
+        "5e-7",
+        "3.0",
+        "10",
+        '`"linear"`',
+        "None",
+        "True",
+    ]

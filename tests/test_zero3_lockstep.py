@@ -19,6 +19,7 @@ micro-batch to 1e-6, per-row log-probs and gradient norms to 1e-5 relative, para
 optimizer steps. The learning rate is small (1e-4) because Adam turns float32 rounding of gradients near
 zero (|g| ~ its eps, 1e-8) into parameter differences of ~2% of the learning rate (1.7e-5 at lr 1e-3 with
 gradients equal to 5e-8): the gradient check is the tight one."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,18 +36,18 @@ import torch
 import torch.multiprocessing as mp
 
 WORLD = 2
-ROWS = 2                 # rows per rank per micro-batch
-MICRO = 2                # micro-batches (= optimizer steps: gradient_accumulation_steps 1)
+ROWS = 2  # rows per rank per micro-batch
+MICRO = 2  # micro-batches (= optimizer steps: gradient_accumulation_steps 1)
 VOCAB, HIDDEN = 2048, 64  # lm_head 131,072 elements > stage3_param_persistence_threshold (1e5): partitioned
 SMALL_CHUNK, BIG_CHUNK = 4, 1024
-LR = 1e-4                # Adam amplifies float32 rounding where |grad| ~ eps (1e-8): ~0.02·lr (module docstring)
+LR = 1e-4  # Adam amplifies float32 rounding where |grad| ~ eps (1e-8): ~0.02·lr (module docstring)
 BETA = 0.1
 PAD_ID = 0
 TOL = 1e-5
-GRAD_TOL = 1e-6         # the chunked sums differ from one chunk's by float32 rounding (5e-8 seen)
-PG_TIMEOUT_S = 45        # a rank left waiting in a collective fails after this (gloo timeout): how a hang shows
-CHILD_TIMEOUT_S = 240    # backstop: children still alive then are killed (room for DeepSpeed's first-use JIT
-                         # build of its CPU comm op, about a minute on a fresh machine; ~40 s in all otherwise)
+GRAD_TOL = 1e-6  # the chunked sums differ from one chunk's by float32 rounding (5e-8 seen)
+PG_TIMEOUT_S = 45  # a rank left waiting in a collective fails after this (gloo timeout): how a hang shows
+CHILD_TIMEOUT_S = 240  # backstop: children still alive then are killed (room for DeepSpeed's first-use JIT
+# build of its CPU comm op, about a minute on a fresh machine; ~40 s in all otherwise)
 
 # per rank: (completion tokens of each row) — rank 0 ~10× rank 1, so their chunk counts differ at SMALL_CHUNK
 COMPLETION = {0: (36, 32), 1: (4, 3)}
@@ -62,9 +63,18 @@ def _free_port() -> int:
 def _model():
     """A tiny random Qwen2, fp32, untied embeddings (lm_head is its own partitioned parameter), seeded."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, attn_implementation="eager")
+
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return Qwen2ForCausalLM(cfg)
@@ -78,11 +88,15 @@ def _micro_batches(rank: int) -> list[dict]:
         plen, comp = np.array(PROMPT[rank]), np.array(COMPLETION[rank])
         ids = np.empty(ROWS, dtype=object)
         ids[:] = [rng.integers(1, VOCAB, size=p + c) for p, c in zip(plen, comp)]
-        out.append({
-            "input_ids": ids, "prompt_len": plen, "label": np.array([True, False]),
-            "ref_logps": (-comp * np.log(VOCAB) + rng.normal(0, 2, ROWS)).astype(np.float32),
-            "udm_weight": rng.uniform(0.5, 2.0, size=ROWS).astype(np.float32),
-        })
+        out.append(
+            {
+                "input_ids": ids,
+                "prompt_len": plen,
+                "label": np.array([True, False]),
+                "ref_logps": (-comp * np.log(VOCAB) + rng.normal(0, 2, ROWS)).astype(np.float32),
+                "udm_weight": rng.uniform(0.5, 2.0, size=ROWS).astype(np.float32),
+            }
+        )
     return out
 
 
@@ -96,15 +110,24 @@ def _train(chunk_size: int, rank: int) -> dict:
     from bco_ray.train.ds_config import deepspeed_config
     from bco_ray.train.step import bco_forward, collate
 
-    t = TrainConfig(zero_stage=3, micro_batch_size=ROWS, gradient_accumulation_steps=1, lr=LR, beta=BETA,
-                    warmup_ratio=0.0, lr_scheduler="constant", bf16=False)
+    t = TrainConfig(
+        zero_stage=3,
+        micro_batch_size=ROWS,
+        gradient_accumulation_steps=1,
+        lr=LR,
+        beta=BETA,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        bf16=False,
+    )
     cfg = deepspeed_config(t, world_size=WORLD, on_gpu=False)
-    assert "stage3_param_persistence_threshold" not in cfg["zero_optimization"]   # DeepSpeed's default, 1e5
+    assert "stage3_param_persistence_threshold" not in cfg["zero_optimization"]  # DeepSpeed's default, 1e5
     model = _model()
-    engine, *_ = deepspeed.initialize(model=model, config=cfg,
-                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    engine, *_ = deepspeed.initialize(
+        model=model, config=cfg, model_parameters=[p for p in model.parameters() if p.requires_grad]
+    )
     head = engine.module.get_output_embeddings()
-    assert hasattr(head.weight, "ds_id") and not head.weight.ds_persist     # partitioned: gathered per call
+    assert hasattr(head.weight, "ds_id") and not head.weight.ds_persist  # partitioned: gathered per call
     calls = [0]
     head.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
 
@@ -116,13 +139,17 @@ def _train(chunk_size: int, rank: int) -> dict:
         losses, _, logps = bco_forward(engine, batch, delta, BETA, chunk_size)
         loss = losses.mean()
         engine.backward(loss)
-        rec["grads"].append({n: safe_get_full_grad(p).detach().clone()       # all-gathered: every rank's rows
-                             for n, p in engine.module.named_parameters()})
+        rec["grads"].append(
+            {
+                n: safe_get_full_grad(p).detach().clone()  # all-gathered: every rank's rows
+                for n, p in engine.module.named_parameters()
+            }
+        )
         engine.step()
         rec["losses"].append(loss.item())
         rec["logps"].append(logps.detach().clone())
         rec["grad_norm"].append(float(engine.get_global_grad_norm()))
-        rec["head_calls"].append(calls[0] - before)       # forward chunks + their recomputation in backward
+        rec["head_calls"].append(calls[0] - before)  # forward chunks + their recomputation in backward
         rec["completion_tokens"].append(int((batch["attention_mask"].sum(1) - batch["prompt_len"]).sum()))
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -134,11 +161,19 @@ def _train(chunk_size: int, rank: int) -> dict:
 def init_gloo_rank(rank: int, world: int, port: int) -> None:
     """One spawned rank of a gloo process group on loopback, one thread, as DeepSpeed's launcher would set it up."""
     import deepspeed
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(seconds=PG_TIMEOUT_S))
+    deepspeed.init_distributed(
+        dist_backend="gloo", auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=PG_TIMEOUT_S)
+    )
 
 
 def record_error(out_dir: str, rank: int) -> None:
@@ -150,7 +185,7 @@ def record_error(out_dir: str, rank: int) -> None:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         init_gloo_rank(rank, WORLD, port)
-        for chunk in (BIG_CHUNK, SMALL_CHUNK):            # the reference first: a hang shows in the second
+        for chunk in (BIG_CHUNK, SMALL_CHUNK):  # the reference first: a hang shows in the second
             t0 = time.perf_counter()
             rec = _train(chunk, rank)
             rec["seconds"] = time.perf_counter() - t0
@@ -161,8 +196,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         raise
 
 
-def run_ranks(out_dir, target=_worker, timeout: float = CHILD_TIMEOUT_S, world: int = WORLD,
-              args: tuple = ()) -> tuple[list, float]:
+def run_ranks(
+    out_dir, target=_worker, timeout: float = CHILD_TIMEOUT_S, world: int = WORLD, args: tuple = ()
+) -> tuple[list, float]:
     """Spawn `world` ranks of target(rank, port, out_dir, *args); kill whichever is still running at the
     deadline. (exit codes, seconds)"""
     ctx = mp.get_context("spawn")
@@ -190,7 +226,8 @@ def runs(tmp_path_factory) -> dict:
     errors = {f.name: f.read_text()[-3000:] for f in out.glob("*.err")}
     assert not errors and codes == [0] * WORLD, (
         f"exit codes {codes} after {seconds:.0f} s (None: killed at the deadline); finished: {done} "
-        f"(a timed-out collective at chunk size {SMALL_CHUNK} only: the ranks fell out of lockstep); {errors}")
+        f"(a timed-out collective at chunk size {SMALL_CHUNK} only: the ranks fell out of lockstep); {errors}"
+    )
     print(f"\n[zero3 lockstep] 2 ranks, both chunk sizes: {seconds:.1f} s")
     return {c: [torch.load(out / f"chunk{c}-rank{r}.pt") for r in range(WORLD)] for c in (BIG_CHUNK, SMALL_CHUNK)}
 
@@ -205,7 +242,7 @@ def test_ranks_need_different_chunk_counts_and_call_the_head_in_lockstep(runs):
     assert need[0] > need[1]
     # both ranks call the head equally often (probe, forward chunks, recomputed chunks in backward)
     assert small[0]["head_calls"] == small[1]["head_calls"]
-    assert small[0]["head_calls"][1] == 2 * max(need)    # micro-batch 2 (no probe): forward + recompute
+    assert small[0]["head_calls"][1] == 2 * max(need)  # micro-batch 2 (no probe): forward + recompute
     assert runs[BIG_CHUNK][0]["head_calls"] == runs[BIG_CHUNK][1]["head_calls"]
     for c in (BIG_CHUNK, SMALL_CHUNK):
         for r in range(WORLD):
@@ -219,20 +256,22 @@ def test_small_chunks_train_like_one_chunk(runs):
     for r in range(WORLD):
         for k in range(MICRO):
             torch.testing.assert_close(small[r]["logps"][k], big[r]["logps"][k], rtol=TOL, atol=TOL)
-            for n, g in big[r]["grads"][k].items():          # the full (all-reduced) gradient, before the step
+            for n, g in big[r]["grads"][k].items():  # the full (all-reduced) gradient, before the step
                 torch.testing.assert_close(small[r]["grads"][k][n], g, rtol=TOL, atol=GRAD_TOL, msg=n)
                 worst_grad = max(worst_grad, float((small[r]["grads"][k][n] - g).abs().max()))
         assert small[r]["grad_norm"] == pytest.approx(big[r]["grad_norm"], rel=TOL)
         assert small[r]["losses"] == pytest.approx(big[r]["losses"], rel=TOL, abs=TOL)
     ref = big[0]["params"]
     moved = max(float((ref[n] - _model().state_dict()[n]).abs().max()) for n in ref)
-    assert moved > 10 * TOL                                # the two steps visibly changed the parameters
+    assert moved > 10 * TOL  # the two steps visibly changed the parameters
     for r in range(WORLD):
         assert small[r]["params"].keys() == ref.keys()
         diff = {n: float((small[r]["params"][n] - ref[n]).abs().max()) for n in ref}
         worst = max(diff, key=diff.get)
-        print(f"\n[rank {r}] chunk {SMALL_CHUNK} vs {BIG_CHUNK}: max |Δgrad| {worst_grad:.2g}, max |Δparam| "
-              f"{diff[worst]:.2g} ({worst}); parameters moved up to {moved:.2g}")
+        print(
+            f"\n[rank {r}] chunk {SMALL_CHUNK} vs {BIG_CHUNK}: max |Δgrad| {worst_grad:.2g}, max |Δparam| "
+            f"{diff[worst]:.2g} ({worst}); parameters moved up to {moved:.2g}"
+        )
         assert diff[worst] <= TOL, f"rank {r}: {worst} differs by {diff[worst]:.3g}"
-        for n in ref:                                      # every rank holds the same model
+        for n in ref:  # every rank holds the same model
             torch.testing.assert_close(big[r]["params"][n], ref[n], rtol=0, atol=0)

@@ -5,6 +5,7 @@ the training loop does) over the tiny untied Qwen2 of test_zero3_lockstep (its l
 call the loop's `save_final_model`. Every `GatheredParameters` call is recorded: the largest gather must be
 one module's own parameters (the lm_head), well below the model's size. Rank 0's safetensors must equal the
 model's weights exactly; rank 1 writes nothing."""
+
 from __future__ import annotations
 
 import os
@@ -22,17 +23,19 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         from bco_ray.config import TrainConfig
         from bco_ray.train import policy
         from bco_ray.train.ds_config import deepspeed_config
+
         init_gloo_rank(rank, WORLD, port)
         cfg = deepspeed_config(TrainConfig(zero_stage=3, micro_batch_size=2, bf16=False), WORLD, on_gpu=False)
         model = _model()
         engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=list(model.parameters()))
-        gathered = []                        # elements each GatheredParameters call brings together
+        gathered = []  # elements each GatheredParameters call brings together
         real = deepspeed.zero.GatheredParameters
 
         def recording(params, *a, **kw):
             params = list(params) if not isinstance(params, torch.nn.Parameter) else [params]
             gathered.append(sum(getattr(p, "ds_numel", p.numel()) for p in params))
             return real(params, *a, **kw)
+
         deepspeed.zero.GatheredParameters = recording
         out = os.path.join(out_dir, f"model-rank{rank}")
         policy.save_final_model(engine.module, out, str(tokenizer_path()), rank, zero_stage=3)
@@ -48,6 +51,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
 def test_zero3_final_save_gathers_one_layer_at_a_time_to_rank_0(tmp_path):
     from safetensors.torch import load_file
+
     codes, seconds = run_ranks(tmp_path, target=_worker)
     errors = {f.name: f.read_text()[-3000:] for f in tmp_path.glob("*.err")}
     assert not errors and codes == [0] * WORLD, (codes, errors)

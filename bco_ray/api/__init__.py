@@ -13,6 +13,7 @@ warning, unknown names raise TypeError. `BCOTrainer` saves in-memory models, tok
 UDM embedding function once, content-addressed, under `<output_dir>/inputs` (the workers and actors load them
 from there), builds the Config and runs the job. See docs/trl_migration.md.
 """
+
 from bco_ray.api.config import BCOConfig, BCOConfigWarning
 from bco_ray.api.trainer import BCOTrainer, BCOTrainOutput
 

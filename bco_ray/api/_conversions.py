@@ -1,5 +1,6 @@
 """How BCOConfig's values become bco-ray's: HF step counts and ratios, lengths, warmup, the eval and save
 strategies, a DeepSpeed config and model_init_kwargs (used by `BCOConfig.overrides`)."""
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,17 @@ def steps(c: BCOConfig, name: str, value: Any, default: int) -> int:
     if isinstance(value, float) and 0 < value < 1:
         if c.max_steps and c.max_steps > 0:
             return max(1, math.ceil(value * c.max_steps))
-        warnings.warn(f"BCOConfig.{name}={value} is a ratio of the total steps, which bco-ray only knows "
-                      f"up front with max_steps > 0; using {default}", BCOConfigWarning, stacklevel=6)
+        warnings.warn(
+            f"BCOConfig.{name}={value} is a ratio of the total steps, which bco-ray only knows "
+            f"up front with max_steps > 0; using {default}",
+            BCOConfigWarning,
+            stacklevel=6,
+        )
         return default
     if float(value) != int(value):
         raise ValueError(f"BCOConfig.{name} must be an integer or a ratio in (0, 1), got {value!r}")
     return int(value)
+
 
 def lengths(c: BCOConfig) -> tuple[int, int]:
     """(max_length, max_prompt_length) for bco-ray. max_length None is 512 (trl 1.13's BCOTrainer does the
@@ -42,12 +48,16 @@ def lengths(c: BCOConfig) -> tuple[int, int]:
     even one completion token would fit (trl 1.13 has no prompt limit)."""
     max_length = c.max_length
     if max_length is None:
-        warnings.warn("BCOConfig.max_length=None: using 512, as trl 1.13's BCOTrainer does; set max_length",
-                      BCOConfigWarning, stacklevel=5)
+        warnings.warn(
+            "BCOConfig.max_length=None: using 512, as trl 1.13's BCOTrainer does; set max_length",
+            BCOConfigWarning,
+            stacklevel=5,
+        )
         max_length = 512
     if c.max_prompt_length is None:
         return max_length, max_length - 1
     return max_length, c.max_prompt_length
+
 
 def warmup_as_ratio(c: BCOConfig) -> float:
     ws = c.warmup_steps
@@ -60,35 +70,49 @@ def warmup_as_ratio(c: BCOConfig) -> float:
     if c.max_steps and c.max_steps > 0:
         # bco-ray warms up ceil(ratio * total) steps: a hair under steps/total gives exactly `ws` steps
         return min(max(0.0, (int(ws) - 1e-6) / c.max_steps), 0.999999)
-    raise ValueError(f"BCOConfig.warmup_steps={ws}: bco-ray sets warmup as a ratio of the total steps; "
-                     "use warmup_ratio, or set max_steps so that the ratio is exact")
+    raise ValueError(
+        f"BCOConfig.warmup_steps={ws}: bco-ray sets warmup as a ratio of the total steps; "
+        "use warmup_ratio, or set max_steps so that the ratio is exact"
+    )
+
 
 def eval_every(c: BCOConfig) -> int:
     strategy = str(plain_value(c.eval_strategy))
     if strategy == "steps":
-        return steps(c, "eval_steps", c.eval_steps if c.eval_steps is not None else c.logging_steps,
-                           default=0)
+        return steps(c, "eval_steps", c.eval_steps if c.eval_steps is not None else c.logging_steps, default=0)
     if strategy == "epoch":
-        warnings.warn("BCOConfig.eval_strategy='epoch': bco-ray evaluates every eval_steps steps or at the end; "
-                      "evaluating at the end only", BCOConfigWarning, stacklevel=5)
+        warnings.warn(
+            "BCOConfig.eval_strategy='epoch': bco-ray evaluates every eval_steps steps or at the end; "
+            "evaluating at the end only",
+            BCOConfigWarning,
+            stacklevel=5,
+        )
     elif strategy != "no":
         raise ValueError(f"BCOConfig.eval_strategy must be 'no', 'steps' or 'epoch', got {strategy!r}")
     elif c.eval_steps is not None:
-        warnings.warn("BCOConfig.eval_steps is ignored with eval_strategy='no' (as in transformers); "
-                      "set eval_strategy='steps'", BCOConfigWarning, stacklevel=5)
+        warnings.warn(
+            "BCOConfig.eval_steps is ignored with eval_strategy='no' (as in transformers); set eval_strategy='steps'",
+            BCOConfigWarning,
+            stacklevel=5,
+        )
     return 0
+
 
 def save_every(c: BCOConfig) -> int:
     strategy = str(plain_value(c.save_strategy))
     if strategy == "steps":
         return steps(c, "save_steps", c.save_steps, default=0)
     if strategy in ("epoch", "best"):
-        warnings.warn(f"BCOConfig.save_strategy={strategy!r}: bco-ray checkpoints every save_steps steps; "
-                      "no intermediate checkpoints (the final model is always saved)", BCOConfigWarning,
-                      stacklevel=5)
+        warnings.warn(
+            f"BCOConfig.save_strategy={strategy!r}: bco-ray checkpoints every save_steps steps; "
+            "no intermediate checkpoints (the final model is always saved)",
+            BCOConfigWarning,
+            stacklevel=5,
+        )
     elif strategy != "no":
         raise ValueError(f"BCOConfig.save_strategy must be 'no', 'steps', 'epoch' or 'best', got {strategy!r}")
     return 0
+
 
 def deepspeed_fields(c: BCOConfig) -> dict:
     ds = c.deepspeed
@@ -108,20 +132,39 @@ def deepspeed_fields(c: BCOConfig) -> dict:
         if dev not in (None, "none"):
             out[dst] = True
             if dev != "cpu":
-                warnings.warn(f"BCOConfig.deepspeed: {src}.device={dev!r} -> bco-ray offloads to CPU",
-                              BCOConfigWarning, stacklevel=5)
-    derived = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-               "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization",
-               "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer"}
+                warnings.warn(
+                    f"BCOConfig.deepspeed: {src}.device={dev!r} -> bco-ray offloads to CPU",
+                    BCOConfigWarning,
+                    stacklevel=5,
+                )
+    derived = {
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "train_batch_size",
+        "gradient_clipping",
+        "optimizer",
+        "scheduler",
+        "bf16",
+        "fp16",
+        "zero_optimization",
+        "steps_per_print",
+        "wall_clock_breakdown",
+        "zero_allow_untested_optimizer",
+    }
     extra = sorted(k for k in ds if k not in derived)
-    zero_extra = sorted(k for k in zero if k not in ("stage", "offload_optimizer", "offload_param")
-                        and zero[k] != "auto")
+    zero_extra = sorted(
+        k for k in zero if k not in ("stage", "offload_optimizer", "offload_param") and zero[k] != "auto"
+    )
     if extra or zero_extra:
-        warnings.warn("BCOConfig.deepspeed: bco-ray builds the DeepSpeed config from the BCOConfig fields and "
-                      "takes only zero_optimization.stage / offload_optimizer / offload_param from yours; "
-                      f"ignored: {extra + ['zero_optimization.' + k for k in zero_extra]}", BCOConfigWarning,
-                      stacklevel=5)
+        warnings.warn(
+            "BCOConfig.deepspeed: bco-ray builds the DeepSpeed config from the BCOConfig fields and "
+            "takes only zero_optimization.stage / offload_optimizer / offload_param from yours; "
+            f"ignored: {extra + ['zero_optimization.' + k for k in zero_extra]}",
+            BCOConfigWarning,
+            stacklevel=5,
+        )
     return out
+
 
 def model_init_fields(c: BCOConfig) -> dict:
     kw = dict(c.model_init_kwargs or {})
@@ -130,12 +173,21 @@ def model_init_fields(c: BCOConfig) -> dict:
     kw.pop("torch_dtype", None)
     if dtype is not None:
         name = str(dtype).replace("torch.", "")
-        out["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "float": "float32",
-                        "half": "float16"}.get(name, name)
+        out["dtype"] = {
+            "bf16": "bfloat16",
+            "fp16": "float16",
+            "fp32": "float32",
+            "float": "float32",
+            "half": "float16",
+        }.get(name, name)
     for k in ("revision", "trust_remote_code", "attn_implementation"):
         if k in kw:
             out[k] = kw.pop(k)
     if kw:
-        warnings.warn(f"BCOConfig.model_init_kwargs: {sorted(kw)} ignored (bco-ray takes dtype, revision, "
-                      "trust_remote_code and attn_implementation)", BCOConfigWarning, stacklevel=5)
+        warnings.warn(
+            f"BCOConfig.model_init_kwargs: {sorted(kw)} ignored (bco-ray takes dtype, revision, "
+            "trust_remote_code and attn_implementation)",
+            BCOConfigWarning,
+            stacklevel=5,
+        )
     return out

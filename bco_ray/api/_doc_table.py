@@ -7,6 +7,7 @@
 The tables sit between `<!-- BEGIN generated: NAME -->` and `<!-- END generated: NAME -->` lines; only the
 notes below are prose (tests/test_trl_defaults.py checks that the doc equals what this renders).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,52 +38,52 @@ TARGETS: dict[str, str] = {
 
 NOTES: dict[str, str] = {
     "output_dir": 'None: `"trainer_output"`, as in TrainingArguments. Runs, inputs, precompute cache and Ray '
-                  "storage go under it",
+    "storage go under it",
     "per_device_train_batch_size": "rows per worker per forward",
     "per_device_eval_batch_size": "used by `trainer.evaluate()`; the in-run eval uses the train micro-batch size "
-                                  "(same numbers)",
+    "(same numbers)",
     "gradient_accumulation_steps": "global batch = workers × micro-batch × accumulation",
     "learning_rate": "trl's BCOConfig sets 5e-7 (TrainingArguments: 5e-5)",
     "num_train_epochs": "whole epochs; a fraction is rounded up (warning) unless `max_steps` is set",
     "warmup_ratio": "transformers < 5's name; kept as an alias of a ratio-valued `warmup_steps`",
     "warmup_steps": "a float < 1 is a ratio; an integer needs `max_steps` (exact: ceil(ratio × max_steps) = "
-                    "warmup_steps)",
+    "warmup_steps)",
     "lr_scheduler_type": "`linear`, `cosine` or `constant`; others are an error",
     "logging_steps": "trl's default (TrainingArguments: 500); a float < 1 is a ratio of `max_steps`",
     "eval_strategy": '`"steps"`: every `eval_steps` (default `logging_steps`); `"no"`/`"epoch"`: at the end only. '
-                     "With an eval set, the end-of-training eval always runs",
+    "With an eval set, the end-of-training eval always runs",
     "eval_steps": 'used with `eval_strategy="steps"`',
     "save_strategy": '`"steps"`: resumable Ray Train checkpoints (DeepSpeed state, δ, data position) every '
-                     '`save_steps`; `"no"`/`"epoch"`/`"best"`: none. With checkpoints on, per-step metrics reach '
-                     "MLflow at each checkpoint (so a resumed run logs no step twice)",
+    '`save_steps`; `"no"`/`"epoch"`/`"best"`: none. With checkpoints on, per-step metrics reach '
+    "MLflow at each checkpoint (so a resumed run logs no step twice)",
     "save_total_limit": "None keeps bco-ray's default, 2",
     "seed": "also the shuffle seed unless `data_seed` is set",
     "data_seed": "`data.seed` (the shuffle) is `data_seed`, else `seed`",
     "bf16": "None: bf16 on GPU, float32 on CPU (trl's `__post_init__` makes None `not fp16`, i.e. bf16 even on "
-            "CPU); True/False force it",
+    "CPU); True/False force it",
     "gradient_checkpointing": "trl's default (TrainingArguments: False)",
     "use_cpu": "True: train on CPU workers",
     "deepspeed": "a JSON path or dict; only `zero_optimization.stage` and the offload devices are taken (bco-ray "
-                 "builds the rest; a warning lists what is ignored). Default ZeRO-2",
+    "builds the rest; a warning lists what is ignored). Default ZeRO-2",
     "report_to": "bco-ray always logs to MLflow; other integrations warn",
     "run_name": "also the Ray Train run name; the same name continues a run (see above)",
     "max_length": "None: 512, with a warning (as trl 1.13's BCOTrainer)",
     "max_prompt_length": "None: `max_length − 1`, so the prompt is cut only when not one completion token would "
-                         "fit (trl 1.13's rule); see *Truncation* below",
+    "fit (trl 1.13's rule); see *Truncation* below",
     "truncation_mode": "only `keep_end` (error otherwise)",
     "precompute_ref_log_probs": "always precomputed here; `False` warns",
     "model_init_kwargs": "for models given as ids/paths; other keys warn",
     "trust_remote_code": "for models given as ids/paths (also read from `model_init_kwargs`)",
     "num_workers": "one DeepSpeed rank each, like `accelerate launch` processes",
     "use_gpu": "None: GPUs when the Ray cluster has at least `num_workers` of them (then the scoring actors take "
-               "0.5 GPU each)",
+    "0.5 GPU each)",
     "storage_path": "checkpoints; None: `$BCO_RAY_STORAGE/ray`, else `<output_dir>/ray`. Shared or `s3://` on clusters",
     "mlflow_tracking_uri": "None: `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db` (in a submitted job: "
-                           "`~/bco-ray/mlflow.db`, or under a local `$BCO_RAY_STORAGE`)",
+    "`~/bco-ray/mlflow.db`, or under a local `$BCO_RAY_STORAGE`)",
     "udm_embedding_model": "an encoder id or path: turns UDM on (mean-pooled, L2-normalised states)",
     "precompute_num_gpus_per_actor": "None: 0.5 with GPUs (reference and embedding pools share one), else 0",
     "inputs_dir": "where in-memory inputs are saved (a path or an `s3://` URI); None: `$BCO_RAY_STORAGE/inputs` if "
-                  "set, else `<output_dir>/inputs`",
+    "set, else `<output_dir>/inputs`",
     "bco_ray_overrides": 'e.g. `{"train.zero_stage": 3, "precompute.ref_actors": [1, 4]}`',
 }
 
@@ -169,8 +170,7 @@ def main(argv: list[str]) -> int:
         path.write_text(new)
         return 0
     if new != doc:
-        console(f"{path}: generated tables are stale; run python -m bco_ray.api._doc_table --write {path}",
-                sys.stderr)
+        console(f"{path}: generated tables are stale; run python -m bco_ray.api._doc_table --write {path}", sys.stderr)
         return 1
     return 0
 

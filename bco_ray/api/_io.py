@@ -1,4 +1,5 @@
 """Saving in-memory inputs (models, datasets, the UDM embedding function) where Ray workers can read them."""
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ def _is_peft_model(m) -> bool:
 
 def _cuda() -> bool:
     import torch
+
     return torch.cuda.is_available()
 
 
@@ -39,8 +41,9 @@ def inputs_root(inputs_dir: str | os.PathLike | None, output_dir: str) -> str:
     return str(resolve_output_dir(output_dir) / "inputs")
 
 
-def _save_by_content(root: str | Path, name: str, write: Callable[[str], Any], suffix: str = "",
-                     directory: bool = False) -> str:
+def _save_by_content(
+    root: str | Path, name: str, write: Callable[[str], Any], suffix: str = "", directory: bool = False
+) -> str:
     """`write(path)` into a temporary file (or directory) under root, then move it to
     <root>/<name>-<content hash><suffix>: saved once per content (the policy and an identical reference share
     one copy, a re-run reuses the precompute cache), and never seen half-written. A remote root (s3://...):
@@ -80,6 +83,7 @@ def _upload(tmp: Path, dest: str) -> None:
     directory has no atomic rename there: its files go first and the marker object (bco_ray.remote.MARKER)
     last, and a directory without its marker (an upload cut short) is uploaded again."""
     import fsspec
+
     fs, base = fsspec.core.url_to_fs(dest)
     fs.invalidate_cache(base)
     if tmp.is_file():
@@ -106,12 +110,13 @@ def _publish(tmp: Path, dest: Path) -> None:
     try:
         os.replace(tmp, dest)
     except OSError:
-        if not dest.exists():        # lost a race to a concurrent writer of the same content, else fail
+        if not dest.exists():  # lost a race to a concurrent writer of the same content, else fail
             raise
 
 
 def _as_dataset(ds, split: str):
     import datasets
+
     if isinstance(ds, datasets.Dataset):
         return ds
     if isinstance(ds, datasets.DatasetDict):
@@ -124,15 +129,19 @@ def _as_dataset(ds, split: str):
         return datasets.Dataset.from_dict(ds)
     if type(ds).__name__ == "DataFrame":
         return datasets.Dataset.from_pandas(ds, preserve_index=False)
-    raise TypeError(f"{split}_dataset must be a datasets.Dataset, a list of rows, a DataFrame or a data path, "
-                    f"got {type(ds).__name__}")
+    raise TypeError(
+        f"{split}_dataset must be a datasets.Dataset, a list of rows, a DataFrame or a data path, "
+        f"got {type(ds).__name__}"
+    )
 
 
 def _rows_of_spec(spec: str) -> list[dict]:
     from bco_ray.data import formats
     from bco_ray.data.sources import files_of
+
     if spec.startswith("hf:"):
         from bco_ray.data.sources import hf_rows
+
         return list(hf_rows(spec))
     rows = []
     for f in files_of(spec):
@@ -146,6 +155,7 @@ def _rows_of_spec(spec: str) -> list[dict]:
 def _read_parquet_dir(uri: str):
     import fsspec
     import pyarrow.parquet as pq
+
     fs, path = fsspec.core.url_to_fs(uri)
     return pq.read_table(path, filesystem=fs)
 
@@ -168,29 +178,49 @@ def _load_model_dir(path: str):
     p = Path(path)
     if (p / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
+
         return AutoPeftModelForCausalLM.from_pretrained(path)
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(path)
 
 
 def _lora(pc) -> dict:
     """A peft LoraConfig → bco-ray's train.lora."""
     if type(pc).__name__ != "LoraConfig":
-        raise ValueError(f"peft_config must be a peft.LoraConfig (bco-ray trains LoRA adapters), got "
-                         f"{type(pc).__name__}")
+        raise ValueError(
+            f"peft_config must be a peft.LoraConfig (bco-ray trains LoRA adapters), got {type(pc).__name__}"
+        )
     targets = pc.target_modules
-    out: dict[str, Any] = {"enabled": True, "r": int(pc.r), "alpha": int(pc.lora_alpha),
-                           "dropout": float(pc.lora_dropout)}
+    out: dict[str, Any] = {
+        "enabled": True,
+        "r": int(pc.r),
+        "alpha": int(pc.lora_alpha),
+        "dropout": float(pc.lora_dropout),
+    }
     if targets is not None:
         if isinstance(targets, str):
             raise ValueError("peft_config.target_modules as a regex string is not supported: list the modules")
         out["target_modules"] = sorted(targets)
-    ignored = [k for k, default in (("bias", "none"), ("modules_to_save", None), ("use_rslora", False),
-                                    ("use_dora", False), ("layers_to_transform", None), ("init_lora_weights", True))
-               if getattr(pc, k, default) != default]
+    ignored = [
+        k
+        for k, default in (
+            ("bias", "none"),
+            ("modules_to_save", None),
+            ("use_rslora", False),
+            ("use_dora", False),
+            ("layers_to_transform", None),
+            ("init_lora_weights", True),
+        )
+        if getattr(pc, k, default) != default
+    ]
     if ignored:
-        warnings.warn(f"peft_config: {ignored} are not passed on (bco-ray's LoRA takes r, lora_alpha, lora_dropout "
-                      "and target_modules)", BCOConfigWarning, stacklevel=4)
+        warnings.warn(
+            f"peft_config: {ignored} are not passed on (bco-ray's LoRA takes r, lora_alpha, lora_dropout "
+            "and target_modules)",
+            BCOConfigWarning,
+            stacklevel=4,
+        )
     return out
 
 
@@ -198,9 +228,16 @@ def _dumps_by_value(obj, cloudpickle) -> bytes:
     """cloudpickle `obj`, with the user's own modules (scripts, test files, a project not installed on the
     cluster) pickled by value, so the Ray actors need not import them. Installed packages and bco_ray stay
     references."""
-    installed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                               *(sysconfig.get_paths().get(k) for k in ("stdlib", "purelib", "platlib")))
-                 if p}
+    installed = {
+        os.path.realpath(p)
+        for p in (
+            sys.prefix,
+            sys.base_prefix,
+            sys.exec_prefix,
+            *(sysconfig.get_paths().get(k) for k in ("stdlib", "purelib", "platlib")),
+        )
+        if p
+    }
     local = []
     for name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None)

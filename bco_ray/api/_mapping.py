@@ -1,4 +1,5 @@
 """How TRL / transformers field names map onto bco-ray's config sections."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,14 +51,42 @@ FIELD_MAP: dict[str, str] = {
 # Names of TRL's BCOConfig / older transformers TrainingArguments that are not fields of the installed
 # transformers' TrainingArguments: accepted (with a warning when they have no effect here), never "unknown".
 _TRL_ONLY = {
-    "max_completion_length", "generate_during_eval", "is_encoder_decoder", "ref_model_init_kwargs",
-    "dataset_num_proc", "label_pad_token_id", "padding_value", "lr_scheduler_kwargs",
-    "evaluation_strategy", "overwrite_output_dir", "logging_dir", "no_cuda", "use_mps_device", "use_ipex",
-    "jit_mode_eval", "torchdynamo", "ray_scope", "include_tokens_per_second", "dispatch_batches",
-    "split_batches", "push_to_hub_token", "push_to_hub_model_id", "push_to_hub_organization", "fp16_backend",
-    "half_precision_backend", "tpu_num_cores", "tpu_metrics_debug", "past_index", "mp_parameters",
-    "use_legacy_prediction_loop", "fp16_opt_level", "evaluate_during_training", "save_safetensors",
-    "eval_do_concat_batches", "optim_target_modules", "hub_private_repo",
+    "max_completion_length",
+    "generate_during_eval",
+    "is_encoder_decoder",
+    "ref_model_init_kwargs",
+    "dataset_num_proc",
+    "label_pad_token_id",
+    "padding_value",
+    "lr_scheduler_kwargs",
+    "evaluation_strategy",
+    "overwrite_output_dir",
+    "logging_dir",
+    "no_cuda",
+    "use_mps_device",
+    "use_ipex",
+    "jit_mode_eval",
+    "torchdynamo",
+    "ray_scope",
+    "include_tokens_per_second",
+    "dispatch_batches",
+    "split_batches",
+    "push_to_hub_token",
+    "push_to_hub_model_id",
+    "push_to_hub_organization",
+    "fp16_backend",
+    "half_precision_backend",
+    "tpu_num_cores",
+    "tpu_metrics_debug",
+    "past_index",
+    "mp_parameters",
+    "use_legacy_prediction_loop",
+    "fp16_opt_level",
+    "evaluate_during_training",
+    "save_safetensors",
+    "eval_do_concat_batches",
+    "optim_target_modules",
+    "hub_private_repo",
 }
 
 # linear, cosine, constant: the choices of bco-ray's train.lr_scheduler
@@ -70,10 +99,12 @@ def _known_foreign() -> set[str]:
     if _FOREIGN is None:
         try:
             from transformers import TrainingArguments
+
             names = {f.name for f in dataclasses.fields(TrainingArguments)}
-        except Exception:   # noqa: BLE001 - a broken transformers import must not break the config
+        except Exception:  # noqa: BLE001 - a broken transformers import must not break the config
             names = set()
         from bco_ray.api._trl_defaults import TRL_1_13_BCO_FIELDS
+
         _FOREIGN = names | _TRL_ONLY | set(TRL_1_13_BCO_FIELDS)
     return _FOREIGN
 
@@ -125,7 +156,10 @@ def _nest(path: str, value: Any) -> dict:
 
 def _with_trl_names(msg: str) -> str:
     import re
-    names = sorted({k for k, v in FIELD_MAP.items() if v != "output_dir" and re.search(rf"{re.escape(v)}\b(?!\.)", msg)})
+
+    names = sorted(
+        {k for k, v in FIELD_MAP.items() if v != "output_dir" and re.search(rf"{re.escape(v)}\b(?!\.)", msg)}
+    )
     return f"{msg} (BCOConfig field: {', '.join(names)})" if names else msg
 
 

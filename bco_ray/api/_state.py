@@ -7,6 +7,7 @@ scripts written for TRL can read `trainer.state.global_step`, `trainer.state.log
 names them), and a last summary dict (`train_runtime`, `train_loss`, `epoch`, `step`). The pass's one-off
 `precompute/*` and `udm/*` metrics (step 0) are not training logs: they are in `trainer.result.metrics`.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -40,11 +41,18 @@ def log_history(history: dict[int, dict[str, float]]) -> list[dict[str, float]]:
     return out
 
 
-def trainer_state(client: Any, run_id: str, train_cfg: Any, global_step: int, train_runtime: float | None = None,
-                  training_loss: float | None = None):
+def trainer_state(
+    client: Any,
+    run_id: str,
+    train_cfg: Any,
+    global_step: int,
+    train_runtime: float | None = None,
+    training_loss: float | None = None,
+):
     """A `transformers.TrainerState` of the finished run `run_id` (its MLflow history), trained with `train_cfg`
     (bco-ray's TrainConfig) for `global_step` optimizer steps."""
     from transformers import TrainerState
+
     logs = log_history(metric_history(client, run_id))
     epoch = next((h["epoch"] for h in reversed(logs)), 0.0)
     summary: dict[str, float] = {}
@@ -55,8 +63,15 @@ def trainer_state(client: Any, run_id: str, train_cfg: Any, global_step: int, tr
     if summary:
         logs.append({**summary, "epoch": epoch, "step": global_step})
     return TrainerState(
-        epoch=epoch, global_step=global_step,
+        epoch=epoch,
+        global_step=global_step,
         max_steps=train_cfg.max_steps if train_cfg.max_steps > 0 else global_step,
-        logging_steps=train_cfg.logging_steps, eval_steps=train_cfg.eval_steps, save_steps=train_cfg.save_steps,
-        train_batch_size=train_cfg.micro_batch_size, num_train_epochs=train_cfg.num_epochs, log_history=logs,
-        is_local_process_zero=True, is_world_process_zero=True)
+        logging_steps=train_cfg.logging_steps,
+        eval_steps=train_cfg.eval_steps,
+        save_steps=train_cfg.save_steps,
+        train_batch_size=train_cfg.micro_batch_size,
+        num_train_epochs=train_cfg.num_epochs,
+        log_history=logs,
+        is_local_process_zero=True,
+        is_world_process_zero=True,
+    )

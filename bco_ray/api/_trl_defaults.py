@@ -8,6 +8,7 @@ reads. Only fields that bco-ray's `BCOConfig` declares are recorded (the others 
 `TRL_1_13_BCO_FIELDS`). `tests/test_trl_defaults.py` checks bco-ray's defaults against this record, and
 `bco_ray/api/_doc_table.py` renders docs/trl_migration.md's field table from it.
 """
+
 from __future__ import annotations
 
 TRL = "trl/experimental/bco/bco_config.py"
@@ -71,9 +72,24 @@ NOT_IN_TRL_1_13: dict[str, str] = {
 # trl 1.13 BCOConfig's own fields (bco_config.py lines 81-163, base_config.py lines 54-102): bco-ray
 # accepts every one of them (declared, or recorded in `ignored_fields` with a warning).
 TRL_1_13_BCO_FIELDS: tuple[str, ...] = (
-    "learning_rate", "max_length", "max_completion_length", "beta", "disable_dropout", "generate_during_eval",
-    "is_encoder_decoder", "precompute_ref_log_probs", "model_init_kwargs", "trust_remote_code",
-    "dataset_num_proc", "prompt_sample_size", "min_density_ratio", "max_density_ratio",
-    "logging_steps", "gradient_checkpointing", "bf16", "lr_scheduler_kwargs", "use_liger_kernel",
+    "learning_rate",
+    "max_length",
+    "max_completion_length",
+    "beta",
+    "disable_dropout",
+    "generate_during_eval",
+    "is_encoder_decoder",
+    "precompute_ref_log_probs",
+    "model_init_kwargs",
+    "trust_remote_code",
+    "dataset_num_proc",
+    "prompt_sample_size",
+    "min_density_ratio",
+    "max_density_ratio",
+    "logging_steps",
+    "gradient_checkpointing",
+    "bf16",
+    "lr_scheduler_kwargs",
+    "use_liger_kernel",
     "torch_empty_cache_steps",
 )

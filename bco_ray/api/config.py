@@ -1,4 +1,5 @@
 """`BCOConfig`: TRL's BCOConfig field names and defaults, mapped onto bco-ray's typed Config."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,19 +45,19 @@ class BCOConfig:
     TRL/transformers field is accepted and recorded in `ignored_fields` with a `BCOConfigWarning`; a name
     that is neither raises TypeError."""
 
-    output_dir: str | None = None                # None: "trainer_output", as in TrainingArguments
+    output_dir: str | None = None  # None: "trainer_output", as in TrainingArguments
     per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8          # used by BCOTrainer.evaluate(); the in-run eval uses the train size
+    per_device_eval_batch_size: int = 8  # used by BCOTrainer.evaluate(); the in-run eval uses the train size
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-7                  # trl's BCOConfig (TrainingArguments: 5e-5)
+    learning_rate: float = 5e-7  # trl's BCOConfig (TrainingArguments: 5e-5)
     num_train_epochs: float = 3.0
     max_steps: int = -1
     warmup_ratio: float = 0.0
-    warmup_steps: int | float = 0                # transformers 5: a float < 1 is a ratio
+    warmup_steps: int | float = 0  # transformers 5: a float < 1 is a ratio
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    logging_steps: int | float = 10              # trl's default (transformers: 500)
+    logging_steps: int | float = 10  # trl's default (transformers: 500)
     eval_strategy: str = "no"
     eval_steps: int | float | None = None
     save_strategy: str = "steps"
@@ -64,40 +65,40 @@ class BCOConfig:
     save_total_limit: int | None = None
     seed: int = 42
     data_seed: int | None = None
-    bf16: bool | None = None                     # None: bf16 on GPU, float32 on CPU (trl: None -> not fp16)
-    gradient_checkpointing: bool = True          # trl's default
+    bf16: bool | None = None  # None: bf16 on GPU, float32 on CPU (trl: None -> not fp16)
+    gradient_checkpointing: bool = True  # trl's default
     disable_dropout: bool = True
     use_cpu: bool = False
-    deepspeed: str | dict | None = None          # a DeepSpeed JSON path or dict: ZeRO stage and offload are taken
+    deepspeed: str | dict | None = None  # a DeepSpeed JSON path or dict: ZeRO stage and offload are taken
     report_to: str | list | None = None
     run_name: str | None = None
     # BCO fields
     beta: float = 0.1
     max_length: int | None = 1024
-    max_prompt_length: int | None = None         # not in trl 1.13; None: max_length - 1 (the prompt is not cut)
+    max_prompt_length: int | None = None  # not in trl 1.13; None: max_length - 1 (the prompt is not cut)
     truncation_mode: str = "keep_end"
     prompt_sample_size: int = 1024
     min_density_ratio: float = 0.5
     max_density_ratio: float = 10.0
     precompute_ref_log_probs: bool | None = None  # trl default False; bco-ray always precomputes
     model_init_kwargs: dict | None = None
-    trust_remote_code: bool = False              # for models given as ids/paths (model.trust_remote_code)
+    trust_remote_code: bool = False  # for models given as ids/paths (model.trust_remote_code)
     # ---- bco-ray extras: Ray, MLflow and where inputs go
-    num_workers: int = 1                         # Ray Train workers (one DeepSpeed rank each), like `accelerate launch` processes
-    use_gpu: bool | None = None                  # None: GPUs when the Ray cluster has at least num_workers of them
-    storage_path: str | None = None              # Ray Train checkpoints; None: <output_dir>/ray. Shared or s3:// on clusters
-    mlflow_tracking_uri: str | None = None       # None: $MLFLOW_TRACKING_URI, else a SQLite file (bco_ray/storage.py)
+    num_workers: int = 1  # Ray Train workers (one DeepSpeed rank each), like `accelerate launch` processes
+    use_gpu: bool | None = None  # None: GPUs when the Ray cluster has at least num_workers of them
+    storage_path: str | None = None  # Ray Train checkpoints; None: <output_dir>/ray. Shared or s3:// on clusters
+    mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a SQLite file (bco_ray/storage.py)
     mlflow_experiment: str = "bco-ray"
-    udm_embedding_model: str | None = None       # UDM with a from_pretrained encoder (mean-pooled) instead of embedding_func
+    udm_embedding_model: str | None = None  # UDM with a from_pretrained encoder (mean-pooled) instead of embedding_func
     precompute_num_gpus_per_actor: float | None = None  # None: 0.5 with GPUs (ref + embedding pools share one), else 0
-    inputs_dir: str | None = None                # in-memory models/data/embedding func go here; None: <output_dir>/inputs
-    bco_ray_overrides: dict = field(default_factory=dict)   # any other bco-ray field: {"train.zero_stage": 3, ...}
+    inputs_dir: str | None = None  # in-memory models/data/embedding func go here; None: <output_dir>/inputs
+    bco_ray_overrides: dict = field(default_factory=dict)  # any other bco-ray field: {"train.zero_stage": 3, ...}
     ignored_fields: dict = field(default_factory=dict, repr=False)
 
     def __init__(self, output_dir: str | None = None, **kwargs: Any):
         names = [f.name for f in dataclasses.fields(self) if f.name != "ignored_fields"]
-        ignored = dict(kwargs.pop("ignored_fields", None) or {})     # dataclasses.replace / copy round trip
-        if "evaluation_strategy" in kwargs and "eval_strategy" not in kwargs:   # transformers < 4.46 name
+        ignored = dict(kwargs.pop("ignored_fields", None) or {})  # dataclasses.replace / copy round trip
+        if "evaluation_strategy" in kwargs and "eval_strategy" not in kwargs:  # transformers < 4.46 name
             kwargs["eval_strategy"] = kwargs.pop("evaluation_strategy")
         unknown = [k for k in kwargs if k not in names and k not in _known_foreign()]
         if unknown:
@@ -105,8 +106,10 @@ class BCOConfig:
             for k in unknown:
                 guess = difflib.get_close_matches(k, names + sorted(_known_foreign()), n=1)
                 hints.append(f"'{k}'" + (f" (did you mean '{guess[0]}'?)" if guess else ""))
-            raise TypeError(f"BCOConfig got unknown field(s) {', '.join(hints)}: not a field of TRL's BCOConfig / "
-                            "transformers' TrainingArguments nor a bco-ray extra (see docs/trl_migration.md)")
+            raise TypeError(
+                f"BCOConfig got unknown field(s) {', '.join(hints)}: not a field of TRL's BCOConfig / "
+                "transformers' TrainingArguments nor a bco-ray extra (see docs/trl_migration.md)"
+            )
         for f in dataclasses.fields(self):
             if f.default is not dataclasses.MISSING:
                 setattr(self, f.name, f.default)
@@ -127,23 +130,36 @@ class BCOConfig:
     def __post_init__(self) -> None:
         self.output_dir = os.fspath(self.output_dir) if self.output_dir is not None else "trainer_output"
         for k, v in self.ignored_fields.items():
-            warnings.warn(f"BCOConfig.{k}={v!r} has no effect in bco-ray ({_why_ignored(k)})",
-                          BCOConfigWarning, stacklevel=3)
+            warnings.warn(
+                f"BCOConfig.{k}={v!r} has no effect in bco-ray ({_why_ignored(k)})", BCOConfigWarning, stacklevel=3
+            )
         if self.precompute_ref_log_probs is False:
-            warnings.warn("BCOConfig.precompute_ref_log_probs=False: bco-ray always precomputes reference "
-                          "log-probs (in the Ray Data pass); the reference model is never loaded during training",
-                          BCOConfigWarning, stacklevel=3)
+            warnings.warn(
+                "BCOConfig.precompute_ref_log_probs=False: bco-ray always precomputes reference "
+                "log-probs (in the Ray Data pass); the reference model is never loaded during training",
+                BCOConfigWarning,
+                stacklevel=3,
+            )
         if str(plain_value(self.truncation_mode)) != "keep_end":
-            raise ValueError(f"BCOConfig.truncation_mode={self.truncation_mode!r} is not supported: bco-ray keeps "
-                             "the end of a long prompt (truncation_mode='keep_end', the default)")
+            raise ValueError(
+                f"BCOConfig.truncation_mode={self.truncation_mode!r} is not supported: bco-ray keeps "
+                "the end of a long prompt (truncation_mode='keep_end', the default)"
+            )
         reps = _report_to(self.report_to)
         others = [r for r in reps if r not in ("mlflow", "all", "none")]
         if others:
-            warnings.warn(f"BCOConfig.report_to={self.report_to!r}: bco-ray logs to MLflow only; {others} ignored",
-                          BCOConfigWarning, stacklevel=3)
+            warnings.warn(
+                f"BCOConfig.report_to={self.report_to!r}: bco-ray logs to MLflow only; {others} ignored",
+                BCOConfigWarning,
+                stacklevel=3,
+            )
         if "none" in reps:
-            warnings.warn("BCOConfig.report_to='none': bco-ray always logs the run to MLflow "
-                          "(mlflow_tracking_uri, default sqlite:///<cwd>/mlflow.db)", BCOConfigWarning, stacklevel=3)
+            warnings.warn(
+                "BCOConfig.report_to='none': bco-ray always logs the run to MLflow "
+                "(mlflow_tracking_uri, default sqlite:///<cwd>/mlflow.db)",
+                BCOConfigWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------------------------- mapping
     def overrides(self) -> dict:
@@ -162,32 +178,53 @@ class BCOConfig:
         epochs = self.num_train_epochs
         if float(epochs) != int(epochs):
             if self.max_steps is None or self.max_steps <= 0:
-                warnings.warn(f"BCOConfig.num_train_epochs={epochs}: bco-ray trains whole epochs; rounded up to "
-                              f"{math.ceil(epochs)} (set max_steps for an exact budget)", BCOConfigWarning,
-                              stacklevel=4)
+                warnings.warn(
+                    f"BCOConfig.num_train_epochs={epochs}: bco-ray trains whole epochs; rounded up to "
+                    f"{math.ceil(epochs)} (set max_steps for an exact budget)",
+                    BCOConfigWarning,
+                    stacklevel=4,
+                )
             epochs = math.ceil(epochs)
         warmup = warmup_as_ratio(self)
         sched = str(plain_value(self.lr_scheduler_type))
         if sched not in _SCHEDULERS:
-            raise ValueError(f"BCOConfig.lr_scheduler_type={sched!r} is not supported by bco-ray; use one of "
-                             f"{', '.join(_SCHEDULERS)}")
-        f = {"output_dir": self.output_dir, "train.micro_batch_size": self.per_device_train_batch_size,
-             "train.gradient_accumulation_steps": self.gradient_accumulation_steps, "train.lr": self.learning_rate,
-             "train.max_steps": self.max_steps, "train.num_epochs": int(epochs),
-             "train.warmup_ratio": warmup, "train.lr_scheduler": sched,
-             "train.weight_decay": self.weight_decay, "train.max_grad_norm": self.max_grad_norm,
-             "train.logging_steps": steps(self, "logging_steps", self.logging_steps, default=1),
-             "train.eval_steps": eval_every(self), "train.save_steps": save_every(self)}
+            raise ValueError(
+                f"BCOConfig.lr_scheduler_type={sched!r} is not supported by bco-ray; use one of "
+                f"{', '.join(_SCHEDULERS)}"
+            )
+        f = {
+            "output_dir": self.output_dir,
+            "train.micro_batch_size": self.per_device_train_batch_size,
+            "train.gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "train.lr": self.learning_rate,
+            "train.max_steps": self.max_steps,
+            "train.num_epochs": int(epochs),
+            "train.warmup_ratio": warmup,
+            "train.lr_scheduler": sched,
+            "train.weight_decay": self.weight_decay,
+            "train.max_grad_norm": self.max_grad_norm,
+            "train.logging_steps": steps(self, "logging_steps", self.logging_steps, default=1),
+            "train.eval_steps": eval_every(self),
+            "train.save_steps": save_every(self),
+        }
         if self.save_total_limit is not None:
             f["train.keep_checkpoints"] = max(1, int(self.save_total_limit))
         max_length, max_prompt_length = lengths(self)
-        f.update({"train.seed": self.seed, "data.seed": self.seed if self.data_seed is None else self.data_seed,
-                  "train.bf16": "auto" if self.bf16 is None else bool(self.bf16),
-                  "train.gradient_checkpointing": bool(self.gradient_checkpointing),
-                  "train.disable_dropout": bool(self.disable_dropout), "train.beta": self.beta,
-                  "data.max_length": max_length, "data.max_prompt_length": max_prompt_length,
-                  "udm.prompt_sample_size": self.prompt_sample_size, "udm.min_density_ratio": self.min_density_ratio,
-                  "udm.max_density_ratio": self.max_density_ratio})
+        f.update(
+            {
+                "train.seed": self.seed,
+                "data.seed": self.seed if self.data_seed is None else self.data_seed,
+                "train.bf16": "auto" if self.bf16 is None else bool(self.bf16),
+                "train.gradient_checkpointing": bool(self.gradient_checkpointing),
+                "train.disable_dropout": bool(self.disable_dropout),
+                "train.beta": self.beta,
+                "data.max_length": max_length,
+                "data.max_prompt_length": max_prompt_length,
+                "udm.prompt_sample_size": self.prompt_sample_size,
+                "udm.min_density_ratio": self.min_density_ratio,
+                "udm.max_density_ratio": self.max_density_ratio,
+            }
+        )
         return f
 
     def _runtime_fields(self) -> dict[str, Any]:
@@ -203,8 +240,13 @@ class BCOConfig:
             f["precompute.num_gpus_per_actor"] = 0.5
         if self.storage_path is not None:
             f["train.storage_path"] = self.storage_path
-        f.update({"mlflow.tracking_uri": self.mlflow_tracking_uri, "mlflow.experiment": self.mlflow_experiment,
-                  "mlflow.run_name": self.run_name})
+        f.update(
+            {
+                "mlflow.tracking_uri": self.mlflow_tracking_uri,
+                "mlflow.experiment": self.mlflow_experiment,
+                "mlflow.run_name": self.run_name,
+            }
+        )
         if self.udm_embedding_model is not None:
             f.update({"udm.enabled": True, "udm.embedding_model": self.udm_embedding_model})
         f.update({f"train.{k}": v for k, v in deepspeed_fields(self).items()})

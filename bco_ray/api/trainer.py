@@ -1,4 +1,5 @@
 """`BCOTrainer`: TRL's call shape, backed by the Ray pipeline (`bco_ray.run.run_job`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,15 +37,16 @@ if TYPE_CHECKING:
 @dataclass
 class BCOTrainOutput:
     """What `BCOTrainer.train()` returns: transformers' TrainOutput fields plus where the results are."""
+
     global_step: int
-    training_loss: float             # mean of the logged `loss` values of the run
-    metrics: dict                    # train_runtime, train_loss, and the last value of every MLflow metric
-    model_dir: str                   # the trained model, Hugging Face format (AutoModelForCausalLM.from_pretrained)
-    output_dir: str                  # <output_dir>/runs/<run_name>: result.json, model/
-    run_id: str                      # MLflow run
+    training_loss: float  # mean of the logged `loss` values of the run
+    metrics: dict  # train_runtime, train_loss, and the last value of every MLflow metric
+    model_dir: str  # the trained model, Hugging Face format (AutoModelForCausalLM.from_pretrained)
+    output_dir: str  # <output_dir>/runs/<run_name>: result.json, model/
+    run_id: str  # MLflow run
     tracking_uri: str
     run_name: str
-    raw: JobResult | None = field(repr=False, default=None)   # what bco_ray.run.run_job returned
+    raw: JobResult | None = field(repr=False, default=None)  # what bco_ray.run.run_job returned
 
 
 class BCOTrainer:
@@ -58,14 +60,30 @@ class BCOTrainer:
     `peft_config`: a `peft.LoraConfig`, mapped to bco-ray's LoRA settings.
     """
 
-    def __init__(self, model=None, ref_model=None, args: BCOConfig | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, data_collator=None, model_init=None, callbacks=None,
-                 optimizers=(None, None), preprocess_logits_for_metrics=None, peft_config=None,
-                 compute_metrics=None, model_adapter_name=None, ref_adapter_name=None,
-                 embedding_func: Callable | None = None, embedding_tokenizer=None):
+    def __init__(
+        self,
+        model=None,
+        ref_model=None,
+        args: BCOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        model_init=None,
+        callbacks=None,
+        optimizers=(None, None),
+        preprocess_logits_for_metrics=None,
+        peft_config=None,
+        compute_metrics=None,
+        model_adapter_name=None,
+        ref_adapter_name=None,
+        embedding_func: Callable | None = None,
+        embedding_tokenizer=None,
+    ):
         if model_init is not None:
-            raise NotImplementedError("BCOTrainer(model_init=...) is not supported: pass model (an object, a hub "
-                                      "id or a local directory)")
+            raise NotImplementedError(
+                "BCOTrainer(model_init=...) is not supported: pass model (an object, a hub id or a local directory)"
+            )
         if model is None:
             raise ValueError("BCOTrainer needs a model (an object, a hub id or a local directory)")
         if train_dataset is None:
@@ -74,21 +92,35 @@ class BCOTrainer:
             args = BCOConfig()
         if not isinstance(args, BCOConfig):
             raise TypeError(f"args must be a bco_ray.BCOConfig, got {type(args).__name__}")
-        for name, value in (("data_collator", data_collator), ("callbacks", callbacks),
-                            ("preprocess_logits_for_metrics", preprocess_logits_for_metrics),
-                            ("compute_metrics", compute_metrics), ("model_adapter_name", model_adapter_name),
-                            ("ref_adapter_name", ref_adapter_name)):
+        for name, value in (
+            ("data_collator", data_collator),
+            ("callbacks", callbacks),
+            ("preprocess_logits_for_metrics", preprocess_logits_for_metrics),
+            ("compute_metrics", compute_metrics),
+            ("model_adapter_name", model_adapter_name),
+            ("ref_adapter_name", ref_adapter_name),
+        ):
             if value is not None:
-                warnings.warn(f"BCOTrainer({name}=...) has no effect in bco-ray: the Ray workers run their own "
-                              "collation, loop and metrics", BCOConfigWarning, stacklevel=2)
+                warnings.warn(
+                    f"BCOTrainer({name}=...) has no effect in bco-ray: the Ray workers run their own "
+                    "collation, loop and metrics",
+                    BCOConfigWarning,
+                    stacklevel=2,
+                )
         if optimizers is not None and any(o is not None for o in optimizers):
-            warnings.warn("BCOTrainer(optimizers=...) has no effect in bco-ray: each worker builds DeepSpeed's AdamW "
-                          "and the lr_scheduler_type schedule", BCOConfigWarning, stacklevel=2)
+            warnings.warn(
+                "BCOTrainer(optimizers=...) has no effect in bco-ray: each worker builds DeepSpeed's AdamW "
+                "and the lr_scheduler_type schedule",
+                BCOConfigWarning,
+                stacklevel=2,
+            )
         if (embedding_func is None) != (embedding_tokenizer is None):
             raise ValueError("UDM needs both embedding_func and embedding_tokenizer (as in TRL)")
         if _is_peft_model(model):
-            raise ValueError("pass the base model and peft_config=LoraConfig(...) instead of a PeftModel: the "
-                             "workers apply LoRA themselves")
+            raise ValueError(
+                "pass the base model and peft_config=LoraConfig(...) instead of a PeftModel: the "
+                "workers apply LoRA themselves"
+            )
         if not isinstance(model, (str, os.PathLike)) and processing_class is None:
             raise ValueError("processing_class (the tokenizer) must be given with an in-memory model")
         if ref_model is model:
@@ -102,22 +134,24 @@ class BCOTrainer:
         self.result: BCOTrainOutput | None = None
         self._state = None
         self._trained_model = None
-        self.inputs_dir = inputs_root(args.inputs_dir, args.output_dir)    # a local path or an s3:// URI
+        self.inputs_dir = inputs_root(args.inputs_dir, args.output_dir)  # a local path or an s3:// URI
         self.config = self._build_config()
 
     # ------------------------------------------------------------------------------- inputs → Config
     def _build_config(self) -> Config:
         a = self.args
         o = a.overrides()
-        _to_config(o, {}, a.bco_ray_overrides)        # a bad setting fails here, before anything is saved
+        _to_config(o, {}, a.bco_ray_overrides)  # a bad setting fails here, before anything is saved
         model: dict[str, Any] = {"policy": self._model_spec(self._model), "reference": None, "tokenizer": None}
         if self.ref_model is not None:
             ref = self._model_spec(self.ref_model)
             model["reference"] = None if ref == model["policy"] else ref
         if self.processing_class is not None:
             model["tokenizer"] = self._tokenizer_spec(self.processing_class)
-        data = {"train": self._data_spec(self.train_dataset, "train"),
-                "eval": self._data_spec(self.eval_dataset, "eval") if self.eval_dataset is not None else None}
+        data = {
+            "train": self._data_spec(self.train_dataset, "train"),
+            "eval": self._data_spec(self.eval_dataset, "eval") if self.eval_dataset is not None else None,
+        }
         udm: dict[str, Any] = {"enabled": a.udm_embedding_model is not None}
         if self.embedding_func is not None:
             udm.update(enabled=True, embedding_func=self._save_embedding_func())
@@ -130,8 +164,9 @@ class BCOTrainer:
         if isinstance(m, (str, os.PathLike)):
             return os.fspath(m)
         if not hasattr(m, "save_pretrained"):
-            raise TypeError(f"model/ref_model must be a transformers model, a hub id or a local path, got "
-                            f"{type(m).__name__}")
+            raise TypeError(
+                f"model/ref_model must be a transformers model, a hub id or a local path, got {type(m).__name__}"
+            )
         return self._save_dir("model", lambda d: m.save_pretrained(d, safe_serialization=True))
 
     def _tokenizer_spec(self, tok) -> str:
@@ -153,25 +188,32 @@ class BCOTrainer:
 
     def _save_embedding_func(self) -> str:
         import cloudpickle
+
         tok = self.embedding_tokenizer
         if isinstance(tok, (str, os.PathLike)):
             from transformers import AutoTokenizer
 
             from bco_ray.remote import local_model_dir
+
             tok = AutoTokenizer.from_pretrained(local_model_dir(os.fspath(tok), weights=False))
         blob = _dumps_by_value({"func": self.embedding_func, "tokenizer": tok}, cloudpickle)
-        return _save_by_content(join(self.inputs_dir, "udm"), "embedding_func", lambda p: Path(p).write_bytes(blob),
-                                ".pkl")
+        return _save_by_content(
+            join(self.inputs_dir, "udm"), "embedding_func", lambda p: Path(p).write_bytes(blob), ".pkl"
+        )
 
     # ------------------------------------------------------------------------------------ training
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs) -> BCOTrainOutput:
         """Run the job: Ray Data precompute → Ray Train + DeepSpeed → MLflow. Blocks until it finishes; updates
         the in-memory model (if one was given) with the trained weights."""
         if resume_from_checkpoint:
-            warnings.warn("train(resume_from_checkpoint=...) is not needed: an unfinished run resumes from its "
-                          "latest checkpoint when it is started again with the same run_name", BCOConfigWarning,
-                          stacklevel=2)
+            warnings.warn(
+                "train(resume_from_checkpoint=...) is not needed: an unfinished run resumes from its "
+                "latest checkpoint when it is started again with the same run_name",
+                BCOConfigWarning,
+                stacklevel=2,
+            )
         from bco_ray.run import run_job
+
         cfg = self.config
         if self.args.use_gpu is None and not self.args.use_cpu:
             cfg = self._auto_gpu(cfg)
@@ -188,6 +230,7 @@ class BCOTrainer:
         import ray
 
         from bco_ray.run import init_ray
+
         init_ray(cfg)
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus >= cfg.train.num_workers:
@@ -198,6 +241,7 @@ class BCOTrainer:
 
     def _train_output(self, res: JobResult, seconds: float) -> BCOTrainOutput:
         from mlflow.tracking import MlflowClient
+
         client = MlflowClient(res.tracking_uri)
         run = client.get_run(res.run_id)
         losses = [m.value for m in client.get_metric_history(res.run_id, "loss")]
@@ -205,18 +249,33 @@ class BCOTrainer:
         metrics = dict(run.data.metrics)
         metrics.update({k: v for k, v in res.final.items() if isinstance(v, (int, float))})
         metrics.update(train_runtime=round(seconds, 2), train_loss=training_loss)
-        return BCOTrainOutput(global_step=int(res.final.get("step", 0)), training_loss=training_loss,
-                              metrics=metrics, model_dir=res.model_dir, output_dir=res.out_dir,
-                              run_id=res.run_id, tracking_uri=res.tracking_uri, run_name=res.run_name, raw=res)
+        return BCOTrainOutput(
+            global_step=int(res.final.get("step", 0)),
+            training_loss=training_loss,
+            metrics=metrics,
+            model_dir=res.model_dir,
+            output_dir=res.out_dir,
+            run_id=res.run_id,
+            tracking_uri=res.tracking_uri,
+            run_name=res.run_name,
+            raw=res,
+        )
 
     def _trainer_state(self, cfg: Config):
         """transformers' TrainerState of the finished run, from its MLflow history (bco_ray/api/_state.py)."""
         from mlflow.tracking import MlflowClient
 
         from bco_ray.api._state import trainer_state
+
         r = self.result
-        return trainer_state(MlflowClient(r.tracking_uri), r.run_id, cfg.train, r.global_step,
-                             train_runtime=r.metrics.get("train_runtime"), training_loss=r.training_loss)
+        return trainer_state(
+            MlflowClient(r.tracking_uri),
+            r.run_id,
+            cfg.train,
+            r.global_step,
+            train_runtime=r.metrics.get("train_runtime"),
+            training_loss=r.training_loss,
+        )
 
     @property
     def state(self):
@@ -225,6 +284,7 @@ class BCOTrainer:
         MLflow history; before, the empty initial state. `best_metric` / `best_model_checkpoint` stay None."""
         if self._state is None:
             from transformers import TrainerState
+
             self._state = TrainerState(log_history=[])
         return self._state
 
@@ -232,21 +292,26 @@ class BCOTrainer:
         """The trained weights into the model object the user holds (as TRL trains it in place). With LoRA,
         `trainer.model` becomes a PeftModel wrapping it (peft injects the adapters into it in place)."""
         import torch
+
         model_dir = Path(self.result.model_dir)
         user = self._model
         if (model_dir / "adapter_config.json").exists():
             from peft import PeftModel
+
             self._trained_model = PeftModel.from_pretrained(user, str(model_dir))
             return
         from transformers import AutoModelForCausalLM
+
         dtype = next(user.parameters()).dtype
         trained = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
         with torch.no_grad():
             missing, unexpected = user.load_state_dict(trained.state_dict(), strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise RuntimeError(f"the trained model at {model_dir} does not match the model object "
-                               f"(missing {missing[:5]}, unexpected {unexpected[:5]}); load it with "
-                               "AutoModelForCausalLM.from_pretrained")
+            raise RuntimeError(
+                f"the trained model at {model_dir} does not match the model object "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]}); load it with "
+                "AutoModelForCausalLM.from_pretrained"
+            )
         self._trained_model = user
 
     @property
@@ -296,9 +361,11 @@ class BCOTrainer:
         weighted by the run's UDM classifier here, then evaluated the same way."""
         from bco_ray.bco.loss import RunningMean
         from bco_ray.train.evaluate import evaluate as bco_evaluate
+
         if self.result is None:
-            raise RuntimeError("evaluate() scores the trained model with the run's δ and UDM classifier: call "
-                               "train() first")
+            raise RuntimeError(
+                "evaluate() scores the trained model with the run's δ and UDM classifier: call train() first"
+            )
         t0 = time.time()
         cfg = self.config
         if eval_dataset is None and self.eval_dataset is None:
@@ -309,11 +376,14 @@ class BCOTrainer:
             table = self._precompute_eval(eval_dataset)
         model = self.model
         import torch
+
         device = next(model.parameters()).device
-        eval_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, micro_batch_size=self.args.per_device_eval_batch_size))
+        eval_cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, micro_batch_size=self.args.per_device_eval_batch_size)
+        )
         delta = RunningMean(mean=float(self.result.raw.final["delta"]), count=1.0)
         from bco_ray.models import load_tokenizer
+
         pad_id = load_tokenizer(cfg.model.tokenizer or cfg.model.policy, cfg.model.revision).pad_token_id
         with torch.no_grad():
             m = bco_evaluate(model, _TableShard(table), delta, eval_cfg, pad_id, device, rank=0, world=1)
@@ -330,28 +400,42 @@ class BCOTrainer:
         from bco_ray.models import reference_dtype
         from bco_ray.precompute import pipeline, stages
         from bco_ray.run import resolve_paths
+
         cfg, p, d = self.config, self.config.precompute, self.config.data
         paths, _ = resolve_paths(cfg)
         if isinstance(eval_dataset, (str, os.PathLike)):
             rows = _rows_of_spec(os.fspath(eval_dataset))
         else:
             rows = list(_as_dataset(eval_dataset, "eval"))
-        table = stages.tokenize(pa.Table.from_pylist(rows), tokenizer_path=paths.tokenizer,
-                                revision=cfg.model.revision, max_length=d.max_length,
-                                max_prompt_length=d.max_prompt_length, on_bad_rows=d.on_bad_rows,
-                                source="eval_dataset", split="eval")
+        table = stages.tokenize(
+            pa.Table.from_pylist(rows),
+            tokenizer_path=paths.tokenizer,
+            revision=cfg.model.revision,
+            max_length=d.max_length,
+            max_prompt_length=d.max_prompt_length,
+            on_bad_rows=d.on_bad_rows,
+            source="eval_dataset",
+            split="eval",
+        )
         gpus = 1.0 if _cuda() else 0.0
-        table = stages.RefLogps(model_path=paths.reference, revision=cfg.model.revision,
-                                dtype=reference_dtype(cfg),
-                                num_gpus=gpus, token_budget=p.token_budget, chunk_size=p.logp_chunk_size,
-                                pad_id=paths.pad_id, attn_implementation=cfg.model.attn_implementation)(table)
+        table = stages.RefLogps(
+            model_path=paths.reference,
+            revision=cfg.model.revision,
+            dtype=reference_dtype(cfg),
+            num_gpus=gpus,
+            token_budget=p.token_budget,
+            chunk_size=p.logp_chunk_size,
+            pad_id=paths.pad_id,
+            attn_implementation=cfg.model.attn_implementation,
+        )(table)
         if not cfg.udm.enabled:
             return stages.unit_weights(table)
         clf_path = f"{self.result.raw.precompute_dir}/classifier.json"
         import fsspec
+
         with fsspec.open(clf_path, "rb") as f:
             clf_bytes = f.read()
-        classifier_from_json(clf_bytes)   # fail here, clearly, on a broken file
+        classifier_from_json(clf_bytes)  # fail here, clearly, on a broken file
         kwargs = pipeline.embed_kwargs(cfg, paths, clf_bytes)
         kwargs["num_gpus"] = gpus
         return stages.Embed(**kwargs)(table)

@@ -1,6 +1,7 @@
 """The two ways to score a batch (bco_ray/bco/logprobs.py picks one per model instance): the light path
 (backbone hidden states, then the chunked head of bco_ray/bco/head_logps.py) and the model's own forward
 (logits over the completion span only), each with the MoE load-balancing loss when the config asks for it."""
+
 from __future__ import annotations
 
 import inspect
@@ -81,12 +82,12 @@ def full_logps(model, input_ids, attention_mask, prompt_len, chunk_size, want_au
         kwargs["logits_to_keep"] = T - first_predictor
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     logits = out.logits
-    offset = T - logits.shape[1]                 # logits[:, j] belong to position offset + j
+    offset = T - logits.shape[1]  # logits[:, j] belong to position offset + j
     src, targets = pos - 1 - offset, input_ids[rows, pos]
     res = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=logits.device)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     for s in range(0, rows.shape[0], chunk_size):
-        args = (logits, rows[s:s + chunk_size], src[s:s + chunk_size], targets[s:s + chunk_size])
+        args = (logits, rows[s : s + chunk_size], src[s : s + chunk_size], targets[s : s + chunk_size])
         lp = checkpoint(_gather_logps, *args, use_reentrant=False) if needs_grad else _gather_logps(*args)
-        res = res.index_add(0, rows[s:s + chunk_size], lp)
+        res = res.index_add(0, rows[s : s + chunk_size], lp)
     return res, (getattr(out, "aux_loss", None) if want_aux else None)

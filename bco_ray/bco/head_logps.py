@@ -2,6 +2,7 @@
 only the positions that predict completion tokens go through the output head, in checkpointed chunks of
 `chunk_size` tokens, each chunk's log-softmax computed once (`TokenLogps`). The output head is the LM head plus
 the family's logit post-processing (`LogitHead`). Used by bco_ray/bco/logprobs.py."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,8 +76,15 @@ def completion_logps(
     return summed_head_logps(lm_head, h, targets, rows, input_ids.shape[0], chunk_size)
 
 
-def summed_head_logps(lm_head, h: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int,
-                      chunk_size: int, n_chunks: int | None = None) -> torch.Tensor:
+def summed_head_logps(
+    lm_head,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    n_rows: int,
+    chunk_size: int,
+    n_chunks: int | None = None,
+) -> torch.Tensor:
     """Σ log p(target) per row of the hidden states `h` [N, H] (row `rows[i]` of `n_rows`), the head run in
     checkpointed chunks of `chunk_size` states. `n_chunks`: how many chunks to run (the most any rank needs,
     known on the host for packed batches); None: agreed with the other ranks where ZeRO-3 needs it."""
@@ -84,11 +92,14 @@ def summed_head_logps(lm_head, h: torch.Tensor, targets: torch.Tensor, rows: tor
     needs_grad = torch.is_grad_enabled() and h.requires_grad
     if n_chunks is None:
         n_chunks = _chunks_in_lockstep(-(-h.shape[0] // chunk_size), lm_head, h.device)
-    for start in range(0, n_chunks * chunk_size, chunk_size):   # chunks past the end are empty
-        hs, ts = h[start:start + chunk_size], targets[start:start + chunk_size]
-        lp = checkpoint(_chunk_logps, lm_head, hs, ts, use_reentrant=False) if needs_grad \
+    for start in range(0, n_chunks * chunk_size, chunk_size):  # chunks past the end are empty
+        hs, ts = h[start : start + chunk_size], targets[start : start + chunk_size]
+        lp = (
+            checkpoint(_chunk_logps, lm_head, hs, ts, use_reentrant=False)
+            if needs_grad
             else _chunk_logps(lm_head, hs, ts)
-        out = out.index_add(0, rows[start:start + chunk_size], lp)
+        )
+        out = out.index_add(0, rows[start : start + chunk_size], lp)
     return out
 
 
@@ -112,6 +123,7 @@ class LogitHead:
     `logits * multiply` (Cohere `logit_scale`), `logits / divide` (Granite `logits_scaling`), then
     `cap * tanh(logits / cap)` (Gemma-style `final_logit_softcapping`). Post-processing runs on the float32
     logits (transformers runs it in the model's dtype: identical in float32, more accurate in bf16)."""
+
     lm_head: nn.Module
     multiply: float | None = None
     divide: float | None = None
@@ -120,7 +132,7 @@ class LogitHead:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
         if self.multiply is None and self.divide is None and self.softcap is None:
-            return logits           # the log-prob kernel reads the model's dtype and computes in float32
+            return logits  # the log-prob kernel reads the model's dtype and computes in float32
         logits = logits.float()
         if self.multiply is not None:
             logits = logits * self.multiply
@@ -146,5 +158,9 @@ def logit_head(model: nn.Module) -> LogitHead:
         v = getattr(cfg, name, None) if cfg is not None else None
         return None if v is None or isinstance(v, bool) or float(v) in (neutral, 0.0) else float(v)
 
-    return LogitHead(model.get_output_embeddings(), multiply=value("logit_scale", 1.0),
-                     divide=value("logits_scaling", 1.0), softcap=value("final_logit_softcapping", 0.0))
+    return LogitHead(
+        model.get_output_embeddings(),
+        multiply=value("logit_scale", 1.0),
+        divide=value("logits_scaling", 1.0),
+        softcap=value("final_logit_softcapping", 0.0),
+    )

@@ -16,6 +16,7 @@ differ, or the light path cannot run, that model instance is scored with its ful
 Here: the probe and the entry points (`policy_completion_logps`, `packed_completion_logps`). The chunked head
 is bco_ray/bco/head_logps.py; the two forwards (and the MoE auxiliary loss) are bco_ray/bco/forwards.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,7 +86,7 @@ def _probe(model: nn.Module, device: torch.device) -> bool:
     vocab = _probe_vocab(model)
     ids = ((torch.arange(2 * _PROBE_LEN, device=device) * 7919 + 11) % vocab).view(2, _PROBE_LEN)
     mask = torch.ones_like(ids)
-    mask[1, _PROBE_LEN // 2 + 1:] = 0
+    mask[1, _PROBE_LEN // 2 + 1 :] = 0
     want_aux = router_aux_loss_enabled(model)
     name = type(hf_model(model)).__name__
     kwargs = {"output_router_logits": True} if want_aux else {}
@@ -103,13 +104,15 @@ def _probe(model: nn.Module, device: torch.device) -> bool:
             log.warning("%s: backbone + head path failed (%s); log-probs use the model's full forward", name, e)
             return False
     keep = mask.bool()
-    ok = light.shape == ref.shape and _close(light[keep].log_softmax(-1), ref[keep].float().log_softmax(-1),
-                                             ref.dtype)
+    ok = light.shape == ref.shape and _close(light[keep].log_softmax(-1), ref[keep].float().log_softmax(-1), ref.dtype)
     if ok and want_aux:
         ok = ref_aux is not None and aux is not None and _close(aux.float(), ref_aux.float(), ref_aux.dtype)
     if not ok:
-        log.warning("%s: backbone + head log-probs differ from the model's own logits; using its full forward "
-                    "(more memory: logits over the completion span)", name)
+        log.warning(
+            "%s: backbone + head log-probs differ from the model's own logits; using its full forward "
+            "(more memory: logits over the completion span)",
+            name,
+        )
     return ok
 
 
@@ -124,8 +127,15 @@ def light_path_ok(model: nn.Module, device: torch.device | None = None) -> bool:
     return verdict
 
 
-def policy_completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            prompt_len: torch.Tensor, chunk_size: int = 1024, *, return_aux_loss: bool = False):
+def policy_completion_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: torch.Tensor,
+    chunk_size: int = 1024,
+    *,
+    return_aux_loss: bool = False,
+):
     """Summed completion log-probs per row (float32 [B]) of a Hugging Face causal LM on a right-padded batch:
     equal to `log_softmax(model(input_ids, attention_mask).logits)` gathered at the completion tokens
     (positions prompt_len <= t < attention_mask.sum(1)) and summed.

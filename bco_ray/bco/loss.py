@@ -1,4 +1,5 @@
 """BCO loss and its reward shift δ (a running mean of every reward seen, chosen and rejected pooled)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ class RunningMean:
 
     @torch.no_grad()
     def update(self, rewards: torch.Tensor) -> float:
-        stats = torch.stack([rewards.detach().float().sum(),
-                             torch.tensor(float(rewards.numel()), device=rewards.device)])
+        stats = torch.stack(
+            [rewards.detach().float().sum(), torch.tensor(float(rewards.numel()), device=rewards.device)]
+        )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         total, n = stats.tolist()
@@ -39,8 +41,14 @@ class RunningMean:
         self.mean, self.count = float(state["mean"]), float(state["count"])
 
 
-def bco_losses(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor,
-               weights: torch.Tensor, beta: float, delta: float):
+def bco_losses(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    beta: float,
+    delta: float,
+):
     """Per-row BCO loss and rewards.
 
     r = beta * (logp_policy - logp_ref); desirable: -log sigmoid(r - delta);

@@ -15,6 +15,7 @@ every row, host ints computed when the pack was collated) it attends within each
 
 The packed call passes a 1×1×1×1 placeholder as `attention_mask`: transformers returns a 4-D mask as is,
 so it builds no [T, T] mask and runs no packed-sequence detection (which reads the device)."""
+
 from __future__ import annotations
 
 import sys
@@ -28,7 +29,8 @@ FLASH = ("flash_attention_2", "flash_attention_3")
 
 def _base_function(base: str, module: nn.Module):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    if base == "eager":     # each family has its own eager function (Gemma2's soft-capping lives there)
+
+    if base == "eager":  # each family has its own eager function (Gemma2's soft-capping lives there)
         return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[base]
 
@@ -61,6 +63,7 @@ def _make(base: str):
             o, _ = fn(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], mask, *args, **kwargs)
             outs.append(o)
         return torch.cat(outs, dim=1), None
+
     attention.__name__ = f"{PREFIX}{base}"
     return attention
 
@@ -68,6 +71,7 @@ def _make(base: str):
 def _register(base: str) -> str:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
+
     name = PREFIX + base
     if name not in AttentionInterface._global_mapping:
         AttentionInterface.register(name, _make(base))
@@ -95,9 +99,16 @@ def packed_kwargs(model: nn.Module, batch: dict) -> dict:
     kwargs of the flash kernels)."""
     base = install(model)
     ids = batch["input_ids"]
-    kw = {"position_ids": batch["position_ids"], "bco_segments": batch["segments"],
-          "attention_mask": torch.ones((1, 1, 1, 1), dtype=torch.bool, device=ids.device)}
+    kw = {
+        "position_ids": batch["position_ids"],
+        "bco_segments": batch["segments"],
+        "attention_mask": torch.ones((1, 1, 1, 1), dtype=torch.bool, device=ids.device),
+    }
     if base in FLASH:
-        kw.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
-                  max_length_q=batch["max_len"], max_length_k=batch["max_len"])
+        kw.update(
+            cu_seq_lens_q=batch["cu_seq_lens"],
+            cu_seq_lens_k=batch["cu_seq_lens"],
+            max_length_q=batch["max_len"],
+            max_length_k=batch["max_len"],
+        )
     return kw

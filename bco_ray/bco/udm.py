@@ -1,5 +1,6 @@
 """Underlying-distribution matching (UDM): a logistic-regression classifier of P(desirable | prompt
 embedding) and the clamped density-ratio weight it gives each undesirable row."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ def sample_rows(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, n, size=size)
 
 
-def udm_weights(clf: LogisticRegression, embeddings: np.ndarray, labels: np.ndarray,
-                min_ratio: float = 0.5, max_ratio: float = 10.0) -> np.ndarray:
+def udm_weights(
+    clf: LogisticRegression, embeddings: np.ndarray, labels: np.ndarray, min_ratio: float = 0.5, max_ratio: float = 10.0
+) -> np.ndarray:
     """w = clamp(p / (1 - p + 1e-8), min_ratio, max_ratio) for undesirable rows, 1 for desirable rows.
 
     Computed in float32 like the reference (probabilities cast to the embeddings' float32 dtype)."""
@@ -43,9 +45,15 @@ def udm_weights(clf: LogisticRegression, embeddings: np.ndarray, labels: np.ndar
 def classifier_to_json(clf: LogisticRegression) -> bytes:
     """The fitted classifier as plain parameters (classes, coef, intercept): what the cache and MLflow store,
     so that nothing executable is ever loaded from shared storage (a pickle would run code on load)."""
-    return json.dumps({"kind": "sklearn.linear_model.LogisticRegression", "classes": clf.classes_.tolist(),
-                       "coef": clf.coef_.tolist(), "intercept": clf.intercept_.tolist(),
-                       "dtype": str(clf.coef_.dtype)}).encode()
+    return json.dumps(
+        {
+            "kind": "sklearn.linear_model.LogisticRegression",
+            "classes": clf.classes_.tolist(),
+            "coef": clf.coef_.tolist(),
+            "intercept": clf.intercept_.tolist(),
+            "dtype": str(clf.coef_.dtype),
+        }
+    ).encode()
 
 
 def classifier_from_json(data: bytes | str) -> LogisticRegression:
@@ -55,7 +63,7 @@ def classifier_from_json(data: bytes | str) -> LogisticRegression:
         raise ValueError(f"not a UDM classifier record: kind={d.get('kind')!r}")
     clf = LogisticRegression()
     clf.classes_ = np.asarray(d["classes"])
-    dtype = np.dtype(d.get("dtype", "float64"))          # exact: float32 values survive JSON's float64
+    dtype = np.dtype(d.get("dtype", "float64"))  # exact: float32 values survive JSON's float64
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"UDM classifier record: unexpected dtype {dtype}")
     clf.coef_ = np.asarray(d["coef"], dtype=dtype)

@@ -12,7 +12,7 @@ import fsspec
 
 log = logging.getLogger(__name__)
 
-_FULL_HASH_LIMIT = 64 << 20   # files above this are fingerprinted by size + head/tail bytes
+_FULL_HASH_LIMIT = 64 << 20  # files above this are fingerprinted by size + head/tail bytes
 
 
 def _hash_file(fs, path: str, size: int) -> str:
@@ -32,11 +32,12 @@ def _hash_file(fs, path: str, size: int) -> str:
 def _cached_ref(repo_id: str, revision: str | None, repo_type: str) -> str | None:
     """The commit a revision points at in the local Hugging Face cache (`refs/<revision>`), if it is there."""
     from huggingface_hub import constants
+
     folder = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}"
     ref = folder / "refs" / (revision or "main")
     if ref.is_file():
         return ref.read_text().strip() or None
-    if revision and (folder / "snapshots" / revision).is_dir():       # a commit SHA already
+    if revision and (folder / "snapshots" / revision).is_dir():  # a commit SHA already
         return revision
     return None
 
@@ -46,12 +47,19 @@ def hub_sha(repo_id: str, revision: str | None, repo_type: str = "model") -> str
     (`HfApi.repo_info`, token from HF_TOKEN), or, offline or when the hub cannot be reached, the local cache's
     ref. None when neither knows it."""
     from huggingface_hub import HfApi, constants
+
     if not constants.HF_HUB_OFFLINE:
         try:
             return HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type).sha
-        except Exception as e:                   # noqa: BLE001 - offline, unreachable, not found: try the cache
-            log.info("hub: cannot resolve %s %s@%s (%s: %s); trying the local cache", repo_type, repo_id,
-                     revision or "default", type(e).__name__, e)
+        except Exception as e:  # noqa: BLE001 - offline, unreachable, not found: try the cache
+            log.info(
+                "hub: cannot resolve %s %s@%s (%s: %s); trying the local cache",
+                repo_type,
+                repo_id,
+                revision or "default",
+                type(e).__name__,
+                e,
+            )
     return _cached_ref(repo_id, revision, repo_type)
 
 
@@ -68,17 +76,17 @@ def fingerprint_path(spec: str, revision: str | None = None, *, etags: bool = Fa
     if not exists:
         sha = hub_sha(spec, revision) if _looks_like_hub_id(spec) else None
         return f"hub:{spec}@{sha}" if sha else f"id:{spec}@{revision or 'main'}"
-    fs.invalidate_cache(path)            # s3fs & co. keep listings per instance: fingerprint what is there now
+    fs.invalidate_cache(path)  # s3fs & co. keep listings per instance: fingerprint what is there now
     if fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if "/." not in p[len(path):])
+        files = sorted(p for p in fs.find(path) if "/." not in p[len(path) :])
     else:
         files = [path]
     h = hashlib.sha256()
     for p in files:
         info = fs.info(p)
-        h.update(p[len(path):].encode())
+        h.update(p[len(path) :].encode())
         etag = (info.get("ETag") or info.get("etag")) if etags else None
-        if etag:      # object stores: the ETag changes with the content
+        if etag:  # object stores: the ETag changes with the content
             h.update(f"etag:{etag}:{info['size']}".encode())
         else:
             h.update(_hash_file(fs, p, int(info["size"])).encode())

@@ -37,8 +37,16 @@ class DataFormatError(InputError, ValueError):
     <problem>. <hint>"; ``reason`` is a short key used to count bad rows in skip mode.
     ``DataFormatError("full message")`` (no problem) uses the message as given."""
 
-    def __init__(self, source: str, problem: str | None = None, *, index: int | None = None,
-                 field: str | None = None, reason: str = "invalid", hint: str = SKIP_HINT):
+    def __init__(
+        self,
+        source: str,
+        problem: str | None = None,
+        *,
+        index: int | None = None,
+        field: str | None = None,
+        reason: str = "invalid",
+        hint: str = SKIP_HINT,
+    ):
         self.source, self.index, self.field, self.reason = source, index, field, reason
         if problem is None:
             super().__init__(str(source))
@@ -65,8 +73,9 @@ def as_label(value: Any) -> bool | None:
 def detect_format(row: dict, *, source: str = "<data>", index: int = 0) -> str:
     """Return "unpaired", "paired" or "implicit" from the row's columns."""
     if not isinstance(row, dict):
-        raise DataFormatError(source, f"expected an object (dict), got {_show(row)}",
-                              index=index, reason="not_an_object")
+        raise DataFormatError(
+            source, f"expected an object (dict), got {_show(row)}", index=index, reason="not_an_object"
+        )
     if "completion" in row and "label" in row:
         return "unpaired"
     if "chosen" in row or "rejected" in row:
@@ -74,14 +83,18 @@ def detect_format(row: dict, *, source: str = "<data>", index: int = 0) -> str:
     if "completion" in row or "label" in row:
         return "unpaired"
     raise DataFormatError(
-        source, f"unknown format: columns {sorted(row)[:10]} match none of prompt/completion/label "
+        source,
+        f"unknown format: columns {sorted(row)[:10]} match none of prompt/completion/label "
         "(unpaired), prompt/chosen/rejected (paired) or chosen/rejected (implicit prompt)",
-        index=index, reason="unknown_format",
-        hint="Rename the columns or pass --data.on_bad_rows=skip.")
+        index=index,
+        reason="unknown_format",
+        hint="Rename the columns or pass --data.on_bad_rows=skip.",
+    )
 
 
 def _check_text(value: Any, *, source: str, index: int, field: str) -> str:
     """Validate one text field; return its kind, "str" or "list"."""
+
     def err(problem: str, reason: str) -> DataFormatError:
         return DataFormatError(source, problem, index=index, field=field, reason=reason)
 
@@ -89,8 +102,10 @@ def _check_text(value: Any, *, source: str, index: int, field: str) -> str:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise err(f"{where}contains an invalid unicode surrogate {text[e.start]!r} at "
-                      f"character {e.start}", "invalid_unicode") from None
+            raise err(
+                f"{where}contains an invalid unicode surrogate {text[e.start]!r} at character {e.start}",
+                "invalid_unicode",
+            ) from None
 
     if isinstance(value, str):
         if not value.strip():
@@ -99,16 +114,15 @@ def _check_text(value: Any, *, source: str, index: int, field: str) -> str:
         return "str"
     if isinstance(value, (list, tuple, np.ndarray)):
         for i, m in enumerate(value):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)):
-                raise err(f"message {i} must be an object with string 'role' and 'content', "
-                          f"got {_show(m)}", "bad_message")
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise err(
+                    f"message {i} must be an object with string 'role' and 'content', got {_show(m)}", "bad_message"
+                )
             check_unicode(m["content"], f"message {i} ")
         if not any(m["content"].strip() for m in value):
             raise err("is empty (no message has content)", f"empty_{field}")
         return "list"
-    raise err(f"expected a string or a list of {{role, content}} messages, got {_show(value)}",
-              "wrong_type")
+    raise err(f"expected a string or a list of {{role, content}} messages, got {_show(value)}", "wrong_type")
 
 
 def _messages(value: Any) -> str | list[dict]:
@@ -136,38 +150,59 @@ def check_row(row: dict, *, source: str, index: int, fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if not isinstance(row, dict):
-        raise DataFormatError(source, f"expected an object (dict), got {_show(row)}",
-                              index=index, reason="not_an_object")
+        raise DataFormatError(
+            source, f"expected an object (dict), got {_show(row)}", index=index, reason="not_an_object"
+        )
     for col in REQUIRED[fmt]:
         if col not in row:
             raise DataFormatError(
-                source, f"missing column (a {fmt}-format row needs {', '.join(REQUIRED[fmt])})",
-                index=index, field=col, reason=f"missing_{col}")
+                source,
+                f"missing column (a {fmt}-format row needs {', '.join(REQUIRED[fmt])})",
+                index=index,
+                field=col,
+                reason=f"missing_{col}",
+            )
     fields = [c for c in REQUIRED[fmt] if c != "label"]
     kinds = {f: _check_text(row[f], source=source, index=index, field=f) for f in fields}
     for f in fields[1:]:
         if kinds[f] != kinds[fields[0]]:
             raise DataFormatError(
-                source, f"is a {'string' if kinds[f] == 'str' else 'list of messages'} but "
+                source,
+                f"is a {'string' if kinds[f] == 'str' else 'list of messages'} but "
                 f"'{fields[0]}' is not; a row's text fields must be all strings or all "
                 "conversations",
-                index=index, field=f, reason="mixed_text_types")
+                index=index,
+                field=f,
+                reason="mixed_text_types",
+            )
     if fmt == "unpaired" and as_label(row["label"]) is None:
-        raise DataFormatError(source, "expected a boolean (true/false or 0/1), got "
-                              + _show(row["label"]), index=index, field="label",
-                              reason="label_not_boolean")
+        raise DataFormatError(
+            source,
+            "expected a boolean (true/false or 0/1), got " + _show(row["label"]),
+            index=index,
+            field="label",
+            reason="label_not_boolean",
+        )
     if fmt == "implicit":
         prompt, chosen, rejected = split_implicit(row["chosen"], row["rejected"])
         if not _has_text(prompt):
             raise DataFormatError(
-                source, "'chosen' and 'rejected' share no common prefix, so the prompt cannot be "
-                "inferred; add a 'prompt' column", index=index, field="chosen",
-                reason="no_common_prefix")
+                source,
+                "'chosen' and 'rejected' share no common prefix, so the prompt cannot be "
+                "inferred; add a 'prompt' column",
+                index=index,
+                field="chosen",
+                reason="no_common_prefix",
+            )
         for field, rest in (("chosen", chosen), ("rejected", rejected)):
             if not _has_text(rest):
                 raise DataFormatError(
-                    source, "is empty after removing the prefix shared with the other response",
-                    index=index, field=field, reason="empty_after_common_prefix")
+                    source,
+                    "is empty after removing the prefix shared with the other response",
+                    index=index,
+                    field=field,
+                    reason="empty_after_common_prefix",
+                )
 
 
 def _has_text(value: Any) -> bool:
@@ -179,19 +214,27 @@ def _has_text(value: Any) -> bool:
 def to_unpaired(row: dict, fmt: str) -> list[dict]:
     """Convert a checked row to 1 (unpaired) or 2 (paired/implicit) {prompt, completion, label}."""
     if fmt == "unpaired":
-        return [{"prompt": _messages(row["prompt"]), "completion": _messages(row["completion"]),
-                 "label": as_label(row["label"])}]
+        return [
+            {
+                "prompt": _messages(row["prompt"]),
+                "completion": _messages(row["completion"]),
+                "label": as_label(row["label"]),
+            }
+        ]
     if fmt == "paired":
         prompt, chosen, rejected = (_messages(row[c]) for c in ("prompt", "chosen", "rejected"))
     elif fmt == "implicit":
         prompt, chosen, rejected = split_implicit(row["chosen"], row["rejected"])
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    return [{"prompt": prompt, "completion": chosen, "label": True},
-            {"prompt": prompt, "completion": rejected, "label": False}]
+    return [
+        {"prompt": prompt, "completion": chosen, "label": True},
+        {"prompt": prompt, "completion": rejected, "label": False},
+    ]
 
 
 # ----------------------------------------------------------------------------- reading files
+
 
 def _iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
     """(index, row or DataFormatError) per non-blank line; the error is yielded, not raised."""
@@ -206,22 +249,43 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield i, DataFormatError(
-                    path, f"line {lineno} is not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} "
-                    f"at byte offset {e.start})", index=i, reason="invalid_utf8",
-                    hint="Re-encode the file as UTF-8 or pass --data.on_bad_rows=skip.")
+                yield (
+                    i,
+                    DataFormatError(
+                        path,
+                        f"line {lineno} is not valid UTF-8 (byte {raw[e.start : e.start + 1]!r} "
+                        f"at byte offset {e.start})",
+                        index=i,
+                        reason="invalid_utf8",
+                        hint="Re-encode the file as UTF-8 or pass --data.on_bad_rows=skip.",
+                    ),
+                )
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                tip = (" (the file looks like one JSON array; convert it to JSON Lines: one object "
-                       "per line)" if i == 0 and text.lstrip().startswith("[") else "")
-                yield i, DataFormatError(path, f"line {lineno} is not valid JSON ({e.msg} at "
-                                         f"column {e.colno}){tip}", index=i, reason="invalid_json")
+                tip = (
+                    " (the file looks like one JSON array; convert it to JSON Lines: one object per line)"
+                    if i == 0 and text.lstrip().startswith("[")
+                    else ""
+                )
+                yield (
+                    i,
+                    DataFormatError(
+                        path,
+                        f"line {lineno} is not valid JSON ({e.msg} at column {e.colno}){tip}",
+                        index=i,
+                        reason="invalid_json",
+                    ),
+                )
                 continue
             if not isinstance(row, dict):
-                yield i, DataFormatError(path, f"line {lineno} is not a JSON object, got "
-                                         + _show(row), index=i, reason="not_an_object")
+                yield (
+                    i,
+                    DataFormatError(
+                        path, f"line {lineno} is not a JSON object, got " + _show(row), index=i, reason="not_an_object"
+                    ),
+                )
                 continue
             yield i, row
 
@@ -231,9 +295,12 @@ def _iter_parquet(path: str, batch_size: int = 1024) -> Iterator[tuple[int, Any]
         try:
             batches = pq.ParquetFile(f).iter_batches(batch_size=batch_size)
         except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DataFormatError(path, f"cannot be read as Parquet ({e})",
-                                  reason="invalid_parquet",
-                                  hint="Check the file or convert it to JSON Lines.") from e
+            raise DataFormatError(
+                path,
+                f"cannot be read as Parquet ({e})",
+                reason="invalid_parquet",
+                hint="Check the file or convert it to JSON Lines.",
+            ) from e
         index = 0
         for batch in batches:
             for row in batch.to_pylist():
@@ -248,8 +315,9 @@ def iter_raw(path: str) -> Iterator[tuple[int, Any]]:
         return _iter_parquet(path)
     if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         return _iter_jsonl(path)
-    raise DataFormatError(path, "unsupported file type", reason="unsupported_file",
-                          hint="Use .jsonl/.json (JSON Lines) or .parquet.")
+    raise DataFormatError(
+        path, "unsupported file type", reason="unsupported_file", hint="Use .jsonl/.json (JSON Lines) or .parquet."
+    )
 
 
 def iter_rows(path: str) -> Iterator[tuple[int, dict]]:

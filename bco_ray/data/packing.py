@@ -12,6 +12,7 @@ A pack row's loss weight is 1 / (its rank's rows in the step): with the engine's
 step's loss is the mean over its rows however they were packed. Everything the forward needs from the
 layout (positions restarting per row, row boundaries, completion positions, targets, row ids) is computed
 here, in numpy, on the data path: the forward reads nothing back from the device."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,8 +28,8 @@ def pad_right(seqs, pad_id: int, pad_to: int | None = None) -> tuple[torch.Tenso
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
     for j, s in enumerate(seqs):
-        ids[j, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[j, :len(s)] = 1
+        ids[j, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[j, : len(s)] = 1
     return ids, mask
 
 
@@ -66,6 +67,7 @@ def plan_step(lengths: list, prompt_lens: list, budget: int, chunk_size: int, ra
     def chunks(r, pack):
         c = sum(completion_tokens(lengths[r][i], prompt_lens[r][i]) for i in pack) if pack else 1
         return -(-c // chunk_size)
+
     n_chunks = [max(chunks(r, per_rank[r][j]) for r in range(len(lengths))) for j in range(n)]
     return per_rank[rank], n_chunks
 
@@ -87,26 +89,34 @@ def collate_packed(rows: dict, idx: list[int], pad_id: int, rows_in_step: int, n
     pos = np.concatenate([np.arange(n) for n in lens])
     first = np.maximum(plen, 1)
     comp_row = np.concatenate([np.full(max(0, n - f), r) for r, (n, f) in enumerate(zip(lens, first))]).astype(np.int64)
-    comp_t = np.concatenate([np.arange(f, n) for n, f in zip(lens, first)]).astype(np.int64)   # row-local position
+    comp_t = np.concatenate([np.arange(f, n) for n, f in zip(lens, first)]).astype(np.int64)  # row-local position
     comp_abs = starts[comp_row] + comp_t
     weight = 0.0 if empty else 1.0 / rows_in_step
     out = {
-        "input_ids": torch.from_numpy(ids[None]), "position_ids": torch.from_numpy(pos[None]),
+        "input_ids": torch.from_numpy(ids[None]),
+        "position_ids": torch.from_numpy(pos[None]),
         "cu_seq_lens": torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)),
-        "comp_src": torch.from_numpy(comp_abs - 1), "comp_tgt": torch.from_numpy(ids[comp_abs]),
-        "comp_row": torch.from_numpy(comp_row), "prompt_len": torch.from_numpy(plen),
+        "comp_src": torch.from_numpy(comp_abs - 1),
+        "comp_tgt": torch.from_numpy(ids[comp_abs]),
+        "comp_row": torch.from_numpy(comp_row),
+        "prompt_len": torch.from_numpy(plen),
         "row_weight": torch.full((len(seqs),), weight, dtype=torch.float32),
         "valid": torch.full((len(seqs),), 0.0 if empty else 1.0, dtype=torch.float32),
     }
     for k, dtype in (("label", bool), ("ref_logps", np.float32), ("udm_weight", np.float32)):
-        if k in rows:          # training columns (the reference pass packs input_ids and prompt_len only)
+        if k in rows:  # training columns (the reference pass packs input_ids and prompt_len only)
             v = np.zeros(1, dtype=dtype) if empty else np.asarray([rows[k][i] for i in idx], dtype=dtype)
             out[k] = torch.as_tensor(v)
-    out.update(segments=tuple((int(s), int(s + n)) for s, n in zip(starts, lens)), max_len=int(lens.max()),
-               n_chunks=n_chunks, aux_weight=0.0 if empty else len(seqs) / rows_in_step,
-               tokens=0 if empty else int(lens.sum()), rows=0 if empty else len(seqs),
-               sum_len_sq=0 if empty else int((lens ** 2).sum()),
-               completion_tokens=0 if empty else len(comp_row))
+    out.update(
+        segments=tuple((int(s), int(s + n)) for s, n in zip(starts, lens)),
+        max_len=int(lens.max()),
+        n_chunks=n_chunks,
+        aux_weight=0.0 if empty else len(seqs) / rows_in_step,
+        tokens=0 if empty else int(lens.sum()),
+        rows=0 if empty else len(seqs),
+        sum_len_sq=0 if empty else int((lens**2).sum()),
+        completion_tokens=0 if empty else len(comp_row),
+    )
     return out
 
 
@@ -118,6 +128,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
         if not isinstance(v, torch.Tensor):
             return v
         return v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
+
     return {k: move(v) for k, v in batch.items()}
 
 

@@ -7,6 +7,7 @@ Its JSON form (`to_dict`) is the pass's summary as written since the first relea
      (absent without an eval split), "seconds": s}
 `from_dict` reads it back, including entries written by older versions (missing counts are 0, unknown keys
 are ignored)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +23,7 @@ def _known(cls, d: dict) -> dict:
 @dataclass
 class WeightHist:
     """Histogram of the UDM density-ratio weights of the undesirable rows: len(edges) == len(counts) + 1."""
+
     edges: list[float] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
 
@@ -29,12 +31,13 @@ class WeightHist:
 @dataclass
 class SplitSummary:
     """Rows, tokens and UDM weights of one split as written (after dropped rows and truncation)."""
+
     rows: int = 0
     chosen: int = 0
     tokens: int = 0
     completion_tokens: int = 0
-    pad_tokens: int = 0                 # padding the pass's scoring batches carried (the padding_fraction's)
-    weight_sum: float = 0.0             # sum of the undesirable rows' UDM weights
+    pad_tokens: int = 0  # padding the pass's scoring batches carried (the padding_fraction's)
+    weight_sum: float = 0.0  # sum of the undesirable rows' UDM weights
     rejected: int = 0
     padding_fraction: float = 0.0
     mean_rejected_weight: float = 0.0
@@ -48,6 +51,7 @@ class SplitSummary:
 @dataclass
 class UdmFit:
     """The UDM classifier's accuracy on its own fit sample, overall and per class (metrics `udm/<name>`)."""
+
     accuracy: float
     accuracy_chosen: float
     accuracy_rejected: float
@@ -68,11 +72,11 @@ class UdmFit:
 
 @dataclass
 class PrecomputeSummary:
-    udm: UdmFit | None = None                                   # None: UDM off
-    dropped: dict[str, int] = field(default_factory=dict)       # rows dropped by the pass, by reason
+    udm: UdmFit | None = None  # None: UDM off
+    dropped: dict[str, int] = field(default_factory=dict)  # rows dropped by the pass, by reason
     train: SplitSummary = field(default_factory=SplitSummary)
-    eval: SplitSummary | None = None                            # None: no eval split
-    seconds: float = 0.0                                        # the pass's wall time
+    eval: SplitSummary | None = None  # None: no eval split
+    seconds: float = 0.0  # the pass's wall time
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (see the module docstring)."""
@@ -84,7 +88,10 @@ class PrecomputeSummary:
 
     @classmethod
     def from_dict(cls, d: dict) -> PrecomputeSummary:
-        return cls(udm=UdmFit.from_dict(d.get("udm") or {}), dropped=dict(d.get("dropped") or {}),
-                   train=SplitSummary.from_dict(d.get("train") or {}),
-                   eval=SplitSummary.from_dict(d["eval"]) if d.get("eval") else None,
-                   seconds=float(d.get("seconds", 0.0)))
+        return cls(
+            udm=UdmFit.from_dict(d.get("udm") or {}),
+            dropped=dict(d.get("dropped") or {}),
+            train=SplitSummary.from_dict(d.get("train") or {}),
+            eval=SplitSummary.from_dict(d["eval"]) if d.get("eval") else None,
+            seconds=float(d.get("seconds", 0.0)),
+        )

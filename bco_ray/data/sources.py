@@ -6,6 +6,7 @@ Hub datasets are pinned: the revision (default: the repo's default branch) is re
 which is what the rows are read at and what the precompute cache key holds, so a branch that moves is never a
 stale cache hit. They are read as a stream (`datasets.load_dataset(..., streaming=True)`): nothing is
 downloaded whole to the driver first, whatever the dataset's size."""
+
 from __future__ import annotations
 
 import re
@@ -39,6 +40,7 @@ _HF_PART = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 class HfSpec:
     """`hf:<id>[@revision][/subset][:split]`: id `name` or `org/name`; with no revision a third path part is the
     subset (`hf:org/name/subset:split`); a revision is one name or a commit SHA (no '/')."""
+
     repo_id: str
     revision: str | None
     subset: str | None
@@ -54,13 +56,20 @@ def parse_hf(spec: str) -> HfSpec:
     else:
         parts = body.split("/")
         repo_id, revision, subset = "/".join(parts[:2]), None, "/".join(parts[2:])
-    ok = (0 < len(repo_id.split("/")) <= 2 and all(_HF_PART.match(x) for x in repo_id.split("/"))
-          and (revision is None or _HF_PART.match(revision)) and (not subset or _HF_PART.match(subset))
-          and _HF_PART.match(split) and ".." not in spec)
+    ok = (
+        0 < len(repo_id.split("/")) <= 2
+        and all(_HF_PART.match(x) for x in repo_id.split("/"))
+        and (revision is None or _HF_PART.match(revision))
+        and (not subset or _HF_PART.match(subset))
+        and _HF_PART.match(split)
+        and ".." not in spec
+    )
     if not ok:
-        raise ValueError(f"data source {spec!r}: expected hf:<id>[@revision][/subset][:split], e.g. "
-                         "hf:org/name:train, hf:org/name@v1.0/default:test or hf:org/name/subset:train "
-                         "(names of letters, digits, '.', '_', '-'; no '..')")
+        raise ValueError(
+            f"data source {spec!r}: expected hf:<id>[@revision][/subset][:split], e.g. "
+            "hf:org/name:train, hf:org/name@v1.0/default:test or hf:org/name/subset:train "
+            "(names of letters, digits, '.', '_', '-'; no '..')"
+        )
     return HfSpec(repo_id, revision or None, subset or None, split)
 
 
@@ -68,15 +77,18 @@ def resolved_sha(h: HfSpec) -> str:
     """The commit SHA `h.revision` (default branch when None) points at now."""
     sha = hub_sha(h.repo_id, h.revision, "dataset")
     if sha is None:
-        raise FileNotFoundError(f"hf:{h.repo_id}: cannot resolve revision {h.revision or '(default branch)'} to a "
-                                "commit (no hub access and not in the local Hugging Face cache); check the id, "
-                                "HF_TOKEN for a private or gated dataset, or HF_HUB_OFFLINE")
+        raise FileNotFoundError(
+            f"hf:{h.repo_id}: cannot resolve revision {h.revision or '(default branch)'} to a "
+            "commit (no hub access and not in the local Hugging Face cache); check the id, "
+            "HF_TOKEN for a private or gated dataset, or HF_HUB_OFFLINE"
+        )
     return sha
 
 
 def hf_rows(spec: str, sha: str | None = None):
     """The rows of a hub dataset at its resolved commit, as a stream (`datasets.IterableDataset`)."""
     import datasets
+
     h = parse_hf(spec)
     return datasets.load_dataset(h.repo_id, h.subset, split=h.split, revision=sha or resolved_sha(h), streaming=True)
 
@@ -86,7 +98,8 @@ def read_source(spec, ray_remote_args: dict | None = None):
     row's fields keep their Python types); Parquet and Hugging Face datasets come as columns.
     ray_remote_args: the read tasks' resource asks (the pass sizes them to the cluster)."""
     import ray.data
-    if not isinstance(spec, str):                     # a datasets.Dataset handed over in memory
+
+    if not isinstance(spec, str):  # a datasets.Dataset handed over in memory
         return ray.data.from_huggingface(spec)
     if spec.startswith("hf:"):
         # Not ray.data.from_huggingface: for a hub dataset it reads the Parquet export of the *latest* revision
@@ -113,7 +126,7 @@ def _stream_datasource(stream, batch_size: int = 4096):
 
     class StreamDatasource(Datasource):
         def estimate_inmemory_data_size(self) -> int | None:
-            return None                                       # a stream: unknown until read
+            return None  # a stream: unknown until read
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
@@ -125,7 +138,7 @@ def _stream_datasource(stream, batch_size: int = 4096):
 def source_fingerprint(spec) -> str:
     if not isinstance(spec, str):
         return f"datasets:{getattr(spec, '_fingerprint', id(spec))}"
-    if spec.startswith("hf:"):          # the resolved commit, never a branch name
+    if spec.startswith("hf:"):  # the resolved commit, never a branch name
         h = parse_hf(spec)
         return f"hf:{h.repo_id}@{resolved_sha(h)}/{h.subset or ''}:{h.split}"
     return ":".join(fingerprint_path(f, etags=True) for f in files_of(spec))

@@ -23,10 +23,14 @@ def _check_same_format(row: Any, path: str, index: int, fmt: str, fmt_index: int
             raise err from None
         article = "an" if other == "implicit" else "a"
         raise DataFormatError(
-            path, f"is {article} {other}-format row ({', '.join(REQUIRED[other])}) but the file "
+            path,
+            f"is {article} {other}-format row ({', '.join(REQUIRED[other])}) but the file "
             f"is {fmt}-format (detected from row {fmt_index}); mixed formats in one file are not "
-            "supported", index=index, reason="mixed_formats",
-            hint="Split the file by format or convert the rows to one format.") from None
+            "supported",
+            index=index,
+            reason="mixed_formats",
+            hint="Split the file by format or convert the rows to one format.",
+        ) from None
 
 
 def _hash(row: dict) -> bytes:
@@ -78,12 +82,21 @@ def validate_source(path: str, *, on_bad_rows: str = "error", max_errors: int = 
     if errors:
         raise _combine(errors)
     if rows == 0:
-        raise DataFormatError(path, f"has no valid rows ({sum(reasons.values())} bad rows: "
-                              f"{dict(reasons)})", reason="no_rows",
-                              hint="Check the path and the file's columns.")
-    return {"format": fmt, "rows": rows, "bad_rows": sum(reasons.values()),
-            "bad_reasons": dict(reasons), "unpaired_rows": unpaired, "labels": labels,
-            "duplicates": duplicates}
+        raise DataFormatError(
+            path,
+            f"has no valid rows ({sum(reasons.values())} bad rows: {dict(reasons)})",
+            reason="no_rows",
+            hint="Check the path and the file's columns.",
+        )
+    return {
+        "format": fmt,
+        "rows": rows,
+        "bad_rows": sum(reasons.values()),
+        "bad_reasons": dict(reasons),
+        "unpaired_rows": unpaired,
+        "labels": labels,
+        "duplicates": duplicates,
+    }
 
 
 def _combine(errors: list[DataFormatError]) -> DataFormatError:
@@ -91,7 +104,6 @@ def _combine(errors: list[DataFormatError]) -> DataFormatError:
         return errors[0]
     first = errors[0]
     more = "\n  ".join(str(e) for e in errors[1:])
-    combined = DataFormatError(f"{first}\n{len(errors) - 1} more bad rows:\n  {more}",
-                               reason=first.reason)
+    combined = DataFormatError(f"{first}\n{len(errors) - 1} more bad rows:\n  {more}", reason=first.reason)
     combined.source, combined.index, combined.field = first.source, first.index, first.field
     return combined

@@ -4,6 +4,7 @@ states the prompt's true result? Use it as `eval.verifier: bco_ray.eval.arithmet
 It scores as the data's labels do (a row is desirable iff its number is right, hedged or not) and also reports
 whether the answer is well formed (exactly one number) and hedged ("Maybe 12?", "I think it is 12, not sure.",
 "Probably 12."), the completion-level habit the data's thumbs-down rows carry most."""
+
 from __future__ import annotations
 
 import re
@@ -12,8 +13,12 @@ from bco_ray.assets.arithmetic.gen import HEDGED_STYLES, solve
 
 _NUMBER = re.compile(r"-?\d+")
 # The words that open or close a hedged style: "Maybe", "I think it is", "not sure", "Probably".
-_HEDGES = re.compile("|".join(re.escape(part.strip(" .?,")) for style in HEDGED_STYLES
-                              for part in style.split("{n}") if part.strip(" .?,")), re.IGNORECASE)
+_HEDGES = re.compile(
+    "|".join(
+        re.escape(part.strip(" .?,")) for style in HEDGED_STYLES for part in style.split("{n}") if part.strip(" .?,")
+    ),
+    re.IGNORECASE,
+)
 
 
 def verify(prompt: str, completion: str) -> dict[str, float]:
@@ -23,5 +28,8 @@ def verify(prompt: str, completion: str) -> dict[str, float]:
     _, truth = solve(prompt)
     numbers = _NUMBER.findall(completion)
     well_formed = len(numbers) == 1
-    return {"score": float(well_formed and int(numbers[0]) == truth), "well_formed": float(well_formed),
-            "hedged": float(bool(_HEDGES.search(completion)))}
+    return {
+        "score": float(well_formed and int(numbers[0]) == truth),
+        "well_formed": float(well_formed),
+        "hedged": float(bool(_HEDGES.search(completion))),
+    }

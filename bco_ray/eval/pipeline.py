@@ -4,6 +4,7 @@
 
 Each actor loads the reference once and generates its completions once (greedy, and sampled if asked); per
 snapshot it loads the policy, generates, and scores both completions with r = β·(log π_step − log π_ref)."""
+
 from __future__ import annotations
 
 import logging
@@ -32,11 +33,12 @@ log = logging.getLogger(__name__)
 def held_out_prompts(spec, tokenizer, n: int, max_prompt_length: int) -> list[dict]:
     """The first `n` distinct prompts of the eval split in file order, rendered as training renders them
     (conversations through the chat template): [{"prompt": text, "prompt_ids": ids as the policy sees them}]."""
+
     def rows():
         if isinstance(spec, str) and spec.startswith("hf:"):
             yield from hf_rows(spec)
             return
-        if not isinstance(spec, str):                   # a datasets.Dataset handed over in memory
+        if not isinstance(spec, str):  # a datasets.Dataset handed over in memory
             yield from spec
             return
         for path in files_of(resolve_data(spec)):
@@ -47,14 +49,17 @@ def held_out_prompts(spec, tokenizer, n: int, max_prompt_length: int) -> list[di
     for row in rows():
         fmt = formats.detect_format(row)
         prompt = formats.to_unpaired(row, fmt)[0]["prompt"]
-        text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=True)
+        text = (
+            prompt
+            if isinstance(prompt, str)
+            else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        )
         if text in seen:
             continue
         seen.add(text)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt_length:]
         if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-            ids = [tokenizer.bos_token_id] + ids        # as training's tokenization (bco_ray/data/tokenize.py)
+            ids = [tokenizer.bos_token_id] + ids  # as training's tokenization (bco_ray/data/tokenize.py)
         out.append({"prompt": text, "prompt_ids": ids})
         if len(out) == n:
             break
@@ -78,9 +83,21 @@ class Generator:
     """One generation actor: the reference and its completions are ready from the start; each call gets one
     snapshot row and returns its per-prompt rows."""
 
-    def __init__(self, *, reference: str, prompts: list[dict], verifier: str | None, settings: dict,
-                 model_kwargs: dict, dtype: str, num_gpus: float, beta: float, eos_id, pad_id: int,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        *,
+        reference: str,
+        prompts: list[dict],
+        verifier: str | None,
+        settings: dict,
+        model_kwargs: dict,
+        dtype: str,
+        num_gpus: float,
+        beta: float,
+        eos_id,
+        pad_id: int,
+        threads: int | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
@@ -102,9 +119,18 @@ class Generator:
 
     def _completions(self, model, kind: str) -> dict:
         s = self.settings
-        ids = generate(model, self.ids, max_new_tokens=s["max_new_tokens"], eos_id=self.eos_id, pad_id=self.pad_id,
-                       batch_size=s["batch_size"], sample=kind == "sampled", temperature=s["temperature"],
-                       top_p=s["top_p"], seed=s["seed"])
+        ids = generate(
+            model,
+            self.ids,
+            max_new_tokens=s["max_new_tokens"],
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            batch_size=s["batch_size"],
+            sample=kind == "sampled",
+            temperature=s["temperature"],
+            top_p=s["top_p"],
+            seed=s["seed"],
+        )
         texts = [self._decode(c) for c in ids]
         ref_logps = completion_logps(self.reference, self.ids, ids, self.pad_id, s["batch_size"])
         scores = [verifier_scores(self.verify, p["prompt"], t) for p, t in zip(self.prompts, texts)]
@@ -116,8 +142,11 @@ class Generator:
     @property
     def tokenizer(self):
         if not hasattr(self, "_tok"):
-            self._tok = load_tokenizer(self.settings["tokenizer"], self.model_kwargs.get("revision"),
-                                       self.model_kwargs.get("trust_remote_code", False))
+            self._tok = load_tokenizer(
+                self.settings["tokenizer"],
+                self.model_kwargs.get("revision"),
+                self.model_kwargs.get("trust_remote_code", False),
+            )
         return self._tok
 
     def _rows(self, step: int, model, kind: str) -> list[dict]:
@@ -129,12 +158,19 @@ class Generator:
         ref_under_pol = ref["ref_logps"] if same else completion_logps(model, self.ids, ref["ids"], self.pad_id, bs)
         rows = []
         for i, p in enumerate(self.prompts):
-            row = {"step": step, "kind": kind, "prompt_index": i, "prompt": p["prompt"],
-                   "completion": pol["text"][i], "completion_ref": ref["text"][i],
-                   "length": len(pol["ids"][i]), "length_ref": len(ref["ids"][i]),
-                   "finished": float(bool(pol["ids"][i]) and pol["ids"][i][-1] == self.eos_id),
-                   "reward": self.beta * (pol_logps[i] - pol["ref_logps"][i]),
-                   "reward_ref": self.beta * (ref_under_pol[i] - ref["ref_logps"][i])}
+            row = {
+                "step": step,
+                "kind": kind,
+                "prompt_index": i,
+                "prompt": p["prompt"],
+                "completion": pol["text"][i],
+                "completion_ref": ref["text"][i],
+                "length": len(pol["ids"][i]),
+                "length_ref": len(ref["ids"][i]),
+                "finished": float(bool(pol["ids"][i]) and pol["ids"][i][-1] == self.eos_id),
+                "reward": self.beta * (pol_logps[i] - pol["ref_logps"][i]),
+                "reward_ref": self.beta * (ref_under_pol[i] - ref["ref_logps"][i]),
+            }
             row.update({f"verifier/{k}": v for k, v in pol["scores"][i].items()})
             row.update({f"verifier_ref/{k}": v for k, v in ref["scores"][i].items()})
             rows.append(row)
@@ -158,18 +194,42 @@ def run_generation_eval(cfg: Config, paths, snapshots: dict[int, str], res, toke
     if not prompts or not snapshots:
         return []
     m, g = cfg.model, cfg.precompute.num_gpus_per_actor
-    settings = {"max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "sample": e.sample,
-                "temperature": e.temperature, "top_p": e.top_p, "seed": cfg.train.seed, "tokenizer": paths.tokenizer}
-    kwargs = dict(reference=paths.reference, prompts=prompts, verifier=e.verifier, settings=settings,
-                  model_kwargs={"revision": m.revision, "trust_remote_code": m.trust_remote_code,
-                                "attn_implementation": m.attn_implementation},
-                  dtype=reference_dtype(cfg), num_gpus=g, beta=cfg.train.beta, eos_id=tokenizer.eos_token_id,
-                  pad_id=paths.pad_id, threads=res.actor_threads)
+    settings = {
+        "max_new_tokens": e.max_new_tokens,
+        "batch_size": e.batch_size,
+        "sample": e.sample,
+        "temperature": e.temperature,
+        "top_p": e.top_p,
+        "seed": cfg.train.seed,
+        "tokenizer": paths.tokenizer,
+    }
+    kwargs = dict(
+        reference=paths.reference,
+        prompts=prompts,
+        verifier=e.verifier,
+        settings=settings,
+        model_kwargs={
+            "revision": m.revision,
+            "trust_remote_code": m.trust_remote_code,
+            "attn_implementation": m.attn_implementation,
+        },
+        dtype=reference_dtype(cfg),
+        num_gpus=g,
+        beta=cfg.train.beta,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=paths.pad_id,
+        threads=res.actor_threads,
+    )
     items = [{"step": s, "path": p} for s, p in sorted(snapshots.items())]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        Generator, batch_size=1, batch_format="pyarrow", num_cpus=res.actor_cpus,
+        Generator,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=res.actor_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(len(items), res.max_actors))),
-        fn_constructor_kwargs=kwargs, **({"num_gpus": g} if g > 0 else {}))
+        fn_constructor_kwargs=kwargs,
+        **({"num_gpus": g} if g > 0 else {}),
+    )
     return sorted(ds.take_all(), key=lambda r: (r["step"], r["kind"], r["prompt_index"]))
 
 

@@ -1,6 +1,7 @@
 """From the generation pass's rows to what a user looks at: per-step metrics (`eval/gen/*`), the final
 reference-vs-policy table, and their MLflow records. Plain Python + MLflow; the score-vs-step PNG is a panel of
 bco_ray/tracking/plots.py, drawn from these metrics."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -9,7 +10,7 @@ import mlflow
 
 from bco_ray.eval.generation import mean
 
-TABLE = "eval/generations.json"              # final step: prompt | reference | policy | scores, one row a prompt
+TABLE = "eval/generations.json"  # final step: prompt | reference | policy | scores, one row a prompt
 STEPS_TABLE = "eval/generations_by_step.json"  # every evaluated step, one row a (step, prompt)
 
 
@@ -41,8 +42,12 @@ def final_table(rows: list[dict], kind: str = "greedy") -> dict[str, list]:
     """The last step's rows as columns: prompt, reference, policy, then the scores of each side."""
     last = max((r["step"] for r in rows if r["kind"] == kind), default=None)
     rs = sorted((r for r in rows if r["kind"] == kind and r["step"] == last), key=lambda r: r["prompt_index"])
-    cols: dict[str, list] = {"step": [r["step"] for r in rs], "prompt": [r["prompt"] for r in rs],
-                             "reference": [r["completion_ref"] for r in rs], "policy": [r["completion"] for r in rs]}
+    cols: dict[str, list] = {
+        "step": [r["step"] for r in rs],
+        "prompt": [r["prompt"] for r in rs],
+        "reference": [r["completion_ref"] for r in rs],
+        "policy": [r["completion"] for r in rs],
+    }
     keys = sorted({k.split("/", 1)[1] for r in rs for k in r if k.startswith("verifier/")})
     for k in keys:
         cols[f"{k}_ref"] = [r.get(f"verifier_ref/{k}") for r in rs]
@@ -75,6 +80,9 @@ def summary_line(metrics: dict[int, dict[str, float]]) -> str:
         return "no generation eval rows"
     step = max(metrics)
     m = metrics[step]
-    parts = [f"{k.removeprefix('eval/gen/')} {m[k]:.3g} (reference {m[k + '_ref']:.3g})"
-             for k in sorted(m) if k.startswith("eval/gen/") and "/sampled/" not in k and k + "_ref" in m]
+    parts = [
+        f"{k.removeprefix('eval/gen/')} {m[k]:.3g} (reference {m[k + '_ref']:.3g})"
+        for k in sorted(m)
+        if k.startswith("eval/gen/") and "/sampled/" not in k and k + "_ref" in m
+    ]
     return f"generation eval at step {step}: " + ", ".join(parts)

@@ -1,5 +1,6 @@
 """Token-budget micro-batches: sort a window of rows by length and cut it so that
 rows × longest-row stays under the budget, which keeps padding low."""
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ Layout: <root>/<key>/attempt-<id>/{train,eval}/*.parquet, summary.json, classifi
         <root>/<key>/COMPLETE.json   ← written last, names the attempt; nothing else is trusted.
 A crashed pass leaves an attempt directory without COMPLETE.json, which no later run reads.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import fsspec
 
-PASS_VERSION = 2               # 2: fused scoring actors, seeded local shuffle, reference in the training dtype
+PASS_VERSION = 2  # 2: fused scoring actors, seeded local shuffle, reference in the training dtype
 
 
 def cache_key(parts: dict) -> str:

@@ -6,6 +6,7 @@ run: a file (local, or an object under an s3:// inputs_dir) named `embedding_fun
 directory, whose content still hashes to that name (a file changed after it was written is refused; a remote
 one is copied to a local temporary file first, and that copy is what is checked and unpickled). Anything else
 is an error before any Ray work (`check_embedding_func`)."""
+
 from __future__ import annotations
 
 import pickle
@@ -29,29 +30,36 @@ def check_embedding_func(path: str) -> Path | str:
     import fsspec
 
     from bco_ray.data.fingerprint import fingerprint_path
-    fix = ("; it is set by BCOTrainer(embedding_func=...), which writes <inputs_dir>/udm/embedding_func-<hash>.pkl "
-           "itself (loading a pickle runs code, so bco-ray loads only that file)")
+
+    fix = (
+        "; it is set by BCOTrainer(embedding_func=...), which writes <inputs_dir>/udm/embedding_func-<hash>.pkl "
+        "itself (loading a pickle runs code, so bco-ray loads only that file)"
+    )
     remote = is_remote(path)
     p = path.rstrip("/") if remote else Path(path.removeprefix("file://")).resolve()
     parent, _, name = str(p).rpartition("/")
     m = _NAME.match(name)
     if not m or parent.rpartition("/")[2] != "udm":
-        raise EmbeddingFuncError(f"udm.embedding_func {path!r} is not an inputs/udm/embedding_func-<hash>.pkl "
-                                 f"file{fix}")
+        raise EmbeddingFuncError(
+            f"udm.embedding_func {path!r} is not an inputs/udm/embedding_func-<hash>.pkl file{fix}"
+        )
     fs, fs_path = fsspec.core.url_to_fs(str(p))
     if not fs.isfile(fs_path):
         raise EmbeddingFuncError(f"udm.embedding_func {path!r} does not exist{fix}")
     if fingerprint_path(str(p))[:16] != m.group(1):
-        raise EmbeddingFuncError(f"udm.embedding_func {path!r} changed after it was written (its content no "
-                                 f"longer matches the hash in its name){fix}")
+        raise EmbeddingFuncError(
+            f"udm.embedding_func {path!r} changed after it was written (its content no "
+            f"longer matches the hash in its name){fix}"
+        )
     return p
 
 
 def load_embedding_func(path: str) -> dict:
     """{"func", "tokenizer"} from a file `check_embedding_func` accepts (checked again where it is loaded)."""
     p = check_embedding_func(path)
-    if isinstance(p, str):                  # remote: check and unpickle one local copy, not the object twice
+    if isinstance(p, str):  # remote: check and unpickle one local copy, not the object twice
         import fsspec
+
         with tempfile.TemporaryDirectory(prefix="bco-ray-udm-") as d:
             local = Path(d, "udm", p.rpartition("/")[2])
             local.parent.mkdir()
@@ -59,7 +67,7 @@ def load_embedding_func(path: str) -> dict:
                 local.write_bytes(src.read())
             return load_embedding_func(str(local))
     with open(p, "rb") as f:
-        obj = pickle.load(f)      # noqa: S301 - a file this run's BCOTrainer wrote, checked above
+        obj = pickle.load(f)  # noqa: S301 - a file this run's BCOTrainer wrote, checked above
     if not isinstance(obj, dict) or not {"func", "tokenizer"} <= set(obj):
         raise EmbeddingFuncError(f"udm.embedding_func {path!r} does not hold a {{'func', 'tokenizer'}} record")
     return obj

@@ -1,5 +1,6 @@
 """The Ray Data pass, spelled out: read → one pool of scoring actors (tokenize, reference log-probs, prompt
 embeddings) → write; fit the UDM classifier on a sample; → shuffle, weights → write; commit atomically."""
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Paths:
     """Resolved locations of the models (builtin names already materialised)."""
+
     policy: str
     reference: str
     tokenizer: str
@@ -39,7 +41,7 @@ class Paths:
 @dataclass
 class PrecomputeResult:
     key: str
-    dir: str                # the committed attempt directory (URI)
+    dir: str  # the committed attempt directory (URI)
     train: str
     eval: str | None
     summary: PrecomputeSummary
@@ -51,24 +53,36 @@ def key_parts(cfg: Config, paths: Paths) -> dict:
     parts = {
         "reference": fingerprint_path(paths.reference, m.revision, etags=True),
         "tokenizer": fingerprint_path(paths.tokenizer, m.revision, etags=True),
-        "dtype": reference_dtype(cfg), "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
-        "train": source_fingerprint(d.train), "eval": source_fingerprint(d.eval) if d.eval else None,
-        "seed": d.seed, "on_bad_rows": d.on_bad_rows, "udm": u.enabled,
+        "dtype": reference_dtype(cfg),
+        "max_length": d.max_length,
+        "max_prompt_length": d.max_prompt_length,
+        "train": source_fingerprint(d.train),
+        "eval": source_fingerprint(d.eval) if d.eval else None,
+        "seed": d.seed,
+        "on_bad_rows": d.on_bad_rows,
+        "udm": u.enabled,
         "local_shuffle_max_rows": cfg.precompute.local_shuffle_max_rows,
     }
     if u.enabled:
-        parts.update(embedder=fingerprint_path(u.embedding_func or paths.embedder, etags=True),
-                     prompt_sample_size=u.prompt_sample_size,
-                     min_density_ratio=u.min_density_ratio, max_density_ratio=u.max_density_ratio,
-                     max_embed_length=u.max_embed_length, embed_special_tokens=u.embed_special_tokens)
+        parts.update(
+            embedder=fingerprint_path(u.embedding_func or paths.embedder, etags=True),
+            prompt_sample_size=u.prompt_sample_size,
+            min_density_ratio=u.min_density_ratio,
+            max_density_ratio=u.max_density_ratio,
+            max_embed_length=u.max_embed_length,
+            embed_special_tokens=u.embed_special_tokens,
+        )
     return parts
 
 
 def _read(cfg: Config, split: str, spec, res: PassResources) -> ray.data.Dataset:
     """Raw rows of one split, tagged with where they come from (the tagging fuses into the read tasks)."""
     return read_source(spec, ray_remote_args={"num_cpus": res.task_cpus}).map_batches(
-        tag, batch_format="pyarrow", num_cpus=res.task_cpus,
-        fn_kwargs=dict(split=split, source=spec if isinstance(spec, str) else "dataset"))
+        tag,
+        batch_format="pyarrow",
+        num_cpus=res.task_cpus,
+        fn_kwargs=dict(split=split, source=spec if isinstance(spec, str) else "dataset"),
+    )
 
 
 def _gpu(cfg: Config) -> dict:
@@ -79,24 +93,46 @@ def _gpu(cfg: Config) -> dict:
 def embed_kwargs(cfg: Config, paths: Paths, clf_json: bytes | None = None) -> dict:
     """The UDM embedding stage's arguments (the pass's actors, and the Python API's in-process weights)."""
     u = cfg.udm
-    return dict(model_path=paths.embedder, num_gpus=cfg.precompute.num_gpus_per_actor, max_length=u.max_embed_length,
-                token_budget=cfg.precompute.token_budget, special_tokens=u.embed_special_tokens, clf_json=clf_json,
-                min_ratio=u.min_density_ratio, max_ratio=u.max_density_ratio, func_path=u.embedding_func)
+    return dict(
+        model_path=paths.embedder,
+        num_gpus=cfg.precompute.num_gpus_per_actor,
+        max_length=u.max_embed_length,
+        token_budget=cfg.precompute.token_budget,
+        special_tokens=u.embed_special_tokens,
+        clf_json=clf_json,
+        min_ratio=u.min_density_ratio,
+        max_ratio=u.max_density_ratio,
+        func_path=u.embedding_func,
+    )
 
 
 def _score_kwargs(cfg: Config, paths: Paths, counts: dict[bool, int], counters) -> dict:
     d, p, u = cfg.data, cfg.precompute, cfg.udm
     return dict(
-        tokenize_kwargs=dict(tokenizer_path=paths.tokenizer, revision=cfg.model.revision, max_length=d.max_length,
-                             max_prompt_length=d.max_prompt_length, on_bad_rows=d.on_bad_rows),
-        ref_kwargs=dict(model_path=paths.reference, revision=cfg.model.revision, dtype=reference_dtype(cfg),
-                        num_gpus=p.num_gpus_per_actor, token_budget=p.token_budget, chunk_size=p.logp_chunk_size,
-                        pad_id=paths.pad_id, attn_implementation=cfg.model.attn_implementation),
+        tokenize_kwargs=dict(
+            tokenizer_path=paths.tokenizer,
+            revision=cfg.model.revision,
+            max_length=d.max_length,
+            max_prompt_length=d.max_prompt_length,
+            on_bad_rows=d.on_bad_rows,
+        ),
+        ref_kwargs=dict(
+            model_path=paths.reference,
+            revision=cfg.model.revision,
+            dtype=reference_dtype(cfg),
+            num_gpus=p.num_gpus_per_actor,
+            token_budget=p.token_budget,
+            chunk_size=p.logp_chunk_size,
+            pad_id=paths.pad_id,
+            attn_implementation=cfg.model.attn_implementation,
+        ),
         embed_kwargs=embed_kwargs(cfg, paths) if u.enabled else None,
         # About 2×prompt_sample_size rows of each class are embedded for the classifier's sample (all rows
         # of a small class); every undesirable row is embedded anyway, for its weight.
         sample_rates={lab: min(1.0, 2 * u.prompt_sample_size / max(1, n)) for lab, n in counts.items()},
-        seed=d.seed, counters=counters)
+        seed=d.seed,
+        counters=counters,
+    )
 
 
 def score(cfg: Config, paths: Paths, counts: dict[bool, int], counters, res: PassResources) -> ray.data.Dataset:
@@ -106,10 +142,15 @@ def score(cfg: Config, paths: Paths, counts: dict[bool, int], counters, res: Pas
     if cfg.data.eval:
         ds = ds.union(_read(cfg, "eval", cfg.data.eval, res))
     lo, hi = p.ref_actors
-    return ds.map_batches(Score, batch_format="pyarrow", batch_size=p.batch_size, num_cpus=res.actor_cpus,
-                          compute=ActorPoolStrategy(min_size=min(lo, res.max_actors), max_size=min(hi, res.max_actors)),
-                          fn_constructor_kwargs={**_score_kwargs(cfg, paths, counts, counters),
-                                                 "threads": res.actor_threads}, **_gpu(cfg))
+    return ds.map_batches(
+        Score,
+        batch_format="pyarrow",
+        batch_size=p.batch_size,
+        num_cpus=res.actor_cpus,
+        compute=ActorPoolStrategy(min_size=min(lo, res.max_actors), max_size=min(hi, res.max_actors)),
+        fn_constructor_kwargs={**_score_kwargs(cfg, paths, counts, counters), "threads": res.actor_threads},
+        **_gpu(cfg),
+    )
 
 
 def fit_classifier(cfg: Config, scored_train: str, counts: dict[bool, int], res: PassResources):
@@ -117,8 +158,9 @@ def fit_classifier(cfg: Config, scored_train: str, counts: dict[bool, int], res:
     replacement (as the reference), then a balanced logistic regression."""
     u = cfg.udm
     rng = np.random.default_rng(cfg.data.seed)
-    ds = ray.data.read_parquet(scored_train, columns=["label", "prompt_embedding", "fit_sample"],
-                               ray_remote_args={"num_cpus": res.task_cpus})
+    ds = ray.data.read_parquet(
+        scored_train, columns=["label", "prompt_embedding", "fit_sample"], ray_remote_args={"num_cpus": res.task_cpus}
+    )
     ds = ds.map_batches(lambda t: t.filter(t["fit_sample"]), batch_format="pyarrow", num_cpus=res.task_cpus)
     labels, emb = [], []
     for b in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
@@ -133,8 +175,9 @@ def fit_classifier(cfg: Config, scored_train: str, counts: dict[bool, int], res:
     return fit_udm_classifier(samples[True], samples[False])
 
 
-def finalized(cfg: Config, scored_split: str, shuffle: bool, rows: int, clf_json: bytes | None,
-              res: PassResources) -> ray.data.Dataset:
+def finalized(
+    cfg: Config, scored_split: str, shuffle: bool, rows: int, clf_json: bytes | None, res: PassResources
+) -> ray.data.Dataset:
     """Scored rows of one split → shuffled, weighted training rows. Paired data arrives chosen/rejected
     adjacent: shuffle so micro-batches mix labels. A split of up to precompute.local_shuffle_max_rows rows
     is permuted in one seeded task (one block); a larger one takes Ray Data's all-to-all random shuffle."""
@@ -143,33 +186,46 @@ def finalized(cfg: Config, scored_split: str, shuffle: bool, rows: int, clf_json
     local = shuffle and rows <= cfg.precompute.local_shuffle_max_rows
     if shuffle:
         ds = ds.repartition(1) if local else ds.random_shuffle(seed=seed)
-    return ds.map_batches(finalize, batch_format="pyarrow", batch_size=None if local else cfg.precompute.batch_size,
-                          num_cpus=res.task_cpus, fn_kwargs=dict(
-                              clf_json=clf_json, min_ratio=u.min_density_ratio, max_ratio=u.max_density_ratio,
-                              permute_seed=seed if local else None))
+    return ds.map_batches(
+        finalize,
+        batch_format="pyarrow",
+        batch_size=None if local else cfg.precompute.batch_size,
+        num_cpus=res.task_cpus,
+        fn_kwargs=dict(
+            clf_json=clf_json,
+            min_ratio=u.min_density_ratio,
+            max_ratio=u.max_density_ratio,
+            permute_seed=seed if local else None,
+        ),
+    )
 
 
 def _summarise(ds: ray.data.Dataset, lo: float, hi: float, res: PassResources) -> SplitSummary:
     tot = {"rows": 0, "chosen": 0, "tokens": 0, "completion_tokens": 0, "pad_tokens": 0, "weight_sum": 0.0}
     hist = np.zeros(HIST_BINS, dtype=np.int64)
-    for row in ds.map_batches(block_stats, batch_format="pyarrow", num_cpus=res.task_cpus,
-                                  fn_kwargs={"lo": lo, "hi": hi}).iter_rows():
+    for row in ds.map_batches(
+        block_stats, batch_format="pyarrow", num_cpus=res.task_cpus, fn_kwargs={"lo": lo, "hi": hi}
+    ).iter_rows():
         for k in tot:
             tot[k] += row[k]
         hist += np.asarray(row["hist"])
-    tot = {k: float(v) if k == "weight_sum" else int(v) for k, v in tot.items()}     # plain JSON numbers
+    tot = {k: float(v) if k == "weight_sum" else int(v) for k, v in tot.items()}  # plain JSON numbers
     rejected = tot["rows"] - tot["chosen"]
-    return SplitSummary(**tot, rejected=rejected,
-                        padding_fraction=tot["pad_tokens"] / max(1, tot["pad_tokens"] + tot["tokens"]),
-                        mean_rejected_weight=tot["weight_sum"] / max(1, rejected),
-                        weight_hist=WeightHist(np.linspace(lo, hi, HIST_BINS + 1).tolist(), hist.tolist()))
+    return SplitSummary(
+        **tot,
+        rejected=rejected,
+        padding_fraction=tot["pad_tokens"] / max(1, tot["pad_tokens"] + tot["tokens"]),
+        mean_rejected_weight=tot["weight_sum"] / max(1, rejected),
+        weight_hist=WeightHist(np.linspace(lo, hi, HIST_BINS + 1).tolist(), hist.tolist()),
+    )
 
 
-def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | None = None,
-                   resources: PassResources | None = None) -> PrecomputeResult:
+def run_precompute(
+    cfg: Config, paths: Paths, label_counts: dict[bool, int] | None = None, resources: PassResources | None = None
+) -> PrecomputeResult:
     """label_counts: rows per class of the train split (from the driver's data check), for the UDM sample and
     the choice of shuffle. resources: the stages' CPU asks (default: sized to the cluster as it is now)."""
-    root = resolve_locations(cfg).precompute.cache_dir      # as the job resolved it (a no-op on a resolved cfg)
+    root = resolve_locations(cfg).precompute.cache_dir  # as the job resolved it (a no-op on a resolved cfg)
     key = cache_key(key_parts(cfg, paths))
     cache = Cache(root, key)
     if cfg.precompute.force:
@@ -178,47 +234,67 @@ def run_precompute(cfg: Config, paths: Paths, label_counts: dict[bool, int] | No
     if record is not None:
         adir = cache.uri(f"{cache.key_dir}/{record['attempt']}")
         log.info("precompute cache hit: %s (reusing, pass --precompute.force to recompute)", adir)
-        return PrecomputeResult(key, adir, record["train"], record.get("eval"),
-                                PrecomputeSummary.from_dict(record["summary"]), True)
-    if resources is None:              # a cluster with no CPU yet can only be one that autoscales
+        return PrecomputeResult(
+            key, adir, record["train"], record.get("eval"), PrecomputeSummary.from_dict(record["summary"]), True
+        )
+    if resources is None:  # a cluster with no CPU yet can only be one that autoscales
         cpus = ray.cluster_resources().get("CPU", 0)
         resources = pass_resources(cpus, cfg.precompute.ref_actors[1], can_grow=cpus == 0)
     return _run_pass(cfg, paths, cache, label_counts or {True: 1 << 62, False: 1 << 62}, resources)
 
 
-def _run_pass(cfg: Config, paths: Paths, cache: Cache, counts: dict[bool, int],
-              res: PassResources) -> PrecomputeResult:
+def _run_pass(cfg: Config, paths: Paths, cache: Cache, counts: dict[bool, int], res: PassResources) -> PrecomputeResult:
     """Score → fit the UDM classifier → finalize each split into a new attempt of `cache`, then commit it."""
     t0 = time.time()
     attempt = cache.new_attempt()
     adir = cache.uri(f"{cache.key_dir}/{attempt}")
     log.info("precompute cache miss (key %s): scoring into %s", cache.key, adir)
     counters = Counters.remote()
-    score(cfg, paths, counts, counters, res).write_parquet(f"{adir}/scored", partition_cols=["split"],
-                                                           ray_remote_args={"num_cpus": res.task_cpus})
+    score(cfg, paths, counts, counters, res).write_parquet(
+        f"{adir}/scored", partition_cols=["split"], ray_remote_args={"num_cpus": res.task_cpus}
+    )
     u = cfg.udm
     clf, udm_metrics = None, {}
     if u.enabled:
         clf, udm_metrics = fit_classifier(cfg, f"{adir}/scored/split=train", counts, res)
-        log.info("UDM classifier accuracy %.3f (chosen %.3f, rejected %.3f)", udm_metrics["udm/accuracy"],
-                 udm_metrics["udm/accuracy_chosen"], udm_metrics["udm/accuracy_rejected"])
+        log.info(
+            "UDM classifier accuracy %.3f (chosen %.3f, rejected %.3f)",
+            udm_metrics["udm/accuracy"],
+            udm_metrics["udm/accuracy_chosen"],
+            udm_metrics["udm/accuracy_rejected"],
+        )
     clf_json = classifier_to_json(clf) if clf is not None else None
-    if clf_json is not None:           # plain parameters, never a pickle: nothing executable in the cache
+    if clf_json is not None:  # plain parameters, never a pickle: nothing executable in the cache
         with cache.fs.open(f"{cache.key_dir}/{attempt}/classifier.json", "wb") as f:
             f.write(clf_json)
     out = {"train": f"{adir}/split=train", "eval": f"{adir}/split=eval" if cfg.data.eval else None}
     splits: dict[str, SplitSummary] = {}
     for name, path in out.items():
         if path:
-            finalized(cfg, f"{adir}/scored/split={name}", name == "train", counts[True] + counts[False], clf_json,
-                      res).write_parquet(path, ray_remote_args={"num_cpus": res.task_cpus})
-            splits[name] = _summarise(ray.data.read_parquet(path, ray_remote_args={"num_cpus": res.task_cpus}),
-                                      u.min_density_ratio, u.max_density_ratio, res)
+            finalized(
+                cfg, f"{adir}/scored/split={name}", name == "train", counts[True] + counts[False], clf_json, res
+            ).write_parquet(path, ray_remote_args={"num_cpus": res.task_cpus})
+            splits[name] = _summarise(
+                ray.data.read_parquet(path, ray_remote_args={"num_cpus": res.task_cpus}),
+                u.min_density_ratio,
+                u.max_density_ratio,
+                res,
+            )
     cache.fs.rm(f"{cache.key_dir}/{attempt}/scored", recursive=True)
-    summary = PrecomputeSummary(udm=UdmFit.from_dict(udm_metrics), dropped=ray.get(counters.get.remote()),
-                                train=splits["train"], eval=splits.get("eval"), seconds=round(time.time() - t0, 2))
+    summary = PrecomputeSummary(
+        udm=UdmFit.from_dict(udm_metrics),
+        dropped=ray.get(counters.get.remote()),
+        train=splits["train"],
+        eval=splits.get("eval"),
+        seconds=round(time.time() - t0, 2),
+    )
     cache.write_json(f"{cache.key_dir}/{attempt}/summary.json", summary.to_dict())
     cache.commit(attempt, {"train": out["train"], "eval": out["eval"], "summary": summary.to_dict()})
-    log.info("precompute done in %.1f s: %s", summary.seconds, json.dumps(
-        {k: getattr(summary.train, k) for k in ("rows", "tokens", "chosen", "rejected", "padding_fraction")}))
+    log.info(
+        "precompute done in %.1f s: %s",
+        summary.seconds,
+        json.dumps(
+            {k: getattr(summary.train, k) for k in ("rows", "tokens", "chosen", "rejected", "padding_fraction")}
+        ),
+    )
     return PrecomputeResult(cache.key, adir, out["train"], out["eval"], summary, False)

@@ -1,5 +1,6 @@
 """The callable classes Ray Data runs in `map_batches`: tokenize (CPU), reference log-probs and prompt
 embeddings (actor pools, GPU when configured), UDM weights. Each takes and returns a pyarrow Table."""
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,18 @@ def _tokenizer(path: str, revision):
     return load_tokenizer(path, revision)
 
 
-def tokenize(table: pa.Table, *, tokenizer_path: str, revision, max_length: int, max_prompt_length: int,
-             on_bad_rows: str, source: str, split: str, counters=None) -> pa.Table:
+def tokenize(
+    table: pa.Table,
+    *,
+    tokenizer_path: str,
+    revision,
+    max_length: int,
+    max_prompt_length: int,
+    on_bad_rows: str,
+    source: str,
+    split: str,
+    counters=None,
+) -> pa.Table:
     """Raw rows (JSON lines in a `text` column, or columns) → unpaired, rendered, tokenized rows.
     A plain function (Ray tasks); the tokenizer is loaded once per worker process."""
     tok = _tokenizer(tokenizer_path, revision)
@@ -62,7 +73,7 @@ def tokenize(table: pa.Table, *, tokenizer_path: str, revision, max_length: int,
             formats.check_row(row, source=source, index=i, fmt=fmt)
         except formats.DataFormatError:
             if on_bad_rows == "error":
-                raise   # the driver validated every row already; this is a second line of defence
+                raise  # the driver validated every row already; this is a second line of defence
             skipped["bad_row"] += 1
             continue
         for r in formats.to_unpaired(row, fmt):
@@ -73,23 +84,43 @@ def tokenize(table: pa.Table, *, tokenizer_path: str, revision, max_length: int,
     if skipped and counters is not None:
         counters.add.remote({f"{split}/{k}": v for k, v in skipped.items()})
     n = len(out["label"])
-    return pa.table({
-        "input_ids": pa.array(out["input_ids"], pa.list_(pa.int32())),
-        "prompt_len": pa.array(out["prompt_len"], pa.int32()),
-        "label": pa.array(out["label"], pa.bool_()),
-        "prompt_text": pa.array(out["prompt_text"], pa.string()),
-        "split": pa.array([split] * n, pa.string()),
-    })
+    return pa.table(
+        {
+            "input_ids": pa.array(out["input_ids"], pa.list_(pa.int32())),
+            "prompt_len": pa.array(out["prompt_len"], pa.int32()),
+            "label": pa.array(out["label"], pa.bool_()),
+            "prompt_text": pa.array(out["prompt_text"], pa.string()),
+            "split": pa.array([split] * n, pa.string()),
+        }
+    )
 
 
 class RefLogps:
     """Reference model actor: summed completion log-prob per row, in token-budget sub-batches."""
 
-    def __init__(self, model_path: str, revision, dtype: str, num_gpus: float, token_budget: int,
-                 chunk_size: int, pad_id: int, attn_implementation: str = "sdpa", packed: bool = False):
+    def __init__(
+        self,
+        model_path: str,
+        revision,
+        dtype: str,
+        num_gpus: float,
+        token_budget: int,
+        chunk_size: int,
+        pad_id: int,
+        attn_implementation: str = "sdpa",
+        packed: bool = False,
+    ):
         self.device = _device(num_gpus)
-        self.model = load_causal_lm(model_path, revision=revision, attn_implementation=attn_implementation,
-                                    dtype=pick_dtype(dtype, self.device.type == "cuda")).to(self.device).eval()
+        self.model = (
+            load_causal_lm(
+                model_path,
+                revision=revision,
+                attn_implementation=attn_implementation,
+                dtype=pick_dtype(dtype, self.device.type == "cuda"),
+            )
+            .to(self.device)
+            .eval()
+        )
         self.token_budget, self.chunk_size, self.pad_id, self.packed = token_budget, chunk_size, pad_id, packed
 
     @torch.inference_mode()
@@ -106,8 +137,9 @@ class RefLogps:
         for b in budget_batches(lengths, self.token_budget):
             x, m = pad_right([ids[i] for i in b], self.pad_id)
             p = torch.as_tensor([plen[i] for i in b])
-            out = policy_completion_logps(self.model, x.to(self.device), m.to(self.device), p.to(self.device),
-                                          self.chunk_size)
+            out = policy_completion_logps(
+                self.model, x.to(self.device), m.to(self.device), p.to(self.device), self.chunk_size
+            )
             logps[b] = out.float().cpu().numpy()
             pad_tokens[b] = [x.shape[1] - lengths[i] for i in b]
         return table.append_column("ref_logps", pa.array(logps)).append_column("pad_tokens", pa.array(pad_tokens))
@@ -116,7 +148,10 @@ class RefLogps:
         """Rows packed back to back up to `token_budget` tokens (bco_ray/data/packing.py: no padding, attention
         within each row; a row's log-prob does not depend on what it is packed with, bitwise, even in bf16);
         the results are read back once all packs are queued."""
-        rows = {"input_ids": table.column("input_ids").to_pylist(), "prompt_len": table.column("prompt_len").to_pylist()}
+        rows = {
+            "input_ids": table.column("input_ids").to_pylist(),
+            "prompt_len": table.column("prompt_len").to_pylist(),
+        }
         lengths = [len(s) for s in rows["input_ids"]]
         logps = np.zeros(len(lengths), dtype=np.float32)
         pending = []
@@ -125,7 +160,7 @@ class RefLogps:
             pending.append((pack, packed_completion_logps(self.model, batch, self.chunk_size).float()))
         for pack, out in pending:
             logps[pack] = out.cpu().numpy()
-        pad_tokens = np.zeros(len(lengths), dtype=np.int32)          # packed: nothing is padded
+        pad_tokens = np.zeros(len(lengths), dtype=np.int32)  # packed: nothing is padded
         return table.append_column("ref_logps", pa.array(logps)).append_column("pad_tokens", pa.array(pad_tokens))
 
 
@@ -134,14 +169,24 @@ class Embed:
     `prompt_embedding` column (for the UDM fit); with one it adds `udm_weight` instead, embedding only the
     undesirable rows (desirable rows weigh 1), and drops the prompt text."""
 
-    def __init__(self, model_path: str, num_gpus: float, max_length: int, token_budget: int,
-                 special_tokens: bool = False, clf_json: bytes | None = None, min_ratio: float = 0.5, max_ratio: float = 10.0,
-                 func_path: str | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        num_gpus: float,
+        max_length: int,
+        token_budget: int,
+        special_tokens: bool = False,
+        clf_json: bytes | None = None,
+        min_ratio: float = 0.5,
+        max_ratio: float = 10.0,
+        func_path: str | None = None,
+    ):
         self.device = _device(num_gpus)
         self.func = self.model = None
-        if func_path:   # udm.embedding_func: a user callable(input_ids=, attention_mask=) -> [B, D] + its tokenizer
+        if func_path:  # udm.embedding_func: a user callable(input_ids=, attention_mask=) -> [B, D] + its tokenizer
             from bco_ray.precompute.embedding_func import load_embedding_func
-            obj = load_embedding_func(func_path)      # only the file BCOTrainer wrote: unpickling runs code
+
+            obj = load_embedding_func(func_path)  # only the file BCOTrainer wrote: unpickling runs code
             self.tok, self.func = obj["tokenizer"], obj["func"]
         else:
             self.tok, self.model = load_embedder(model_path, pick_dtype("auto", self.device.type == "cuda"))
@@ -149,17 +194,20 @@ class Embed:
         self.max_length, self.token_budget, self.special_tokens = max_length, token_budget, special_tokens
         self.clf = classifier_from_json(clf_json) if clf_json else None
         self.min_ratio, self.max_ratio = min_ratio, max_ratio
-        self.dim = self.model.config.hidden_size if self.model is not None else (
-            int(self.clf.n_features_in_) if self.clf is not None else None)
+        self.dim = (
+            self.model.config.hidden_size
+            if self.model is not None
+            else (int(self.clf.n_features_in_) if self.clf is not None else None)
+        )
 
     def _forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        if self.func is not None:   # as the reference: the function's output as is (no pooling, no normalisation)
+        if self.func is not None:  # as the reference: the function's output as is (no pooling, no normalisation)
             return torch.as_tensor(self.func(input_ids=x, attention_mask=m)).float()
         return mean_pool(self.model(input_ids=x, attention_mask=m).last_hidden_state, m)
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> np.ndarray:
-        if self.dim is None:        # a user function and no classifier yet: probe its output width once
+        if self.dim is None:  # a user function and no classifier yet: probe its output width once
             one = torch.ones((1, 1), dtype=torch.long, device=self.device)
             self.dim = int(self._forward(one, one).shape[-1])
         if not texts:
@@ -189,7 +237,8 @@ class Embed:
 def unit_weights(table: pa.Table) -> pa.Table:
     """Without UDM every row weighs 1."""
     return table.drop_columns(["prompt_text"]).append_column(
-        "udm_weight", pa.array(np.ones(table.num_rows, dtype=np.float32)))
+        "udm_weight", pa.array(np.ones(table.num_rows, dtype=np.float32))
+    )
 
 
 # ------------------------------------------------------------------ the fused pass (bco_ray/precompute/pipeline.py)
@@ -199,8 +248,17 @@ class Score:
     undesirable row (its weight) and the rows drawn into the classifier's sample. Loading the models once
     per actor, with no separate tokenize tasks, is what keeps the pass's fixed cost low."""
 
-    def __init__(self, *, tokenize_kwargs: dict, ref_kwargs: dict, embed_kwargs: dict | None = None,
-                 sample_rates: dict | None = None, seed: int = 0, counters=None, threads: int | None = None):
+    def __init__(
+        self,
+        *,
+        tokenize_kwargs: dict,
+        ref_kwargs: dict,
+        embed_kwargs: dict | None = None,
+        sample_rates: dict | None = None,
+        seed: int = 0,
+        counters=None,
+        threads: int | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.tokenize_kwargs, self.counters = tokenize_kwargs, counters
@@ -214,10 +272,22 @@ class Score:
         for split in sorted(set(table.column(SPLIT).to_pylist())):
             rows = table.filter(pc.equal(table[SPLIT], split))
             source = rows.column(SOURCE)[0].as_py()
-            parts.append(tokenize(rows.drop_columns([SPLIT, SOURCE]), split=split, source=source,
-                                  counters=self.counters, **self.tokenize_kwargs))
-        return pa.concat_tables(parts) if parts else tokenize(
-            table.drop_columns([SPLIT, SOURCE]).slice(0, 0), split="train", source="", **self.tokenize_kwargs)
+            parts.append(
+                tokenize(
+                    rows.drop_columns([SPLIT, SOURCE]),
+                    split=split,
+                    source=source,
+                    counters=self.counters,
+                    **self.tokenize_kwargs,
+                )
+            )
+        return (
+            pa.concat_tables(parts)
+            if parts
+            else tokenize(
+                table.drop_columns([SPLIT, SOURCE]).slice(0, 0), split="train", source="", **self.tokenize_kwargs
+            )
+        )
 
     def __call__(self, table: pa.Table) -> pa.Table:
         table = self.ref(self._tokenized(table))
@@ -232,6 +302,8 @@ class Score:
         col: list = [[] for _ in range(len(labels))]
         for j, i in enumerate(need):
             col[i] = emb[j]
-        return table.drop_columns(["prompt_text"]).append_column(
-            "prompt_embedding", pa.array(col, pa.list_(pa.float32()))).append_column(
-            "fit_sample", pa.array(sample))
+        return (
+            table.drop_columns(["prompt_text"])
+            .append_column("prompt_embedding", pa.array(col, pa.list_(pa.float32())))
+            .append_column("fit_sample", pa.array(sample))
+        )

@@ -1,6 +1,7 @@
 """Compare the runs of an MLflow experiment (a β sweep, a UDM on/off ablation, ...): a table of the params
 that differ between runs with the final and best value of one metric, as text, CSV and Markdown, and one PNG
 that overlays that metric's curves across the runs. `jobs/compare.py` is the command line."""
+
 from __future__ import annotations
 
 import csv
@@ -50,23 +51,44 @@ class RunRow:
 class Comparison:
     experiment: str
     metric: str
-    mode: str                       # "max" | "min"
-    varying: list[str]              # params that differ between the runs, sorted
-    extra: list[str]                # other metrics shown with their final value
-    runs: list[RunRow]              # best first; runs without the metric last
+    mode: str  # "max" | "min"
+    varying: list[str]  # params that differ between the runs, sorted
+    extra: list[str]  # other metrics shown with their final value
+    runs: list[RunRow]  # best first; runs without the metric last
 
     @property
     def header(self) -> list[str]:
         m = self.metric
-        return (["run", "run_id", "status", *self.varying, f"{m} final", f"{m} best ({self.mode})", "best step",
-                 "last step", *(f"{k} final" for k in self.extra), "duration_s"])
+        return [
+            "run",
+            "run_id",
+            "status",
+            *self.varying,
+            f"{m} final",
+            f"{m} best ({self.mode})",
+            "best step",
+            "last step",
+            *(f"{k} final" for k in self.extra),
+            "duration_s",
+        ]
 
     def records(self, fmt=None) -> list[list]:
         f = fmt or (lambda v: "" if v is None else v)
-        return [[r.name, r.run_id[:8] if fmt else r.run_id, r.status, *(r.params.get(p, "") for p in self.varying),
-                 f(r.final), f(r.best), "" if r.best_step is None else r.best_step,
-                 "" if r.last_step is None else r.last_step, *(f(r.extra.get(k)) for k in self.extra),
-                 "" if r.duration_s is None else round(r.duration_s, 1)] for r in self.runs]
+        return [
+            [
+                r.name,
+                r.run_id[:8] if fmt else r.run_id,
+                r.status,
+                *(r.params.get(p, "") for p in self.varying),
+                f(r.final),
+                f(r.best),
+                "" if r.best_step is None else r.best_step,
+                "" if r.last_step is None else r.last_step,
+                *(f(r.extra.get(k)) for k in self.extra),
+                "" if r.duration_s is None else round(r.duration_s, 1),
+            ]
+            for r in self.runs
+        ]
 
 
 def direction(metric: str, mode: str = "auto") -> str:
@@ -80,8 +102,10 @@ def direction(metric: str, mode: str = "auto") -> str:
 def varying_params(param_sets: list[dict[str, str]], ignore=IGNORED_PARAMS) -> list[str]:
     """Params whose value is not the same in every run (a param missing from a run counts as a value);
     `ignore`: names or prefixes (ending in ".") left out."""
+
     def ignored(k: str) -> bool:
         return any(k == i or (i.endswith(".") and k.startswith(i)) for i in ignore)
+
     keys = sorted({k for p in param_sets for k in p if not ignored(k)})
     return [k for k in keys if len({p.get(k) for p in param_sets}) > 1]
 
@@ -104,37 +128,60 @@ def metric_summary(steps: list[int], values: list[float], mode: str) -> tuple[fl
 def search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
-                                  order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            order_by=["attributes.start_time ASC"],
+            max_results=1000,
+            page_token=token,
+        )
         runs += list(page)
         token = page.token
         if not token:
             return runs
 
 
-def compare_runs(client: MlflowClient, experiment: str, metric: str = "eval/auc", mode: str = "auto",
-                 filter_string: str = "", extra_metrics=DEFAULT_EXTRA, ignore_params=IGNORED_PARAMS) -> Comparison:
+def compare_runs(
+    client: MlflowClient,
+    experiment: str,
+    metric: str = "eval/auc",
+    mode: str = "auto",
+    filter_string: str = "",
+    extra_metrics=DEFAULT_EXTRA,
+    ignore_params=IGNORED_PARAMS,
+) -> Comparison:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
         raise CompareError(f"no experiment named {experiment!r}; experiments here: {', '.join(names) or 'none'}")
     found = search_all_runs(client, exp.experiment_id, filter_string)
     if not found:
-        raise CompareError(f"experiment {experiment!r} has no runs" + (f" matching {filter_string!r}"
-                                                                       if filter_string else ""))
+        raise CompareError(
+            f"experiment {experiment!r} has no runs" + (f" matching {filter_string!r}" if filter_string else "")
+        )
     mode = direction(metric, mode)
     rows = []
     for run in found:
         info = run.info
         steps, values = history(client, info.run_id, metric)
         final, best, best_step = metric_summary(steps, values, mode)
-        rows.append(RunRow(
-            run_id=info.run_id, name=info.run_name or info.run_id[:8], status=info.status,
-            params=dict(run.data.params), final=final, best=best, best_step=best_step,
-            last_step=steps[-1] if steps else None,
-            extra={k: v for k, v in run.data.metrics.items() if k in extra_metrics and k != metric},
-            duration_s=(info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None,
-            steps=steps, values=values))
+        rows.append(
+            RunRow(
+                run_id=info.run_id,
+                name=info.run_name or info.run_id[:8],
+                status=info.status,
+                params=dict(run.data.params),
+                final=final,
+                best=best,
+                best_step=best_step,
+                last_step=steps[-1] if steps else None,
+                extra={k: v for k, v in run.data.metrics.items() if k in extra_metrics and k != metric},
+                duration_s=(info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None,
+                steps=steps,
+                values=values,
+            )
+        )
     extra = [k for k in extra_metrics if k != metric and any(k in r.extra for r in rows)]
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda r: (r.best is None, sign * r.best if r.best is not None else 0.0))
@@ -151,7 +198,7 @@ def _fmt(v) -> str:
 
 
 def _clip(s: str, width: int = 40) -> str:
-    return s if len(s) <= width else s[:width - 1] + "…"
+    return s if len(s) <= width else s[: width - 1] + "…"
 
 
 def format_table(comp: Comparison) -> str:
@@ -163,10 +210,16 @@ def format_table(comp: Comparison) -> str:
 
     def line(cells):
         return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
-    title = (f"experiment {comp.experiment!r}: {len(comp.runs)} run(s), metric {comp.metric} "
-             f"({'higher' if comp.mode == 'max' else 'lower'} is better)")
-    varying = ("params that differ: " + ", ".join(comp.varying)) if comp.varying else \
-        "params that differ: none (all runs share their config)"
+
+    title = (
+        f"experiment {comp.experiment!r}: {len(comp.runs)} run(s), metric {comp.metric} "
+        f"({'higher' if comp.mode == 'max' else 'lower'} is better)"
+    )
+    varying = (
+        ("params that differ: " + ", ".join(comp.varying))
+        if comp.varying
+        else "params that differ: none (all runs share their config)"
+    )
     return "\n".join([title, varying, "", line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
@@ -189,12 +242,16 @@ def to_csv(comp: Comparison) -> str:
 def to_markdown(comp: Comparison) -> str:
     def esc(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", " ")
+
     head = comp.header
     body = [[_clip(_fmt(v), 60) for v in row] for row in comp.records(fmt=_fmt)]
     numeric = [i > 1 and all(_is_number(r[i]) for r in body if r[i]) for i in range(len(head))]
-    lines = [f"## {comp.experiment}: {comp.metric} ({'higher' if comp.mode == 'max' else 'lower'} is better)", "",
-             "| " + " | ".join(esc(h) for h in head) + " |",
-             "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
+    lines = [
+        f"## {comp.experiment}: {comp.metric} ({'higher' if comp.mode == 'max' else 'lower'} is better)",
+        "",
+        "| " + " | ".join(esc(h) for h in head) + " |",
+        "|" + "|".join("---:" if num else "---" for num in numeric) + "|",
+    ]
     lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in body]
     return "\n".join(lines) + "\n"
 
@@ -203,8 +260,10 @@ def run_label(row: RunRow, varying: list[str], max_params: int = 3, first: str |
     """The run name and its values of the params that differ (`first` leads: the colour param of a sweep)."""
     if first in varying:
         varying = [first, *(p for p in varying if p != first)]
-    shown = [f"{p.rsplit('.', 1)[-1] if _unique_leaf(p, varying) else p}={_clip(row.params.get(p, '–'), 24)}"
-             for p in varying[:max_params]]
+    shown = [
+        f"{p.rsplit('.', 1)[-1] if _unique_leaf(p, varying) else p}={_clip(row.params.get(p, '–'), 24)}"
+        for p in varying[:max_params]
+    ]
     return row.name + (f" ({', '.join(shown)})" if shown else "")
 
 
@@ -259,9 +318,11 @@ def plot_overlay(comp: Comparison, path: str, smooth: bool | None = None) -> str
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     best_word = "highest" if comp.mode == "max" else "lowest"
-    ax.set_title(f"{comp.metric} across {len(runs)} run(s) of experiment '{comp.experiment}'\n"
-                 f"★ = each run's {best_word} value" + (";  lines: EMA, faint: raw points" if smoothed else ""),
-                 fontsize=11)
+    ax.set_title(
+        f"{comp.metric} across {len(runs)} run(s) of experiment '{comp.experiment}'\n"
+        f"★ = each run's {best_word} value" + (";  lines: EMA, faint: raw points" if smoothed else ""),
+        fontsize=11,
+    )
     if runs:
         legend_title = f"colour: {cparam}" if cparam else None
         if len(runs) > 8:
@@ -277,28 +338,43 @@ def plot_overlay(comp: Comparison, path: str, smooth: bool | None = None) -> str
 def _plot_bars(comp: Comparison, runs: list[RunRow], colours: list, cparam: str | None, path: str) -> str:
     """One value per run (e.g. an evaluation only at the end): a bar per run, its value written on it."""
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(runs) + 2), 5))
     labels = [run_label(r, comp.varying, first=cparam).replace(" (", "\n(") for r in runs]
     values = [r.best if r.best is not None else float("nan") for r in runs]
     bars = ax.bar(range(len(runs)), values, color=colours, edgecolor="k", lw=0.6)
     for b, r in zip(bars, runs):
         if r.best is not None:
-            ax.annotate(f"{r.best:.4g}", (b.get_x() + b.get_width() / 2, r.best), textcoords="offset points",
-                        xytext=(0, 3), ha="center", fontsize=9)
+            ax.annotate(
+                f"{r.best:.4g}",
+                (b.get_x() + b.get_width() / 2, r.best),
+                textcoords="offset points",
+                xytext=(0, 3),
+                ha="center",
+                fontsize=9,
+            )
     finite = [v for v in values if _finite(v)]
     if finite:
         lo, hi = min(finite), max(finite)
         span = (hi - lo) or abs(hi) or 1.0
         bottom = 0.0 if lo >= 0 and lo < 0.5 * hi else lo - 0.6 * span
         ax.set_ylim(bottom, hi + 0.25 * span)
-    ax.set_xticks(range(len(runs)), labels, fontsize=8, rotation=0 if len(runs) <= 6 else 30,
-                  ha="center" if len(runs) <= 6 else "right")
+    ax.set_xticks(
+        range(len(runs)),
+        labels,
+        fontsize=8,
+        rotation=0 if len(runs) <= 6 else 30,
+        ha="center" if len(runs) <= 6 else "right",
+    )
     ax.set_ylabel(comp.metric)
     ax.grid(axis="y", alpha=0.3)
     steps = sorted({r.steps[0] for r in runs if r.steps})
     at = f" (at step {steps[0]})" if len(steps) == 1 else ""
-    ax.set_title(f"{comp.metric} of {len(runs)} run(s) of experiment '{comp.experiment}'{at}\n"
-                 f"one value per run; {'higher' if comp.mode == 'max' else 'lower'} is better", fontsize=11)
+    ax.set_title(
+        f"{comp.metric} of {len(runs)} run(s) of experiment '{comp.experiment}'{at}\n"
+        f"one value per run; {'higher' if comp.mode == 'max' else 'lower'} is better",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,6 +1,7 @@
 """Optional push of the final model directory (weights, tokenizer, model card) to the Hugging Face Hub
 (`hub.repo_id`). The token comes from the environment (`HF_TOKEN`, e.g. a Ray job's runtime env set at submit
 time or a cluster secret), never from a file in the repository. `HF_ENDPOINT` points at another hub."""
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,11 @@ class HubError(InputError, ValueError):
 def check_push_ready(cfg: Config) -> None:
     """Before any work: a push needs a token in the environment."""
     if cfg.hub.repo_id and not os.environ.get("HF_TOKEN"):
-        raise HubError(f"hub.repo_id={cfg.hub.repo_id!r} pushes the model to the Hugging Face Hub, which needs a "
-                       "write token in the environment variable HF_TOKEN (set it in the job's environment at "
-                       "submit time, never in a committed file), or leave hub.repo_id unset")
+        raise HubError(
+            f"hub.repo_id={cfg.hub.repo_id!r} pushes the model to the Hugging Face Hub, which needs a "
+            "write token in the environment variable HF_TOKEN (set it in the job's environment at "
+            "submit time, never in a committed file), or leave hub.repo_id unset"
+        )
 
 
 def push_model(model_dir: str, cfg: Config, commit_message: str) -> dict:
@@ -32,6 +35,15 @@ def push_model(model_dir: str, cfg: Config, commit_message: str) -> dict:
     repo = api.create_repo(h.repo_id, private=h.private, exist_ok=True, repo_type="model")
     if h.revision:
         api.create_branch(h.repo_id, branch=h.revision, exist_ok=True, repo_type="model")
-    info = api.upload_folder(repo_id=h.repo_id, folder_path=model_dir, revision=h.revision, repo_type="model",
-                             commit_message=commit_message[:200])
-    return {"hub.repo_id": h.repo_id, "hub.commit": info.oid, "hub.url": str(getattr(repo, "url", "") or info.commit_url)}
+    info = api.upload_folder(
+        repo_id=h.repo_id,
+        folder_path=model_dir,
+        revision=h.revision,
+        repo_type="model",
+        commit_message=commit_message[:200],
+    )
+    return {
+        "hub.repo_id": h.repo_id,
+        "hub.commit": info.oid,
+        "hub.url": str(getattr(repo, "url", "") or info.commit_url),
+    }

@@ -1,6 +1,7 @@
 """What a run trained on, in its MLflow run: the datasets as run inputs (`mlflow.log_input`) and the precompute
 pass's summary (`precompute/*` and `udm/*` metrics at step 0, `precompute/summary.json`). Both are idempotent:
 a resumed run logs neither twice."""
+
 from __future__ import annotations
 
 import hashlib

@@ -6,6 +6,7 @@ Where runs go: `mlflow.tracking_uri` in the config, else `$MLFLOW_TRACKING_URI`,
 `mlflow.db` in the working directory. Relative local stores are made absolute, so Ray workers (whose working
 directory is not the driver's) write into the same store; on a cluster, point it at an `mlflow server`.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,9 @@ from bco_ray.tracking.run_tags import git_commit, git_tags, ray_tags, version_ta
 
 log = logging.getLogger(__name__)
 
-try:                                                  # MLflow's own limits, with its 3.x values as fallback
+try:  # MLflow's own limits, with its 3.x values as fallback
     from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
-except ImportError:                                   # pragma: no cover
+except ImportError:  # pragma: no cover
     MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH = 250, 6000, 8000
 MAX_PARAM_LEN = MAX_PARAM_VAL_LENGTH
 TRUNCATED = "…[truncated; full value in config.yaml]"
@@ -36,27 +37,33 @@ ERROR_TYPE_TAG = "error_type"
 # (see `worker_env`). Credentials (MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD) are deliberately not among
 # them: a worker runtime env is shown in Ray's dashboard and state export. Set those in the nodes' own
 # environment, never in the committed configs/runtime_env.yaml (docs/cluster.md).
-_CLIENT_ENV = ("MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
-               "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
-               "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING")
+_CLIENT_ENV = (
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+    "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING",
+)
 
 
 # ------------------------------------------------------------------------------------------ where runs go
 def normalize_uri(uri: str) -> str:
     """Local stores as absolute URIs: `sqlite:///rel.db` → `sqlite:////abs/rel.db`, `mlruns` → `file:///abs/mlruns`."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rest = uri[len("sqlite:///"):]
+        rest = uri[len("sqlite:///") :]
         path, q, query = rest.partition("?")
         if path and path != ":memory:":
             return f"sqlite:///{Path(path).resolve()}{q}{query}"
         return uri
     if uri.startswith("file:") and not uri.startswith("file:/"):
-        return Path(uri[len("file:"):]).resolve().as_uri()
-    if uri in ("databricks", "databricks-uc", "uc"):     # MLflow's names for Databricks-hosted tracking
+        return Path(uri[len("file:") :]).resolve().as_uri()
+    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow's names for Databricks-hosted tracking
         return uri
     if "://" not in uri and ":" not in uri.split("/")[0]:
-        return Path(uri).resolve().as_uri()           # a bare path: MLflow's file store
+        return Path(uri).resolve().as_uri()  # a bare path: MLflow's file store
     return uri
 
 
@@ -84,8 +91,7 @@ def view_hint(uri: str, run_id: str) -> str:
 
 # --------------------------------------------------------------------------------------------- tags
 def set_tags(tags: dict) -> None:
-    mlflow.set_tags({k[:MAX_ENTITY_KEY_LENGTH]: str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()
-                     if v is not None})
+    mlflow.set_tags({k[:MAX_ENTITY_KEY_LENGTH]: str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items() if v is not None})
 
 
 # ------------------------------------------------------------------------------------------- params
@@ -104,31 +110,37 @@ def config_params(cfg: Config) -> dict[str, str]:
     for k, v in cfg.flat().items():
         s = _param_value(v)
         if len(s) > MAX_PARAM_VAL_LENGTH:
-            s = s[:MAX_PARAM_VAL_LENGTH - len(TRUNCATED)] + TRUNCATED
+            s = s[: MAX_PARAM_VAL_LENGTH - len(TRUNCATED)] + TRUNCATED
         out[k[:MAX_ENTITY_KEY_LENGTH]] = s
     return out
 
 
 def config_yaml(cfg: Config) -> str:
     """The resolved config as plain YAML (tuples as lists), loadable by `load_config`."""
+
     def plain(x):
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
         return x
+
     return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
 
 
 # ------------------------------------------------------------------------------------------ lifecycle
 def _clip(s: str, n: int = 80) -> str:
-    return s if len(s) <= n else s[:n - 1] + "…"
+    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 def _find_unfinished(client: MlflowClient, experiment_id: str, run_name: str):
     quote = "'" if "'" not in run_name else '"'
-    found = client.search_runs([experiment_id], filter_string=f"attributes.run_name = {quote}{run_name}{quote}",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.run_name = {quote}{run_name}{quote}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return found[0] if found and found[0].info.status != "FINISHED" else None
 
 
@@ -145,7 +157,7 @@ def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
     if previous is not None:
         run = mlflow.start_run(run_id=previous.info.run_id, log_system_metrics=system)
         run_id = run.info.run_id
-        for tag in (ERROR_TAG, ERROR_TYPE_TAG):       # the failure it had is history now
+        for tag in (ERROR_TAG, ERROR_TYPE_TAG):  # the failure it had is history now
             if tag in previous.data.tags:
                 client.delete_tag(run_id, tag)
         old = previous.data.params
@@ -158,8 +170,11 @@ def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
         tags = {"resume.count": attempts, "resume.previous_status": previous.info.status}
         if changed:
             # MLflow params cannot change: the run keeps the first values, the new ones are here and in the config.
-            log.warning("resuming MLflow run %s with a changed config (%s); its params keep the first values",
-                        run_id, ", ".join(changed))
+            log.warning(
+                "resuming MLflow run %s with a changed config (%s); its params keep the first values",
+                run_id,
+                ", ".join(changed),
+            )
             tags["resume.changed_params"] = ", ".join(f"{k}: {_clip(old[k])} -> {_clip(params[k])}" for k in changed)
             mlflow.log_text(config_yaml(cfg), f"config.resume-{attempts}.yaml")
         set_tags(tags)
@@ -169,7 +184,7 @@ def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
     mlflow.log_text(config_yaml(cfg), "config.yaml")
     try:
         set_tags(version_tags())
-    except Exception as e:                          # tags are nice to have; never fail a job over them
+    except Exception as e:  # tags are nice to have; never fail a job over them
         log.warning("could not collect version tags: %s", e)
     return uri, run.info.run_id, False
 
@@ -185,11 +200,15 @@ def close_run(status: str = "FINISHED", error: str | None = None) -> None:
         if error:
             mlflow.set_tags({ERROR_TAG: error[:MAX_TAG_VAL_LENGTH], ERROR_TYPE_TAG: error.split(":", 1)[0][:200]})
         mlflow.end_run(status=status)
-    except Exception as e:                          # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
         if status == "FINISHED":
             raise
-        log.error("could not mark MLflow run %s as %s (it may stay RUNNING; re-running the job continues it): %s",
-                  active.info.run_id, status, e)
+        log.error(
+            "could not mark MLflow run %s as %s (it may stay RUNNING; re-running the job continues it): %s",
+            active.info.run_id,
+            status,
+            e,
+        )
 
 
 # ------------------------------------------------------------------------------------- model card

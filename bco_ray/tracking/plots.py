@@ -4,6 +4,7 @@ One PNG per panel (loss, rewards chosen/rejected, margins, δ, eval AUC/accuracy
 implicit reward, policy vs reference), an `overview.png` with all
 of them (and the learning rate) on one page, and the UDM weight histogram. Noisy training curves get an
 exponential moving average over the raw points; evaluation points are drawn as markers."""
+
 from __future__ import annotations
 
 import os
@@ -16,42 +17,85 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 DPI = 120
-COLORS = {"loss": "#1f77b4", "eval/loss": "#d62728", "rewards/chosen": "#2ca02c", "rewards/rejected": "#d62728",
-          "rewards/margins": "#9467bd", "delta": "#ff7f0e", "eval/auc": "#1f77b4", "eval/accuracy": "#2ca02c",
-          "learning_rate": "#7f7f7f", "eval/gen/score": "#2ca02c", "eval/gen/score_ref": "#7f7f7f",
-          "eval/gen/reward": "#2ca02c", "eval/gen/reward_ref": "#7f7f7f"}
-LABELS = {"loss": "train loss", "eval/loss": "eval loss", "rewards/chosen": "chosen (desirable)",
-          "rewards/rejected": "rejected (undesirable)", "rewards/margins": "chosen − rejected",
-          "delta": "δ (running mean reward)", "eval/auc": "eval ROC AUC", "eval/accuracy": "eval accuracy",
-          "learning_rate": "learning rate", "eval/gen/score": "policy", "eval/gen/score_ref": "reference",
-          "eval/gen/reward": "policy's completions", "eval/gen/reward_ref": "reference's completions"}
+COLORS = {
+    "loss": "#1f77b4",
+    "eval/loss": "#d62728",
+    "rewards/chosen": "#2ca02c",
+    "rewards/rejected": "#d62728",
+    "rewards/margins": "#9467bd",
+    "delta": "#ff7f0e",
+    "eval/auc": "#1f77b4",
+    "eval/accuracy": "#2ca02c",
+    "learning_rate": "#7f7f7f",
+    "eval/gen/score": "#2ca02c",
+    "eval/gen/score_ref": "#7f7f7f",
+    "eval/gen/reward": "#2ca02c",
+    "eval/gen/reward_ref": "#7f7f7f",
+}
+LABELS = {
+    "loss": "train loss",
+    "eval/loss": "eval loss",
+    "rewards/chosen": "chosen (desirable)",
+    "rewards/rejected": "rejected (undesirable)",
+    "rewards/margins": "chosen − rejected",
+    "delta": "δ (running mean reward)",
+    "eval/auc": "eval ROC AUC",
+    "eval/accuracy": "eval accuracy",
+    "learning_rate": "learning rate",
+    "eval/gen/score": "policy",
+    "eval/gen/score_ref": "reference",
+    "eval/gen/reward": "policy's completions",
+    "eval/gen/reward_ref": "reference's completions",
+}
 
 
 @dataclass
 class Panel:
-    name: str                       # file name stem
+    name: str  # file name stem
     title: str
     keys: list[str]
     ylabel: str = ""
-    zero_line: bool = False         # a y = 0 reference
-    unit_range: bool = False        # values in [0, 1]: fixed axis, chance line at 0.5
+    zero_line: bool = False  # a y = 0 reference
+    unit_range: bool = False  # values in [0, 1]: fixed axis, chance line at 0.5
     sci: bool = False
-    smooth: bool = True             # EMA over the raw points when there are many (not for δ, lr: smooth already)
+    smooth: bool = True  # EMA over the raw points when there are many (not for δ, lr: smooth already)
     eval_keys: set[str] = field(default_factory=set)
 
 
 PANELS = [
     Panel("loss", "BCO loss", ["loss", "eval/loss"], "loss", eval_keys={"eval/loss"}),
-    Panel("rewards", "Implicit rewards β·(log π − log π_ref)", ["rewards/chosen", "rewards/rejected"], "reward",
-          zero_line=True),
+    Panel(
+        "rewards",
+        "Implicit rewards β·(log π − log π_ref)",
+        ["rewards/chosen", "rewards/rejected"],
+        "reward",
+        zero_line=True,
+    ),
     Panel("margins", "Reward margin (chosen − rejected)", ["rewards/margins"], "margin", zero_line=True),
     Panel("delta", "Reward shift δ", ["delta"], "δ", zero_line=True, smooth=False),
-    Panel("eval_auc", "Evaluation: reward as a classifier of the label", ["eval/auc", "eval/accuracy"], "score",
-          unit_range=True, eval_keys={"eval/auc", "eval/accuracy"}),
-    Panel("gen_score", "Generation eval: verifier score of greedy completions", ["eval/gen/score", "eval/gen/score_ref"],
-          "mean score", eval_keys={"eval/gen/score", "eval/gen/score_ref"}),
-    Panel("gen_reward", "Generation eval: implicit reward of the completions", ["eval/gen/reward", "eval/gen/reward_ref"],
-          "β·(log π − log π_ref)", zero_line=True, eval_keys={"eval/gen/reward", "eval/gen/reward_ref"}),
+    Panel(
+        "eval_auc",
+        "Evaluation: reward as a classifier of the label",
+        ["eval/auc", "eval/accuracy"],
+        "score",
+        unit_range=True,
+        eval_keys={"eval/auc", "eval/accuracy"},
+    ),
+    Panel(
+        "gen_score",
+        "Generation eval: verifier score of greedy completions",
+        ["eval/gen/score", "eval/gen/score_ref"],
+        "mean score",
+        eval_keys={"eval/gen/score", "eval/gen/score_ref"},
+    ),
+    Panel(
+        "gen_reward",
+        "Generation eval: implicit reward of the completions",
+        ["eval/gen/reward", "eval/gen/reward_ref"],
+        "β·(log π − log π_ref)",
+        zero_line=True,
+        eval_keys={"eval/gen/reward", "eval/gen/reward_ref"},
+    ),
 ]
 OVERVIEW_EXTRA = Panel("learning_rate", "Learning rate", ["learning_rate"], "lr", sci=True, smooth=False)
 
@@ -77,8 +121,13 @@ def history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], lis
     return steps, [by_step[s] for s in steps]
 
 
-def _draw(ax, panel: Panel, series: dict[str, tuple[list[int], list[float]]], title: str | None = None,
-          xlim: tuple[float, float] | None = None) -> bool:
+def _draw(
+    ax,
+    panel: Panel,
+    series: dict[str, tuple[list[int], list[float]]],
+    title: str | None = None,
+    xlim: tuple[float, float] | None = None,
+) -> bool:
     drawn = False
     for i, key in enumerate(panel.keys):
         steps, values = series.get(key, ([], []))
@@ -89,8 +138,15 @@ def _draw(ax, panel: Panel, series: dict[str, tuple[list[int], list[float]]], ti
         if key in panel.eval_keys or len(steps) < 3:
             ax.plot(steps, values, marker="o", ms=5, lw=1.5, color=color, label=label)
             # the last value, written next to it (one series above its point, the next below)
-            ax.annotate(f"{values[-1]:.3g}", (steps[-1], values[-1]), textcoords="offset points", ha="right",
-                        xytext=(-6, 7 if i % 2 == 0 else -13), fontsize=8, color=color)
+            ax.annotate(
+                f"{values[-1]:.3g}",
+                (steps[-1], values[-1]),
+                textcoords="offset points",
+                ha="right",
+                xytext=(-6, 7 if i % 2 == 0 else -13),
+                fontsize=8,
+                color=color,
+            )
         elif len(steps) > 20 and panel.smooth:
             ax.plot(steps, values, lw=0.8, alpha=0.3, color=color)
             ax.plot(steps, ema(values), lw=1.8, color=color, label=f"{label} (EMA)")
@@ -106,7 +162,7 @@ def _draw(ax, panel: Panel, series: dict[str, tuple[list[int], list[float]]], ti
         ax.set_ylim(-0.02, 1.02)
     if panel.sci:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    if xlim:                        # every panel on the run's step range: an evaluation at the end sits at the end
+    if xlim:  # every panel on the run's step range: an evaluation at the end sits at the end
         ax.set_xlim(*xlim)
     ax.set_title(panel.title + (f"  ·  {title}" if title else ""), fontsize=10)
     ax.set_xlabel("optimizer step")
@@ -148,7 +204,7 @@ def plot_run(client: MlflowClient, run_id: str, out_dir: str, title: str | None 
         fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
         for ax, panel in zip(axes.flat, with_data):
             _draw(ax, panel, series, xlim=xlim)
-        for ax in list(axes.flat)[len(with_data):]:
+        for ax in list(axes.flat)[len(with_data) :]:
             ax.axis("off")
         fig.suptitle(f"{title}: training overview", fontsize=12)
         fig.tight_layout()
@@ -177,8 +233,9 @@ def plot_weight_hist(hist: dict, out_path: str, title: str | None = None, mean: 
     ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("UDM weight w = clamp(p / (1 − p)) of an undesirable row")
     ax.set_ylabel("rows")
-    ax.set_title(f"UDM density-ratio weights of {total:,} undesirable rows" + (f"  ·  {title}" if title else ""),
-                 fontsize=10)
+    ax.set_title(
+        f"UDM density-ratio weights of {total:,} undesirable rows" + (f"  ·  {title}" if title else ""), fontsize=10
+    )
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_path, dpi=DPI)

@@ -15,6 +15,7 @@ With `mlflow_info["system_metrics"]`, the first worker of each training node als
 metrics (CPU, memory, GPU utilisation and memory, disk, network) into the run as `system/train-node<N>/*`,
 every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's default: 10) until the run ends; the driver's
 own are `system/*` (`mlflow.start_run(log_system_metrics=True)`)."""
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from bco_ray.console import console
 
-MAX_PENDING = 200_000          # points kept while the server is unreachable; the oldest are dropped beyond
+MAX_PENDING = 200_000  # points kept while the server is unreachable; the oldest are dropped beyond
 
 
 def _node_monitor(mlflow_info: dict, uri: str | None):
@@ -37,15 +38,18 @@ def _node_monitor(mlflow_info: dict, uri: str | None):
         return None
     try:
         import ray.train
+
         ctx = ray.train.get_context()
         if ctx.get_local_rank() != 0:
             return None
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-        monitor = SystemMetricsMonitor(mlflow_info["run_id"], resume_logging=True,
-                                       node_id=f"train-node{ctx.get_node_rank()}", tracking_uri=uri)
+
+        monitor = SystemMetricsMonitor(
+            mlflow_info["run_id"], resume_logging=True, node_id=f"train-node{ctx.get_node_rank()}", tracking_uri=uri
+        )
         monitor.start()
         return monitor
-    except Exception as e:          # noqa: BLE001 - system metrics are nice to have; never fail training
+    except Exception as e:  # noqa: BLE001 - system metrics are nice to have; never fail training
         console(f"[bco-ray] warning: no system metrics from this node ({type(e).__name__}: {e})", sys.stderr)
         return None
 
@@ -66,7 +70,7 @@ class StepLogger:
         try:
             keys = self.client.get_run(self.run_id).data.metrics.keys()
             return {(k, m.step) for k in keys for m in self.client.get_metric_history(self.run_id, k)}
-        except Exception as e:      # noqa: BLE001 - a fresh run has nothing to skip; never fail training
+        except Exception as e:  # noqa: BLE001 - a fresh run has nothing to skip; never fail training
             console(f"[bco-ray] warning: could not read the MLflow run's metric history ({e})", sys.stderr)
             return set()
 
@@ -81,8 +85,10 @@ class StepLogger:
                 continue
             self.logged.add((k, step))
             self.pending.append(Metric(k, float(v), ts, step))
-        console(f"[bco-ray] step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                      if isinstance(v, (int, float))))
+        console(
+            f"[bco-ray] step {step}: "
+            + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        )
         if not self.buffered:
             self.flush()
 
@@ -93,8 +99,11 @@ class StepLogger:
             while self.pending:
                 self.client.log_batch(self.run_id, metrics=self.pending[:1000])
                 del self.pending[:1000]
-        except Exception as e:      # noqa: BLE001 - keep training; retry with the next flush
+        except Exception as e:  # noqa: BLE001 - keep training; retry with the next flush
             if len(self.pending) > MAX_PENDING:
-                del self.pending[:len(self.pending) - MAX_PENDING]
-            console(f"[bco-ray] warning: MLflow logging failed ({type(e).__name__}: {e}); "
-                    f"{len(self.pending)} points kept for the next flush", sys.stderr)
+                del self.pending[: len(self.pending) - MAX_PENDING]
+            console(
+                f"[bco-ray] warning: MLflow logging failed ({type(e).__name__}: {e}); "
+                f"{len(self.pending)} points kept for the next flush",
+                sys.stderr,
+            )

@@ -1,6 +1,7 @@
 """Peak FLOP/s of GPUs, the denominator of model FLOPs utilisation (MFU) in the per-step metrics
 (bco_ray/train/recipe.py) and the benchmarks; the FLOP count is bco_ray/train/throughput.py's.
 MFU = achieved FLOP/s ÷ (GPUs × peak FLOP/s)."""
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ PEAK_FLOPS = [
     ("A800", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
     ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
     ("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90e12}),
-    ("A10G", {}),                       # no published peak: no MFU rather than the A10's number
+    ("A10G", {}),  # no published peak: no MFU rather than the A10's number
     ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 62e12}),
     ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
     ("V100", {"fp16": 125e12, "fp32": 15.7e12}),

@@ -7,6 +7,7 @@ the slices of an optimizer step's `gradient_accumulation_steps` global batches a
 step, packed to `micro_batch_tokens` (bco_ray/data/packing.py); all ranks' rows are known, so every rank
 plans the same number of packs with no communication. Positions are counted in micro-batches of m rows in
 both modes (checkpoints record the same `micro_in_epoch`)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,18 +17,23 @@ from bco_ray.data.packing import collate_packed, plan_step, to_device
 from bco_ray.train.step import _ragged, collate, length_bucketed
 from bco_ray.train.throughput import row_work
 
-PREFETCH = 2        # global batches Ray Data prepares ahead of the one being trained on
+PREFETCH = 2  # global batches Ray Data prepares ahead of the one being trained on
 
 
 def _take(batches: list[dict], lo: int, hi: int) -> dict:
     """Rows [lo, hi) of each global batch, concatenated (a ragged `input_ids` column stays 1-D)."""
-    return {k: _ragged([x for b in batches for x in b[k][lo:hi]]) if k == "input_ids" else
-            np.concatenate([b[k][lo:hi] for b in batches]) for k in batches[0]}
+    return {
+        k: _ragged([x for b in batches for x in b[k][lo:hi]])
+        if k == "input_ids"
+        else np.concatenate([b[k][lo:hi] for b in batches])
+        for k in batches[0]
+    }
 
 
 def global_batches(shard, micro_batch_size: int, world: int):
-    return shard.iter_batches(batch_size=micro_batch_size * world, batch_format="numpy", drop_last=True,
-                              prefetch_batches=PREFETCH)
+    return shard.iter_batches(
+        batch_size=micro_batch_size * world, batch_format="numpy", drop_last=True, prefetch_batches=PREFETCH
+    )
 
 
 def rank_batches(shard, micro_batch_size: int, rank: int, world: int):
@@ -43,7 +49,7 @@ def padded_micro_batches(shard, t, rank: int, world: int, epoch: int, skip: int,
     if t.bucket_window > 1:
         raws = length_bucketed(raws, t.bucket_window, t.seed + epoch)
     for i, raw in enumerate(raws):
-        if i < skip:                            # resuming mid-epoch: these were trained already
+        if i < skip:  # resuming mid-epoch: these were trained already
             continue
         batch = {k: v.to(device) for k, v in collate(raw, pad_id).items()}
         batch["work"] = row_work([len(s) for s in raw["input_ids"]], raw["prompt_len"])
@@ -62,11 +68,16 @@ def packed_micro_batches(shard, t, rank: int, world: int, skip: int, pad_id: int
             continue
         step, buf = buf, []
         done += gas
-        if done <= skip:                        # resuming: this step was trained already
+        if done <= skip:  # resuming: this step was trained already
             continue
         by_rank = [_take(step, r * m, (r + 1) * m) for r in range(world)]
-        packs, n_chunks = plan_step([[len(s) for s in x["input_ids"]] for x in by_rank],
-                                    [x["prompt_len"] for x in by_rank], t.micro_batch_tokens, chunk_size, rank)
+        packs, n_chunks = plan_step(
+            [[len(s) for s in x["input_ids"]] for x in by_rank],
+            [x["prompt_len"] for x in by_rank],
+            t.micro_batch_tokens,
+            chunk_size,
+            rank,
+        )
         mine = by_rank[rank]
         for j, (pack, nc) in enumerate(zip(packs, n_chunks)):
             batch = to_device(collate_packed(mine, pack, pad_id, m * gas, nc), device)

@@ -1,6 +1,7 @@
 """δ and the logging window's sums kept on the training device: updated with device ops and device
 all-reduces only, read back (one copy) at logging and checkpoint steps. Same numbers as `RunningMean` and
 `WindowSums`, whose state formats they keep (checkpoints and metrics are interchangeable)."""
+
 from __future__ import annotations
 
 import torch
@@ -56,17 +57,28 @@ class DeviceWindowSums(WindowSums):
 
     def reset(self) -> None:
         self.sums = torch.zeros(len(KEYS) - 2, dtype=torch.float64, device=getattr(self, "device", "cpu"))
-        self.host = [0.0, 0.0, 0.0]         # tokens, computed tokens, model FLOPs: host counts (no copy per batch)
+        self.host = [0.0, 0.0, 0.0]  # tokens, computed tokens, model FLOPs: host counts (no copy per batch)
 
     @torch.no_grad()
-    def add(self, losses, rewards, logps, labels, tokens: int, padded_tokens: int = 0, valid=None,
-            flops: float = 0.0) -> None:
+    def add(
+        self, losses, rewards, logps, labels, tokens: int, padded_tokens: int = 0, valid=None, flops: float = 0.0
+    ) -> None:
         w = torch.ones_like(losses, dtype=torch.float64) if valid is None else valid.double()
         ch = labels.bool().double() * w
         rj = (1 - labels.bool().double()) * w
         r, lp, ls = rewards.detach().double(), logps.detach().double(), losses.detach().double()
-        self.sums += torch.stack([(ls * w).sum(), w.sum(), (r * ch).sum(), ch.sum(), (r * rj).sum(), rj.sum(),
-                                  (lp * ch).sum(), (lp * rj).sum()])
+        self.sums += torch.stack(
+            [
+                (ls * w).sum(),
+                w.sum(),
+                (r * ch).sum(),
+                ch.sum(),
+                (r * rj).sum(),
+                rj.sum(),
+                (lp * ch).sum(),
+                (lp * rj).sum(),
+            ]
+        )
         self.host[0] += tokens
         self.host[1] += padded_tokens
         self.host[2] += flops

@@ -1,4 +1,5 @@
 """The DeepSpeed config a worker's engine is built from, derived from the typed TrainConfig."""
+
 from __future__ import annotations
 
 from bco_ray.config import TrainConfig
@@ -17,7 +18,7 @@ def deepspeed_config(t: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
     optimizer_params = {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay}
     if not on_gpu and not t.offload_optimizer:
-        optimizer_params["torch_adam"] = True        # no fused CUDA kernel on CPU
+        optimizer_params["torch_adam"] = True  # no fused CUDA kernel on CPU
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -28,5 +29,5 @@ def deepspeed_config(t: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
     }

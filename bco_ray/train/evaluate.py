@@ -1,4 +1,5 @@
 """Evaluation on the eval split: no δ update, metrics from all ranks (loss, rewards, accuracy, ROC AUC)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,9 @@ def evaluate(model, eval_shard, delta, cfg, pad_id: int, device, rank: int, worl
         j = r * world + rank
         raw = batches[min(j, len(batches) - 1)]
         batch = {k: v.to(device) for k, v in collate(raw, pad_id).items()}
-        losses, rewards, logps = bco_forward(model, batch, delta, cfg.train.beta,
-                                             cfg.precompute.logp_chunk_size, update_delta=False)
+        losses, rewards, logps = bco_forward(
+            model, batch, delta, cfg.train.beta, cfg.precompute.logp_chunk_size, update_delta=False
+        )
         if j < len(batches):
             sums.add(losses, rewards, logps, batch["label"], 0)
             margins.append((rewards - delta.mean).float().cpu().numpy())

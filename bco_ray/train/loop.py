@@ -1,6 +1,7 @@
 """What a Ray Train worker runs: the BCO recipe (bco_ray/train/recipe.py), top to bottom —
 setup (policy, DeepSpeed engine) → resume from the latest checkpoint → train (epochs of micro-batches: BCO
 forward, backward, step; log / evaluate / checkpoint) → save the final model."""
+
 from __future__ import annotations
 
 from bco_ray.train.recipe import BCORecipe
@@ -9,7 +10,7 @@ from bco_ray.train.recipe import BCORecipe
 def train_loop_per_worker(config: dict) -> None:
     recipe = BCORecipe(config)
     recipe.setup()
-    if not recipe.resume():         # this run name had finished already: its final model was reported again
+    if not recipe.resume():  # this run name had finished already: its final model was reported again
         return
     recipe.train()
     recipe.save_final()

@@ -1,11 +1,12 @@
 """The BCO training recipe one Ray Train worker runs (bco_ray/train/loop.py drives it):
 
-    setup   process group, step schedule, policy, DeepSpeed engine
-    resume  the latest checkpoint's engine, δ, data position and RNG
-    train   evaluate at step 0, then epochs of micro-batches: BCO forward, backward, step;
-            after each optimizer step: log / evaluate / checkpoint
-    save    final evaluation and the final model in Hugging Face format
+setup   process group, step schedule, policy, DeepSpeed engine
+resume  the latest checkpoint's engine, δ, data position and RNG
+train   evaluate at step 0, then epochs of micro-batches: BCO forward, backward, step;
+        after each optimizer step: log / evaluate / checkpoint
+save    final evaluation and the final model in Hugging Face format
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,8 @@ from bco_ray.train.throughput import flop_shape, train_flops
 @dataclass(frozen=True)
 class StepSchedule:
     """Steps are fixed up front from the pass's row count, so every rank runs the same number of them."""
-    micro_per_epoch: int        # micro-batches of one epoch, whole optimizer steps only
+
+    micro_per_epoch: int  # micro-batches of one epoch, whole optimizer steps only
     total_steps: int
     warmup: int
 
@@ -47,12 +49,15 @@ class StepSchedule:
     def of(cls, t: TrainConfig, train_rows: int, world: int) -> StepSchedule:
         steps_per_epoch = train_rows // world // t.micro_batch_size // t.gradient_accumulation_steps
         if steps_per_epoch == 0:
-            raise ValueError(f"{train_rows} training rows give no full optimizer step with "
-                             f"{world} workers × micro_batch_size {t.micro_batch_size} × gradient_accumulation_steps "
-                             f"{t.gradient_accumulation_steps}; lower them or add data")
+            raise ValueError(
+                f"{train_rows} training rows give no full optimizer step with "
+                f"{world} workers × micro_batch_size {t.micro_batch_size} × gradient_accumulation_steps "
+                f"{t.gradient_accumulation_steps}; lower them or add data"
+            )
         total_steps = steps_per_epoch * t.num_epochs if t.max_steps < 0 else t.max_steps
-        return cls(steps_per_epoch * t.gradient_accumulation_steps, total_steps,
-                   math.ceil(t.warmup_ratio * total_steps))
+        return cls(
+            steps_per_epoch * t.gradient_accumulation_steps, total_steps, math.ceil(t.warmup_ratio * total_steps)
+        )
 
 
 class BCORecipe:
@@ -69,7 +74,7 @@ class BCORecipe:
         self.on_gpu = self.t.use_gpu and torch.cuda.is_available()
         self.device = ray.train.torch.get_device() if self.on_gpu else torch.device("cpu")
         self.storage_dir = config["storage_dir"]
-        self.step, self.epoch, self.skip = 0, 0, 0        # skip: micro-batches of this epoch already trained
+        self.step, self.epoch, self.skip = 0, 0, 0  # skip: micro-batches of this epoch already trained
         self.grad_norm, self.step_rows = 0.0, []
 
     # ------------------------------------------------------------------ setup / resume
@@ -84,21 +89,26 @@ class BCORecipe:
         t_model = time.time()
         s = self.schedule
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(t, self.world, self.on_gpu),
-            lr_scheduler=lambda opt: get_scheduler(t.lr_scheduler, opt, num_warmup_steps=s.warmup,
-                                                   num_training_steps=s.total_steps))
-        self.shape = flop_shape(self.engine.module)          # the one MFU definition: bco_ray/train/throughput.py
+            lr_scheduler=lambda opt: get_scheduler(
+                t.lr_scheduler, opt, num_warmup_steps=s.warmup, num_training_steps=s.total_steps
+            ),
+        )
+        self.shape = flop_shape(self.engine.module)  # the one MFU definition: bco_ray/train/throughput.py
         # Dense peak of this GPU in the training dtype (H100 PCIe/NVL; fp32: TF32; $BCO_RAY_PEAK_TFLOPS); None: no MFU
         dtype = "bf16" if use_bf16(t, self.on_gpu) else "fp32"
         self.peak_flops = gpu_peak_flops(torch.cuda.get_device_name(), dtype) if self.on_gpu else None
         self.timings = {"engine_ready_at": time.time(), "train": 0.0, "eval": 0.0, "save": 0.0}
         if self.rank == 0:
             ready = self.timings["engine_ready_at"]
-            console(f"[bco-ray] worker group ready: {ready - self.config['fit_started_at']:.1f} s after "
-                    f"fit (in the worker: {t_dist - self.t_entry:.1f} s to join the process group, "
-                    f"{t_model - t_dist:.1f} s to load the policy, {ready - t_model:.1f} s to build the engine)")
-        self.delta = DeviceRunningMean(self.device)         # on the device: no host sync per micro-batch
+            console(
+                f"[bco-ray] worker group ready: {ready - self.config['fit_started_at']:.1f} s after "
+                f"fit (in the worker: {t_dist - self.t_entry:.1f} s to join the process group, "
+                f"{t_model - t_dist:.1f} s to load the policy, {ready - t_model:.1f} s to build the engine)"
+            )
+        self.delta = DeviceRunningMean(self.device)  # on the device: no host sync per micro-batch
 
     def resume(self) -> bool:
         """Restore the latest checkpoint, if any. False: this run name had finished already; its final model was
@@ -115,8 +125,10 @@ class BCORecipe:
         self.step, self.epoch, self.skip = client["step"], client["epoch"], client["micro_in_epoch"]
         torch.set_rng_state(client["rng"])
         if self.rank == 0:
-            console(f"[bco-ray] resumed from checkpoint at step {self.step} (epoch {self.epoch}, "
-                    f"δ={float(self.delta.mean):.6f})")
+            console(
+                f"[bco-ray] resumed from checkpoint at step {self.step} (epoch {self.epoch}, "
+                f"δ={float(self.delta.mean):.6f})"
+            )
         return True
 
     # ------------------------------------------------------------------ the epoch loop
@@ -140,10 +152,11 @@ class BCORecipe:
         self.logger = StepLogger(self.config.get("mlflow"), self.rank, buffered=t.save_steps > 0)
         self.pad_id = self.config["pad_id"]
         self.window, self.t_window = DeviceWindowSums(self.device), time.time()
-        self.token_budget = t.micro_batch_tokens if t.micro_batch_tokens >= 0 else \
-            t.micro_batch_size * self.cfg.data.max_length
+        self.token_budget = (
+            t.micro_batch_tokens if t.micro_batch_tokens >= 0 else t.micro_batch_size * self.cfg.data.max_length
+        )
         self.chunk = self.cfg.precompute.logp_chunk_size
-        self.shard = ray.train.get_dataset_shard("train")   # the whole ordered split: see batching.rank_batches
+        self.shard = ray.train.get_dataset_shard("train")  # the whole ordered split: see batching.rank_batches
         self.eval_ds = ray.train.get_dataset_shard("eval") if self.config.get("has_eval") else None
 
     def _micro_batches(self):
@@ -167,26 +180,41 @@ class BCORecipe:
             if last:
                 self.end_step(micro, lr)
         if self.step == step_at_start and self.skip == 0:
-            raise RuntimeError(f"rank {self.rank}: the training shard yielded no full micro-batch in epoch "
-                               f"{self.epoch}")
+            raise RuntimeError(
+                f"rank {self.rank}: the training shard yielded no full micro-batch in epoch {self.epoch}"
+            )
 
     def train_micro_batch(self, batch: dict, last: bool) -> None:
         """BCO forward, backward and engine step (DeepSpeed steps the optimizer at the accumulation boundary)."""
         engine = self.engine
         set_boundary(engine, batch, last)
         # Through the engine (not engine.module): ZeRO-3 counts micro-steps in the engine's forward.
-        loss = micro_batch_loss(engine, batch, self.delta, self.t.beta, self.chunk, sums=self.window,
-                                flops=train_flops(self.shape, *batch["work"]))
+        loss = micro_batch_loss(
+            engine,
+            batch,
+            self.delta,
+            self.t.beta,
+            self.chunk,
+            sums=self.window,
+            flops=train_flops(self.shape, *batch["work"]),
+        )
         backward(engine, batch, loss)
         if self.t.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
-            self.grad_norm = _grad_norm(engine.module)      # DeepSpeed reports no global norm at ZeRO-0
+            self.grad_norm = _grad_norm(engine.module)  # DeepSpeed reports no global norm at ZeRO-0
         engine.step()
 
     def end_step(self, micro: int, lr: float) -> None:
         """After optimizer step `self.step + 1`: the testing switches, then log / evaluate / checkpoint as due."""
         t, total = self.t, self.schedule.total_steps
-        inject_failure_if_due(t.inject_failure_at_step, self.step + 1, micro, t.gradient_accumulation_steps,
-                              self.rank, self.world, self.storage_dir)
+        inject_failure_if_due(
+            t.inject_failure_at_step,
+            self.step + 1,
+            micro,
+            t.gradient_accumulation_steps,
+            self.rank,
+            self.world,
+            self.storage_dir,
+        )
         self.step += 1
         if t.record_rows:
             record_rows(self.storage_dir, self.rank, self.step, self.step_rows)
@@ -205,45 +233,71 @@ class BCORecipe:
         m = self.window.reduce()
         elapsed = max(time.time() - self.t_window, 1e-9)
         flops = m.pop("flops")
-        if self.peak_flops:          # model FLOPs (bco_ray/train/throughput.py) per second, per GPU, over peak
+        if self.peak_flops:  # model FLOPs (bco_ray/train/throughput.py) per second, per GPU, over peak
             m["mfu"] = flops / elapsed / self.world / self.peak_flops
         grad_norm = self.grad_norm if self.t.zero_stage == 0 else self.engine.get_global_grad_norm() or 0.0
-        m.update({"delta": float(self.delta.mean), "learning_rate": lr,
-                  "epoch": self.epoch + micro / self.schedule.micro_per_epoch, "grad_norm": float(grad_norm),
-                  "tokens_per_second": m.pop("tokens") / elapsed,
-                  "samples_per_second": (m["count/chosen"] + m["count/rejected"]) / elapsed})
+        m.update(
+            {
+                "delta": float(self.delta.mean),
+                "learning_rate": lr,
+                "epoch": self.epoch + micro / self.schedule.micro_per_epoch,
+                "grad_norm": float(grad_norm),
+                "tokens_per_second": m.pop("tokens") / elapsed,
+                "samples_per_second": (m["count/chosen"] + m["count/rejected"]) / elapsed,
+            }
+        )
         self.logger.log(m, self.step)
         self.window.reset()
         self.t_window = time.time()
 
     def _evaluate(self) -> dict:
-        return evaluate(self.engine.module, self.eval_ds, self.delta, self.cfg, self.pad_id, self.device,
-                        self.rank, self.world)
+        return evaluate(
+            self.engine.module, self.eval_ds, self.delta, self.cfg, self.pad_id, self.device, self.rank, self.world
+        )
 
     def evaluate_mid_run(self) -> None:
         """Eval metrics at this step and, for the driver's generation pass, a snapshot of the policy."""
         t_eval = time.time()
         self.logger.log(self._evaluate(), self.step)
         if self.cfg.eval.generate:
-            save_snapshot(self.engine.module, self.storage_dir, self.step, self.config["tokenizer_path"], self.rank,
-                          self.t.zero_stage, self.t.lora.enabled)
-        self.t_window += time.time() - t_eval        # evaluation time is not training throughput
+            save_snapshot(
+                self.engine.module,
+                self.storage_dir,
+                self.step,
+                self.config["tokenizer_path"],
+                self.rank,
+                self.t.zero_stage,
+                self.t.lora.enabled,
+            )
+        self.t_window += time.time() - t_eval  # evaluation time is not training throughput
         self.timings["eval"] += time.time() - t_eval
 
     def checkpoint(self, metrics: dict, micro_in_epoch: int, epoch: int) -> None:
         """Every rank's DeepSpeed state, δ, data position and RNG; Ray merges the ranks' files into one
         checkpoint directory on the run's storage and keeps the last `keep_checkpoints`."""
         with tempfile.TemporaryDirectory() as d:
-            self.engine.save_checkpoint(d, tag="ds", client_state={
-                "delta": self.delta.state_dict(), "step": self.step, "epoch": epoch,
-                "micro_in_epoch": micro_in_epoch, "rng": torch.get_rng_state()})
-            node_id = self.ctx.get_node_id() if hasattr(self.ctx, "get_node_id") else \
-                ray.get_runtime_context().get_node_id()
+            self.engine.save_checkpoint(
+                d,
+                tag="ds",
+                client_state={
+                    "delta": self.delta.state_dict(),
+                    "step": self.step,
+                    "epoch": epoch,
+                    "micro_in_epoch": micro_in_epoch,
+                    "rng": torch.get_rng_state(),
+                },
+            )
+            node_id = (
+                self.ctx.get_node_id() if hasattr(self.ctx, "get_node_id") else ray.get_runtime_context().get_node_id()
+            )
             with open(os.path.join(d, f"rank{self.rank}.json"), "w") as f:
                 json.dump({"rank": self.rank, "node_id": node_id, "step": self.step}, f)
             self.logger.flush()
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"checkpoint_step{self.step:07d}")
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(d),
+                checkpoint_dir_name=f"checkpoint_step{self.step:07d}",
+            )
         # Reports are registered by the controller asynchronously: wait, so that a worker dying right
         # after this point still restarts from this checkpoint (not from the previous one).
         ray.train.get_all_reported_checkpoints()
@@ -262,15 +316,24 @@ class BCORecipe:
         self.logger.flush()
         with tempfile.TemporaryDirectory() as d:
             t_save = time.time()
-            save_final_model(self.engine.module, os.path.join(d, "model"), self.config["tokenizer_path"], self.rank,
-                             t.zero_stage, lora_merged=t.lora.enabled and t.lora.save_merged)
+            save_final_model(
+                self.engine.module,
+                os.path.join(d, "model"),
+                self.config["tokenizer_path"],
+                self.rank,
+                t.zero_stage,
+                lora_merged=t.lora.enabled and t.lora.save_merged,
+            )
             self.timings["save"] = time.time() - t_save
             final["timings"] = self.timings
             if self.rank == 0:
                 with open(os.path.join(d, "final.json"), "w") as f:
                     json.dump(final, f)
-            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d) if self.rank == 0 else None,
-                             checkpoint_dir_name=f"final_step{self.step:07d}")
+            ray.train.report(
+                final,
+                checkpoint=ray.train.Checkpoint.from_directory(d) if self.rank == 0 else None,
+                checkpoint_dir_name=f"final_step{self.step:07d}",
+            )
         if dist.is_initialized():
             dist.barrier()
 
@@ -290,12 +353,16 @@ def _report_finished(d: str, rank: int) -> None:
             shutil.copytree(os.path.join(d, "model"), os.path.join(out, "model"))
             shutil.copy(os.path.join(d, "final.json"), out)
             console(f"[bco-ray] run already finished at step {final.get('step')}; nothing to train")
-        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None,
-                         checkpoint_dir_name=f"final_step{final.get('step', 0):07d}_again")
+        ray.train.report(
+            final,
+            checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None,
+            checkpoint_dir_name=f"final_step{final.get('step', 0):07d}_again",
+        )
 
 
-def inject_failure_if_due(at_step: int, step: int, micro: int, gas: int, rank: int, world: int,
-                          storage_dir: str) -> None:
+def inject_failure_if_due(
+    at_step: int, step: int, micro: int, gas: int, rank: int, world: int, storage_dir: str
+) -> None:
     """Testing switch (train.inject_failure_at_step): the last rank dies, once per run, right after the
     optimizer step `at_step`, so that Ray Train must replace it and resume from the latest checkpoint."""
     if at_step <= 0 or step != at_step or micro % gas or rank != world - 1:

@@ -2,6 +2,7 @@
 Hugging Face format under `<storage>/<run>/generation/step_NNNNNNN` (ZeRO-3 shards gathered; with LoRA the
 merged model in `merged/`); after training the driver lists them for the generation pass (bco_ray/eval/),
 then removes them."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import fsspec
 from bco_ray.storage import is_remote, local_path
 from bco_ray.train.policy import save_final_model
 
-COMPLETE = "_COMPLETE"           # written last: a snapshot without it is an interrupted write, never read
+COMPLETE = "_COMPLETE"  # written last: a snapshot without it is an interrupted write, never read
 _STEP = re.compile(r"^step_(\d+)$")
 
 
@@ -22,8 +23,9 @@ def snapshot_root(storage_dir: str) -> str:
     return f"{storage_dir.rstrip('/')}/generation"
 
 
-def save_snapshot(model, storage_dir: str, step: int, tokenizer_path: str, rank: int, zero_stage: int,
-                  lora: bool) -> None:
+def save_snapshot(
+    model, storage_dir: str, step: int, tokenizer_path: str, rank: int, zero_stage: int, lora: bool
+) -> None:
     """Every rank calls this (ZeRO-3 gathers need all of them); rank 0 writes."""
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "model")
@@ -38,13 +40,13 @@ def _publish(src: str, dest: str) -> None:
         fs, p = fsspec.core.url_to_fs(dest)
         if fs.exists(p):
             fs.rm(p, recursive=True)
-        fs.put(src.rstrip("/") + "/", p, recursive=True)   # the marker is among the files; readers check it
+        fs.put(src.rstrip("/") + "/", p, recursive=True)  # the marker is among the files; readers check it
         return
     dest = local_path(dest)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(dest))
     shutil.copytree(src, os.path.join(tmp, "model"))
-    shutil.rmtree(dest, ignore_errors=True)               # a step trained again after a restart
+    shutil.rmtree(dest, ignore_errors=True)  # a step trained again after a restart
     os.replace(os.path.join(tmp, "model"), dest)
     os.rmdir(tmp)
 

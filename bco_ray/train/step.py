@@ -1,5 +1,6 @@
 """One BCO forward on a micro-batch: policy log-probs → rewards → δ update (all ranks) → per-row losses.
 Plain torch, no Ray: the same function runs in a Ray Train worker and in the unit tests."""
+
 from __future__ import annotations
 
 import sys
@@ -16,7 +17,8 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
     """Right-pad token ids of a micro-batch (columns from the precomputed Parquet) into tensors."""
     ids, mask = pad_right([np.asarray(s, dtype=np.int64) for s in batch["input_ids"]], pad_id)
     return {
-        "input_ids": ids, "attention_mask": mask,
+        "input_ids": ids,
+        "attention_mask": mask,
         "prompt_len": torch.as_tensor(np.asarray(batch["prompt_len"], dtype=np.int64)),
         "label": torch.as_tensor(np.asarray(batch["label"], dtype=bool)),
         "ref_logps": torch.as_tensor(np.asarray(batch["ref_logps"], dtype=np.float32)),
@@ -40,13 +42,13 @@ def _stratified_cuts(lengths: np.ndarray, labels: np.ndarray, size: int) -> list
     add up to its size). Rows of similar length *ranks* within their label are padded together, and a
     micro-batch is single-label only where the window has fewer rows of a label than micro-batches."""
     n = len(lengths)
-    ends = np.minimum(np.arange(size, n + size, size), n)          # cumulative rows at each micro-batch's end
+    ends = np.minimum(np.arange(size, n + size, size), n)  # cumulative rows at each micro-batch's end
     bounds = np.concatenate([[0], ends])
     desirable = np.flatnonzero(labels)
-    d_bounds = len(desirable) * bounds // n                        # desirable rows dealt up to each cut
+    d_bounds = len(desirable) * bounds // n  # desirable rows dealt up to each cut
     parts = [(desirable, d_bounds), (np.flatnonzero(~labels), bounds - d_bounds)]
     sorted_parts = [(rows[np.argsort(lengths[rows], kind="stable")], b) for rows, b in parts]
-    return [np.concatenate([rows[b[j]:b[j + 1]] for rows, b in sorted_parts]) for j in range(len(ends))]
+    return [np.concatenate([rows[b[j] : b[j + 1]] for rows, b in sorted_parts]) for j in range(len(ends))]
 
 
 def length_bucketed(batches, window: int, seed: int):
@@ -61,8 +63,10 @@ def length_bucketed(batches, window: int, seed: int):
 
     def flush():
         size = len(buf[0]["label"])
-        pooled = {k: _ragged([x for b in buf for x in b[k]]) if k == "input_ids" else
-                  np.concatenate([b[k] for b in buf]) for k in buf[0]}
+        pooled = {
+            k: _ragged([x for b in buf for x in b[k]]) if k == "input_ids" else np.concatenate([b[k] for b in buf])
+            for k in buf[0]
+        }
         lengths = np.array([len(x) for x in pooled["input_ids"]])
         cuts = _stratified_cuts(lengths, np.asarray(pooled["label"]).astype(bool), size)
         for j in rng.permutation(len(cuts)):
@@ -94,7 +98,7 @@ def _run_as_engine_forward(engine, fn):
     module = engine.module
 
     def forward():
-        del module.forward                  # inside fn, the model's own forward is its class's again
+        del module.forward  # inside fn, the model's own forward is its class's again
         return fn(module)
 
     module.forward = forward
@@ -104,8 +108,15 @@ def _run_as_engine_forward(engine, fn):
         module.__dict__.pop("forward", None)
 
 
-def bco_forward(model, batch: dict[str, torch.Tensor], delta: RunningMean, beta: float,
-                chunk_size: int = 1024, update_delta: bool = True, return_aux: bool = False):
+def bco_forward(
+    model,
+    batch: dict[str, torch.Tensor],
+    delta: RunningMean,
+    beta: float,
+    chunk_size: int = 1024,
+    update_delta: bool = True,
+    return_aux: bool = False,
+):
     """(per-row losses, rewards, policy log-probs). `model` is a causal LM or, in training, the DeepSpeed
     engine that wraps it (pass the engine itself, not `engine.module`: the forward must run through it).
     With update_delta, δ first absorbs this micro-batch's rewards from every rank (as the reference does
@@ -123,8 +134,9 @@ def bco_forward(model, batch: dict[str, torch.Tensor], delta: RunningMean, beta:
     def logps_of(m):
         if packed:
             return packed_completion_logps(m, batch, chunk_size, return_aux_loss=True)
-        return policy_completion_logps(m, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
-                                       chunk_size, return_aux_loss=True)
+        return policy_completion_logps(
+            m, batch["input_ids"], batch["attention_mask"], batch["prompt_len"], chunk_size, return_aux_loss=True
+        )
 
     engine = _is_deepspeed_engine(model)
     logps, aux = _run_as_engine_forward(model, logps_of) if engine else logps_of(model)
@@ -138,8 +150,9 @@ def bco_forward(model, batch: dict[str, torch.Tensor], delta: RunningMean, beta:
     return losses, rewards, logps, (router_aux_loss_coef(module) * aux if aux is not None else 0.0)
 
 
-def micro_batch_loss(model, batch: dict, delta, beta: float, chunk_size: int = 1024, sums=None,
-                     flops: float = 0.0) -> torch.Tensor:
+def micro_batch_loss(
+    model, batch: dict, delta, beta: float, chunk_size: int = 1024, sums=None, flops: float = 0.0
+) -> torch.Tensor:
     """The loss to back-propagate for one micro-batch of a training step, δ updated first.
 
     Packed: Σ row_weight · loss (row_weight = 1 / this rank's rows in the step, so the step's gradient is the

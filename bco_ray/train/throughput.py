@@ -16,6 +16,7 @@ Kaplan et al. / PaLM appendix B):
 
 The forward-only count (the reference pass) is a third of it. MFU = FLOPs ÷ seconds ÷ (GPUs × peak); the
 peak is `bco_ray.tracking.throughput.peak_flops` (dense bf16 989 TFLOP/s for an H100 SXM)."""
+
 from __future__ import annotations
 
 
@@ -31,6 +32,7 @@ def flop_shape(model) -> dict:
     def numel(m):
         w = getattr(m, "weight", None)
         return int(getattr(w, "ds_numel", w.numel())) if w is not None else 0
+
     emb, out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out is not None and getattr(out, "weight", None) is getattr(emb, "weight", object())
     head = numel(out) if out is not None else 0
@@ -40,8 +42,11 @@ def flop_shape(model) -> dict:
 
 def train_flops(shape: dict, tokens: int, sum_len_sq: int, completion_tokens: int) -> float:
     """Model FLOPs of training on rows with Σ L = tokens, Σ L² = sum_len_sq, Σ C = completion_tokens."""
-    return (6.0 * shape["body"] * tokens + 6.0 * shape["head"] * completion_tokens
-            + 12.0 * shape["layers"] * shape["hidden"] * sum_len_sq)
+    return (
+        6.0 * shape["body"] * tokens
+        + 6.0 * shape["head"] * completion_tokens
+        + 12.0 * shape["layers"] * shape["hidden"] * sum_len_sq
+    )
 
 
 def forward_flops(shape: dict, tokens: int, sum_len_sq: int, completion_tokens: int) -> float:
@@ -61,4 +66,3 @@ def mfu(flops: float, seconds: float, gpus: int, peak: float) -> float:
 
 def count_params(model) -> int:
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in {id(p): p for p in model.parameters()}.values())
-

@@ -4,6 +4,7 @@ This is what DeepSpeed's `engine.save_16bit_model` does (`_zero3_consolidated_16
 module alone and without writing a torch pickle: every rank joins each gather (a collective), rank 0 copies
 the layer to CPU, and the layer is partitioned again before the next one. No rank ever holds the whole
 model on its device; rank 0 holds it once, in CPU memory, to write the safetensors file."""
+
 from __future__ import annotations
 
 import deepspeed

@@ -24,6 +24,7 @@ converted back to float32). That mixed-precision run is printed for information 
 stored: its numbers depend on the CPU's bf16 GEMM kernels. The stored, float32 numbers are what the test
 compares against (the project runs float32 on CPU).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -140,14 +141,15 @@ class RecordingBCOTrainer(BCOTrainer):
     def bco_loss(self, *args, **kwargs):
         losses, chosen_rewards, rejected_rewards, delta = super().bco_loss(*args, **kwargs)
         RecordingBCOTrainer.rec["bco_loss"] = {
-            "losses": losses.detach().tolist(), "chosen_rewards": chosen_rewards.detach().tolist(),
-            "rejected_rewards": rejected_rewards.detach().tolist(), "delta": float(delta),
+            "losses": losses.detach().tolist(),
+            "chosen_rewards": chosen_rewards.detach().tolist(),
+            "rejected_rewards": rejected_rewards.detach().tolist(),
+            "delta": float(delta),
         }
         return losses, chosen_rewards, rejected_rewards, delta
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         RecordingBCOTrainer.rec.setdefault("loss", float((loss[0] if return_outputs else loss).detach()))
         return loss
 
@@ -162,18 +164,31 @@ def run_case(rows, tok, policy_dir, ref_dir, workdir, udm: bool, bf16: bool = Fa
     RecordingBCOTrainer.rec = {}
     policy, ref = load_model(policy_dir), load_model(ref_dir)
     args = BCOConfig(
-        output_dir=str(workdir / f"{'udm' if udm else 'plain'}{'-bf16' if bf16 else ''}"), per_device_train_batch_size=8,
-        gradient_accumulation_steps=1, learning_rate=0.0, max_steps=1, logging_steps=1, report_to="none",
-        use_cpu=True, save_strategy="no", seed=42, beta=BETA, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(workdir / f"{'udm' if udm else 'plain'}{'-bf16' if bf16 else ''}"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        learning_rate=0.0,
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=42,
+        beta=BETA,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
         bf16=bf16,
     )
     kwargs = dict(embedding_func=embedding_func, embedding_tokenizer=tok) if udm else {}
-    trainer = RecordingBCOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok,
-                                  train_dataset=Dataset.from_list(rows), **kwargs)
+    trainer = RecordingBCOTrainer(
+        model=policy, ref_model=ref, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows), **kwargs
+    )
     ds = trainer.train_dataset
-    tokenized = {"prompt_input_ids": [list(map(int, x)) for x in ds["prompt_input_ids"]],
-                 "completion_input_ids": [list(map(int, x)) for x in ds["completion_input_ids"]],
-                 "label": [bool(x) for x in ds["label"]]}
+    tokenized = {
+        "prompt_input_ids": [list(map(int, x)) for x in ds["prompt_input_ids"]],
+        "completion_input_ids": [list(map(int, x)) for x in ds["completion_input_ids"]],
+        "label": [bool(x) for x in ds["label"]],
+    }
     trainer.train()
     rec = RecordingBCOTrainer.rec
     labels = rec["batch"]["label"]
@@ -200,14 +215,21 @@ def run_case(rows, tok, policy_dir, ref_dir, workdir, udm: bool, bf16: bool = Fa
         chosen_sample, rejected_sample = rec["udm_samples"]
         be = rec["batch_embeddings"]
         out["udm"] = {
-            "min_density_ratio": args.min_density_ratio, "max_density_ratio": args.max_density_ratio,
+            "min_density_ratio": args.min_density_ratio,
+            "max_density_ratio": args.max_density_ratio,
             "prompt_sample_size": args.prompt_sample_size,
-            "sample_chosen": chosen_sample, "sample_rejected": rejected_sample,
+            "sample_chosen": chosen_sample,
+            "sample_rejected": rejected_sample,
             "batch_embeddings": per_row(labels, be["chosen"], be["rejected"]),
-            "prob_rejected": rec["udm_prob"], "weight_rejected": rec["udm_weight_rejected"],
-            "clf": {"classes": clf.classes_.tolist(), "coef": clf.coef_.tolist(), "dtype": str(clf.coef_.dtype),
-                    "intercept": clf.intercept_.tolist(), "params": {k: v for k, v in clf.get_params().items()
-                                                                       if isinstance(v, (int, float, str, type(None)))}},
+            "prob_rejected": rec["udm_prob"],
+            "weight_rejected": rec["udm_weight_rejected"],
+            "clf": {
+                "classes": clf.classes_.tolist(),
+                "coef": clf.coef_.tolist(),
+                "dtype": str(clf.coef_.dtype),
+                "intercept": clf.intercept_.tolist(),
+                "params": {k: v for k, v in clf.get_params().items() if isinstance(v, (int, float, str, type(None)))},
+            },
         }
         with open(OUT_CLF, "wb") as f:
             pickle.dump(clf, f)
@@ -222,18 +244,33 @@ def main() -> None:
         tmp = Path(tmp)
         policy_dir = materialize_tiny_model(tmp / "policy", seed=POLICY_SEED)
         ref_dir = materialize_tiny_model(tmp / "ref", seed=REF_SEED)
-        fingerprints = {"policy": weights_fingerprint(load_model(policy_dir)),
-                        "ref": weights_fingerprint(load_model(ref_dir)),
-                        "tokenizer.json": sha256_file(tokenizer_path() / "tokenizer.json")}
+        fingerprints = {
+            "policy": weights_fingerprint(load_model(policy_dir)),
+            "ref": weights_fingerprint(load_model(ref_dir)),
+            "tokenizer.json": sha256_file(tokenizer_path() / "tokenizer.json"),
+        }
         plain = run_case(rows, tok, policy_dir, ref_dir, tmp, udm=False)
         udm = run_case(rows, tok, policy_dir, ref_dir, tmp, udm=True)
         bf16 = run_case(rows, tok, policy_dir, ref_dir, tmp, udm=False, bf16=True)  # printed, not stored
     result = {
-        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-                     "sklearn": sklearn.__version__, "numpy": np.__version__},
-        "settings": {"beta": BETA, "policy_seed": POLICY_SEED, "ref_seed": REF_SEED,
-                     "max_length": 1024, "bf16": False, "per_device_train_batch_size": 8, "learning_rate": 0.0,
-                     "attn_implementation": "sdpa", "dtype": "float32"},
+        "versions": {
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "sklearn": sklearn.__version__,
+            "numpy": np.__version__,
+        },
+        "settings": {
+            "beta": BETA,
+            "policy_seed": POLICY_SEED,
+            "ref_seed": REF_SEED,
+            "max_length": 1024,
+            "bf16": False,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 0.0,
+            "attn_implementation": "sdpa",
+            "dtype": "float32",
+        },
         "fingerprints": fingerprints,
         "rows": rows,
         "plain": plain,
@@ -242,8 +279,12 @@ def main() -> None:
     OUT_JSON.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {OUT_JSON} ({OUT_JSON.stat().st_size} B) and {OUT_CLF} ({OUT_CLF.stat().st_size} B)")
     for name, r in (("plain", plain), ("udm", udm), ("trl defaults (bf16 autocast)", bf16)):
-        print(name, {k: r["log"].get(k) for k in ("loss", "rewards/chosen", "rewards/rejected", "delta")},
-              "loss(unlogged)", r["loss"])
+        print(
+            name,
+            {k: r["log"].get(k) for k in ("loss", "rewards/chosen", "rewards/rejected", "delta")},
+            "loss(unlogged)",
+            r["loss"],
+        )
         print("   policy_logps", r["policy_logps"])
         print("   ref_logps   ", r["ref_logps"])
 

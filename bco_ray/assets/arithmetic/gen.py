@@ -11,6 +11,7 @@ that BCO's UDM density-ratio weighting corrects.
 Stdlib only; re-running gives byte-identical files:
     python bco_ray/assets/arithmetic/gen.py
 """
+
 from __future__ import annotations
 
 import json
@@ -29,21 +30,42 @@ def _a_ge_b(a: int, r: random.Random) -> tuple[int, int]:
 
 # family -> (share of correct answers, operand sampler, result fn, phrasings)
 FAMILIES = {
-    "add": (0.80, lambda r: (r.randint(1, 99), r.randint(1, 99)), lambda a, b: a + b,
-            ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.",
-             "What is the sum of {a} and {b}?"]),
-    "double": (0.75, lambda r: (r.randint(2, 499),), lambda a: 2 * a,
-               ["What is double {a}?", "Double the number {a}.", "What is twice {a}?"]),
-    "sub": (0.55, lambda r: _a_ge_b(r.randint(10, 99), r), lambda a, b: a - b,
-            ["What is {a} - {b}?", "Subtract {b} from {a}.", "What is {a} minus {b}?"]),
-    "max": (0.50, lambda r: tuple(r.sample(range(1, 200), 2)), max,
-            ["Which is larger, {a} or {b}?", "What is the max of {a} and {b}?"]),
-    "mul": (0.20, lambda r: (r.randint(3, 19), r.randint(3, 19)), lambda a, b: a * b,
-            ["What is {a} * {b}?", "Multiply {a} by {b}.", "What is {a} times {b}?"]),
-    "hard": (0.15, lambda r: (r.randint(11, 49), r.randint(3, 19), r.randint(2, 99)),
-             lambda a, b, c: a * b + c,
-             ["What is {a} * {b} + {c}?", "Multiply {a} by {b}, then add {c}.",
-              "Compute {a} times {b} plus {c}."]),
+    "add": (
+        0.80,
+        lambda r: (r.randint(1, 99), r.randint(1, 99)),
+        lambda a, b: a + b,
+        ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "What is the sum of {a} and {b}?"],
+    ),
+    "double": (
+        0.75,
+        lambda r: (r.randint(2, 499),),
+        lambda a: 2 * a,
+        ["What is double {a}?", "Double the number {a}.", "What is twice {a}?"],
+    ),
+    "sub": (
+        0.55,
+        lambda r: _a_ge_b(r.randint(10, 99), r),
+        lambda a, b: a - b,
+        ["What is {a} - {b}?", "Subtract {b} from {a}.", "What is {a} minus {b}?"],
+    ),
+    "max": (
+        0.50,
+        lambda r: tuple(r.sample(range(1, 200), 2)),
+        max,
+        ["Which is larger, {a} or {b}?", "What is the max of {a} and {b}?"],
+    ),
+    "mul": (
+        0.20,
+        lambda r: (r.randint(3, 19), r.randint(3, 19)),
+        lambda a, b: a * b,
+        ["What is {a} * {b}?", "Multiply {a} by {b}.", "What is {a} times {b}?"],
+    ),
+    "hard": (
+        0.15,
+        lambda r: (r.randint(11, 49), r.randint(3, 19), r.randint(2, 99)),
+        lambda a, b, c: a * b + c,
+        ["What is {a} * {b} + {c}?", "Multiply {a} by {b}, then add {c}.", "Compute {a} times {b} plus {c}."],
+    ),
 }
 SUFFIX = "\nAnswer:"
 COMPLETION_STYLES = [" {n}"] * 6 + [" {n}.", " The answer is {n}."]

@@ -5,6 +5,7 @@ writes tokenizer.json, tokenizer_config.json and special_tokens_map.json next
 to this file, loadable with ``AutoTokenizer.from_pretrained(<this dir>)``:
     python bco_ray/assets/tokenizer/build.py
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]  # ids 0
 # pre-tokenizer of transformers' Qwen2Tokenizer matters: with transformers 5,
 # AutoTokenizer on a directory whose config.json says model_type "qwen2" builds a
 # Qwen2Tokenizer from our vocab/merges with *its* pre-tokenizer, ignoring ours.
-SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
-               r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -60,10 +63,12 @@ def corpus() -> list[str]:
 def build() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -84,20 +89,27 @@ def main() -> None:
     tok = build()
     assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
     tok.save(str(HERE / "tokenizer.json"), pretty=True)
-    special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-               "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+    special = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+    }
     write_json(HERE / "special_tokens_map.json", special)
-    write_json(HERE / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special,
-        "unk_token": None,  # byte-level: no unknowns (and no Qwen2 "<|endoftext|>" default)
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 2048,
-        "padding_side": "right",
-        "chat_template": CHAT_TEMPLATE,
-    })
+    write_json(
+        HERE / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "unk_token": None,  # byte-level: no unknowns (and no Qwen2 "<|endoftext|>" default)
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 2048,
+            "padding_side": "right",
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
 
 
 if __name__ == "__main__":
