@@ -35,6 +35,7 @@ test-fast: setup
 # ruff, configured in pyproject.toml: `lint` checks (the fast tier runs it too), `fmt` fixes imports and formats.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 fmt: setup
 	$(VENV)/bin/ruff check --fix --select I .

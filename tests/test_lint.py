@@ -1,4 +1,5 @@
-"""`ruff check` (the rules in pyproject.toml's [tool.ruff]) passes on the whole repository, as `make lint` runs it."""
+"""`ruff check` and `ruff format --check` (pyproject.toml's [tool.ruff]) pass on the whole repository, as `make lint`
+runs them; every Python file stays under 400 lines."""
 
 from __future__ import annotations
 
@@ -20,3 +21,16 @@ def test_ruff_check_passes():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_ruff_format_leaves_nothing_to_change():
+    ruff = Path(sys.executable).parent / "ruff"
+    proc = subprocess.run([str(ruff), "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, "run `make fmt`:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_every_python_file_is_under_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.glob("[!.]*/**/*.py")
+            if (n := len(p.read_text().splitlines())) >= 400}
+    assert not long, f"split these into modules with one job each: {long}"

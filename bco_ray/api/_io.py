@@ -160,19 +160,6 @@ def _read_parquet_dir(uri: str):
     return pq.read_table(path, filesystem=fs)
 
 
-class _TableShard:
-    """What bco_ray.train.evaluate needs from a Ray dataset shard, over an in-memory pyarrow Table."""
-
-    def __init__(self, table):
-        self.table = table
-
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy", **_):
-        cols = ["input_ids", "prompt_len", "label", "ref_logps", "udm_weight"]
-        for i in range(0, self.table.num_rows, batch_size):
-            part = self.table.slice(i, batch_size)
-            yield {c: part.column(c).to_pylist() for c in cols}
-
-
 def _load_model_dir(path: str):
     path = local_model_dir(path)
     p = Path(path)

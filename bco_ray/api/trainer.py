@@ -12,17 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bco_ray.api import _evaluate
 from bco_ray.api._io import (
     _as_dataset,
-    _cuda,
     _dumps_by_value,
     _is_peft_model,
     _load_model_dir,
     _lora,
-    _read_parquet_dir,
-    _rows_of_spec,
     _save_by_content,
-    _TableShard,
     inputs_root,
 )
 from bco_ray.api._mapping import _to_config
@@ -80,49 +77,24 @@ class BCOTrainer:
         embedding_func: Callable | None = None,
         embedding_tokenizer=None,
     ):
-        if model_init is not None:
-            raise NotImplementedError(
-                "BCOTrainer(model_init=...) is not supported: pass model (an object, a hub id or a local directory)"
-            )
-        if model is None:
-            raise ValueError("BCOTrainer needs a model (an object, a hub id or a local directory)")
-        if train_dataset is None:
-            raise ValueError("BCOTrainer needs a train_dataset")
-        if args is None:
-            args = BCOConfig()
-        if not isinstance(args, BCOConfig):
-            raise TypeError(f"args must be a bco_ray.BCOConfig, got {type(args).__name__}")
-        for name, value in (
-            ("data_collator", data_collator),
-            ("callbacks", callbacks),
-            ("preprocess_logits_for_metrics", preprocess_logits_for_metrics),
-            ("compute_metrics", compute_metrics),
-            ("model_adapter_name", model_adapter_name),
-            ("ref_adapter_name", ref_adapter_name),
-        ):
-            if value is not None:
-                warnings.warn(
-                    f"BCOTrainer({name}=...) has no effect in bco-ray: the Ray workers run their own "
-                    "collation, loop and metrics",
-                    BCOConfigWarning,
-                    stacklevel=2,
-                )
-        if optimizers is not None and any(o is not None for o in optimizers):
-            warnings.warn(
-                "BCOTrainer(optimizers=...) has no effect in bco-ray: each worker builds DeepSpeed's AdamW "
-                "and the lr_scheduler_type schedule",
-                BCOConfigWarning,
-                stacklevel=2,
-            )
-        if (embedding_func is None) != (embedding_tokenizer is None):
-            raise ValueError("UDM needs both embedding_func and embedding_tokenizer (as in TRL)")
-        if _is_peft_model(model):
-            raise ValueError(
-                "pass the base model and peft_config=LoraConfig(...) instead of a PeftModel: the "
-                "workers apply LoRA themselves"
-            )
-        if not isinstance(model, (str, os.PathLike)) and processing_class is None:
-            raise ValueError("processing_class (the tokenizer) must be given with an in-memory model")
+        args = _checked_args(
+            model,
+            args,
+            train_dataset,
+            model_init,
+            optimizers,
+            embedding_func,
+            embedding_tokenizer,
+            processing_class,
+            ignored={
+                "data_collator": data_collator,
+                "callbacks": callbacks,
+                "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
+                "compute_metrics": compute_metrics,
+                "model_adapter_name": model_adapter_name,
+                "ref_adapter_name": ref_adapter_name,
+            },
+        )
         if ref_model is model:
             ref_model = None
 
@@ -359,86 +331,63 @@ class BCOTrainer:
         With no argument it scores the run's precomputed eval split (the one trained with): the numbers equal the
         run's final `eval/*` metrics. A new `eval_dataset` is tokenized, scored by the reference model and
         weighted by the run's UDM classifier here, then evaluated the same way."""
-        from bco_ray.bco.loss import RunningMean
-        from bco_ray.train.evaluate import evaluate as bco_evaluate
-
         if self.result is None:
             raise RuntimeError(
                 "evaluate() scores the trained model with the run's δ and UDM classifier: call train() first"
             )
-        t0 = time.time()
-        cfg = self.config
         if eval_dataset is None and self.eval_dataset is None:
             raise ValueError("no eval_dataset: pass one to evaluate() or to BCOTrainer")
-        if eval_dataset is None:
-            table = _read_parquet_dir(f"{self.result.raw.precompute_dir}/split=eval")
-        else:
-            table = self._precompute_eval(eval_dataset)
-        model = self.model
-        import torch
-
-        device = next(model.parameters()).device
-        eval_cfg = dataclasses.replace(
-            cfg, train=dataclasses.replace(cfg.train, micro_batch_size=self.args.per_device_eval_batch_size)
-        )
-        delta = RunningMean(mean=float(self.result.raw.final["delta"]), count=1.0)
-        from bco_ray.models import load_tokenizer
-
-        pad_id = load_tokenizer(cfg.model.tokenizer or cfg.model.policy, cfg.model.revision).pad_token_id
-        with torch.no_grad():
-            m = bco_evaluate(model, _TableShard(table), delta, eval_cfg, pad_id, device, rank=0, world=1)
+        t0 = time.time()
+        raw = self.result.raw
+        table = _evaluate.eval_table(self.config, raw.precompute_dir, eval_dataset)
+        m = _evaluate.score(self.model, table, self.config, raw.final["delta"], self.args.per_device_eval_batch_size)
         out = {f"{metric_key_prefix}_{k.split('/', 1)[1]}": float(v) for k, v in m.items()}
         out[f"{metric_key_prefix}_runtime"] = round(time.time() - t0, 3)
         out[f"{metric_key_prefix}_samples"] = table.num_rows
         return out
 
-    def _precompute_eval(self, eval_dataset):
-        """The Ray Data pass's stages, called directly on this process for one (small) eval set."""
-        import pyarrow as pa
-
-        from bco_ray.bco.udm import classifier_from_json
-        from bco_ray.models import reference_dtype
-        from bco_ray.precompute import pipeline, stages
-        from bco_ray.run import resolve_paths
-
-        cfg, p, d = self.config, self.config.precompute, self.config.data
-        paths, _ = resolve_paths(cfg)
-        if isinstance(eval_dataset, (str, os.PathLike)):
-            rows = _rows_of_spec(os.fspath(eval_dataset))
-        else:
-            rows = list(_as_dataset(eval_dataset, "eval"))
-        table = stages.tokenize(
-            pa.Table.from_pylist(rows),
-            tokenizer_path=paths.tokenizer,
-            revision=cfg.model.revision,
-            max_length=d.max_length,
-            max_prompt_length=d.max_prompt_length,
-            on_bad_rows=d.on_bad_rows,
-            source="eval_dataset",
-            split="eval",
-        )
-        gpus = 1.0 if _cuda() else 0.0
-        table = stages.RefLogps(
-            model_path=paths.reference,
-            revision=cfg.model.revision,
-            dtype=reference_dtype(cfg),
-            num_gpus=gpus,
-            token_budget=p.token_budget,
-            chunk_size=p.logp_chunk_size,
-            pad_id=paths.pad_id,
-            attn_implementation=cfg.model.attn_implementation,
-        )(table)
-        if not cfg.udm.enabled:
-            return stages.unit_weights(table)
-        clf_path = f"{self.result.raw.precompute_dir}/classifier.json"
-        import fsspec
-
-        with fsspec.open(clf_path, "rb") as f:
-            clf_bytes = f.read()
-        classifier_from_json(clf_bytes)  # fail here, clearly, on a broken file
-        kwargs = pipeline.embed_kwargs(cfg, paths, clf_bytes)
-        kwargs["num_gpus"] = gpus
-        return stages.Embed(**kwargs)(table)
-
 
 # ============================================================================================ helpers
+
+
+def _checked_args(
+    model, args, train_dataset, model_init, optimizers, embedding_func, embedding_tokenizer, processing_class, ignored
+) -> BCOConfig:
+    """BCOTrainer's arguments checked as TRL's call shape allows them; the BCOConfig to use."""
+    if model_init is not None:
+        raise NotImplementedError(
+            "BCOTrainer(model_init=...) is not supported: pass model (an object, a hub id or a local directory)"
+        )
+    if model is None:
+        raise ValueError("BCOTrainer needs a model (an object, a hub id or a local directory)")
+    if train_dataset is None:
+        raise ValueError("BCOTrainer needs a train_dataset")
+    if args is None:
+        args = BCOConfig()
+    if not isinstance(args, BCOConfig):
+        raise TypeError(f"args must be a bco_ray.BCOConfig, got {type(args).__name__}")
+    for name, value in ignored.items():
+        if value is not None:
+            warnings.warn(
+                f"BCOTrainer({name}=...) has no effect in bco-ray: the Ray workers run their own "
+                "collation, loop and metrics",
+                BCOConfigWarning,
+                stacklevel=3,
+            )
+    if optimizers is not None and any(o is not None for o in optimizers):
+        warnings.warn(
+            "BCOTrainer(optimizers=...) has no effect in bco-ray: each worker builds DeepSpeed's AdamW "
+            "and the lr_scheduler_type schedule",
+            BCOConfigWarning,
+            stacklevel=3,
+        )
+    if (embedding_func is None) != (embedding_tokenizer is None):
+        raise ValueError("UDM needs both embedding_func and embedding_tokenizer (as in TRL)")
+    if _is_peft_model(model):
+        raise ValueError(
+            "pass the base model and peft_config=LoraConfig(...) instead of a PeftModel: the "
+            "workers apply LoRA themselves"
+        )
+    if not isinstance(model, (str, os.PathLike)) and processing_class is None:
+        raise ValueError("processing_class (the tokenizer) must be given with an in-memory model")
+    return args

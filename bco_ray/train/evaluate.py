@@ -10,26 +10,28 @@ from sklearn.metrics import roc_auc_score
 from bco_ray.train.metrics import WindowSums
 from bco_ray.train.step import bco_forward, collate
 
-_CACHE: dict = {}
+
+def read_batches(eval_shard, batch_size: int) -> list[dict]:
+    """The eval split is small and scored at every eval: the recipe reads its shard once, into memory."""
+    return list(eval_shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
 
 
-def _eval_batches(eval_shard, batch_size: int) -> list:
-    """The eval split is small and read every eval: stream it once per worker, keep it in memory."""
-    key = (id(eval_shard), batch_size)
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = list(eval_shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
-    return _CACHE[key]
+def table_batches(table, batch_size: int) -> list[dict]:
+    """The same batches from an in-memory pyarrow Table of precomputed rows (`BCOTrainer.evaluate`)."""
+    cols = ["input_ids", "prompt_len", "label", "ref_logps", "udm_weight"]
+    return [
+        {c: table.slice(i, batch_size).column(c).to_pylist() for c in cols}
+        for i in range(0, table.num_rows, batch_size)
+    ]
 
 
 @torch.no_grad()
-def evaluate(model, eval_shard, delta, cfg, pad_id: int, device, rank: int, world: int) -> dict[str, float]:
-    """Every rank reads the whole (small) eval split and scores micro-batches j with j % world == rank.
-    All ranks run the same number of forwards (ZeRO-3 gathers need every rank): a rank with no batch
-    left repeats its last one and drops the result."""
+def evaluate(model, batches: list[dict], delta, cfg, pad_id: int, device, rank: int, world: int) -> dict[str, float]:
+    """`batches`: the whole (small) eval split, on every rank (read_batches / table_batches). Each rank scores
+    micro-batches j with j % world == rank. All ranks run the same number of forwards (ZeRO-3 gathers need
+    every rank): a rank with no batch left repeats its last one and drops the result."""
     was_training = model.training
     model.eval()
-    batches = _eval_batches(eval_shard, cfg.train.micro_batch_size)
     n_rounds = (len(batches) + world - 1) // world
     sums, margins, labels = WindowSums(), [], []
     for r in range(n_rounds):

@@ -30,7 +30,7 @@ from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops
 from bco_ray.train.batching import backward, packed_micro_batches, padded_micro_batches, set_boundary
 from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
 from bco_ray.train.ds_config import deepspeed_config, use_bf16
-from bco_ray.train.evaluate import evaluate
+from bco_ray.train.evaluate import evaluate, read_batches
 from bco_ray.train.policy import build_policy, save_final_model
 from bco_ray.train.snapshots import save_snapshot
 from bco_ray.train.step import micro_batch_loss
@@ -158,6 +158,7 @@ class BCORecipe:
         self.chunk = self.cfg.precompute.logp_chunk_size
         self.shard = ray.train.get_dataset_shard("train")  # the whole ordered split: see batching.rank_batches
         self.eval_ds = ray.train.get_dataset_shard("eval") if self.config.get("has_eval") else None
+        self.eval_batches = None  # read once, at the first eval
 
     def _micro_batches(self):
         """(batch, row ids, micro-batch units, last of the optimizer step) from this epoch's `skip` on."""
@@ -251,8 +252,10 @@ class BCORecipe:
         self.t_window = time.time()
 
     def _evaluate(self) -> dict:
+        if self.eval_batches is None:
+            self.eval_batches = read_batches(self.eval_ds, self.t.micro_batch_size)
         return evaluate(
-            self.engine.module, self.eval_ds, self.delta, self.cfg, self.pad_id, self.device, self.rank, self.world
+            self.engine.module, self.eval_batches, self.delta, self.cfg, self.pad_id, self.device, self.rank, self.world
         )
 
     def evaluate_mid_run(self) -> None:

@@ -1,0 +1,72 @@
+"""`BCOTrainer.evaluate`: the trained model scored on this (driver) process with the run's final δ, by the same
+functions the job uses. A new eval set goes through the pass's own stages (tokenize → reference log-probs →
+UDM weights), called directly on one small table instead of through Ray Data."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import fsspec
+import pyarrow as pa
+import torch
+
+from bco_ray.api._io import _as_dataset, _cuda, _read_parquet_dir, _rows_of_spec
+from bco_ray.bco.loss import RunningMean
+from bco_ray.bco.udm import classifier_from_json
+from bco_ray.config import Config
+from bco_ray.job_checks import resolve_paths
+from bco_ray.models import load_tokenizer, reference_dtype
+from bco_ray.precompute import pipeline, stages
+from bco_ray.train.evaluate import evaluate, table_batches
+
+
+def eval_table(cfg: Config, precompute_dir: str, eval_dataset=None) -> pa.Table:
+    """The run's precomputed eval split (None), or `eval_dataset` (rows, a Dataset or a data spec) scored now."""
+    if eval_dataset is None:
+        return _read_parquet_dir(f"{precompute_dir}/split=eval")
+    if isinstance(eval_dataset, (str, os.PathLike)):
+        rows = _rows_of_spec(os.fspath(eval_dataset))
+    else:
+        rows = list(_as_dataset(eval_dataset, "eval"))
+    paths, _ = resolve_paths(cfg)
+    d, p = cfg.data, cfg.precompute
+    table = stages.tokenize(
+        pa.Table.from_pylist(rows),
+        tokenizer_path=paths.tokenizer,
+        revision=cfg.model.revision,
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        on_bad_rows=d.on_bad_rows,
+        source="eval_dataset",
+        split="eval",
+    )
+    gpus = 1.0 if _cuda() else 0.0
+    table = stages.RefLogps(
+        model_path=paths.reference,
+        revision=cfg.model.revision,
+        dtype=reference_dtype(cfg),
+        num_gpus=gpus,
+        token_budget=p.token_budget,
+        chunk_size=p.logp_chunk_size,
+        pad_id=paths.pad_id,
+        attn_implementation=cfg.model.attn_implementation,
+    )(table)
+    if not cfg.udm.enabled:
+        return stages.unit_weights(table)
+    with fsspec.open(f"{precompute_dir}/classifier.json", "rb") as f:
+        clf_bytes = f.read()
+    classifier_from_json(clf_bytes)  # fail here, clearly, on a broken file
+    kwargs = pipeline.embed_kwargs(cfg, paths, clf_bytes)
+    kwargs["num_gpus"] = gpus
+    return stages.Embed(**kwargs)(table)
+
+
+def score(model, table: pa.Table, cfg: Config, final_delta: float, batch_size: int) -> dict[str, float]:
+    """eval/* metrics of `model` on the table's rows, as the job's eval computes them (one rank)."""
+    eval_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=batch_size))
+    pad_id = load_tokenizer(cfg.model.tokenizer or cfg.model.policy, cfg.model.revision).pad_token_id
+    device = next(model.parameters()).device
+    delta = RunningMean(mean=float(final_delta), count=1.0)
+    with torch.no_grad():
+        return evaluate(model, table_batches(table, batch_size), delta, eval_cfg, pad_id, device, rank=0, world=1)
