@@ -41,9 +41,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = (
-        BUILTIN_TRAIN  # .jsonl/.json/.parquet file, a directory of them, or hf:<id>[@revision][/subset][:split]
-    )
+    train: str = BUILTIN_TRAIN  # .jsonl/.json/.parquet file, a directory of them, hf:<id>[@rev][/subset][:split]
     eval: str | None = BUILTIN_EVAL  # held-out rows for eval/* metrics, same forms as data.train; none: no eval
     max_length: int = 1024  # tokens per row (prompt + completion); longer rows are cut
     max_prompt_length: int = 512  # prompt tokens kept (its end) when a row is too long
@@ -71,9 +69,7 @@ class PrecomputeConfig:
     batch_size: int = 256  # rows handed to one actor call
     token_budget: int = 16384  # padded tokens per forward inside an actor call
     ref_actors: tuple[int, int] = (1, 1)  # scoring actors (tokenize + reference + UDM embeddings): (min, max) pool size
-    local_shuffle_max_rows: int = (
-        200_000  # up to this many train rows: one seeded permutation, not an all-to-all shuffle
-    )
+    local_shuffle_max_rows: int = 200_000  # up to this many train rows: a seeded permutation, not an all-to-all shuffle
     num_gpus_per_actor: float = 0.0  # >0 puts each scoring actor on a GPU
     logp_chunk_size: int = 1024  # completion positions per chunk of the output head's log-softmax
 
@@ -87,7 +83,7 @@ class LoraConfig:
     save_merged: bool = True  # also save the adapter merged into the base model (plain HF model)
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )  # modules that get adapters
+    )  # modules given adapters
 
 
 @dataclass

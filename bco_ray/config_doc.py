@@ -1,5 +1,6 @@
 """The config's fields as the command line documents them: dotted name, type, default and the one-line doc that
-is the field's comment in its dataclass (a comment continued on the lines below it is joined into one line)."""
+is the field's comment in its dataclass (a comment continued on the lines below it is joined into one line; a
+definition `ruff format` spread over several lines has its comment on one of them)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ class FieldDoc:
     doc: str
 
 
+def _continues(line: str) -> bool:
+    """A line inside a field's definition spread over several lines (`= field(`, `default_factory=...`, `)`)."""
+    text = line.strip()
+    return bool(text) and (text[0] in ")]}" or "=" in text)
+
+
 def _comments(cls: type) -> dict[str, str]:
     """{field: its trailing comment, continuation lines joined} from the dataclass's source."""
     out: dict[str, str] = {}
@@ -34,10 +41,13 @@ def _comments(cls: type) -> dict[str, str]:
             out[last] = f"{out[last]} {only.group(1).strip()}".strip()
             continue
         m = _FIELD.match(line)
-        last = None
         if m and m.group(1) in {f.name for f in dataclasses.fields(cls)}:
             last = m.group(1)
             out[last] = (m.group(2) or "").strip()
+        elif last is not None and not out[last] and "#" in line:  # a definition formatted over several lines
+            out[last] = line.split("#", 1)[1].strip()
+        elif not _continues(line):
+            last = None
     return out
 
 
