@@ -67,7 +67,8 @@ class PrecomputeConfig:
     cache_dir: str | None = None  # None: $BCO_RAY_STORAGE/cache, else <output_dir>/cache; local path or URI (s3://...)
     force: bool = False  # recompute the pass even when the cache holds it
     batch_size: int = 256  # rows handed to one actor call
-    token_budget: int = 16384  # padded tokens per forward inside an actor call
+    token_budget: int = 16384  # tokens per forward inside an actor call (padding included when not packed)
+    packed: bool = True  # score rows packed back to back (no padding, attention within each row); false: padded
     ref_actors: tuple[int, int] = (1, 1)  # scoring actors (tokenize + reference + UDM embeddings): (min, max) pool size
     local_shuffle_max_rows: int = 200_000  # up to this many train rows: a seeded permutation, not an all-to-all shuffle
     num_gpus_per_actor: float = 0.0  # >0 puts each scoring actor on a GPU

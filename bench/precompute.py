@@ -55,6 +55,7 @@ def parse_args(argv=None):
         help="ours: padded tokens per forward (default 65536 on GPU, 16384 on CPU)",
     )
     p.add_argument("--block-rows", type=int, default=256, help="ours: rows per RefLogps call (Ray Data batch_size)")
+    p.add_argument("--padded", action="store_true", help="ours: right-padded sub-batches (precompute.packed=false)")
     p.add_argument("--chunk-size", type=int, default=1024, help="ours: completion positions per lm_head chunk")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
     p.add_argument("--attn", default="auto", help="ours: auto (flash_attention_2 if importable, else sdpa) | sdpa")
@@ -148,6 +149,7 @@ def run_ours(a, path, rows, dtype_name, device, lengths, n_flops, attn_flops, pe
             a.chunk_size,
             C.PAD_ID,
             attn_implementation=attn,
+            packed=not a.padded,
         )
     n = len(lengths)
     stage(to_table(rows, 0, min(n, 16)))  # warm-up, not timed
@@ -172,7 +174,6 @@ def run_ray(a, path, rows, dtype_name, device, lengths, attn) -> dict:
 
     gpus = 1 if device.type == "cuda" else 0
     ray.init(
-        num_cpus=4,
         num_gpus=gpus,
         include_dashboard=False,
         log_to_driver=False,
@@ -199,6 +200,7 @@ def run_ray(a, path, rows, dtype_name, device, lengths, attn) -> dict:
                         chunk_size=a.chunk_size,
                         pad_id=C.PAD_ID,
                         attn_implementation=attn,
+                        packed=not a.padded,
                     ),
                     **({"num_gpus": gpus} if gpus else {}),
                 )

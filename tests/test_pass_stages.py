@@ -123,31 +123,40 @@ def test_reference_scores_in_the_training_dtype():
     assert reference_dtype(load_config(overrides={"model": {"dtype": "float16"}})) == "float16"
 
 
-def test_bf16_reference_equal_to_the_policy_gives_zero_step0_rewards(setup):
-    """The reference = the policy's initial weights, both in bf16 (as on a GPU): r = β(log π − log π_ref) = 0."""
-    from bco_ray.bco.logprobs import policy_completion_logps
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_reference_equal_to_the_policy_gives_zero_step0_rewards(setup, packed):
+    """The reference = the policy's initial weights, both in bf16 (as on a GPU): r = β(log π − log π_ref) = 0,
+    bitwise, with the pass and the trainer each in its default layout (packed: rows packed differently on each
+    side, as they are) or both padded (precompute.packed=false, train.micro_batch_tokens=0)."""
+    from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps
+    from bco_ray.data.packing import collate_packed
     from bco_ray.models import load_causal_lm
     from bco_ray.train.step import collate
 
     cfg, paths = setup
-    cfg = load_config(overrides={**cfg.to_dict(), "train": {"bf16": True}})
+    cfg = load_config(overrides={**cfg.to_dict(), "train": {"bf16": True}, "precompute": {"packed": packed}})
     kw = pipeline._score_kwargs(cfg, paths, {True: 20, False: 20}, None)
     tok = stages.tokenize(
         pa.table({"text": [json.dumps(r) for r in ROWS[:16]]}), split="train", source="x", **kw["tokenize_kwargs"]
     )
     ref = stages.RefLogps(**kw["ref_kwargs"])(tok)
     policy = load_causal_lm(paths.policy, dtype=torch.bfloat16)  # as build_policy loads it for bf16
-    batch = collate(
-        {
-            k: np.asarray(ref.column(k).to_pylist(), dtype=object if k == "input_ids" else None)
-            for k in ("input_ids", "prompt_len", "label", "ref_logps")
-        }
-        | {"udm_weight": np.ones(16, dtype=np.float32)},
-        paths.pad_id,
-    )
+    cols = {
+        k: np.asarray(ref.column(k).to_pylist(), dtype=object if k == "input_ids" else None)
+        for k in ("input_ids", "prompt_len", "label", "ref_logps")
+    } | {"udm_weight": np.ones(16, dtype=np.float32)}
     with torch.no_grad():
-        logps = policy_completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["prompt_len"])
-    assert torch.equal(logps, batch["ref_logps"])
+        if packed:  # the trainer's packs: here, every other row, in reverse order
+            order = list(range(15, -1, -2)) + list(range(14, -1, -2))
+            batch = collate_packed(cols, order, paths.pad_id, 16)
+            logps = torch.empty(16, dtype=torch.float32)
+            logps[order] = packed_completion_logps(policy, batch).float()
+            expected = torch.as_tensor(cols["ref_logps"], dtype=torch.float32)
+        else:
+            batch = collate(cols, paths.pad_id)
+            logps = policy_completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["prompt_len"])
+            expected = batch["ref_logps"]
+    assert torch.equal(logps.float(), expected.float())
 
 
 @pytest.mark.parametrize("cpus", [1, 2])

@@ -51,6 +51,7 @@ def eval_table(cfg: Config, precompute_dir: str, eval_dataset=None) -> pa.Table:
         chunk_size=p.logp_chunk_size,
         pad_id=paths.pad_id,
         attn_implementation=cfg.model.attn_implementation,
+        packed=p.packed,
     )(table)
     if not cfg.udm.enabled:
         return stages.unit_weights(table)

@@ -62,6 +62,7 @@ def key_parts(cfg: Config, paths: Paths) -> dict:
         "on_bad_rows": d.on_bad_rows,
         "udm": u.enabled,
         "local_shuffle_max_rows": cfg.precompute.local_shuffle_max_rows,
+        "packed": cfg.precompute.packed,
     }
     if u.enabled:
         parts.update(
@@ -125,6 +126,7 @@ def _score_kwargs(cfg: Config, paths: Paths, counts: dict[bool, int], counters) 
             chunk_size=p.logp_chunk_size,
             pad_id=paths.pad_id,
             attn_implementation=cfg.model.attn_implementation,
+            packed=p.packed,
         ),
         embed_kwargs=embed_kwargs(cfg, paths) if u.enabled else None,
         # About 2×prompt_sample_size rows of each class are embedded for the classifier's sample (all rows

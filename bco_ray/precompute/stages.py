@@ -108,7 +108,7 @@ class RefLogps:
         chunk_size: int,
         pad_id: int,
         attn_implementation: str = "sdpa",
-        packed: bool = False,
+        packed: bool = True,
     ):
         self.device = _device(num_gpus)
         self.model = (
