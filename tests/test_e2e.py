@@ -92,5 +92,5 @@ def test_job_trains_logs_and_saves(tmp_path, tiny_overrides):
         out = trained(torch.tensor([[0, 5, 6, 7]])).logits
     assert torch.isfinite(out).all()
 
-    # The pass ran for this job (cache reuse is asserted in test_precompute.py and test_mlflow.py).
+    # The pass ran for this job (cache reuse is asserted in test_precompute.py and test_mlflow_jobs.py).
     assert "udm/accuracy" in run.data.metrics and run.data.tags["precompute.reused"] == "False"

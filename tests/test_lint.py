@@ -25,12 +25,14 @@ def test_ruff_check_passes():
 
 def test_ruff_format_leaves_nothing_to_change():
     ruff = Path(sys.executable).parent / "ruff"
-    proc = subprocess.run([str(ruff), "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [str(ruff), "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, "run `make fmt`:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
 def test_every_python_file_is_under_400_lines():
-    long = {str(p.relative_to(ROOT)): n for p in ROOT.glob("[!.]*/**/*.py")
-            if (n := len(p.read_text().splitlines())) >= 400}
+    long = {
+        str(p.relative_to(ROOT)): n for p in ROOT.glob("[!.]*/**/*.py") if (n := len(p.read_text().splitlines())) >= 400
+    }
     assert not long, f"split these into modules with one job each: {long}"

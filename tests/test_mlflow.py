@@ -1,24 +1,13 @@
-"""MLflow tracking and run comparison.
-
-Unit tests (a local SQLite store, no Ray): params within MLflow's limits, tracking URIs, a resumed run that
-logs nothing twice, the transformers-flavour model, plots and the comparison on synthetic runs, MFU.
-
-End to end (marked e2e) against a real `mlflow server` on 127.0.0.1, started once for the module: the tiny
-job runs with β=0.1; a job with β=0.5 fails after its MLflow run is open (its precompute cache cannot be
-created) and is marked FAILED; re-run under the same name it continues that MLflow run to FINISHED (this
-time through $MLFLOW_TRACKING_URI); `jobs/compare.py` then compares the two β runs."""
+"""MLflow tracking and run comparison, unit tests (a local SQLite store, no Ray): params within MLflow's limits,
+tracking URIs, a resumed run that logs nothing twice, the transformers-flavour model, plots and the comparison
+on synthetic runs, MFU. The end-to-end jobs against a real `mlflow server` are in tests/test_mlflow_jobs.py."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import matplotlib.image as mpimg
 import mlflow
 import pytest
 import yaml
@@ -26,62 +15,22 @@ from mlflow.tracking import MlflowClient
 
 from bco_ray.config import load_config
 from bco_ray.data.pass_summary import PrecomputeSummary
-from bco_ray.storage import resolve_locations
 from bco_ray.tracking import compare, mlflow_inputs, mlflow_model, mlflow_run, plots, throughput
 from bco_ray.tracking.step_logger import StepLogger
 
-from conftest import ROOT, MlflowServer, job_env
-
-PLOTS = {"loss", "rewards", "margins", "delta", "eval_auc", "overview", "udm_weights"}
-STEP_KEYS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "delta",
-    "learning_rate",
-    "grad_norm",
-    "logps/chosen",
-    "logps/rejected",
-    "tokens_per_second",
-    "samples_per_second",
-)
+from mlflow_helpers import PLOTS, metric_steps, mlflow_globals_restored, png_stats
 
 
-# ------------------------------------------------------------------------------------------- helpers
 @pytest.fixture(autouse=True)
 def _restore_mlflow_globals():
-    """mlflow.set_tracking_uri / set_experiment write os.environ; keep them from leaking into later tests."""
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    saved_uri = tracking_utils._tracking_uri
-    yield
-    while mlflow.active_run():
-        mlflow.end_run()
-    tracking_utils._tracking_uri = saved_uri
-    for k, v in saved_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with mlflow_globals_restored():
+        yield
 
 
 @pytest.fixture(scope="module")
 def local_store(tmp_path_factory) -> str:
     """One SQLite store for the unit tests (creating one costs several seconds)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow-unit') / 'mlflow.db'}"
-
-
-def _png(path) -> tuple[int, int, float]:
-    """(height, width, fraction of coloured pixels): empty axes are all black, white and grey (0.0); a plot
-    with its curves or bars drawn has colour (0.001 for two markers, 0.005 to 0.1 for curves and bars)."""
-    rgb = mpimg.imread(str(path))[..., :3]
-    return rgb.shape[0], rgb.shape[1], float(((rgb.max(-1) - rgb.min(-1)) > 0.25).mean())
-
-
-def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 # ---------------------------------------------------------------------------------------------- units
@@ -164,9 +113,11 @@ def test_failed_run_then_resume_logs_nothing_twice(local_store):
     assert run.data.tags["resume.count"] == "1" and run.data.tags["resume.previous_status"] == "FAILED"
     assert "train.max_steps: -1 -> 4" in run.data.tags["resume.changed_params"]
     assert run.data.params["train.max_steps"] == "-1"
-    assert _steps(client, run_id, "loss") == [1, 2, 3, 4]
+    assert metric_steps(client, run_id, "loss") == [1, 2, 3, 4]
     assert [m.value for m in client.get_metric_history(run_id, "loss") if m.step == 1] == [0.69]
-    assert _steps(client, run_id, "precompute/rows") == [0] and _steps(client, run_id, "udm/accuracy") == [0]
+    assert metric_steps(client, run_id, "precompute/rows") == [0] and metric_steps(client, run_id, "udm/accuracy") == [
+        0
+    ]
     assert not client.get_metric_history(run_id, "nan_is_dropped")
     arts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "config.resume-1.yaml", "precompute"} <= arts
@@ -192,7 +143,7 @@ def test_step_logger_keeps_points_when_the_server_is_down(local_store):
     assert len(logger.pending) == 1
     logger.client = good
     logger.log({"loss": 0.4}, 2)
-    assert not logger.pending and _steps(good, run_id, "loss") == [1, 2]
+    assert not logger.pending and metric_steps(good, run_id, "loss") == [1, 2]
     assert StepLogger({"tracking_uri": local_store, "run_id": run_id}, rank=1, buffered=False).active is False
 
 
@@ -220,7 +171,7 @@ def test_model_is_logged_in_the_transformers_flavour(local_store, tmp_path):
     assert [(m.name, str(m.status)) for m in models] == [("model", "READY")]
     assert model_tags["model.id"] == models[0].model_id and model_tags["model.registered_version"] == "1"
     assert {m.key: m.value for m in models[0].metrics} == {"loss": 0.5, "eval/auc": 0.7}
-    assert _steps(client, run.info.run_id, "loss") == [2, 3]  # linking logs no second point
+    assert metric_steps(client, run.info.run_id, "loss") == [2, 3]  # linking logs no second point
     (version,) = client.search_model_versions("name = 'bco-unit'")
     assert models[0].model_id in version.source and version.run_id == run.info.run_id
     assert "adapter/adapter_config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
@@ -307,7 +258,7 @@ def test_compare_and_plots_on_synthetic_runs(local_store, tmp_path):
     assert loss.mode == "min" and loss.runs[0].name == "beta-1.0"
     loss_png = compare.write_outputs(loss, str(tmp_path / "cmp"))["png"]
     for p in (paths["png"], loss_png):
-        h, w, colour = _png(p)
+        h, w, colour = png_stats(p)
         assert h > 400 and w > 800 and colour > 0.0005, p
     assert compare.direction("eval/loss") == "min" and compare.direction("rewards/margins") == "max"
     with pytest.raises(compare.CompareError, match="unit-sweep"):
@@ -318,7 +269,7 @@ def test_compare_and_plots_on_synthetic_runs(local_store, tmp_path):
     hist = {"edges": [0.5 + 0.475 * i for i in range(21)], "counts": [0, 5, 40, 60, 30, 10] + [0] * 13 + [2]}
     files.append(plots.plot_weight_hist(hist, str(tmp_path / "plots" / "udm_weights.png"), "beta-0.3", mean=2.1))
     for f in files:
-        assert _png(f)[2] > 0.0005, f
+        assert png_stats(f)[2] > 0.0005, f
 
 
 def test_peak_flops_table():
@@ -327,279 +278,3 @@ def test_peak_flops_table():
     assert throughput.peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 156e12
     assert throughput.peak_flops("NVIDIA A10G") is None and throughput.peak_flops("NVIDIA A10") == 125e12
     assert throughput.peak_flops("Some Future GPU") is None
-
-
-# ---------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on a free loopback port, SQLite backend, artifacts served over HTTP."""
-    d = tmp_path_factory.mktemp("mlflow-server")
-    server = MlflowServer(d, str(d / "artifacts"))
-    try:
-        yield server.wait().uri
-    finally:
-        server.stop()
-
-
-SUBMIT_COMMIT = "5ab1e" * 8
-# The generation eval has its own end-to-end test (test_e2e.py); these jobs are about what MLflow records.
-E2E_ARGS = [
-    "--train.max_steps=4",
-    "--train.logging_steps=1",
-    "--train.eval_steps=0",
-    "--udm.prompt_sample_size=64",
-    "--mlflow.experiment=beta-sweep",
-    "--eval.generate=false",
-]
-
-
-def _job(
-    tmp: Path, head, *overrides: str, env: dict | None = None, log: str = "job.log"
-) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "jobs" / "bco.py"), f"--output_dir={tmp / 'outputs'}", *E2E_ARGS, *overrides]
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=tmp, env=head.client_env(**(env or {})), capture_output=True, text=True, timeout=900)
-    (tmp / log).write_text(
-        f"{' '.join(cmd)}\n{time.time() - t0:.1f} s\n{proc.stdout}\n----- stderr -----\n{proc.stderr}"
-    )
-    return proc
-
-
-@pytest.fixture(scope="module")
-def jobs(mlflow_server, ray_head, tmp_path_factory):
-    """The three jobs, in order, sharing one output dir (so one precompute pass); each run's state right after."""
-    tmp = tmp_path_factory.mktemp("mlflow-jobs")
-    client = MlflowClient(mlflow_server)
-    out: dict = {"tmp": tmp, "uri": mlflow_server}
-
-    def run_state(name: str):
-        exp = client.get_experiment_by_name("beta-sweep")
-        runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
-        assert len(runs) == 1, [r.info.run_id for r in runs]
-        return runs[0]
-
-    # The commit as `ray job submit ... -- BCO_RAY_GIT_COMMIT=$(git rev-parse HEAD) python jobs/bco.py` gives it;
-    # system metrics sampled every second so that a short job records several.
-    proc = _job(
-        tmp,
-        ray_head,
-        f"--mlflow.tracking_uri={mlflow_server}",
-        "--mlflow.run_name=beta-0.1",
-        "--train.beta=0.1",
-        "--mlflow.registered_model_name=bco-beta",
-        log="a.log",
-        env={"BCO_RAY_GIT_COMMIT": SUBMIT_COMMIT, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
-    )
-    assert proc.returncode == 0, (tmp / "a.log").read_text()[-6000:]
-    out["a"] = run_state("beta-0.1")
-
-    (tmp / "not-a-dir").write_text("a file where the precompute cache should go")
-    proc = _job(
-        tmp,
-        ray_head,
-        f"--mlflow.tracking_uri={mlflow_server}",
-        "--mlflow.run_name=beta-0.5",
-        "--train.beta=0.5",
-        f"--precompute.cache_dir={tmp / 'not-a-dir' / 'cache'}",
-        log="failed.log",
-    )
-    out["failed_rc"] = proc.returncode
-    out["failed"] = run_state("beta-0.5")
-
-    # Same run name, the tracking server named by the environment this time, a working cache.
-    proc = _job(
-        tmp,
-        ray_head,
-        "--mlflow.run_name=beta-0.5",
-        "--train.beta=0.5",
-        env={"MLFLOW_TRACKING_URI": mlflow_server},
-        log="b.log",
-    )
-    assert proc.returncode == 0, (tmp / "b.log").read_text()[-6000:]
-    out["b"] = run_state("beta-0.5")
-    return out
-
-
-@pytest.mark.e2e
-def test_job_logs_params_tags_and_step_metrics(jobs, ray_head):
-    run = jobs["a"]
-    client = MlflowClient(jobs["uri"])
-    assert run.info.status == "FINISHED"
-    expected = mlflow_run.config_params(
-        resolve_locations(
-            load_config(
-                ROOT / "configs" / "tiny.yaml",
-                [  # jobs/bco.py's default
-                    f"--output_dir={jobs['tmp'] / 'outputs'}",
-                    *E2E_ARGS,
-                    f"--mlflow.tracking_uri={jobs['uri']}",
-                    "--mlflow.run_name=beta-0.1",
-                    "--train.beta=0.1",
-                    "--mlflow.registered_model_name=bco-beta",
-                ],
-            )
-        )
-    )
-    assert run.data.params == expected  # the whole resolved config, flattened
-    tags = run.data.tags
-    for key in ("version.ray", "version.deepspeed", "version.torch", "precompute.cache_key", "dataset.train"):
-        assert tags.get(key), key
-    assert tags["num_workers"] == "2" and tags["num_gpus"] == "0" and tags["precompute.reused"] == "False"
-    assert tags["git_commit"] == SUBMIT_COMMIT and tags["git_commit.source"] == "env"  # taken at submit time
-    assert tags["ray.job_id"] and tags["ray.dashboard_url"] == ray_head.dashboard  # where it ran
-    # System metrics: the driver's (system/*) and the training node's (system/train-node0/*), sampled each second.
-    for key in (
-        "system/cpu_utilization_percentage",
-        "system/system_memory_usage_megabytes",
-        "system/train-node0/cpu_utilization_percentage",
-    ):
-        assert len(client.get_metric_history(run.info.run_id, key)) >= 1, key
-    # The data as run inputs: source URI and the digest of the cache key's data fingerprint.
-    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
-    assert sorted(t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context") == [
-        "evaluation",
-        "training",
-    ]
-    digests = {i.dataset.digest: json.loads(i.dataset.source) for i in inputs}
-    assert digests.keys() == {
-        mlflow_inputs.data_digest(tags["dataset.train"]),
-        mlflow_inputs.data_digest(tags["dataset.eval"]),
-    }
-    assert {Path(s["uri"]).name for s in digests.values()} == {"train.jsonl", "eval.jsonl"}
-    # MLflow 3: the model is a LoggedModel of this run, holding the final step's metrics, registered by name.
-    models = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
-    )
-    assert [(m.name, str(m.status)) for m in models] == [("model", "READY")]
-    linked = {m.key: (m.step, m.value) for m in models[0].metrics}
-    assert linked["eval/auc"] == (4, run.data.metrics["eval/auc"]) and linked["loss"][0] == 4
-    assert tags["model.id"] == models[0].model_id and tags["model.registered_version"] == "1"
-    (version,) = client.search_model_versions("name = 'bco-beta'")
-    assert models[0].model_id in version.source
-    for key in STEP_KEYS:
-        assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key  # step = optimizer step, each once
-    assert _steps(client, run.info.run_id, "eval/auc") == [0, 4]  # the reference, then the end
-    assert 0.0 <= run.data.metrics["eval/auc"] <= 1.0
-    for key in ("precompute/rows", "precompute/tokens", "precompute/padding_fraction", "udm/accuracy"):
-        assert _steps(client, run.info.run_id, key) == [0], key
-    assert run.data.metrics["precompute/rows"] > 2000
-    for phase in ("checks", "ray_start", "precompute", "train_start", "train", "eval", "save", "log_model"):
-        assert run.data.metrics[f"time/{phase}"] >= 0, phase  # per-phase wall times of the job
-
-
-@pytest.mark.e2e
-def test_job_logs_config_plots_classifier_and_model(jobs, tmp_path):
-    rid = jobs["a"].info.run_id
-    client = MlflowClient(jobs["uri"])
-    assert {"config.yaml", "plots", "precompute", "udm"} <= {a.path for a in client.list_artifacts(rid)}
-    cfg = yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", str(tmp_path))).read_text())
-    assert cfg["train"]["beta"] == 0.1 and cfg["train"]["max_steps"] == 4
-    assert json.loads(Path(client.download_artifacts(rid, "precompute/summary.json", str(tmp_path))).read_text())[
-        "train"
-    ]
-    assert "udm/classifier.json" in {a.path for a in client.list_artifacts(rid, "udm")}
-    clf = json.loads(Path(client.download_artifacts(rid, "udm/classifier.json", str(tmp_path))).read_text())
-    assert len(clf["coef"][0]) == 384 and clf["classes"] == [0.0, 1.0]  # plain parameters, not a pickle
-    plot_dir = Path(client.download_artifacts(rid, "plots", str(tmp_path)))
-    assert {p.stem for p in plot_dir.glob("*.png")} == PLOTS
-    for p in plot_dir.glob("*.png"):
-        h, w, colour = _png(p)
-        assert h >= 400 and w >= 700 and colour > 0.0005, p.name
-    keep = os.environ.get("BCO_RAY_KEEP_PLOTS")  # a directory to copy them to, for a look
-    if keep:
-        import shutil
-
-        shutil.copytree(plot_dir, Path(keep) / "job-plots", dirs_exist_ok=True)
-
-    assert jobs["a"].data.tags["model.format"] == "mlflow-transformers"
-    # The Hugging Face directory has its model card, naming the final metrics; the cache holds no pickle.
-    card = (jobs["tmp"] / "outputs" / "runs" / "beta-0.1" / "model" / "README.md").read_text()
-    assert "base_model" not in card and "| eval/auc |" in card and "| loss |" in card and "beta-0.1" in card
-    cache_files = [p for p in (jobs["tmp"] / "outputs" / "cache").rglob("*") if p.is_file()]
-    assert any(p.name == "classifier.json" for p in cache_files)
-    assert not [p for p in cache_files if p.suffix in (".pkl", ".pickle") or p.read_bytes()[:1] == b"\x80"]
-    from mlflow import transformers as mlflow_transformers
-
-    mlflow.set_tracking_uri(jobs["uri"])
-    pipe = mlflow_transformers.load_model(f"runs:/{rid}/model")
-    assert pipe("3+4=", max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith("3+4=")
-
-
-@pytest.mark.e2e
-def test_failed_job_is_marked_failed_with_its_error(jobs):
-    run = jobs["failed"]
-    assert jobs["failed_rc"] != 0
-    assert run.info.status == "FAILED" and run.info.end_time
-    assert "not-a-dir" in run.data.tags["error"] and run.data.tags["error_type"]
-    assert run.data.params["train.beta"] == "0.5"
-
-
-@pytest.mark.e2e
-def test_rerun_continues_the_failed_run(jobs):
-    run, client = jobs["b"], MlflowClient(jobs["uri"])
-    assert run.info.run_id == jobs["failed"].info.run_id and run.info.status == "FINISHED"
-    assert "error" not in run.data.tags and run.data.tags["resume.previous_status"] == "FAILED"
-    assert run.data.tags["resume.changed_params"].startswith("precompute.cache_dir: ")  # not the URI's source
-    assert run.data.tags["precompute.reused"] == "True"  # the first job's pass: β is not in the cache key
-    for key in STEP_KEYS:
-        assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key
-    assert _steps(client, run.info.run_id, "precompute/rows") == [0]
-    assert run.data.tags["model.format"] == "mlflow-transformers"
-
-
-@pytest.mark.e2e
-def test_compare_cli_over_the_beta_runs(jobs, tmp_path):
-    out = tmp_path / "compare"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "jobs" / "compare.py"),
-            "--experiment",
-            "beta-sweep",
-            "--metric",
-            "loss",
-            "--tracking-uri",
-            jobs["uri"],
-            "--out",
-            str(out),
-        ],
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    header = next(line for line in lines if line.startswith("run "))
-    assert "train.beta" in header and "loss final" in header and "loss best (min)" in header
-    body = [line for line in lines if line.startswith(("beta-0.1 ", "beta-0.5 "))]
-    assert len(body) == 2 and any(" 0.1 " in b for b in body) and any(" 0.5 " in b for b in body)
-    csv_rows = (out / "compare_beta-sweep_loss.csv").read_text().splitlines()
-    assert "train.beta" in csv_rows[0].split(",") and len(csv_rows) == 3
-    assert (out / "compare_beta-sweep_loss.md").read_text().count("| beta-0.") == 2
-    h, w, colour = _png(out / "compare_beta-sweep_loss.png")
-    assert h >= 500 and w >= 1000 and colour > 0.0005
-    assert (out / "compare_beta-sweep_loss.png").stat().st_size > 20_000
-    keep = os.environ.get("BCO_RAY_KEEP_PLOTS")
-    if keep:
-        import shutil
-
-        shutil.copytree(out, Path(keep) / "compare", dirs_exist_ok=True)
-
-    bad = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "jobs" / "compare.py"),
-            "--experiment",
-            "nope",
-            "--tracking-uri",
-            jobs["uri"],
-            "--out",
-            str(out),
-        ],
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert bad.returncode == 2 and "beta-sweep" in bad.stderr

@@ -1,0 +1,278 @@
+"""The drop-in Python API's real runs (marked e2e): TRL's BCOTrainer snippet, with a tiny model, tokenizer and
+dataset built here, trains end to end through Ray Data, Ray Train + DeepSpeed and MLflow; evaluate() gives the
+run's final eval; its step-0 numbers equal the config-file path's on the same inputs; UDM with a user embedding
+function (a tiny BartModel encoder) works. The runs join the session's Ray head from this process (module
+fixtures). BCOConfig's mapping and the trainer's argument checks are in tests/test_api.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bco_ray import BCOConfig, BCOTrainer
+from bco_ray.builtin import ASSETS, materialize_tiny_model, tokenizer_path
+
+from conftest import ROOT
+
+TRAIN_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "train.jsonl").read_text().splitlines()[:48]]
+EVAL_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "eval.jsonl").read_text().splitlines()[:16]]
+STEP0_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "delta",
+    "count/chosen",
+    "count/rejected",
+    "learning_rate",
+)
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray_client):
+    """This module's runs use the session's Ray head from this process, as a notebook user's would."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    # The pass unions train and eval rows before its seeded shuffle; without preserve_order the union's block
+    # order follows which read finishes first, so the training order (and step 0) can change between two runs
+    # of the same inputs. Pinned here so that the two paths below are compared on the same micro-batches.
+    preserve, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    yield
+    ctx.execution_options.preserve_order = preserve
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """The tiny Qwen2 (seed 0) as the model, a second one (seed 1) as the reference, so rewards are not zero."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {
+        "model_id": str(materialize_tiny_model(root / "policy", seed=0)),
+        "ref_id": str(materialize_tiny_model(root / "reference", seed=1)),
+    }
+
+
+@pytest.fixture(scope="module")
+def snippet(tmp_path_factory, tiny_models, local_ray):
+    """TRL's BCOTrainer snippet, only the import changed (plus an eval set and a few steps)."""
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("snippet")
+    model_id, ref_id = tiny_models["model_id"], tiny_models["ref_id"]
+    output_dir, batch_size, gradient_accumulation_steps = str(tmp / "out"), 8, 2
+    dataset = DatasetDict({"train": Dataset.from_list(TRAIN_ROWS), "test": Dataset.from_list(EVAL_ROWS)})
+
+    model = AutoModelForCausalLM.from_pretrained(model_id)
+    ref_model = AutoModelForCausalLM.from_pretrained(ref_id)
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    training_args = BCOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        learning_rate=1e-3,
+        max_steps=3,
+        logging_steps=1,
+        run_name="snippet",
+        mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        mlflow_experiment="api",
+    )
+    trainer = BCOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        processing_class=tokenizer,
+        train_dataset=dataset["train"],
+        eval_dataset=dataset["test"],
+    )
+    result = trainer.train()
+    return SimpleNamespace(
+        tmp=tmp, trainer=trainer, result=result, model=model, initial=initial, tokenizer=tokenizer, args=training_args
+    )
+
+
+def _history(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+@pytest.mark.e2e
+def test_snippet_trains_through_ray_deepspeed_and_mlflow(snippet):
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    r, trainer = snippet.result, snippet.trainer
+    client = MlflowClient(r.tracking_uri)
+    run = client.get_run(r.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "snippet"
+    p = run.data.params
+    assert (p["train.num_workers"], p["train.zero_stage"], p["train.micro_batch_size"]) == ("1", "2", "8")
+    assert (p["train.gradient_accumulation_steps"], p["train.lr"], p["udm.enabled"]) == ("2", "0.001", "False")
+    assert sorted(_history(client, r.run_id, "loss")) == [1, 2, 3]
+    assert {"eval/loss", "eval/auc", "rewards/margins", "delta", "grad_norm"} <= set(run.data.metrics)
+    assert {"config.yaml", "plots"} <= {a.path for a in client.list_artifacts(r.run_id)}
+    assert run.data.tags["model.id"].startswith("m-")  # the model: an MLflow 3 LoggedModel
+
+    # the result: final metrics and where the outputs are
+    assert r.global_step == 3 and r.metrics["eval/loss"] == pytest.approx(run.data.metrics["eval/loss"])
+    # trainer.state as transformers' TrainerState, from the run's MLflow history
+    assert trainer.state.global_step == 3 and [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]
+    assert r.training_loss == pytest.approx(sum(_history(client, r.run_id, "loss").values()) / 3)
+    assert Path(r.model_dir, "model.safetensors").is_file() and Path(r.output_dir, "result.json").is_file()
+
+    # in-memory inputs were saved once under <output_dir>/inputs, content-addressed
+    cfg = trainer.config
+    inputs = Path(snippet.args.output_dir).resolve() / "inputs"
+    assert Path(cfg.model.policy).parent == inputs / "models" and Path(cfg.model.reference).parent == inputs / "models"
+    assert cfg.model.policy != cfg.model.reference and Path(cfg.data.train).parent == inputs / "data"
+
+    # the model object the user holds now has the trained weights
+    trained = AutoModelForCausalLM.from_pretrained(r.model_dir)
+    state = snippet.model.state_dict()
+    assert trainer.model is snippet.model
+    assert max(float((state[k] - v).abs().max()) for k, v in snippet.initial.items()) > 1e-4
+    assert all(torch.equal(state[k], v) for k, v in trained.state_dict().items())
+
+    # save_model: the trained model and tokenizer, loadable with transformers
+    saved = trainer.save_model(str(snippet.tmp / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in state.items())
+    assert Path(saved, "tokenizer.json").is_file()
+
+
+@pytest.mark.e2e
+def test_evaluate_matches_the_runs_final_eval(snippet):
+    """evaluate() runs here (no Ray, no DeepSpeed) with the trained model and the run's δ; on the run's eval split
+    and on the same rows handed over anew (tokenized and reference-scored here) it gives the run's numbers."""
+    r, trainer = snippet.result, snippet.trainer
+    for ev in (trainer.evaluate(), trainer.evaluate(eval_dataset=EVAL_ROWS)):
+        assert ev["eval_samples"] == len(EVAL_ROWS)
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "accuracy", "auc"):
+            assert ev[f"eval_{key}"] == pytest.approx(r.metrics[f"eval/{key}"], abs=2e-5), key
+
+
+@pytest.mark.e2e
+def test_step0_numbers_equal_the_config_file_path(snippet, tiny_models, tmp_path):
+    """The same inputs through `jobs/bco.py --config <yaml>` (rows as JSON lines, models by path) give the same
+    step-0 numbers (the first logged step: all its micro-batches run before the first optimizer step)."""
+    from mlflow.tracking import MlflowClient
+
+    for name, rows in (("train", TRAIN_ROWS), ("eval", EVAL_ROWS)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "job.yaml").write_text(f"""
+output_dir: {tmp_path / "outputs"}
+model:
+  policy: {tiny_models["model_id"]}
+  reference: {tiny_models["ref_id"]}
+data:
+  train: {tmp_path / "train.jsonl"}
+  eval: {tmp_path / "eval.jsonl"}     # the pass shuffles train and eval rows together: same eval, same order
+udm:
+  enabled: false
+train:
+  num_workers: 1
+  micro_batch_size: 8
+  gradient_accumulation_steps: 2
+  lr: 1.0e-3
+  warmup_ratio: 0.0
+  max_steps: 1
+  logging_steps: 1
+mlflow:
+  tracking_uri: sqlite:///{tmp_path / "mlflow.db"}
+  experiment: config-file
+  run_name: config-file
+""")
+    spec = importlib.util.spec_from_file_location("bco_job_cli", ROOT / "jobs" / "bco.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--config", str(tmp_path / "job.yaml")]) == 0
+    res = json.loads((tmp_path / "outputs" / "runs" / "config-file" / "result.json").read_text())
+
+    ours = MlflowClient(snippet.result.tracking_uri)
+    theirs = MlflowClient(res["tracking_uri"])
+    for key in STEP0_KEYS:
+        a = _history(ours, snippet.result.run_id, key)[1]
+        b = _history(theirs, res["run_id"], key)[1]
+        assert a == pytest.approx(b, abs=1e-6), (key, a, b)
+    assert abs(_history(ours, snippet.result.run_id, "rewards/margins")[1]) > 1e-3  # not a trivial step 0
+
+
+def _bart_embedder():
+    """A tiny BartModel; the embedding function mean-pools its encoder states (TRL docs' recipe)."""
+    from transformers import AutoTokenizer, BartConfig, BartModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path())
+    torch.manual_seed(0)
+    bart = BartModel(
+        BartConfig(
+            vocab_size=len(tok),
+            d_model=24,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+        )
+    ).eval()
+
+    def embed_prompt(input_ids, attention_mask, model):
+        hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    return functools.partial(embed_prompt, model=bart), tok, bart.config.d_model
+
+
+@pytest.mark.e2e
+def test_udm_with_a_bart_embedding_function(tiny_models, tmp_path, local_ray):
+    """model as a path, ref_model=None (the model's initial weights), UDM through a user embedding function."""
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoTokenizer
+
+    embedding_func, embedding_tokenizer, dim = _bart_embedder()
+    args = BCOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        max_steps=2,
+        logging_steps=1,
+        prompt_sample_size=32,
+        run_name="udm-bart",
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        mlflow_experiment="api-udm",
+    )
+    trainer = BCOTrainer(
+        model=tiny_models["model_id"],
+        ref_model=None,
+        args=args,
+        processing_class=AutoTokenizer.from_pretrained(tiny_models["model_id"]),
+        train_dataset=TRAIN_ROWS,
+        embedding_func=embedding_func,
+        embedding_tokenizer=embedding_tokenizer,
+    )
+    assert trainer.config.udm.enabled and trainer.config.model.reference is None
+    result = trainer.train()
+
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert {"udm/accuracy", "loss", "delta"} <= set(run.data.metrics)
+    from bco_ray.bco.udm import classifier_from_json
+
+    clf = classifier_from_json((Path(result.raw.precompute_dir) / "classifier.json").read_bytes())
+    assert clf.n_features_in_ == dim  # fitted on the BART function's embeddings
+    weight = run.data.metrics["precompute/mean_rejected_weight"]
+    assert weight != pytest.approx(1.0) and 0.5 <= weight <= 10.0
+    assert trainer.model.config.model_type == "qwen2"  # loaded from the run's model directory
