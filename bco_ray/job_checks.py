@@ -7,19 +7,22 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import ray
+from transformers import AutoConfig
 
 from bco_ray.builtin import resolve_embedder, resolve_model
 from bco_ray.config import Config
+from bco_ray.data.checks import DataReport, check_data
 from bco_ray.errors import InputError, ResourcesError
-from bco_ray.models import load_tokenizer
+from bco_ray.eval.generation import VerifierError, load_verifier
+from bco_ray.models import ModelLoadError, check_model_loads, load_tokenizer
+from bco_ray.precompute.embedding_func import EmbeddingFuncError, check_embedding_func
+from bco_ray.precompute.pipeline import Paths
 from bco_ray.remote import local_model_dir, missing_model_files
 from bco_ray.resources import PassResources, pass_resources
-from bco_ray.storage import is_remote
-
-if TYPE_CHECKING:
-    from bco_ray.data.checks import DataReport
-    from bco_ray.precompute.pipeline import Paths
+from bco_ray.storage import is_remote, resolve_locations
+from bco_ray.tracking.hub import HubError, check_push_ready
 
 
 class ResourcesUnavailableError(ResourcesError, RuntimeError):
@@ -27,8 +30,6 @@ class ResourcesUnavailableError(ResourcesError, RuntimeError):
 
 
 def unavailable_error(cfg: Config, what: str, asks: str) -> ResourcesUnavailableError:
-    import ray
-
     have = ray.cluster_resources()
     return ResourcesUnavailableError(
         f"{what} did not get its resources within train.resources_timeout_s={cfg.train.resources_timeout_s:g} s: "
@@ -64,10 +65,6 @@ def _check_model_path(field: str, p: str) -> None:
 def resolve_paths(cfg: Config):
     """Model locations (builtin names materialised), checked before any Ray work: paths exist, the tokenizer
     loads and has a pad token, and policy and reference share one vocabulary."""
-    from transformers import AutoConfig
-
-    from bco_ray.precompute.pipeline import Paths
-
     m = cfg.model
     models_dir = str(Path(cfg.output_dir).resolve() / "models")
     policy = resolve_model(m.policy, models_dir)
@@ -99,8 +96,6 @@ def resolve_paths(cfg: Config):
             f"model.tokenizer has {len(tok)} tokens, more than model.policy's vocabulary of "
             f"{vocab['model.policy']}; use the policy's own tokenizer"
         )
-    from bco_ray.models import ModelLoadError, check_model_loads
-
     for field, p in {"model.policy": policy, "model.reference": reference}.items():
         if field == "model.reference" and reference == policy:
             continue
@@ -112,15 +107,11 @@ def resolve_paths(cfg: Config):
     if embedder is not None:
         _check_model_path("udm.embedding_model", embedder)
     if cfg.udm.enabled and cfg.udm.embedding_func:  # a pickle: loaded only as BCOTrainer wrote it
-        from bco_ray.precompute.embedding_func import EmbeddingFuncError, check_embedding_func
-
         try:
             check_embedding_func(cfg.udm.embedding_func)
         except EmbeddingFuncError as e:
             raise ModelError(str(e)) from e
     if cfg.eval.generate and cfg.eval.verifier:  # the verifier imports here, before any Ray work
-        from bco_ray.eval.generation import VerifierError, load_verifier
-
         try:
             load_verifier(cfg.eval.verifier)
         except VerifierError as e:
@@ -133,8 +124,6 @@ def resolve_paths(cfg: Config):
 def check_resources(cfg: Config, started_locally: bool) -> None:
     """GPUs asked for where there are none: an error now, not a job waiting forever. On a cluster that
     may autoscale, GPU nodes can appear later, so the check applies to a Ray this job started itself."""
-    import ray
-
     wants = cfg.train.use_gpu or cfg.precompute.num_gpus_per_actor > 0
     if wants and started_locally and not ray.cluster_resources().get("GPU"):
         raise ModelError(
@@ -147,8 +136,6 @@ def check_cluster_fits(cfg: Config, started_locally: bool) -> PassResources:
     """Size the pass to the cluster, and fail now, naming what is missing, when the training worker group can
     never fit: a cluster with CPUs that cannot grow (a local Ray, or a fixed cluster) with fewer CPUs than
     train.num_workers × train.cpus_per_worker. A cluster with no CPUs yet (an autoscaling head) may grow."""
-    import ray
-
     t = cfg.train
     cpus = ray.cluster_resources().get("CPU", 0.0)
     can_grow = cpus == 0 and not started_locally
@@ -176,10 +163,6 @@ class Checked:
 def run_checks(cfg: Config) -> Checked:
     """Every check a job makes before it starts Ray: config locations, data (bad rows fail here), models, and
     hub settings (hub.repo_id needs HF_TOKEN: say so before any work)."""
-    from bco_ray.data.checks import check_data
-    from bco_ray.storage import resolve_locations
-    from bco_ray.tracking.hub import HubError, check_push_ready
-
     cfg = resolve_locations(cfg)  # output/cache/checkpoints: never in the job's upload
     data_report = check_data(cfg)
     paths, _ = resolve_paths(cfg)

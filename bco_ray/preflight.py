@@ -12,9 +12,14 @@ why, and the fix.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
+
+import fsspec
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bco_ray.builtin import BUILTIN_EMBEDDER
 from bco_ray.errors import StorageError
@@ -82,11 +87,6 @@ def _marker_location(need: Need, name: str) -> str:
 
 def _probe(items: list[tuple[str, str, str | None]]) -> dict:
     """On one node: for each (field, location, token) the marker's content equals token, or the path exists."""
-    import socket
-
-    import fsspec
-    import ray
-
     seen = {}
     for field, loc, token in items:
         try:
@@ -108,10 +108,6 @@ def _probe(items: list[tuple[str, str, str | None]]) -> dict:
 def check_shared_paths(cfg, paths, tracking_uri: str, timeout_s: float = 60.0) -> int:
     """Raise SharedStorageError unless every need is visible from every alive node. Returns the number of
     nodes checked (1: nothing to check). Nodes an autoscaler adds later are assumed to mount the same."""
-    import fsspec
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return len(nodes)

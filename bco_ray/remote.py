@@ -28,6 +28,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import fsspec
+from filelock import FileLock
+
 from bco_ray.storage import is_remote
 
 CACHE_ENV = "BCO_RAY_REMOTE_CACHE"
@@ -47,8 +50,6 @@ def _is_hidden(rel: str) -> bool:
 
 def listing(uri: str, weights: bool = True) -> dict[str, tuple[int, str]]:
     """{relative name: (size, version)} of the objects under `uri` that a download copies."""
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(uri)
     root = root.rstrip("/")
     fs.invalidate_cache(root)
@@ -77,8 +78,6 @@ def local_model_dir(path: str, weights: bool = True) -> str:
 def fetch_dir(uri: str, weights: bool = True, root: Path | None = None) -> Path:
     """The cached local copy of the directory at `uri`, downloaded first if this node has none for its
     current listing. FileNotFoundError when nothing is there."""
-    from filelock import FileLock
-
     files = listing(uri, weights)
     if not files:
         raise FileNotFoundError(f"{uri}: no objects under this prefix")
@@ -96,8 +95,6 @@ def fetch_dir(uri: str, weights: bool = True, root: Path | None = None) -> Path:
 
 
 def _download(uri: str, files: dict[str, tuple[int, str]], root: Path, dest: Path) -> None:
-    import fsspec
-
     fs, base = fsspec.core.url_to_fs(uri)
     base = base.rstrip("/")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=root))
@@ -123,8 +120,6 @@ def _download(uri: str, files: dict[str, tuple[int, str]], root: Path, dest: Pat
 
 def missing_model_files(uri: str, needed: tuple[str, ...] = ("config.json",)) -> str | None:
     """None when one of `needed` is under the remote `uri`; else why not, in a few words."""
-    import fsspec
-
     try:
         fs, root = fsspec.core.url_to_fs(uri)
         root = root.rstrip("/")

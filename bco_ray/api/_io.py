@@ -13,8 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import datasets
+import fsspec
+import pyarrow.parquet as pq
+import torch
+from transformers import AutoModelForCausalLM
+
 from bco_ray.api.config import BCOConfigWarning
+from bco_ray.data import formats
 from bco_ray.data.fingerprint import fingerprint_path
+from bco_ray.data.sources import files_of, hf_rows
 from bco_ray.remote import MARKER, local_model_dir
 from bco_ray.storage import is_remote, join, local_path, resolve_output_dir, storage_root
 
@@ -24,8 +32,6 @@ def _is_peft_model(m) -> bool:
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -82,8 +88,6 @@ def _upload(tmp: Path, dest: str) -> None:
     content, by construction of its name). A file is one object, which S3 shows only once fully written. A
     directory has no atomic rename there: its files go first and the marker object (bco_ray.remote.MARKER)
     last, and a directory without its marker (an upload cut short) is uploaded again."""
-    import fsspec
-
     fs, base = fsspec.core.url_to_fs(dest)
     fs.invalidate_cache(base)
     if tmp.is_file():
@@ -115,8 +119,6 @@ def _publish(tmp: Path, dest: Path) -> None:
 
 
 def _as_dataset(ds, split: str):
-    import datasets
-
     if isinstance(ds, datasets.Dataset):
         return ds
     if isinstance(ds, datasets.DatasetDict):
@@ -136,12 +138,7 @@ def _as_dataset(ds, split: str):
 
 
 def _rows_of_spec(spec: str) -> list[dict]:
-    from bco_ray.data import formats
-    from bco_ray.data.sources import files_of
-
     if spec.startswith("hf:"):
-        from bco_ray.data.sources import hf_rows
-
         return list(hf_rows(spec))
     rows = []
     for f in files_of(spec):
@@ -153,9 +150,6 @@ def _rows_of_spec(spec: str) -> list[dict]:
 
 
 def _read_parquet_dir(uri: str):
-    import fsspec
-    import pyarrow.parquet as pq
-
     fs, path = fsspec.core.url_to_fs(uri)
     return pq.read_table(path, filesystem=fs)
 
@@ -167,8 +161,6 @@ def _load_model_dir(path: str):
         from peft import AutoPeftModelForCausalLM
 
         return AutoPeftModelForCausalLM.from_pretrained(path)
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(path)
 
 

@@ -10,7 +10,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import cloudpickle
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
 from bco_ray.api import _evaluate
 from bco_ray.api._io import (
@@ -23,12 +29,12 @@ from bco_ray.api._io import (
     inputs_root,
 )
 from bco_ray.api._mapping import _to_config
+from bco_ray.api._state import trainer_state
 from bco_ray.api.config import BCOConfig, BCOConfigWarning
 from bco_ray.config import Config
+from bco_ray.remote import local_model_dir
+from bco_ray.run import JobResult, init_ray, run_job
 from bco_ray.storage import join
-
-if TYPE_CHECKING:
-    from bco_ray.run import JobResult
 
 
 @dataclass
@@ -159,14 +165,8 @@ class BCOTrainer:
         return _save_by_content(join(self.inputs_dir, "data"), split, _as_dataset(ds, split).to_parquet, ".parquet")
 
     def _save_embedding_func(self) -> str:
-        import cloudpickle
-
         tok = self.embedding_tokenizer
         if isinstance(tok, (str, os.PathLike)):
-            from transformers import AutoTokenizer
-
-            from bco_ray.remote import local_model_dir
-
             tok = AutoTokenizer.from_pretrained(local_model_dir(os.fspath(tok), weights=False))
         blob = _dumps_by_value({"func": self.embedding_func, "tokenizer": tok}, cloudpickle)
         return _save_by_content(
@@ -184,8 +184,6 @@ class BCOTrainer:
                 BCOConfigWarning,
                 stacklevel=2,
             )
-        from bco_ray.run import run_job
-
         cfg = self.config
         if self.args.use_gpu is None and not self.args.use_cpu:
             cfg = self._auto_gpu(cfg)
@@ -199,10 +197,6 @@ class BCOTrainer:
         return self.result
 
     def _auto_gpu(self, cfg: Config) -> Config:
-        import ray
-
-        from bco_ray.run import init_ray
-
         init_ray(cfg)
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus >= cfg.train.num_workers:
@@ -212,8 +206,6 @@ class BCOTrainer:
         return cfg
 
     def _train_output(self, res: JobResult, seconds: float) -> BCOTrainOutput:
-        from mlflow.tracking import MlflowClient
-
         client = MlflowClient(res.tracking_uri)
         run = client.get_run(res.run_id)
         losses = [m.value for m in client.get_metric_history(res.run_id, "loss")]
@@ -235,10 +227,6 @@ class BCOTrainer:
 
     def _trainer_state(self, cfg: Config):
         """transformers' TrainerState of the finished run, from its MLflow history (bco_ray/api/_state.py)."""
-        from mlflow.tracking import MlflowClient
-
-        from bco_ray.api._state import trainer_state
-
         r = self.result
         return trainer_state(
             MlflowClient(r.tracking_uri),
@@ -255,16 +243,12 @@ class BCOTrainer:
         and `log_history` (one dict per logged step, with "loss", ..., "epoch", "step") come from the run's
         MLflow history; before, the empty initial state. `best_metric` / `best_model_checkpoint` stay None."""
         if self._state is None:
-            from transformers import TrainerState
-
             self._state = TrainerState(log_history=[])
         return self._state
 
     def _update_in_memory_model(self) -> None:
         """The trained weights into the model object the user holds (as TRL trains it in place). With LoRA,
         `trainer.model` becomes a PeftModel wrapping it (peft injects the adapters into it in place)."""
-        import torch
-
         model_dir = Path(self.result.model_dir)
         user = self._model
         if (model_dir / "adapter_config.json").exists():
@@ -272,8 +256,6 @@ class BCOTrainer:
 
             self._trained_model = PeftModel.from_pretrained(user, str(model_dir))
             return
-        from transformers import AutoModelForCausalLM
-
         dtype = next(user.parameters()).dtype
         trained = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
         with torch.no_grad():

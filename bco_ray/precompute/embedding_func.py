@@ -14,6 +14,9 @@ import re
 import tempfile
 from pathlib import Path
 
+import fsspec
+
+from bco_ray.data.fingerprint import fingerprint_path
 from bco_ray.errors import InputError
 from bco_ray.storage import is_remote
 
@@ -27,10 +30,6 @@ class EmbeddingFuncError(InputError, ValueError):
 def check_embedding_func(path: str) -> Path | str:
     """The resolved path (or the URI) of a pickle `BCOTrainer` wrote, or EmbeddingFuncError naming what is
     wrong."""
-    import fsspec
-
-    from bco_ray.data.fingerprint import fingerprint_path
-
     fix = (
         "; it is set by BCOTrainer(embedding_func=...), which writes <inputs_dir>/udm/embedding_func-<hash>.pkl "
         "itself (loading a pickle runs code, so bco-ray loads only that file)"
@@ -58,8 +57,6 @@ def load_embedding_func(path: str) -> dict:
     """{"func", "tokenizer"} from a file `check_embedding_func` accepts (checked again where it is loaded)."""
     p = check_embedding_func(path)
     if isinstance(p, str):  # remote: check and unpickle one local copy, not the object twice
-        import fsspec
-
         with tempfile.TemporaryDirectory(prefix="bco-ray-udm-") as d:
             local = Path(d, "udm", p.rpartition("/")[2])
             local.parent.mkdir()
