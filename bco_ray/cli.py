@@ -32,6 +32,9 @@ from bco_ray.config_doc import field_docs, show
 from bco_ray.console import console
 from bco_ray.errors import BcoRayError
 
+# Each command imports its stage (torch, Ray, MLflow: seconds) when it runs, so that `--help`, `--print-config`
+# and a bad option answer at once.
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 TRAIN_DOC = "Run a BCO job: Ray Data precompute → Ray Train + DeepSpeed → MLflow."
 PRECOMPUTE_DOC = (
