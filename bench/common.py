@@ -170,6 +170,16 @@ def count_params(path: str) -> tuple[dict, object]:
     return param_counts(model), cfg
 
 
+def flop_shape_of(path: str) -> dict:
+    """bco-ray's MFU parameter counts (bco_ray/train/throughput.py) of the model at `path`, built on meta."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bco_ray.train.throughput import flop_shape
+
+    with torch.device("meta"):
+        return flop_shape(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
+
+
 def peak_flops(override_tflops: float | None) -> tuple[float | None, str]:
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"

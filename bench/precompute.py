@@ -11,10 +11,10 @@ Both run in this process on the same synthetic rows and the same randomly initia
          → materialize), actor start and model load included.
 
 Figures: rows/s, tokens/s (real, unpadded tokens), padding fraction, peak GPU memory, and on a GPU the
-forward MFU = 2·N·tokens/s / peak, N = all parameters except the input embedding table (Qwen2.5 ties
-lm_head to it, so the vocabulary projection is not counted), peak = dense bf16 (H100/H200: 989 TFLOP/s).
-`fwd_mfu_attn` adds causal attention, 2·L·d·len² FLOPs per row (QKᵀ and AV). The last line is
-`RESULT {json}`.
+forward MFU by bco-ray's one definition (bco_ray/train/throughput.py: `forward_flops`, a third of the training
+FLOPs: 2·N_body·L + 2·d·V·C + 4·layers·d·L² per row, N_body without the input embedding and the output
+projection, the projection counted on the C completion tokens only) ÷ seconds ÷ peak (dense bf16; H100/H200:
+989 TFLOP/s). Padding is not credited. The last line is `RESULT {json}`.
 
     python bench/precompute.py --model tiny --rows 64                      # CPU smoke
     python bench/precompute.py --model qwen0.5b --rows 4096 --token-budget 65536 --block-rows 1024
@@ -32,6 +32,7 @@ import pyarrow as pa
 import torch
 
 from bco_ray.data.packing import pad_right
+from bco_ray.train.throughput import forward_flops, mfu, row_work
 
 
 def parse_args(argv=None):
@@ -86,7 +87,6 @@ def figures(
     tokens: int,
     padded: int,
     flops: float,
-    attn_flops: float,
     peak: float | None,
     mem,
 ) -> dict:
@@ -98,18 +98,16 @@ def figures(
         "peak_mem_gib": mem,
     }
     if peak:
-        f["fwd_mfu"] = round(flops / seconds / peak, 4)
-        f["fwd_mfu_attn"] = round((flops + attn_flops) / seconds / peak, 4)
+        f["fwd_mfu"] = round(mfu(flops, seconds, 1, peak), 4)
     print(
         f"[{name}] {rows} rows in {seconds:.2f} s: {f['rows_per_s']:.1f} rows/s, {f['tokens_per_s']:.0f} tok/s, "
-        f"padding {f['padding_fraction']:.1%}, peak mem {mem} GiB"
-        + (f", fwd MFU {f['fwd_mfu']:.1%} (with attention {f['fwd_mfu_attn']:.1%})" if peak else ""),
+        f"padding {f['padding_fraction']:.1%}, peak mem {mem} GiB" + (f", fwd MFU {f['fwd_mfu']:.1%}" if peak else ""),
         flush=True,
     )
     return f
 
 
-def run_naive(a, path, rows, dtype, device, lengths, n_flops, attn_flops, peak) -> tuple[dict, np.ndarray]:
+def run_naive(a, path, rows, dtype, device, lengths, n_flops, peak) -> tuple[dict, np.ndarray]:
     C.reset_peak(device)
     model = C.load_model(path, dtype, device, a.naive_attn).eval()
     n, bs = len(lengths), a.batch_size
@@ -129,13 +127,13 @@ def run_naive(a, path, rows, dtype, device, lengths, n_flops, attn_flops, peak) 
                 lp, slots = batch(lo)
                 out[lo : lo + bs] = lp.float().cpu().numpy()
                 padded += slots
-    f = figures("naive", t.seconds, n, sum(lengths), padded, n_flops, attn_flops, peak, C.peak_gib(device))
+    f = figures("naive", t.seconds, n, sum(lengths), padded, n_flops, peak, C.peak_gib(device))
     model = None  # freed before the next model loads
     C.free_memory()
     return f, out
 
 
-def run_ours(a, path, rows, dtype_name, device, lengths, n_flops, attn_flops, peak, attn) -> tuple[dict, np.ndarray]:
+def run_ours(a, path, rows, dtype_name, device, lengths, n_flops, peak, attn) -> tuple[dict, np.ndarray]:
     from bco_ray.precompute.stages import RefLogps
 
     C.reset_peak(device)
@@ -159,7 +157,7 @@ def run_ours(a, path, rows, dtype_name, device, lengths, n_flops, attn_flops, pe
             res = stage(to_table(rows, lo, lo + a.block_rows))
             outs.append(res.column("ref_logps").to_numpy())
             pads += int(np.asarray(res.column("pad_tokens")).sum())
-    f = figures("ours", t.seconds, n, sum(lengths), sum(lengths) + pads, n_flops, attn_flops, peak, C.peak_gib(device))
+    f = figures("ours", t.seconds, n, sum(lengths), sum(lengths) + pads, n_flops, peak, C.peak_gib(device))
     f["model_load_s"] = round(t_load.seconds, 2)
     del stage
     C.free_memory()
@@ -240,8 +238,7 @@ def main(argv=None) -> int:
     try:
         counts, cfg = C.count_params(path)
         total, n_params = counts["params_total"], counts["params_n_flops"]
-        n_flops = 2.0 * n_params * sum(lengths)
-        attn_flops = 2.0 * cfg.num_hidden_layers * cfg.hidden_size * float(sum(x * x for x in lengths))
+        n_flops = forward_flops(C.flop_shape_of(path), *row_work(lengths, rows["prompt_len"]))
         print(
             f"model {a.model}: {total / 1e6:.1f}M params, N (no input embedding) {n_params / 1e6:.1f}M, "
             f"{dtype_name}, init+save {t_init.seconds:.1f} s; ours attn={attn}, naive attn={a.naive_attn}; "
@@ -253,7 +250,7 @@ def main(argv=None) -> int:
             f"(mean {np.mean(lengths):.0f})",
             flush=True,
         )
-        ours, lp_ours = run_ours(a, path, rows, dtype_name, device, lengths, n_flops, attn_flops, peak, attn)
+        ours, lp_ours = run_ours(a, path, rows, dtype_name, device, lengths, n_flops, peak, attn)
         res = {
             "bench": "precompute",
             "model": a.model,
@@ -272,7 +269,7 @@ def main(argv=None) -> int:
             **C.env_info(device),
         }
         if not a.skip_naive:
-            naive, lp_naive = run_naive(a, path, rows, dtype, device, lengths, n_flops, attn_flops, peak)
+            naive, lp_naive = run_naive(a, path, rows, dtype, device, lengths, n_flops, peak)
             res["naive"] = naive
             res["speedup_rows_per_s"] = C.ratio(ours["rows_per_s"], naive["rows_per_s"])
             res["peak_mem_ratio"] = C.ratio(ours["peak_mem_gib"], naive["peak_mem_gib"])

@@ -103,16 +103,6 @@ def parse_args(argv=None):
     return a
 
 
-def flop_shape_of(path: str) -> dict:
-    """bco-ray's MFU parameter counts (bco_ray/train/throughput.py) of the model at `path`, built on meta."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from bco_ray.train.throughput import flop_shape
-
-    with torch.device("meta"):
-        return flop_shape(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
-
-
 def guarded(name: str, fn) -> dict:
     """A run that runs out of GPU memory is reported as such; the others still run."""
     try:
@@ -128,7 +118,7 @@ def settings(a, path, device, dtype, lengths, peak, peak_src, init_seconds) -> d
     """Print the model and data lines; the RESULT's settings, parameter counts, padding report and environment."""
     counts, _ = C.count_params(path)
     n_params = counts["params_n_flops"]
-    fshape = flop_shape_of(path)
+    fshape = C.flop_shape_of(path)
     attn = C.pick_attn(a.attn, device)
     print(
         f"model {a.model}: {counts['params_total'] / 1e6:.1f}M params, N (no input embedding) "
