@@ -11,6 +11,7 @@ import pickle
 import threading
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 
@@ -246,6 +247,7 @@ def test_the_cache_key_fingerprints_an_s3_model_by_its_listing(s3, tiny, monkeyp
     is read back: a large model costs one listing), and changes when an object changes."""
     from bco_ray.data import fingerprint
 
+    fsspec.core.url_to_fs(f"s3://{s3.bucket}/models")[0].ls(f"{s3.bucket}/models")  # a listing cached before
     uri = _upload(s3, tiny, "models/fp")
     reads = []
     monkeypatch.setattr(fingerprint, "_hash_file", lambda fs, p, size: reads.append(p) or "read")

@@ -70,13 +70,13 @@ def fingerprint_path(spec: str, revision: str | None = None, *, etags: bool = Fa
     back (cache keys of large remote inputs); off where the bytes themselves must be checked."""
     try:
         fs, path = fsspec.core.url_to_fs(spec)
+        fs.invalidate_cache(path)  # s3fs & co. keep listings per instance: fingerprint what is there now
         exists = fs.exists(path)
     except (ValueError, ImportError):
         exists = False
     if not exists:
         sha = hub_sha(spec, revision) if _looks_like_hub_id(spec) else None
         return f"hub:{spec}@{sha}" if sha else f"id:{spec}@{revision or 'main'}"
-    fs.invalidate_cache(path)  # s3fs & co. keep listings per instance: fingerprint what is there now
     if fs.isdir(path):
         files = sorted(p for p in fs.find(path) if "/." not in p[len(path) :])
     else:
