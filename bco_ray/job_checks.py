@@ -96,14 +96,30 @@ def resolve_paths(cfg: Config):
             f"model.tokenizer has {len(tok)} tokens, more than model.policy's vocabulary of "
             f"{vocab['model.policy']}; use the policy's own tokenizer"
         )
+    _check_models_build(cfg, policy, reference)
+    embedder = resolve_embedder(cfg.udm.embedding_model) if cfg.udm.enabled else None
+    _check_udm_and_verifier(cfg, embedder)
+    return Paths(
+        policy=policy, reference=reference, tokenizer=tokenizer, embedder=embedder, pad_id=tok.pad_token_id
+    ), tok
+
+
+def _check_models_build(cfg: Config, policy: str, reference: str) -> None:
+    """Policy and reference build on the meta device with the asked attention (a setting the model refuses
+    fails here, not in an actor)."""
+    m = cfg.model
     for field, p in {"model.policy": policy, "model.reference": reference}.items():
         if field == "model.reference" and reference == policy:
             continue
-        try:  # built on the meta device: an attention setting the model refuses fails here, not in an actor
+        try:
             check_model_loads(p, m.revision, m.trust_remote_code, m.attn_implementation)
         except ModelLoadError as e:
             raise ModelError(f"{field}: {e}") from e
-    embedder = resolve_embedder(cfg.udm.embedding_model) if cfg.udm.enabled else None
+
+
+def _check_udm_and_verifier(cfg: Config, embedder: str | None) -> None:
+    """The UDM embedding model exists, an embedding-func pickle is the one BCOTrainer wrote, the verifier
+    imports."""
     if embedder is not None:
         _check_model_path("udm.embedding_model", embedder)
     if cfg.udm.enabled and cfg.udm.embedding_func:  # a pickle: loaded only as BCOTrainer wrote it
@@ -116,9 +132,6 @@ def resolve_paths(cfg: Config):
             load_verifier(cfg.eval.verifier)
         except VerifierError as e:
             raise ModelError(str(e)) from e
-    return Paths(
-        policy=policy, reference=reference, tokenizer=tokenizer, embedder=embedder, pad_id=tok.pad_token_id
-    ), tok
 
 
 def check_resources(cfg: Config, started_locally: bool) -> None:
