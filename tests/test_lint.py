@@ -36,3 +36,14 @@ def test_every_python_file_is_under_400_lines():
         str(p.relative_to(ROOT)): n for p in ROOT.glob("[!.]*/**/*.py") if (n := len(p.read_text().splitlines())) >= 400
     }
     assert not long, f"split these into modules with one job each: {long}"
+
+
+def test_every_function_of_the_package_is_under_60_lines():
+    import ast
+
+    long = {}
+    for p in [*ROOT.glob("bco_ray/**/*.py"), *ROOT.glob("jobs/*.py")]:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long[f"{p.relative_to(ROOT)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert not long, f"split these into named steps: {long}"
