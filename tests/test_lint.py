@@ -3,6 +3,7 @@ runs them; every Python file stays under 400 lines."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,6 @@ def test_every_python_file_is_under_400_lines():
 
 
 def test_every_function_of_the_package_is_under_60_lines():
-    import ast
-
     long = {}
     for p in [*ROOT.glob("bco_ray/**/*.py"), *ROOT.glob("jobs/*.py")]:
         for node in ast.walk(ast.parse(p.read_text())):
