@@ -5,8 +5,8 @@ checkpoint or first read, minutes or hours in. Before any work (no MLflow run, n
 the driver writes a marker next to each path it will write (the nearest existing directory, or the URI
 prefix of an object store) and a zero-CPU task pinned to each alive node reads it back; local paths the job
 only reads must exist on every node (hub ids and object-store URIs, e.g. an s3:// model each node downloads
-itself or BCOTrainer's s3:// inputs_dir, are shared by construction: not probed). Markers are removed afterwards. One error names every path that fails,
-why, and the fix.
+itself or BCOTrainer's s3:// inputs_dir, are shared by construction: not probed). Markers are removed
+afterwards. One error names every path that fails, why, and the fix.
 """
 
 from __future__ import annotations

@@ -91,6 +91,9 @@ def fetch_dir(uri: str, weights: bool = True, root: Path | None = None) -> Path:
         if dest.is_dir():  # another process on this node finished it while we waited
             return dest
         _download(uri, files, root, dest)
+        if listing(uri, weights) != files:  # replaced in place meanwhile (same sizes, new ETags): not this entry
+            shutil.rmtree(dest, ignore_errors=True)
+            raise OSError(f"{uri} changed while it was downloaded; try again")
     return dest
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -193,3 +194,24 @@ def test_sft_reference_answers_in_the_data_form():
     scores = [verify(p["prompt"], t) for p, t in zip(prompts, texts)]
     assert sum(s["well_formed"] for s in scores) >= 0.9 * len(scores), texts
     assert all(o[-1] == 1 for o in outs) and not math.isnan(sum(s["score"] for s in scores))
+
+
+def test_a_remote_snapshot_is_a_temporary_copy_and_a_remote_model_comes_from_the_node_cache(tmp_path, monkeypatch):
+    """The generation actors' model loading (bco_ray/eval/pipeline.py): a snapshot on object storage is copied for
+    its loading and removed after; a model (the reference, a step-0 policy) comes from the node's remote cache."""
+    import fsspec
+
+    from bco_ray.eval.pipeline import _local_model_dir
+
+    monkeypatch.setenv("BCO_RAY_REMOTE_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    for name in ("config.json", "merged/config.json"):
+        fs.pipe_file(f"/gen-test/step_1/{name}", b"{}")
+    with _local_model_dir("memory://gen-test/step_1", snapshot=True) as d:
+        assert d.endswith("merged") and os.path.exists(os.path.join(d, "config.json"))
+    assert not os.path.exists(d)  # removed once loaded
+    with _local_model_dir("memory://gen-test/step_1", snapshot=False) as d:
+        assert str(tmp_path / "cache") in d
+    assert os.path.exists(d)  # the node cache keeps it for the next actor
+    with _local_model_dir(str(tmp_path), snapshot=True) as d:
+        assert d == str(tmp_path)  # local paths as they are

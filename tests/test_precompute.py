@@ -77,6 +77,9 @@ def test_cache_key_changes_with_every_input(tmp_path):
     changed["min ratio"] = key(with_cfg("udm", min_density_ratio=0.2))
     changed["max ratio"] = key(with_cfg("udm", max_density_ratio=5.0))
     changed["dtype"] = key(with_cfg("model", dtype="bfloat16"))
+    changed["padded"] = key(with_cfg("precompute", packed=False))
+    padded_parts = key_parts(with_cfg("precompute", packed=False), paths)
+    assert "packed" not in padded_parts and key_parts(cfg, paths)["packed"] is True  # padded: the key it always had
     (tmp_path / "ref" / "model.safetensors").write_bytes(b"\0" * 99 + b"\1")  # new reference weights
     changed["reference weights"] = key()
     (tmp_path / "ref" / "model.safetensors").write_bytes(b"\0" * 100)

@@ -257,3 +257,24 @@ def test_the_cache_key_fingerprints_an_s3_model_by_its_listing(s3, tiny, monkeyp
     assert fingerprint.fingerprint_path(uri, etags=True) != first and reads == []
     fingerprint.fingerprint_path(uri)  # by content (the embedding func's check): every object
     assert len(reads) == len([f for f in tiny.rglob("*") if f.is_file()])
+
+
+def test_a_model_replaced_during_its_download_is_not_cached(s3, tiny, cache, monkeypatch):
+    """Same sizes, new content (new ETags) while it downloads: the copy is dropped, the error says try again."""
+    from bco_ray import remote
+
+    uri = _upload(s3, tiny, "models/moving")
+    real = remote._download
+
+    def download_then_replace(uri_, files, root, dest):
+        real(uri_, files, root, dest)
+        cfg = s3.fs().cat_file(f"{s3.bucket}/models/moving/config.json")
+        assert cfg.endswith(b"\n")
+        s3.fs().pipe_file(f"{s3.bucket}/models/moving/config.json", cfg[:-1] + b" ")  # same size, still JSON
+
+    monkeypatch.setattr(remote, "_download", download_then_replace)
+    with pytest.raises(OSError, match="changed while it was downloaded"):
+        fetch_dir(uri)
+    assert not [p for p in cache.iterdir() if not p.name.startswith(".")]
+    monkeypatch.setattr(remote, "_download", real)
+    assert (fetch_dir(uri) / "config.json").exists()  # the next try gets the new content

@@ -10,11 +10,20 @@
 `BCOConfig` takes the reference's field names (and TRL's defaults) and maps them onto bco-ray's typed
 `Config` (`BCOConfig.to_config`); fields of TRL/transformers with no meaning here are accepted with a
 warning, unknown names raise TypeError. `BCOTrainer` saves in-memory models, tokenizers, datasets and the
-UDM embedding function once, content-addressed, under `<output_dir>/inputs` (the workers and actors load them
-from there), builds the Config and runs the job. See docs/trl_migration.md.
+UDM embedding function once, content-addressed, under `inputs_dir` (default `$BCO_RAY_STORAGE/inputs`, else
+`<output_dir>/inputs`; a path or an `s3://` URI: the workers and actors load them from there), builds the Config and runs the job. See docs/trl_migration.md.
 """
 
 from bco_ray.api.config import BCOConfig, BCOConfigWarning
-from bco_ray.api.trainer import BCOTrainer, BCOTrainOutput
 
 __all__ = ["BCOConfig", "BCOTrainer", "BCOTrainOutput", "BCOConfigWarning"]
+
+
+def __getattr__(name: str):
+    # The trainer brings the job's stack (torch, transformers, Ray, MLflow): imported when first asked for, so
+    # that `from bco_ray import BCOConfig` stays instant.
+    if name in ("BCOTrainer", "BCOTrainOutput"):
+        from bco_ray.api import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'bco_ray.api' has no attribute {name!r}")

@@ -91,7 +91,9 @@ class BCOConfig:
     mlflow_experiment: str = "bco-ray"
     udm_embedding_model: str | None = None  # UDM with a from_pretrained encoder (mean-pooled) instead of embedding_func
     precompute_num_gpus_per_actor: float | None = None  # None: 0.5 with GPUs (ref + embedding pools share one), else 0
-    inputs_dir: str | None = None  # in-memory models/data/embedding func go here; None: <output_dir>/inputs
+    # in-memory models/data/embedding func go here (a path or s3://); None: $BCO_RAY_STORAGE/inputs, else
+    # <output_dir>/inputs
+    inputs_dir: str | None = None
     bco_ray_overrides: dict = field(default_factory=dict)  # any other bco-ray field: {"train.zero_stage": 3, ...}
     ignored_fields: dict = field(default_factory=dict, repr=False)
 

@@ -7,8 +7,10 @@ snapshot it loads the policy, generates, and scores both completions with r = β
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import tempfile
 
 import fsspec
@@ -22,9 +24,9 @@ from bco_ray.config import Config
 from bco_ray.console import console
 from bco_ray.data import formats
 from bco_ray.data.sources import files_of, hf_rows
-from bco_ray.eval import report
 from bco_ray.eval.generation import completion_logps, generate, load_verifier, verifier_scores
 from bco_ray.models import load_causal_lm, load_tokenizer, pick_dtype, reference_dtype
+from bco_ray.remote import local_model_dir
 from bco_ray.storage import is_remote, local_path
 
 log = logging.getLogger(__name__)
@@ -66,17 +68,25 @@ def held_out_prompts(spec, tokenizer, n: int, max_prompt_length: int) -> list[di
     return out
 
 
-def _local_model_dir(path: str) -> str:
-    """A snapshot on remote storage (s3://, gs://, ...) copied to a local temp dir; local paths as they are.
-    A LoRA snapshot's merged model (`merged/`) is what generates."""
-    if is_remote(path):
+@contextlib.contextmanager
+def _local_model_dir(path: str, snapshot: bool):
+    """A local directory of the model at `path`, for the time of its loading. A policy snapshot on remote storage
+    (s3://, gs://, ...) is copied to a temporary directory, removed once loaded; the reference (or a step-0
+    policy) comes from this node's model cache (bco_ray/remote.py), where the pass already put it. A LoRA
+    snapshot's merged model (`merged/`) is what generates."""
+    tmp = None
+    if is_remote(path) and snapshot:
         fs, p = fsspec.core.url_to_fs(path)
-        dst = tempfile.mkdtemp(prefix="bco-gen-")
-        fs.get(p.rstrip("/") + "/", dst, recursive=True)
-        path = dst
-    path = local_path(path)
+        tmp = tempfile.mkdtemp(prefix="bco-gen-")
+        fs.get(p.rstrip("/") + "/", tmp, recursive=True)
+        path = tmp
+    path = local_model_dir(local_path(path))
     merged = os.path.join(path, "merged")
-    return merged if os.path.isdir(merged) else path
+    try:
+        yield merged if os.path.isdir(merged) else path
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Generator:
@@ -114,8 +124,9 @@ class Generator:
     def _kinds(self) -> list[str]:
         return ["greedy", "sampled"] if self.settings["sample"] else ["greedy"]
 
-    def _load(self, path: str):
-        return load_causal_lm(_local_model_dir(path), dtype=self.dtype, **self.model_kwargs).to(self.device).eval()
+    def _load(self, path: str, snapshot: bool = False):
+        with _local_model_dir(path, snapshot) as local:
+            return load_causal_lm(local, dtype=self.dtype, **self.model_kwargs).to(self.device).eval()
 
     def _completions(self, model, kind: str) -> dict:
         s = self.settings
@@ -179,9 +190,10 @@ class Generator:
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = []
         for item in table.to_pylist():
-            model = self.reference if item["path"] == self.reference_path else self._load(item["path"])
+            step = int(item["step"])  # step 0: the initial policy (a model path); later steps: snapshots
+            model = self.reference if item["path"] == self.reference_path else self._load(item["path"], step > 0)
             for kind in self._kinds():
-                rows.extend(self._rows(int(item["step"]), model, kind))
+                rows.extend(self._rows(step, model, kind))
             if model is not self.reference:
                 del model
         return pa.Table.from_pylist(rows)
@@ -237,6 +249,8 @@ def generation_eval(cfg: Config, paths, res, snapshots: dict[int, str]) -> dict:
     """The driver's pass after training over the policy at each step of `snapshots` ({step: model path}: step 0
     the initial policy, the snapshots the workers left, the final model); metrics, tables and a summary line.
     Returns {step: metrics}."""
+    from bco_ray.eval import report  # MLflow: the driver's, not in every generation actor (this module's)
+
     tok = load_tokenizer(paths.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
     rows = run_generation_eval(cfg, paths, snapshots, res, tok)
     metrics = report.log_to_mlflow(rows) if rows else {}

@@ -62,8 +62,9 @@ def key_parts(cfg: Config, paths: Paths) -> dict:
         "on_bad_rows": d.on_bad_rows,
         "udm": u.enabled,
         "local_shuffle_max_rows": cfg.precompute.local_shuffle_max_rows,
-        "packed": cfg.precompute.packed,
     }
+    if cfg.precompute.packed:  # padded entries keep the key they had before packing existed
+        parts["packed"] = True
     if u.enabled:
         parts.update(
             embedder=fingerprint_path(u.embedding_func or paths.embedder, etags=True),

@@ -135,7 +135,7 @@ def log_plots(
 
     with tempfile.TemporaryDirectory() as d:
         paths = plots.plot_run(client, run_id, d, title=title)
-        if weight_hist:
+        if weight_hist is not None and weight_hist.edges:
             paths.append(
                 plots.plot_weight_hist(
                     dataclasses.asdict(weight_hist), os.path.join(d, "udm_weights.png"), title=title, mean=mean_weight

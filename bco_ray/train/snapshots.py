@@ -13,7 +13,6 @@ import tempfile
 import fsspec
 
 from bco_ray.storage import is_remote, local_path
-from bco_ray.train.policy import save_final_model
 
 COMPLETE = "_COMPLETE"  # written last: a snapshot without it is an interrupted write, never read
 _STEP = re.compile(r"^step_(\d+)$")
@@ -27,6 +26,8 @@ def save_snapshot(
     model, storage_dir: str, step: int, tokenizer_path: str, rank: int, zero_stage: int, lora: bool
 ) -> None:
     """Every rank calls this (ZeRO-3 gathers need all of them); rank 0 writes."""
+    from bco_ray.train.policy import save_final_model  # DeepSpeed: the workers', not the driver's (list/remove)
+
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "model")
         save_final_model(model, src, tokenizer_path, rank, zero_stage, lora_merged=lora)
