@@ -19,17 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from bco_ray.train.ds_config import pin_jit_builds
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = str(Path(sys.executable).parent / "ray")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
-# One PATH for this process and every job it starts (job_env): DeepSpeed JIT-builds its CPU comm op with the
-# first `ninja` on PATH, and two ninja versions (the venv's and the system's) read each other's build log as
-# stale, so alternating between them rebuilt the op (~20 s on 2 cores) several times per suite.
-if os.environ.get("PATH", "").split(os.pathsep)[0] != str(Path(sys.executable).parent):
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# The in-process DeepSpeed tests build DeepSpeed's JIT ops where the jobs' workers do (bco_ray/train/ds_config.py):
+# once per suite, not once each time the two alternate. Every job this process starts inherits the setting.
+pin_jit_builds()
 
 
 def free_port() -> int:
@@ -39,7 +39,9 @@ def free_port() -> int:
 
 
 def job_env(**extra) -> dict:
-    env = dict(os.environ)  # PATH starts with this interpreter's bin (see above)
+    env = dict(os.environ)
+    if not env.get("PATH", "").startswith(f"{Path(sys.executable).parent}{os.pathsep}"):
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_ADDRESS"] = "local"  # never join a cluster that happens to run on this machine
     env.update(PYTHONUNBUFFERED="1", **extra)
     return env

@@ -1,6 +1,7 @@
 """The typed config: reference defaults, YAML + `--a.b=c` overrides, type coercion, and errors that name
 the offending field."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,26 @@ def test_use_bf16_reads_the_typed_field():
     assert [use_bf16(TrainConfig(bf16=False), gpu) for gpu in (True, False)] == [False, False]
     assert use_bf16(TrainConfig(bf16="false"), True) is False  # the old text spelling, built in code
     assert deepspeed_config(load_config(overrides=["--train.bf16=true"]).train, 1, False)["bf16"] == {"enabled": True}
+
+
+def test_deepspeed_jit_builds_are_pinned_to_this_environment(monkeypatch, tmp_path):
+    """One build directory per Python environment and that environment's ninja: two environments (or a venv's
+    ninja and the system's) no longer rebuild each other's DeepSpeed ops; a directory the user set is kept."""
+    import sys
+
+    from bco_ray.train.ds_config import pin_jit_builds
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin")
+    pin_jit_builds()
+    first = os.environ["TORCH_EXTENSIONS_DIR"]
+    assert "bco-ray-" in first and first == (pin_jit_builds() or os.environ["TORCH_EXTENSIONS_DIR"])
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    pin_jit_builds()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] != first
+    has_ninja = os.path.exists(os.path.join(os.path.dirname(sys.executable), "ninja"))
+    assert os.environ["PATH"].startswith(os.path.dirname(sys.executable)) == has_ninja
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    pin_jit_builds()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
