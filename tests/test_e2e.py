@@ -18,6 +18,9 @@ from conftest import run_job
 pytestmark = pytest.mark.e2e
 
 
+GEN_REWARDS = ("eval/gen/reward", "eval/gen/reward_ref")
+
+
 def test_job_trains_logs_and_saves(tmp_path, tiny_overrides):
     # With the generation eval on a handful of held-out prompts, one intermediate eval (a policy snapshot).
     proc = run_job(
@@ -74,6 +77,12 @@ def test_job_trains_logs_and_saves(tmp_path, tiny_overrides):
     assert score[30] >= score_ref[30], (score, score_ref)
     for key in ("eval/gen/hedged", "eval/gen/hedged_ref", "eval/gen/length", "eval/gen/reward", "eval/gen/reward_ref"):
         assert key in run.data.metrics, key
+    # The implicit reward β·(log π − log π_ref) of each side's completions under the policy of that step: exactly 0
+    # at step 0 (the policy is the reference); then the policy's own completions score above the reference's (the
+    # score above cannot show this: the tiny model rarely gets an answer right).
+    reward, reward_ref = ({m.step: m.value for m in client.get_metric_history(run_id, k)} for k in GEN_REWARDS)
+    assert reward[0] == reward_ref[0] == 0.0, (reward, reward_ref)
+    assert reward[30] > reward_ref[30], (reward, reward_ref)
     assert {a.path for a in client.list_artifacts(run_id, "eval")} >= {
         "eval/generations.json",
         "eval/generations_by_step.json",
