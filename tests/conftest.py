@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bco_ray.train.ds_config import pin_jit_builds
+from bco_ray.train.jit_builds import pin_jit_builds
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = str(Path(sys.executable).parent / "ray")
@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
-# The in-process DeepSpeed tests build DeepSpeed's JIT ops where the jobs' workers do (bco_ray/train/ds_config.py):
+# The in-process DeepSpeed tests build DeepSpeed's JIT ops where the jobs' workers do (bco_ray/train/jit_builds.py):
 # once per suite, not once each time the two alternate. Every job this process starts inherits the setting.
 pin_jit_builds()
 

@@ -70,32 +70,21 @@ def test_empty_yaml_file(tmp_path):
 
 def test_parse_overrides_forms():
     """`--a.b=c`, `--a.b c` and bare flags nest the same way; values are typed by load_config (below)."""
-    parsed = parse_overrides(
-        [
-            "--train.lr=1e-6",
-            "--udm.enabled",
-            "false",
-            "--precompute.force",
-            "--train.num_workers",
-            "4",
-            "--train.lora.enabled",
-        ]
-    )
+    argv = [
+        "--train.lr=1e-6",
+        "--udm.enabled",
+        "false",
+        "--precompute.force",
+        "--train.num_workers",
+        "4",
+        "--train.lora.enabled",
+    ]
+    parsed = parse_overrides(argv)
     assert parsed.keys() == {"train", "udm", "precompute"}
     assert parsed["train"].keys() == {"lr", "num_workers", "lora"} and parsed["train"]["lora"].keys() == {"enabled"}
     assert parsed["precompute"]["force"] in (True, "true")  # a bare flag means true
     assert parsed["train"]["lora"]["enabled"] in (True, "true")  # ... also as the last argument
-    cfg = load_config(
-        overrides=[
-            "--train.lr=1e-6",
-            "--udm.enabled",
-            "false",
-            "--precompute.force",
-            "--train.num_workers",
-            "4",
-            "--train.lora.enabled",
-        ]
-    )
+    cfg = load_config(overrides=argv)
     assert (cfg.train.lr, cfg.udm.enabled, cfg.precompute.force, cfg.train.num_workers, cfg.train.lora.enabled) == (
         1e-6,
         False,
@@ -292,7 +281,7 @@ def test_deepspeed_jit_builds_are_pinned_to_this_environment(monkeypatch, tmp_pa
     ninja and the system's) no longer rebuild each other's DeepSpeed ops; a directory the user set is kept."""
     import sys
 
-    from bco_ray.train.ds_config import pin_jit_builds
+    from bco_ray.train.jit_builds import pin_jit_builds
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("PATH", "/usr/bin")

@@ -252,24 +252,7 @@ def test_rerun_continues_the_failed_run(jobs):
 @pytest.mark.e2e
 def test_compare_cli_over_the_beta_runs(jobs, tmp_path):
     out = tmp_path / "compare"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "jobs" / "compare.py"),
-            "--experiment",
-            "beta-sweep",
-            "--metric",
-            "loss",
-            "--tracking-uri",
-            jobs["uri"],
-            "--out",
-            str(out),
-        ],
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _compare("--experiment", "beta-sweep", "--metric", "loss", "--tracking-uri", jobs["uri"], "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("run "))
@@ -288,20 +271,11 @@ def test_compare_cli_over_the_beta_runs(jobs, tmp_path):
 
         shutil.copytree(out, Path(keep) / "compare", dirs_exist_ok=True)
 
-    bad = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "jobs" / "compare.py"),
-            "--experiment",
-            "nope",
-            "--tracking-uri",
-            jobs["uri"],
-            "--out",
-            str(out),
-        ],
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = _compare("--experiment", "nope", "--tracking-uri", jobs["uri"], "--out", str(out))
     assert bad.returncode == 2 and "beta-sweep" in bad.stderr
+
+
+def _compare(*args: str) -> subprocess.CompletedProcess:
+    """`python jobs/compare.py ARGS`, as a user runs it."""
+    cmd = [sys.executable, str(ROOT / "jobs" / "compare.py"), *args]
+    return subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)

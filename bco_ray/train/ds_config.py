@@ -1,28 +1,9 @@
-"""The DeepSpeed config a worker's engine is built from, derived from the typed TrainConfig; where DeepSpeed builds
-its just-in-time ops."""
+"""The DeepSpeed config a worker's engine is built from, derived from the typed TrainConfig."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import sys
-from pathlib import Path
-
 from bco_ray.config import TrainConfig
 from bco_ray.models import use_bf16
-
-
-def pin_jit_builds() -> None:
-    """DeepSpeed JIT-builds its CPU ops (the gloo comm op, CPU Adam) under TORCH_EXTENSIONS_DIR with the first `ninja`
-    on PATH. Two Python environments, or one venv's ninja and the system's, read each other's build as stale and
-    rebuild it (~20 s on 2 cores) each time they alternate. So, unless the user set it, each environment builds in
-    its own directory, with the ninja installed next to this interpreter when there is one."""
-    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
-        tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions" / f"bco-ray-{tag}")
-    bin_dir, path = os.path.dirname(sys.executable), os.environ.get("PATH", "")
-    if os.path.exists(os.path.join(bin_dir, "ninja")) and not path.startswith(bin_dir + os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
 def deepspeed_config(t: TrainConfig, world_size: int, on_gpu: bool) -> dict:

@@ -29,8 +29,9 @@ from bco_ray.tracking.step_logger import StepLogger
 from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops
 from bco_ray.train.batching import backward, packed_micro_batches, padded_micro_batches, set_boundary
 from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
-from bco_ray.train.ds_config import deepspeed_config, pin_jit_builds, use_bf16
+from bco_ray.train.ds_config import deepspeed_config, use_bf16
 from bco_ray.train.evaluate import evaluate, read_batches
+from bco_ray.train.jit_builds import pin_jit_builds
 from bco_ray.train.policy import build_policy, save_final_model
 from bco_ray.train.snapshots import save_snapshot
 from bco_ray.train.step import micro_batch_loss
