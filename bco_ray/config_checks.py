@@ -3,6 +3,7 @@ ConfigError naming the field and the fix, before any Ray work starts."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 from bco_ray.config import Config, ConfigError, EvalConfig
@@ -25,6 +26,7 @@ def check_config(cfg: Config) -> None:
         "'_' and '-' only, starting with a letter or digit, with no '..' and no path separators",
     )
     _check_names(cfg, need)
+    _check_liger(cfg, need)
     need(t.beta > 0, f"train.beta must be > 0 (got {t.beta}); the reference default is 0.1")
     need(t.num_workers >= 1, f"train.num_workers must be >= 1 (got {t.num_workers})")
     need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")
@@ -81,6 +83,21 @@ def _check_eval(e: EvalConfig, need) -> None:
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def _check_liger(cfg: Config, need) -> None:
+    if not cfg.model.liger_kernel:
+        return
+    need(
+        cfg.train.zero_stage != 3,
+        "model.liger_kernel needs the whole output-head weight on each rank: use train.zero_stage <= 2, "
+        "or model.liger_kernel=false under ZeRO-3",
+    )
+    need(
+        importlib.util.find_spec("liger_kernel") is not None,  # not imported here: it brings torch and triton
+        "model.liger_kernel=true but liger-kernel is not installed: pip install 'bco-ray[liger]', "
+        "or model.liger_kernel=false",
+    )
 
 
 def _check_names(cfg: Config, need) -> None:

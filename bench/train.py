@@ -84,6 +84,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="ours only")
     p.add_argument("--compile", action="store_true", help="ours only: compile the decoder (dynamic shapes)")
+    p.add_argument("--liger", action="store_true", help="ours only: the output head by Liger Kernel (GPU)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     p.add_argument("--attn", default="auto", help="ours: auto (flash_attention_2 if importable, else sdpa) | sdpa")
     p.add_argument("--baseline-attn", default="sdpa")

@@ -110,6 +110,10 @@ def run_ours(a, zero, path, rows, ref_logps, device, dtype, lengths, shape, peak
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if a.compile:
         model.get_decoder().compile(dynamic=True)
+    if a.liger:
+        from bco_ray.bco.liger import use_liger_kernel
+
+        use_liger_kernel(model, device)
     model.train()
     gas = 1 if layout == "budget" else a.gradient_accumulation_steps
     up = Updater(model, zero, a, device, dtype, gas=gas)

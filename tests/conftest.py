@@ -27,6 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
+# Without an NVIDIA GPU, Triton kernels (tests/test_liger.py) run on CPU tensors under Triton's interpreter. Triton
+# reads the switch when a kernel is defined, and building a transformers model imports triton: so it is set here.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # The in-process DeepSpeed tests build DeepSpeed's JIT ops where the jobs' workers do (bco_ray/train/jit_builds.py):
 # once per suite, not once each time the two alternate. Every job this process starts inherits the setting.
 pin_jit_builds()

@@ -39,6 +39,7 @@ FIELD_MAP: dict[str, str] = {
     "max_density_ratio": "udm.max_density_ratio",
     "run_name": "mlflow.run_name",
     "trust_remote_code": "model.trust_remote_code",
+    "use_liger_kernel": "model.liger_kernel",
     "num_workers": "train.num_workers",
     "use_gpu": "train.use_gpu",
     "storage_path": "train.storage_path",

@@ -32,6 +32,7 @@ TRL_1_13_DEFAULTS: dict[str, tuple[object, str]] = {
     "logging_steps": (10, f"{BASE}:55"),
     "gradient_checkpointing": (True, f"{BASE}:62"),
     "bf16": (None, f"{BASE}:68; __post_init__ (line 105) makes None `not fp16`, i.e. True"),
+    "use_liger_kernel": (False, f"{BASE}:90"),
     # transformers' TrainingArguments, inherited unchanged
     "output_dir": (None, f"{HF}:772; __post_init__ (line 1518) makes None 'trainer_output'"),
     "per_device_train_batch_size": (8, f"{HF}:777"),

@@ -83,6 +83,7 @@ class BCOConfig:
     precompute_ref_log_probs: bool | None = None  # trl default False; bco-ray always precomputes
     model_init_kwargs: dict | None = None
     trust_remote_code: bool = False  # for models given as ids/paths (model.trust_remote_code)
+    use_liger_kernel: bool = False  # the output head's log-probs by Liger Kernel (model.liger_kernel)
     # ---- bco-ray extras: Ray, MLflow and where inputs go
     num_workers: int = 1  # Ray Train workers (one DeepSpeed rank each), like `accelerate launch` processes
     use_gpu: bool | None = None  # None: GPUs when the Ray cluster has at least num_workers of them
@@ -254,6 +255,8 @@ class BCOConfig:
         f.update({f"train.{k}": v for k, v in deepspeed_fields(self).items()})
         if self.trust_remote_code:
             f["model.trust_remote_code"] = True
+        if self.use_liger_kernel:
+            f["model.liger_kernel"] = True
         f.update({f"model.{k}": v for k, v in model_init_fields(self).items()})
         return f
 

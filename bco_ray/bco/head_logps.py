@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from bco_ray.bco.liger import LIGER_ATTR, liger_token_logps
+
 
 # ---------------------------------------------------------------- the light path's building blocks
 class TokenLogps(torch.autograd.Function):
@@ -89,6 +91,8 @@ def summed_head_logps(
     checkpointed chunks of `chunk_size` states. `n_chunks`: how many chunks to run (the most any rank needs,
     known on the host for packed batches); None: agreed with the other ranks where ZeRO-3 needs it."""
     out = torch.zeros(n_rows, dtype=torch.float32, device=h.device)
+    if isinstance(lm_head, LogitHead) and lm_head.liger:  # Liger chunks (and recomputes) the head itself
+        return out.index_add(0, rows, lm_head.liger_logps(h, targets))
     needs_grad = torch.is_grad_enabled() and h.requires_grad
     if n_chunks is None:
         n_chunks = _chunks_in_lockstep(-(-h.shape[0] // chunk_size), lm_head, h.device)
@@ -128,6 +132,13 @@ class LogitHead:
     multiply: float | None = None
     divide: float | None = None
     softcap: float | None = None
+    liger: bool = False  # score with Liger Kernel's fused linear cross-entropy (bco_ray/bco/liger.py)
+
+    def liger_logps(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) per hidden state through Liger Kernel, with the same post-processing."""
+        scale = (self.multiply or 1.0) / (self.divide or 1.0)
+        bias = getattr(self.lm_head, "bias", None)
+        return liger_token_logps(self.lm_head.weight, bias, h, targets, None if scale == 1.0 else scale)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
@@ -151,16 +162,22 @@ def text_config(model: nn.Module):
 
 
 def logit_head(model: nn.Module) -> LogitHead:
-    """The model's output embeddings plus the logit post-processing its config declares (known families)."""
+    """The model's output embeddings plus the logit post-processing its config declares (known families), and
+    whether this model instance scores it with Liger Kernel (`use_liger_kernel`)."""
     cfg = text_config(model)
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's model
+    head = model.get_output_embeddings()
 
     def value(name: str, neutral: float) -> float | None:
         v = getattr(cfg, name, None) if cfg is not None else None
         return None if v is None or isinstance(v, bool) or float(v) in (neutral, 0.0) else float(v)
 
+    softcap = value("final_logit_softcapping", 0.0)
     return LogitHead(
-        model.get_output_embeddings(),
+        head,
         multiply=value("logit_scale", 1.0),
         divide=value("logits_scaling", 1.0),
-        softcap=value("final_logit_softcapping", 0.0),
+        softcap=softcap,
+        # not a LoRA-wrapped head, nor a soft-capped one (bco_ray/bco/liger.py says why)
+        liger=bool(hf.__dict__.get(LIGER_ATTR)) and type(head) is nn.Linear and softcap is None,
     )

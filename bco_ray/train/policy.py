@@ -11,6 +11,7 @@ import deepspeed
 import torch
 from transformers import AutoTokenizer
 
+from bco_ray.bco.liger import use_liger_kernel
 from bco_ray.config import Config
 from bco_ray.models import load_causal_lm
 from bco_ray.remote import local_model_dir
@@ -49,6 +50,8 @@ def build_policy(cfg: Config, policy_path: str, on_gpu: bool):
                 task_type="CAUSAL_LM",
             ),
         )
+    if cfg.model.liger_kernel:
+        use_liger_kernel(model, torch.device("cuda" if on_gpu else "cpu"))
     return model
 
 
