@@ -10,9 +10,7 @@ Connects to the Ray cluster it runs in (or one started with `ray start` here), e
 
 from __future__ import annotations
 
-import sys
-
-from bco_ray.cli import train
+from bco_ray.cli import exit_process, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,4 +18,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

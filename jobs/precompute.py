@@ -8,9 +8,7 @@ A later `jobs/bco.py` with the same model, data and pass settings reuses the cac
 
 from __future__ import annotations
 
-import sys
-
-from bco_ray.cli import precompute
+from bco_ray.cli import exit_process, precompute
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,4 +16,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,14 +1,6 @@
-"""The BCO math: plain torch / scikit-learn, no Ray. Unit-tested against hand-computed numbers."""
+"""The BCO math: plain torch / scikit-learn, no Ray. Unit-tested against hand-computed numbers.
 
-from bco_ray.bco.logprobs import completion_logps, policy_completion_logps
-from bco_ray.bco.loss import RunningMean, bco_losses
-from bco_ray.bco.udm import fit_udm_classifier, udm_weights
-
-__all__ = [
-    "completion_logps",
-    "policy_completion_logps",
-    "RunningMean",
-    "bco_losses",
-    "fit_udm_classifier",
-    "udm_weights",
-]
+Modules: `loss` (BCO loss, running δ), `udm` (the density-ratio classifier and weights), `logprobs` (summed
+completion log-probs; its head in `head_logps`, its forwards in `forwards`, packed attention in
+`packed_attention`), `liger` (the optional Liger Kernel head). Nothing is imported here, so a Ray Data task that
+needs only `udm` (scikit-learn) does not import torch and transformers with it."""
