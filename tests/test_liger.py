@@ -16,8 +16,9 @@ import pytest
 import torch
 from test_packing import BUDGET, CHUNK, LENGTHS, PAD, PROMPT, _model, _rows
 
+from bco_ray.bco import head_logps
 from bco_ray.bco.head_logps import LogitHead, logit_head, summed_head_logps
-from bco_ray.bco.liger import use_liger_kernel
+from bco_ray.bco.liger import liger_token_logps, use_liger_kernel
 from bco_ray.bco.logprobs import packed_completion_logps
 from bco_ray.config import Config, ConfigError, validate
 from bco_ray.data.packing import collate_packed, plan_step, to_device
@@ -84,14 +85,17 @@ def _packed_logps_and_grads(model, rows, coef):
     return got, grads
 
 
-def test_model_scored_with_liger_equals_plain_path(interpreter):
+def test_model_scored_with_liger_equals_plain_path(interpreter, monkeypatch):
     """A whole model's packed per-row log-probs and every parameter's gradient, Liger head vs the plain one."""
     rows, coef = _rows(), torch.linspace(-1.0, 2.0, len(LENGTHS), device=DEVICE)
     model = _model("qwen2").to(DEVICE)
     plain, plain_grads = _packed_logps_and_grads(model, rows, coef)
     assert use_liger_kernel(model, DEVICE)
     assert logit_head(model).liger
+    calls = []
+    monkeypatch.setattr(head_logps, "liger_token_logps", lambda *a: calls.append(1) or liger_token_logps(*a))
     got, grads = _packed_logps_and_grads(model, rows, coef)
+    assert len(calls) == len(plan_step([LENGTHS], [PROMPT], BUDGET, CHUNK, 0)[0])  # once per pack: Liger ran
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
     for n, g in grads.items():
         torch.testing.assert_close(g, plain_grads[n], rtol=1e-5, atol=1e-5, msg=n)
@@ -127,7 +131,7 @@ def test_trl_use_liger_kernel_maps_to_the_model_field():
     assert BCOConfig(output_dir="out", use_liger_kernel=True).to_config().model.liger_kernel
 
 
-def test_reference_pass_and_policy_use_liger_when_configured(interpreter, tmp_path):
+def test_reference_pass_and_policy_use_liger_when_configured(interpreter, tmp_path, monkeypatch):
     """The job's wiring: `model.liger_kernel` reaches the reference actor (same log-probs as without it, to
     float32 rounding) and the policy the workers train."""
     import pyarrow as pa
@@ -141,7 +145,8 @@ def test_reference_pass_and_policy_use_liger_when_configured(interpreter, tmp_pa
     raw = open(resolve_data(BUILTIN_TRAIN)).read().splitlines()[:12]
     cfg = load_config(overrides={"output_dir": str(tmp_path), "model": {"liger_kernel": True}})
     paths, _ = resolve_paths(cfg)
-    scores = {}
+    scores, calls = {}, []
+    monkeypatch.setattr(head_logps, "liger_token_logps", lambda *a: calls.append(1) or liger_token_logps(*a))
     for liger in (False, True):
         cfg.model.liger_kernel = liger
         kw = pipeline._score_kwargs(cfg, paths, {True: 6, False: 6}, None)
@@ -150,5 +155,6 @@ def test_reference_pass_and_policy_use_liger_when_configured(interpreter, tmp_pa
         assert logit_head(actor.model).liger is liger
         scores[liger] = np.asarray(actor(tok).column("ref_logps").to_pylist())
     np.testing.assert_allclose(scores[True], scores[False], rtol=1e-5, atol=1e-5)
+    assert calls  # the reference actor's scores came through Liger
     assert pipeline.key_parts(cfg, paths)["liger_kernel"] is True
     assert logit_head(build_policy(cfg, paths.policy, on_gpu=False)).liger
