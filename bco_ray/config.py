@@ -37,8 +37,8 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     attn_implementation: str = "auto"  # auto: transformers picks (sdpa if supported, else eager), or a name
     trust_remote_code: bool = False  # allow a hub model's own Python code (transformers)
-    liger_kernel: bool = False  # output-head log-probs by Liger Kernel's fused linear cross-entropy (GPU; needs
-    # the [liger] extra; not with train.zero_stage=3); the plain chunked path where Triton cannot run
+    liger_kernel: bool = False  # the policy's log-probs in training by Liger Kernel's fused linear cross-entropy
+    # (GPU; needs the [liger] extra; not with train.zero_stage=3); the plain chunked path where Triton cannot run
 
 
 @dataclass

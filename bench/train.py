@@ -96,6 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.liger and 3 in a.zero:
+        p.error("--liger needs the whole output-head weight on the rank: not with --zero 3")
     a.rows = a.rows or (2048 if a.model == "qwen0.5b" else 32)
     a.micro_batch_tokens = a.micro_batch_tokens or (
         a.micro_batch_size * a.max_length if a.bucketing == "packed" else a.baseline_batch_size * a.max_length

@@ -38,24 +38,29 @@ def interpreter():
         pytest.skip("no GPU and Triton's interpreter is off (TRITON_INTERPRET=1 before triton is imported)")
 
 
-def _float64_reference(h, w, targets, rows, n_rows, coef, scale=1.0):
+def _float64_reference(h, w, b, targets, rows, n_rows, coef, scale=1.0):
     hd, wd = h.detach().cpu().double().requires_grad_(), w.detach().cpu().double().requires_grad_()
+    bd = b.detach().cpu().double().requires_grad_() if b is not None else None
     targets, rows = targets.cpu(), rows.cpu()
-    logits = (hd @ wd.T) * scale
+    logits = ((hd @ wd.T) + (bd if bd is not None else 0.0)) * scale
     lp = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     out = torch.zeros(n_rows, dtype=torch.float64).index_add(0, rows, lp)
     (out * coef.cpu().double()).sum().backward()
-    return out.detach(), hd.grad, wd.grad
+    return out.detach(), hd.grad, wd.grad, (bd.grad if bd is not None else None)
 
 
 @pytest.mark.parametrize(
-    "post", [{}, {"multiply": 0.5}, {"divide": 4.0}], ids=["plain", "logit_scale", "logits_scaling"]
+    "post,bias",
+    [({}, False), ({"multiply": 0.5}, False), ({"divide": 4.0}, False), ({"multiply": 0.5}, True)],
+    ids=["plain", "logit_scale", "logits_scaling", "scaled_with_bias"],
 )
-def test_liger_head_equals_float64_reference(interpreter, post):
+def test_liger_head_equals_float64_reference(interpreter, post, bias):
     g = torch.Generator().manual_seed(3)
-    head = torch.nn.Linear(H, VOCAB, bias=False, device=DEVICE)
+    head = torch.nn.Linear(H, VOCAB, bias=bias, device=DEVICE)
     with torch.no_grad():
         head.weight.copy_(torch.randn(VOCAB, H, generator=g))
+        if bias:
+            head.bias.copy_(torch.randn(VOCAB, generator=g))
     h = torch.randn(N, H, generator=g).to(DEVICE).requires_grad_()
     targets = torch.randint(0, VOCAB, (N,), generator=g).to(DEVICE)
     rows = torch.sort(torch.randint(0, 5, (N,), generator=g)).values.to(DEVICE)
@@ -64,11 +69,13 @@ def test_liger_head_equals_float64_reference(interpreter, post):
     got = summed_head_logps(LogitHead(head, liger=True, **post), h, targets, rows, 5, chunk_size=7)
     (got * coef).sum().backward()
     scale = post.get("multiply", 1.0) / post.get("divide", 1.0)
-    ref, ref_h, ref_w = _float64_reference(h, head.weight, targets, rows, 5, coef, scale)
+    ref, ref_h, ref_w, ref_b = _float64_reference(h, head.weight, head.bias, targets, rows, 5, coef, scale)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.grad.cpu().double(), ref_h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(head.weight.grad.cpu().double(), ref_w, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(head.bias.grad.cpu().double(), ref_b, rtol=1e-5, atol=1e-5)
 
 
 def _packed_logps_and_grads(model, rows, coef):
@@ -85,10 +92,13 @@ def _packed_logps_and_grads(model, rows, coef):
     return got, grads
 
 
-def test_model_scored_with_liger_equals_plain_path(interpreter, monkeypatch):
-    """A whole model's packed per-row log-probs and every parameter's gradient, Liger head vs the plain one."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_model_scored_with_liger_equals_plain_path(interpreter, monkeypatch, dtype):
+    """A whole model's packed per-row log-probs and every parameter's gradient, Liger head vs the plain one: to
+    float32 rounding in float32; in bf16 Liger rounds the logits' gradient to bf16 before scaling it by each
+    token's upstream gradient, so gradients agree to bf16 rounding there (values still to float32 rounding)."""
     rows, coef = _rows(), torch.linspace(-1.0, 2.0, len(LENGTHS), device=DEVICE)
-    model = _model("qwen2").to(DEVICE)
+    model = _model("qwen2").to(DEVICE, dtype)
     plain, plain_grads = _packed_logps_and_grads(model, rows, coef)
     assert use_liger_kernel(model, DEVICE)
     assert logit_head(model).liger
@@ -98,7 +108,11 @@ def test_model_scored_with_liger_equals_plain_path(interpreter, monkeypatch):
     assert len(calls) == len(plan_step([LENGTHS], [PROMPT], BUDGET, CHUNK, 0)[0])  # once per pack: Liger ran
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
     for n, g in grads.items():
-        torch.testing.assert_close(g, plain_grads[n], rtol=1e-5, atol=1e-5, msg=n)
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, plain_grads[n], rtol=1e-5, atol=1e-5, msg=n)
+        else:  # a few bf16 ulps (2^-8 relative) of the tensor's largest entry: measured up to 1.5 % here
+            ref = plain_grads[n].float()
+            torch.testing.assert_close(g.float(), ref, rtol=0, atol=2**-5 * float(ref.abs().max()), msg=n)
 
 
 def test_soft_capped_head_keeps_the_plain_path(interpreter):
@@ -131,30 +145,34 @@ def test_trl_use_liger_kernel_maps_to_the_model_field():
     assert BCOConfig(output_dir="out", use_liger_kernel=True).to_config().model.liger_kernel
 
 
-def test_reference_pass_and_policy_use_liger_when_configured(interpreter, tmp_path, monkeypatch):
-    """The job's wiring: `model.liger_kernel` reaches the reference actor (same log-probs as without it, to
-    float32 rounding) and the policy the workers train."""
-    import pyarrow as pa
+def test_config_names_the_missing_package(monkeypatch):
+    import importlib.util
 
-    from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name))
+    cfg = Config()
+    cfg.model.liger_kernel = True
+    with pytest.raises(ConfigError, match=r"liger-kernel is not installed: pip install 'bco-ray\[liger\]'"):
+        validate(cfg)
+
+
+def test_the_trained_policy_uses_liger_and_scoring_without_gradients_does_not(interpreter, tmp_path, monkeypatch):
+    """The job's wiring: `model.liger_kernel` reaches the policy the workers build; its forwards without
+    gradients (evaluation, and the reference pass's alike) keep the plain path (bco_ray/bco/liger.py says why)."""
     from bco_ray.config import load_config
-    from bco_ray.precompute import pipeline, stages
     from bco_ray.run import resolve_paths
     from bco_ray.train.policy import build_policy
 
-    raw = open(resolve_data(BUILTIN_TRAIN)).read().splitlines()[:12]
     cfg = load_config(overrides={"output_dir": str(tmp_path), "model": {"liger_kernel": True}})
     paths, _ = resolve_paths(cfg)
-    scores, calls = {}, []
+    model = build_policy(cfg, paths.policy, on_gpu=False)
+    assert logit_head(model).liger
+    calls = []
     monkeypatch.setattr(head_logps, "liger_token_logps", lambda *a: calls.append(1) or liger_token_logps(*a))
-    for liger in (False, True):
-        cfg.model.liger_kernel = liger
-        kw = pipeline._score_kwargs(cfg, paths, {True: 6, False: 6}, None)
-        tok = stages.tokenize(pa.table({"text": raw}), split="train", source="x", **kw["tokenize_kwargs"])
-        actor = stages.RefLogps(**kw["ref_kwargs"])
-        assert logit_head(actor.model).liger is liger
-        scores[liger] = np.asarray(actor(tok).column("ref_logps").to_pylist())
-    np.testing.assert_allclose(scores[True], scores[False], rtol=1e-5, atol=1e-5)
-    assert calls  # the reference actor's scores came through Liger
-    assert pipeline.key_parts(cfg, paths)["liger_kernel"] is True
-    assert logit_head(build_policy(cfg, paths.policy, on_gpu=False)).liger
+    rows = {"input_ids": [np.arange(3, 13), np.arange(5, 11)], "prompt_len": [4, 2]}
+    batch = collate_packed(rows, [0, 1], PAD, 2)
+    with torch.no_grad():
+        packed_completion_logps(model, batch, CHUNK)
+    assert calls == []
+    packed_completion_logps(model, batch, CHUNK).sum().backward()
+    assert calls == [1]

@@ -74,8 +74,8 @@ NOTES: dict[str, str] = {
     "precompute_ref_log_probs": "always precomputed here; `False` warns",
     "model_init_kwargs": "for models given as ids/paths; other keys warn",
     "trust_remote_code": "for models given as ids/paths (also read from `model_init_kwargs`)",
-    "use_liger_kernel": "Liger's fused linear cross-entropy for the output head's log-probs, on GPU (needs the "
-    "`[liger]` extra; not under ZeRO-3). trl patches the whole model with Liger's kernels",
+    "use_liger_kernel": "Liger's fused linear cross-entropy for the policy's log-probs in training, on GPU (needs "
+    "the `[liger]` extra; not under ZeRO-3). trl patches the whole model with Liger's kernels",
     "num_workers": "one DeepSpeed rank each, like `accelerate launch` processes",
     "use_gpu": "None: GPUs when the Ray cluster has at least `num_workers` of them (then the scoring actors take "
     "0.5 GPU each)",

@@ -52,7 +52,6 @@ def eval_table(cfg: Config, precompute_dir: str, eval_dataset=None) -> pa.Table:
         pad_id=paths.pad_id,
         attn_implementation=cfg.model.attn_implementation,
         packed=p.packed,
-        liger_kernel=cfg.model.liger_kernel,
     )(table)
     if not cfg.udm.enabled:
         return stages.unit_weights(table)

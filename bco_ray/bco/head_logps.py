@@ -91,8 +91,8 @@ def summed_head_logps(
     checkpointed chunks of `chunk_size` states. `n_chunks`: how many chunks to run (the most any rank needs,
     known on the host for packed batches); None: agreed with the other ranks where ZeRO-3 needs it."""
     out = torch.zeros(n_rows, dtype=torch.float32, device=h.device)
-    if isinstance(lm_head, LogitHead) and lm_head.liger:  # Liger chunks (and recomputes) the head itself
-        return out.index_add(0, rows, lm_head.liger_logps(h, targets))
+    if isinstance(lm_head, LogitHead) and lm_head.liger and torch.is_grad_enabled():  # training: Liger chunks
+        return out.index_add(0, rows, lm_head.liger_logps(h, targets))  # (and recomputes) the head itself
     needs_grad = torch.is_grad_enabled() and h.requires_grad
     if n_chunks is None:
         n_chunks = _chunks_in_lockstep(-(-h.shape[0] // chunk_size), lm_head, h.device)
@@ -136,6 +136,7 @@ class LogitHead:
 
     def liger_logps(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target) per hidden state through Liger Kernel, with the same post-processing."""
+        assert self.softcap is None, "Liger's soft-capping is not used (bco_ray/bco/liger.py)"
         scale = (self.multiply or 1.0) / (self.divide or 1.0)
         bias = getattr(self.lm_head, "bias", None)
         return liger_token_logps(self.lm_head.weight, bias, h, targets, None if scale == 1.0 else scale)
@@ -178,6 +179,9 @@ def logit_head(model: nn.Module) -> LogitHead:
         multiply=value("logit_scale", 1.0),
         divide=value("logits_scaling", 1.0),
         softcap=softcap,
-        # not a LoRA-wrapped head, nor a soft-capped one (bco_ray/bco/liger.py says why)
-        liger=bool(hf.__dict__.get(LIGER_ATTR)) and type(head) is nn.Linear and softcap is None,
+        # not a LoRA-wrapped head, a soft-capped one, nor one ZeRO-3 partitions (bco_ray/bco/liger.py says why)
+        liger=bool(hf.__dict__.get(LIGER_ATTR))
+        and type(head) is nn.Linear
+        and softcap is None
+        and not any(hasattr(p, "ds_id") for p in head.parameters()),
     )

@@ -163,7 +163,8 @@ def policy_completion_logps(
 def packed_completion_logps(model: nn.Module, batch: dict, chunk_size: int = 1024, *, return_aux_loss: bool = False):
     """`policy_completion_logps` of a packed batch: rows back to back in one sequence [1, T], attention within
     each row (`packed_attention`), completion positions, targets and row ids computed when it was collated.
-    Nothing here reads the device: no host synchronisation (tests/test_no_host_sync.py)."""
+    Nothing here reads the device: no host synchronisation (tests/test_no_host_sync.py), except inside Liger
+    Kernel's head where `model.liger_kernel` turns it on (bco_ray/bco/liger.py)."""
     hf = hf_model(model)
     ok = light_path_ok(model, batch["input_ids"].device)
     want_aux = return_aux_loss and router_aux_loss_enabled(model)

@@ -65,8 +65,6 @@ def key_parts(cfg: Config, paths: Paths) -> dict:
     }
     if cfg.precompute.packed:  # padded entries keep the key they had before packing existed
         parts["packed"] = True
-    if cfg.model.liger_kernel:  # equal to the plain path to float32 rounding, not bitwise
-        parts["liger_kernel"] = True
     if u.enabled:
         parts.update(
             embedder=fingerprint_path(u.embedding_func or paths.embedder, etags=True),
@@ -130,7 +128,6 @@ def _score_kwargs(cfg: Config, paths: Paths, counts: dict[bool, int], counters) 
             pad_id=paths.pad_id,
             attn_implementation=cfg.model.attn_implementation,
             packed=p.packed,
-            liger_kernel=cfg.model.liger_kernel,
         ),
         embed_kwargs=embed_kwargs(cfg, paths) if u.enabled else None,
         # About 2×prompt_sample_size rows of each class are embedded for the classifier's sample (all rows

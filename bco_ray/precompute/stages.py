@@ -13,7 +13,6 @@ import pyarrow.compute as pc
 import ray
 import torch
 
-from bco_ray.bco.liger import use_liger_kernel
 from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps
 from bco_ray.bco.udm import classifier_from_json, udm_weights
 from bco_ray.data import formats
@@ -110,7 +109,6 @@ class RefLogps:
         pad_id: int,
         attn_implementation: str = "sdpa",
         packed: bool = True,
-        liger_kernel: bool = False,
     ):
         self.device = _device(num_gpus)
         self.model = (
@@ -124,8 +122,6 @@ class RefLogps:
             .eval()
         )
         self.token_budget, self.chunk_size, self.pad_id, self.packed = token_budget, chunk_size, pad_id, packed
-        if liger_kernel:
-            use_liger_kernel(self.model, self.device)
 
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
