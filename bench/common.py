@@ -152,24 +152,6 @@ def full_logits_logps(model, ids: torch.Tensor, mask: torch.Tensor, plen: torch.
     return (logp * keep).sum(-1)
 
 
-def param_counts(model) -> dict:
-    """total: every parameter (a tied lm_head counted once); n_flops: total minus the input embedding table,
-    the N of the 2N / 6N FLOP counts (with tied embeddings it thus excludes the vocabulary projection)."""
-    total = sum(p.numel() for p in model.parameters())
-    emb = model.get_input_embeddings().weight.numel()
-    return {"params_total": total, "params_n_flops": total - emb}
-
-
-def count_params(path: str) -> tuple[dict, object]:
-    """param_counts of the model saved at `path`, built on the meta device (no memory, no init)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    return param_counts(model), cfg
-
-
 def flop_shape_of(path: str) -> dict:
     """bco-ray's MFU parameter counts (bco_ray/train/throughput.py) of the model at `path`, built on meta."""
     from transformers import AutoConfig, AutoModelForCausalLM

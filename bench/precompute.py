@@ -236,11 +236,11 @@ def main(argv=None) -> int:
     with C.Timer(device) as t_init:
         path = C.make_model_dir(a.model, dtype, device, a.seed)
     try:
-        counts, cfg = C.count_params(path)
-        total, n_params = counts["params_total"], counts["params_n_flops"]
-        n_flops = forward_flops(C.flop_shape_of(path), *row_work(lengths, rows["prompt_len"]))
+        shape = C.flop_shape_of(path)
+        n_flops = forward_flops(shape, *row_work(lengths, rows["prompt_len"]))
         print(
-            f"model {a.model}: {total / 1e6:.1f}M params, N (no input embedding) {n_params / 1e6:.1f}M, "
+            f"model {a.model}: {shape['total'] / 1e6:.1f}M params, N_body {shape['body'] / 1e6:.1f}M, head "
+            f"{shape['head'] / 1e6:.1f}M, "
             f"{dtype_name}, init+save {t_init.seconds:.1f} s; ours attn={attn}, naive attn={a.naive_attn}; "
             f"peak {peak and peak / 1e12} TFLOP/s ({peak_src})",
             flush=True,
@@ -261,8 +261,7 @@ def main(argv=None) -> int:
             "token_budget": a.token_budget,
             "block_rows": a.block_rows,
             "batch_size": a.batch_size,
-            "params_total": total,
-            "params_n_flops": n_params,
+            "flop_shape": shape,
             "peak_flops": peak,
             "peak_source": peak_src,
             "ours": ours,

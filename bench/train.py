@@ -119,13 +119,11 @@ def guarded(name: str, fn) -> dict:
 
 def settings(a, path, device, dtype, lengths, peak, peak_src, init_seconds) -> dict:
     """Print the model and data lines; the RESULT's settings, parameter counts, padding report and environment."""
-    counts, _ = C.count_params(path)
-    n_params = counts["params_n_flops"]
     fshape = C.flop_shape_of(path)
     attn = C.pick_attn(a.attn, device)
     print(
-        f"model {a.model}: {counts['params_total'] / 1e6:.1f}M params, N (no input embedding) "
-        f"{n_params / 1e6:.1f}M, {dtype}, init+save {init_seconds:.1f} s; ours attn={attn}, baseline "
+        f"model {a.model}: {fshape['total'] / 1e6:.1f}M params, N_body {fshape['body'] / 1e6:.1f}M, head "
+        f"{fshape['head'] / 1e6:.1f}M, {dtype}, init+save {init_seconds:.1f} s; ours attn={attn}, baseline "
         f"attn={a.baseline_attn}; peak {peak and peak / 1e12} TFLOP/s ({peak_src})",
         flush=True,
     )
@@ -157,7 +155,6 @@ def settings(a, path, device, dtype, lengths, peak, peak_src, init_seconds) -> d
         "gradient_accumulation_steps": a.gradient_accumulation_steps,
         "flop_shape": fshape,
         "padding": padding_report(a),
-        **counts,
         "peak_flops": peak,
         "peak_source": peak_src,
         **C.env_info(device),

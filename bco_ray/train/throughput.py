@@ -21,13 +21,10 @@ from __future__ import annotations
 
 
 def flop_shape(model) -> dict:
-    """N_body, head (d·V), layers and width of a model (partitioned ZeRO-3 parameters counted whole)."""
+    """N_body, head (d·V), layers and width of a model, and its parameter count (`total`, for reports; partitioned
+    ZeRO-3 parameters counted whole)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += int(getattr(p, "ds_numel", p.numel()))
+    total = count_params(model)
 
     def numel(m):
         w = getattr(m, "weight", None)
@@ -37,7 +34,13 @@ def flop_shape(model) -> dict:
     tied = out is not None and getattr(out, "weight", None) is getattr(emb, "weight", object())
     head = numel(out) if out is not None else 0
     body = total - numel(emb) - (0 if tied else head)
-    return {"body": body, "head": head, "layers": int(cfg.num_hidden_layers), "hidden": int(cfg.hidden_size)}
+    return {
+        "body": body,
+        "head": head,
+        "layers": int(cfg.num_hidden_layers),
+        "hidden": int(cfg.hidden_size),
+        "total": total,
+    }
 
 
 def train_flops(shape: dict, tokens: int, sum_len_sq: int, completion_tokens: int) -> float:
@@ -65,4 +68,5 @@ def mfu(flops: float, seconds: float, gpus: int, peak: float) -> float:
 
 
 def count_params(model) -> int:
+    """Every parameter once (a tied head is the input embedding's)."""
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in {id(p): p for p in model.parameters()}.values())
