@@ -111,7 +111,7 @@ def run_ours(a, zero, path, rows, ref_logps, device, dtype, lengths, shape, peak
     if a.compile:
         model.get_decoder().compile(dynamic=True)
     if a.liger:
-        from bco_ray.bco.liger import use_liger_kernel
+        from bco_ray.bco.head_logps import use_liger_kernel
 
         use_liger_kernel(model, device)
     model.train()

@@ -17,8 +17,8 @@ import torch
 from test_packing import BUDGET, CHUNK, LENGTHS, PAD, PROMPT, _model, _rows
 
 from bco_ray.bco import head_logps
-from bco_ray.bco.head_logps import LogitHead, logit_head, summed_head_logps
-from bco_ray.bco.liger import liger_token_logps, use_liger_kernel
+from bco_ray.bco.head_logps import LogitHead, logit_head, summed_head_logps, use_liger_kernel
+from bco_ray.bco.liger import liger_token_logps
 from bco_ray.bco.logprobs import packed_completion_logps
 from bco_ray.config import Config, ConfigError, validate
 from bco_ray.data.packing import collate_packed, plan_step, to_device
@@ -124,7 +124,7 @@ def test_soft_capped_head_keeps_the_plain_path(interpreter):
 def test_without_a_triton_backend_the_plain_path_is_used(monkeypatch, caplog):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = _model("qwen2")
-    with caplog.at_level(logging.WARNING, logger="bco_ray.bco.liger"):
+    with caplog.at_level(logging.WARNING, logger="bco_ray.bco.head_logps"):
         assert not use_liger_kernel(model, torch.device("cpu"))
     assert not logit_head(model).liger
     assert "plain path" in caplog.text

@@ -11,7 +11,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bco_ray.bco.head_logps import completion_logps, completion_positions, logit_head, text_config, token_logps
+from bco_ray.bco.head_logps import (
+    completion_logps,
+    completion_positions,
+    hf_model,
+    logit_head,
+    text_config,
+    token_logps,
+)
 
 
 # ---------------------------------------------------------------- MoE auxiliary (load-balancing) loss
@@ -28,11 +35,6 @@ def router_aux_loss_coef(model: nn.Module) -> float:
     if not router_aux_loss_enabled(model):
         return 0.0
     return float(getattr(text_config(model), "router_aux_loss_coef", 0.0) or 0.0)
-
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def light_aux_loss(model: nn.Module, router_logits, attention_mask: torch.Tensor) -> torch.Tensor:

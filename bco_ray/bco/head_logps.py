@@ -5,6 +5,7 @@ the family's logit post-processing (`LogitHead`). Used by bco_ray/bco/logprobs.p
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bco_ray.bco.liger import LIGER_ATTR, liger_token_logps
+from bco_ray.bco.liger import INSTALL_HINT, liger_installed, liger_runs_on, liger_token_logps
+
+log = logging.getLogger(__name__)
+LIGER_ATTR = "_bco_ray_liger_kernel"  # set in a transformers model's own __dict__ by use_liger_kernel
 
 
 # ---------------------------------------------------------------- the light path's building blocks
@@ -166,7 +170,6 @@ def logit_head(model: nn.Module) -> LogitHead:
     """The model's output embeddings plus the logit post-processing its config declares (known families), and
     whether this model instance scores it with Liger Kernel (`use_liger_kernel`)."""
     cfg = text_config(model)
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's model
     head = model.get_output_embeddings()
 
     def value(name: str, neutral: float) -> float | None:
@@ -180,8 +183,27 @@ def logit_head(model: nn.Module) -> LogitHead:
         divide=value("logits_scaling", 1.0),
         softcap=softcap,
         # not a LoRA-wrapped head, a soft-capped one, nor one ZeRO-3 partitions (bco_ray/bco/liger.py says why)
-        liger=bool(hf.__dict__.get(LIGER_ATTR))
+        liger=bool(hf_model(model).__dict__.get(LIGER_ATTR))
         and type(head) is nn.Linear
         and softcap is None
         and not any(hasattr(p, "ds_id") for p in head.parameters()),
     )
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def use_liger_kernel(model: nn.Module, device: torch.device) -> bool:
+    """Score this model instance's output head in training with Liger Kernel (bco_ray/bco/liger.py) where Triton
+    runs (`liger_runs_on`); the plain path otherwise, with a warning. Returns whether it will."""
+    if not liger_installed():
+        raise RuntimeError(f"model.liger_kernel=true but liger-kernel is not installed: {INSTALL_HINT}")
+    ok = liger_runs_on(device)
+    if ok:
+        log.info("model.liger_kernel: the output head's log-probs by Liger Kernel on %s", device)
+    else:
+        log.warning("model.liger_kernel: Triton does not run on %s; the output head uses the plain path", device)
+    hf_model(model).__dict__[LIGER_ATTR] = ok
+    return ok

@@ -8,7 +8,7 @@ gradient to bf16 before scaling it by each token's upstream gradient, so the gra
 
 Liger's kernels are Triton kernels: they run on a CUDA device, or on CPU tensors under Triton's interpreter
 (`TRITON_INTERPRET=1`, how the tests run them). Anywhere else the plain path is used. A model instance opts in
-with `use_liger_kernel(model, device)`; `logit_head(model)` then carries the flag.
+with `head_logps.use_liger_kernel(model, device)`; `logit_head(model)` then carries the flag.
 
 Where the plain path stays:
 - the reference pass and evaluation (no gradients): Liger saves no memory there, and it reads a token count back
@@ -21,15 +21,10 @@ Where the plain path stays:
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 
 import torch
-from torch import nn
 
-log = logging.getLogger(__name__)
-
-LIGER_ATTR = "_bco_ray_liger_kernel"  # set in a model instance's own __dict__ by use_liger_kernel
 INSTALL_HINT = "pip install 'bco-ray[liger]' (liger-kernel, which brings triton)"
 
 
@@ -40,21 +35,6 @@ def liger_installed() -> bool:
 def liger_runs_on(device: torch.device) -> bool:
     """Triton runs here: a CUDA device, or CPU tensors under Triton's interpreter."""
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def use_liger_kernel(model: nn.Module, device: torch.device) -> bool:
-    """Score this model instance's output head with Liger Kernel where it can run (see `liger_runs_on`); the
-    plain path otherwise, with a warning. Returns whether it will."""
-    if not liger_installed():
-        raise RuntimeError(f"model.liger_kernel=true but liger-kernel is not installed: {INSTALL_HINT}")
-    ok = liger_runs_on(device)
-    if ok:
-        log.info("model.liger_kernel: the output head's log-probs by Liger Kernel on %s", device)
-    else:
-        log.warning("model.liger_kernel: Triton does not run on %s; the output head uses the plain path", device)
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's model
-    hf.__dict__[LIGER_ATTR] = ok
-    return ok
 
 
 def liger_token_logps(

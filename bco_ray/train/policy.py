@@ -11,7 +11,7 @@ import deepspeed
 import torch
 from transformers import AutoTokenizer
 
-from bco_ray.bco.liger import use_liger_kernel
+from bco_ray.bco.head_logps import use_liger_kernel
 from bco_ray.config import Config
 from bco_ray.models import load_causal_lm
 from bco_ray.remote import local_model_dir
