@@ -246,7 +246,7 @@ def precompute(argv: list[str] | None = None, prog: str = "bco-ray precompute") 
         check_shared_paths(cfg, paths, tracking_uri(cfg))
     except (BcoRayError, FileNotFoundError) as e:
         return _fail(e)
-    pre = run_precompute(cfg, paths, report.train.labels.by_label())
+    pre = run_precompute(cfg, paths, report)
     console(f"[bco-ray] precompute {'reused (cache hit)' if pre.reused else 'computed'}: {pre.dir}")
     console(json.dumps(pre.summary.to_dict(), indent=2, default=str))
     return 0

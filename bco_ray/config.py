@@ -49,6 +49,8 @@ class DataConfig:
     max_prompt_length: int = 512  # prompt tokens kept (its end) when a row is too long
     on_bad_rows: Literal["error", "skip"] = "error"  # error: a bad row stops the job; skip: drop and count bad rows
     seed: int = 42  # shuffle seed of the pass
+    driver_check_rows: int = 200_000  # source rows per split the driver checks before Ray; beyond, every row is
+    # checked and counted by the pass's read tasks (in parallel, before any model loads)
 
 
 @dataclass

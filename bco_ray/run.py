@@ -182,7 +182,7 @@ def _precompute(job: Job) -> PrecomputeResult:
     """The Ray Data pass (reference log-probs, UDM weights), or its cache entry."""
     cfg, res = job.cfg, job.res
     try:
-        pre = run_precompute(cfg, job.paths, job.data_report.train.labels.by_label(), res)
+        pre = run_precompute(cfg, job.paths, job.data_report, res)
     except Exception as e:
         if isinstance(e, ray.exceptions.GetTimeoutError) and "starting actors" in str(e):
             p = cfg.precompute

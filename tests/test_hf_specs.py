@@ -7,6 +7,7 @@ cache key that changes when the branch moves and stays when it does not."""
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -116,18 +117,31 @@ def test_hub_model_ids_are_fingerprinted_by_commit(hub, tmp_path, monkeypatch):
     assert fingerprint.fingerprint_path(str(tmp_path / "no" / "such" / "dir")).startswith("id:")  # a path, not an id
 
 
-def test_a_hub_stream_is_read_by_one_streaming_read_task(hub, monkeypatch):
-    """read_source's datasource for hf: specs (Ray's public Datasource API): one read task that streams the
-    dataset opened at the pinned commit, in Arrow batches, every row once."""
+def test_a_hub_stream_is_checked_and_read_by_the_one_reader(hub, monkeypatch):
+    """An hf: split is one read unit at the commit resolved once: the driver's check counts its rows (it used to
+    crash on an import), and the pass's datasource (Ray's public Datasource API) is one read task that yields
+    every row once, checked and unpaired, in the read's one schema."""
     import datasets
 
+    from bco_ray.data.checks import check_source
+    from bco_ray.precompute.read import rows_datasource
+
     rows = [{"prompt": f"p{i}", "completion": f" c{i}", "label": i % 2 == 0} for i in range(10)]
+    opened = []
     monkeypatch.setattr(
-        datasets, "load_dataset", lambda *a, **kw: datasets.Dataset.from_list(rows).to_iterable_dataset()
+        datasets,
+        "load_dataset",
+        lambda *a, **kw: opened.append(kw["revision"]) or datasets.Dataset.from_list(rows).to_iterable_dataset(),
     )
     hub.heads[("dataset", "org/fb", "main")] = SHA1
-    tasks = sources._stream_datasource(sources.hf_rows("hf:org/fb:train"), batch_size=4).get_read_tasks(8)
+    rep = check_source("hf:org/fb:train", "error")
+    assert (rep.rows, rep.labels.desirable, rep.labels.undesirable, rep.complete) == (10, 5, 5, True)
+    assert rep.fingerprint == f"hf:org/fb@{SHA1}/:train" and [u.sha for u in rep.units] == [SHA1]
+    hub.heads[("dataset", "org/fb", "main")] = SHA2  # the branch moves after the check: the pass reads SHA1
+    tasks = rows_datasource(rep.units, "error").get_read_tasks(8)
     assert len(tasks) == 1
-    blocks = list(tasks[0]())
-    assert [b.num_rows for b in blocks] == [4, 4, 2]
-    assert [r for b in blocks for r in b.to_pylist()] == rows
+    out = [r for b in tasks[0]() for r in b.to_pylist()]
+    assert [(json.loads(r["prompt"]), json.loads(r["completion"]), r["label"]) for r in out] == [
+        (r["prompt"], r["completion"], r["label"]) for r in rows
+    ]
+    assert opened == [SHA1, SHA1]

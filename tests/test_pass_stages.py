@@ -13,8 +13,9 @@ import torch
 
 from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
 from bco_ray.config import load_config
+from bco_ray.data.reader import ReadUnit
 from bco_ray.models import reference_dtype
-from bco_ray.precompute import pipeline, rows, stages
+from bco_ray.precompute import pipeline, read, rows, stages
 from bco_ray.resources import pass_resources, usable_cpus
 
 ROWS = [json.loads(line) for line in open(resolve_data(BUILTIN_TRAIN)).read().splitlines()[:40]]
@@ -30,7 +31,8 @@ def setup(tmp_path_factory):
 
 
 def _raw(raw_rows, split="train"):
-    return rows.tag(pa.table({"text": [json.dumps(r) for r in raw_rows]}), split=split, source="mem.jsonl")
+    """The rows as the pass's read yields them (bco_ray/precompute/read.py)."""
+    return read.checked_table([ReadUnit(split, "mem", kind="memory", dataset=raw_rows)], "error")
 
 
 def test_score_tokenizes_scores_and_embeds_what_udm_needs(setup):
@@ -42,9 +44,7 @@ def test_score_tokenizes_scores_and_embeds_what_udm_needs(setup):
     out = score(raw)
     assert out.num_rows == 40 and set(out.column("split").to_pylist()) == {"train", "eval"}
     # the reference log-probs are those of the reference actor on the same tokenized rows
-    tok = stages.tokenize(
-        pa.table({"text": [json.dumps(r) for r in ROWS[:30]]}), split="train", source="x", **kw["tokenize_kwargs"]
-    )
+    tok = stages.tokenize(_raw(ROWS[:30]), split="train", **kw["tokenize_kwargs"])
     ref = stages.RefLogps(**kw["ref_kwargs"])(tok)
     train = np.asarray(out.column("split").to_pylist()) == "train"
     np.testing.assert_allclose(out.column("ref_logps").to_numpy()[train], ref.column("ref_logps").to_numpy(), atol=1e-5)
@@ -136,9 +136,7 @@ def test_bf16_reference_equal_to_the_policy_gives_zero_step0_rewards(setup, pack
     cfg, paths = setup
     cfg = load_config(overrides={**cfg.to_dict(), "train": {"bf16": True}, "precompute": {"packed": packed}})
     kw = pipeline._score_kwargs(cfg, paths, {True: 20, False: 20}, None)
-    tok = stages.tokenize(
-        pa.table({"text": [json.dumps(r) for r in ROWS[:16]]}), split="train", source="x", **kw["tokenize_kwargs"]
-    )
+    tok = stages.tokenize(_raw(ROWS[:16]), split="train", **kw["tokenize_kwargs"])
     ref = stages.RefLogps(**kw["ref_kwargs"])(tok)
     policy = load_causal_lm(paths.policy, dtype=torch.bfloat16)  # as build_policy loads it for bf16
     cols = {

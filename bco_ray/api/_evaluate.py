@@ -11,13 +11,14 @@ import fsspec
 import pyarrow as pa
 import torch
 
-from bco_ray.api._io import _as_dataset, _cuda, _read_parquet_dir, _rows_of_spec
+from bco_ray.api._io import _as_dataset, _cuda, _read_parquet_dir
 from bco_ray.bco.loss import RunningMean
 from bco_ray.bco.udm import classifier_from_json
 from bco_ray.config import Config
+from bco_ray.data.reader import plan_units
 from bco_ray.job_checks import resolve_paths
 from bco_ray.models import load_tokenizer, reference_dtype
-from bco_ray.precompute import pipeline, stages
+from bco_ray.precompute import pipeline, read, stages
 from bco_ray.train.evaluate import evaluate, table_batches
 
 
@@ -25,20 +26,17 @@ def eval_table(cfg: Config, precompute_dir: str, eval_dataset=None) -> pa.Table:
     """The run's precomputed eval split (None), or `eval_dataset` (rows, a Dataset or a data spec) scored now."""
     if eval_dataset is None:
         return _read_parquet_dir(f"{precompute_dir}/split=eval")
-    if isinstance(eval_dataset, (str, os.PathLike)):
-        rows = _rows_of_spec(os.fspath(eval_dataset))
-    else:
-        rows = list(_as_dataset(eval_dataset, "eval"))
+    spec = (
+        os.fspath(eval_dataset) if isinstance(eval_dataset, (str, os.PathLike)) else _as_dataset(eval_dataset, "eval")
+    )
     paths, _ = resolve_paths(cfg)
     d, p = cfg.data, cfg.precompute
-    table = stages.tokenize(
-        pa.Table.from_pylist(rows),
+    table = stages.tokenize(  # the rows read and checked as the pass reads them (one reader)
+        read.checked_table(plan_units(spec, "eval"), d.on_bad_rows),
         tokenizer_path=paths.tokenizer,
         revision=cfg.model.revision,
         max_length=d.max_length,
         max_prompt_length=d.max_prompt_length,
-        on_bad_rows=d.on_bad_rows,
-        source="eval_dataset",
         split="eval",
     )
     gpus = 1.0 if _cuda() else 0.0

@@ -20,9 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bco_ray.api.config import BCOConfigWarning
-from bco_ray.data import formats
 from bco_ray.data.fingerprint import fingerprint_path
-from bco_ray.data.sources import files_of, hf_rows
 from bco_ray.remote import MARKER, local_model_dir
 from bco_ray.storage import is_remote, join, local_path, resolve_output_dir, storage_root
 
@@ -135,18 +133,6 @@ def _as_dataset(ds, split: str):
         f"{split}_dataset must be a datasets.Dataset, a list of rows, a DataFrame or a data path, "
         f"got {type(ds).__name__}"
     )
-
-
-def _rows_of_spec(spec: str) -> list[dict]:
-    if spec.startswith("hf:"):
-        return list(hf_rows(spec))
-    rows = []
-    for f in files_of(spec):
-        for _, row in formats.iter_raw(f):
-            if isinstance(row, Exception):
-                raise row
-            rows.append(row)
-    return rows
 
 
 def _read_parquet_dir(uri: str):

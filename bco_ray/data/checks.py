@@ -1,6 +1,8 @@
-"""Driver-side data checks, streamed, before any Ray or model work: every row of every file is validated
-(errors name file, row and field), and the dataset as a whole must be trainable. `check_data` returns a
-`DataReport`: rows, label counts and the source fingerprint of each split."""
+"""Data checks before any model work. The driver reads each split through the one reader (bco_ray/data/reader.py)
+before Ray starts: every row of a split up to `data.driver_check_rows` source rows (errors name file, row and
+field), so small data is checked whole there. A larger split's first rows are checked there, and all of its rows
+by the pass's read tasks (bco_ray/precompute/read.py), in parallel, before any model loads; the counts come from
+there. Either way `check_trainable` then makes sure the dataset as a whole can train."""
 
 from __future__ import annotations
 
@@ -8,9 +10,8 @@ import logging
 from dataclasses import dataclass, field
 
 from bco_ray.config import Config
-from bco_ray.data import formats
-from bco_ray.data.sources import files_of, source_fingerprint
-from bco_ray.data.validate import validate_source
+from bco_ray.data.reader import ReadUnit, UnitCheck, iter_unit, plan_units
+from bco_ray.data.sources import source_fingerprint
 from bco_ray.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ class LabelCounts:
 
 @dataclass
 class SplitReport:
-    """One split's check: source rows kept and skipped, unpaired rows (a paired row gives two), their labels,
-    exact duplicates, and the source fingerprint (the precompute cache key's and MLflow's dataset digest)."""
+    """One split's check: source rows kept and skipped (by reason), unpaired rows (a paired row gives two), their
+    labels, exact duplicates (within a file), the source fingerprint (the precompute cache key's and MLflow's
+    dataset digest), the read units, and whether every row was counted (`complete`)."""
 
     rows: int = 0
     bad_rows: int = 0
@@ -43,6 +45,9 @@ class SplitReport:
     unpaired_rows: int = 0
     labels: LabelCounts = field(default_factory=LabelCounts)
     fingerprint: str = ""
+    bad_reasons: dict = field(default_factory=dict)
+    units: list[ReadUnit] = field(default_factory=list, repr=False)
+    complete: bool = True
 
     def add(
         self, rows: int = 0, bad_rows: int = 0, duplicates: int = 0, desirable: int = 0, undesirable: int = 0
@@ -54,63 +59,82 @@ class SplitReport:
         self.labels.undesirable += undesirable
         self.unpaired_rows += desirable + undesirable
 
+    def update_counts(self, other: SplitReport) -> None:
+        """Take the counts of a whole-split count (the pass's), keeping the units and fingerprint."""
+        self.rows, self.bad_rows, self.duplicates, self.unpaired_rows = (
+            other.rows,
+            other.bad_rows,
+            other.duplicates,
+            other.unpaired_rows,
+        )
+        self.labels, self.bad_reasons, self.complete = other.labels, dict(other.bad_reasons), True
+
 
 @dataclass
 class DataReport:
     train: SplitReport
     eval: SplitReport | None = None  # None: no eval split (data.eval=none)
 
+    @property
+    def complete(self) -> bool:
+        return self.train.complete and (self.eval is None or self.eval.complete)
 
-def _check_hf(ds, name: str, on_bad_rows: str) -> SplitReport:
-    rep, fmt = SplitReport(), None
-    for i, row in enumerate(ds):
-        try:
-            f = formats.detect_format(row, source=name, index=i)
-            if fmt is not None and f != fmt:
-                raise formats.DataFormatError(
-                    f"{name} row {i}: format {f!r} differs from the first rows' {fmt!r}; use one format per dataset"
-                )
-            fmt = f
-            formats.check_row(row, source=name, index=i, fmt=f)
-        except formats.DataFormatError:
-            if on_bad_rows == "error":
-                raise
-            rep.add(bad_rows=1)
-            continue
-        labels = [bool(r["label"]) for r in formats.to_unpaired(row, f)]
-        rep.add(rows=1, desirable=sum(labels), undesirable=len(labels) - sum(labels))
-    return rep
+    def units(self) -> list[ReadUnit]:
+        return self.train.units + (self.eval.units if self.eval else [])
 
 
-def check_source(spec, on_bad_rows: str) -> SplitReport:
-    if not isinstance(spec, str) or spec.startswith("hf:"):
-        from bco_ray.data.sources import _hf
-
-        ds = spec if not isinstance(spec, str) else _hf(spec)
-        rep = _check_hf(ds, getattr(ds, "info", None) and ds.info.dataset_name or str(spec), on_bad_rows)
-    else:
-        rep = SplitReport()
-        for f in files_of(spec):
-            s = validate_source(f, on_bad_rows=on_bad_rows)
-            rep.add(
-                rows=s["rows"],
-                bad_rows=s["bad_rows"],
-                duplicates=s["duplicates"],
-                desirable=s["labels"]["true"],
-                undesirable=s["labels"]["false"],
-            )
+def check_source(spec, on_bad_rows: str, split: str = "train", max_rows: int | None = None) -> SplitReport:
+    """Read a split's units in order through the one reader, at most `max_rows` source rows in all."""
+    rep = SplitReport(units=plan_units(spec, split))
+    left = max_rows
+    for unit in rep.units:
+        if left is not None and left <= 0:
+            rep.complete = False
+            break
+        check = UnitCheck(unit, on_bad_rows)
+        for n, (index, row) in enumerate(iter_unit(unit)):
+            if left is not None and n >= left:
+                check.report.complete = rep.complete = False
+                break
+            check(index, row)
+        u = check.finish().to_dict()
+        left = None if left is None else left - (u["rows"] + u["bad_rows"])
+        rep.add(u["rows"], u["bad_rows"], u["duplicates"], u["desirable"], u["undesirable"])
+        for reason, k in u["bad_reasons"].items():
+            rep.bad_reasons[reason] = rep.bad_reasons.get(reason, 0) + k
     rep.fingerprint = source_fingerprint(spec)
     return rep
 
 
 def check_data(cfg: Config) -> DataReport:
-    d, t = cfg.data, cfg.train
+    """The driver's check (before Ray): whole splits up to data.driver_check_rows rows, then `check_trainable`;
+    a larger split's first rows only (the pass checks and counts the rest, then calls `check_trainable`)."""
+    d = cfg.data
+    n = d.driver_check_rows
     report = DataReport(
-        train=check_source(d.train, d.on_bad_rows), eval=check_source(d.eval, d.on_bad_rows) if d.eval else None
+        train=check_source(d.train, d.on_bad_rows, "train", n),
+        eval=check_source(d.eval, d.on_bad_rows, "eval", n) if d.eval else None,
     )
+    if report.complete:
+        check_trainable(cfg, report)
+    else:
+        log.info("data: checked the first %d rows per split here; the pass checks and counts every row", n)
+    return report
+
+
+def check_trainable(cfg: Config, report: DataReport) -> None:
+    """The dataset as a whole: what was skipped (said on the console), both classes for UDM, one global batch."""
+    from bco_ray.console import console
+
+    t = cfg.train
+    for name in ("train", "eval"):
+        rep = getattr(report, name)
+        if rep is not None and rep.bad_rows:
+            console(
+                f"[bco-ray] data.{name}: skipped {rep.bad_rows} bad rows (data.on_bad_rows=skip): "
+                + ", ".join(f"{k} {v}" for k, v in sorted(rep.bad_reasons.items()))
+            )
     tr = report.train
-    if tr.bad_rows:
-        log.warning("data.train: skipped %d bad rows (data.on_bad_rows=skip)", tr.bad_rows)
     if tr.duplicates:
         log.warning("data.train: %d duplicate rows (same prompt, completion and label)", tr.duplicates)
     if cfg.udm.enabled and (tr.labels.desirable == 0 or tr.labels.undesirable == 0):
@@ -127,4 +151,3 @@ def check_data(cfg: Config) -> DataReport:
             f"train.gradient_accumulation_steps {t.gradient_accumulation_steps} = {global_batch}); "
             "add data or lower those"
         )
-    return report

@@ -236,8 +236,37 @@ def to_unpaired(row: dict, fmt: str) -> list[dict]:
 # ----------------------------------------------------------------------------- reading files
 
 
+def _iter_json(path: str) -> Iterator[tuple[int, Any]]:
+    """A .json file: JSON Lines, or one JSON array of objects (as `datasets`' json loader reads both)."""
+    with fsspec.open(path, "rb", compression="infer") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if path.lower().removesuffix(".gz").endswith(".json") and head.startswith(b"["):
+        return _iter_json_array(path)
+    return _iter_jsonl(path)
+
+
+def _iter_json_array(path: str) -> Iterator[tuple[int, Any]]:
+    """One JSON array (read whole: JSON Lines stream, an array does not)."""
+    with fsspec.open(path, "rb", compression="infer") as f:
+        raw = f.read()
+    try:
+        rows = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataFormatError(
+            path,
+            f"is not a valid JSON array ({e})",
+            reason="invalid_json",
+            hint="Fix the file or convert it to JSON Lines.",
+        ) from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            row = DataFormatError(path, "is not a JSON object, got " + _show(row), index=i, reason="not_an_object")
+        yield i, row
+
+
 def _iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
-    """(index, row or DataFormatError) per non-blank line; the error is yielded, not raised."""
+    """(index, row or DataFormatError) per non-blank line; the error is yielded, not raised. A UTF-8 byte order
+    mark and CRLF line ends are read as plain UTF-8 and LF."""
     with fsspec.open(path, "rb", compression="infer") as f:
         index = 0
         for lineno, raw in enumerate(f, start=1):
@@ -314,7 +343,7 @@ def iter_raw(path: str) -> Iterator[tuple[int, Any]]:
     if name.endswith(".parquet"):
         return _iter_parquet(path)
     if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        return _iter_jsonl(path)
+        return _iter_json(path)
     raise DataFormatError(
         path, "unsupported file type", reason="unsupported_file", hint="Use .jsonl/.json (JSON Lines) or .parquet."
     )

@@ -23,7 +23,8 @@ from bco_ray.builtin import resolve_data
 from bco_ray.config import Config
 from bco_ray.console import console
 from bco_ray.data import formats
-from bco_ray.data.sources import files_of, hf_rows
+from bco_ray.data.reader import files_of
+from bco_ray.data.sources import hf_rows
 from bco_ray.eval.generation import completion_logps, generate, load_verifier, verifier_scores
 from bco_ray.models import load_causal_lm, load_tokenizer, pick_dtype, reference_dtype
 from bco_ray.remote import local_model_dir

@@ -14,12 +14,14 @@ from ray.data import ActorPoolStrategy
 
 from bco_ray.bco.udm import classifier_to_json, fit_udm_classifier, sample_rows
 from bco_ray.config import Config
+from bco_ray.data.checks import DataReport, check_trainable
 from bco_ray.data.fingerprint import fingerprint_path
 from bco_ray.data.pass_summary import PrecomputeSummary, SplitSummary, UdmFit, WeightHist
-from bco_ray.data.sources import read_source, source_fingerprint
+from bco_ray.data.sources import source_fingerprint
 from bco_ray.models import reference_dtype
 from bco_ray.precompute.cache import Cache, cache_key
-from bco_ray.precompute.rows import HIST_BINS, block_stats, finalize, tag
+from bco_ray.precompute.read import count_rows, input_error_of, read_rows
+from bco_ray.precompute.rows import HIST_BINS, block_stats, finalize
 from bco_ray.precompute.stages import Counters, Score
 from bco_ray.resources import PassResources, pass_resources
 from bco_ray.storage import resolve_locations
@@ -48,7 +50,8 @@ class PrecomputeResult:
     reused: bool
 
 
-def key_parts(cfg: Config, paths: Paths) -> dict:
+def key_parts(cfg: Config, paths: Paths, report: DataReport | None = None) -> dict:
+    """Everything that changes the pass's output; `report`: the data check's (its fingerprints, no second hub call)."""
     d, u, m = cfg.data, cfg.udm, cfg.model
     parts = {
         "reference": fingerprint_path(paths.reference, m.revision, etags=True),
@@ -56,8 +59,8 @@ def key_parts(cfg: Config, paths: Paths) -> dict:
         "dtype": reference_dtype(cfg),
         "max_length": d.max_length,
         "max_prompt_length": d.max_prompt_length,
-        "train": source_fingerprint(d.train),
-        "eval": source_fingerprint(d.eval) if d.eval else None,
+        "train": report.train.fingerprint if report else source_fingerprint(d.train),
+        "eval": (report.eval.fingerprint if report and report.eval else source_fingerprint(d.eval)) if d.eval else None,
         "seed": d.seed,
         "on_bad_rows": d.on_bad_rows,
         "udm": u.enabled,
@@ -75,16 +78,6 @@ def key_parts(cfg: Config, paths: Paths) -> dict:
             embed_special_tokens=u.embed_special_tokens,
         )
     return parts
-
-
-def _read(cfg: Config, split: str, spec, res: PassResources) -> ray.data.Dataset:
-    """Raw rows of one split, tagged with where they come from (the tagging fuses into the read tasks)."""
-    return read_source(spec, ray_remote_args={"num_cpus": res.task_cpus}).map_batches(
-        tag,
-        batch_format="pyarrow",
-        num_cpus=res.task_cpus,
-        fn_kwargs=dict(split=split, source=spec if isinstance(spec, str) else "dataset"),
-    )
 
 
 def _gpu(cfg: Config) -> dict:
@@ -116,7 +109,6 @@ def _score_kwargs(cfg: Config, paths: Paths, counts: dict[bool, int], counters) 
             revision=cfg.model.revision,
             max_length=d.max_length,
             max_prompt_length=d.max_prompt_length,
-            on_bad_rows=d.on_bad_rows,
         ),
         ref_kwargs=dict(
             model_path=paths.reference,
@@ -138,12 +130,13 @@ def _score_kwargs(cfg: Config, paths: Paths, counts: dict[bool, int], counters) 
     )
 
 
-def score(cfg: Config, paths: Paths, counts: dict[bool, int], counters, res: PassResources) -> ray.data.Dataset:
-    """train (+ eval) raw rows → one pool of scoring actors (tokenize, reference log-probs, embeddings)."""
+def score(
+    cfg: Config, paths: Paths, report: DataReport, counts: dict[bool, int], counters, res: PassResources
+) -> ray.data.Dataset:
+    """train (+ eval) rows, one read through the one reader (checked, unpaired, one schema whatever each file's
+    format) → one pool of scoring actors (tokenize, reference log-probs, embeddings)."""
     p = cfg.precompute
-    ds = _read(cfg, "train", cfg.data.train, res)
-    if cfg.data.eval:
-        ds = ds.union(_read(cfg, "eval", cfg.data.eval, res))
+    ds = read_rows(report.units(), cfg.data.on_bad_rows, res.task_cpus)
     lo, hi = p.ref_actors
     return ds.map_batches(
         Score,
@@ -224,12 +217,18 @@ def _summarise(ds: ray.data.Dataset, lo: float, hi: float, res: PassResources) -
 
 
 def run_precompute(
-    cfg: Config, paths: Paths, label_counts: dict[bool, int] | None = None, resources: PassResources | None = None
+    cfg: Config, paths: Paths, report: DataReport | None = None, resources: PassResources | None = None
 ) -> PrecomputeResult:
-    """label_counts: rows per class of the train split (from the driver's data check), for the UDM sample and
-    the choice of shuffle. resources: the stages' CPU asks (default: sized to the cluster as it is now)."""
+    """report: the driver's data check (its read units, fingerprints and, for data it checked whole, its
+    counts; default: checked now). A split larger than the driver checks is checked and counted here, by the
+    read alone, before any model loads (then `check_trainable`). resources: the stages' CPU asks (default:
+    sized to the cluster as it is now)."""
+    if report is None:
+        from bco_ray.data.checks import check_data
+
+        report = check_data(cfg)
     root = resolve_locations(cfg).precompute.cache_dir  # as the job resolved it (a no-op on a resolved cfg)
-    key = cache_key(key_parts(cfg, paths))
+    key = cache_key(key_parts(cfg, paths, report))
     cache = Cache(root, key)
     if cfg.precompute.force:
         cache.invalidate()
@@ -237,25 +236,71 @@ def run_precompute(
     if record is not None:
         adir = cache.uri(f"{cache.key_dir}/{record['attempt']}")
         log.info("precompute cache hit: %s (reusing, pass --precompute.force to recompute)", adir)
+        _restore_counts(report, record.get("data") or {})
         return PrecomputeResult(
             key, adir, record["train"], record.get("eval"), PrecomputeSummary.from_dict(record["summary"]), True
         )
     if resources is None:  # a cluster with no CPU yet can only be one that autoscales
         cpus = ray.cluster_resources().get("CPU", 0)
         resources = pass_resources(cpus, cfg.precompute.ref_actors[1], can_grow=cpus == 0)
-    return _run_pass(cfg, paths, cache, label_counts or {True: 1 << 62, False: 1 << 62}, resources)
+    if not report.complete:
+        t0 = time.time()
+        counted = count_rows(report.units(), cfg.data.on_bad_rows, resources.task_cpus)
+        for name, rep in counted.items():
+            getattr(report, name).update_counts(rep)
+        log.info("data: every row checked in %.1f s (%d train rows)", time.time() - t0, report.train.rows)
+        check_trainable(cfg, report)
+    return _run_pass(cfg, paths, cache, report, resources)
 
 
-def _run_pass(cfg: Config, paths: Paths, cache: Cache, counts: dict[bool, int], res: PassResources) -> PrecomputeResult:
+def _counts(report: DataReport) -> dict:
+    """The data check's counts, kept in the cache record (a hit on data the driver checked only in part)."""
+    splits = {"train": report.train, "eval": report.eval}
+    return {
+        name: {
+            "rows": r.rows,
+            "bad_rows": r.bad_rows,
+            "duplicates": r.duplicates,
+            "desirable": r.labels.desirable,
+            "undesirable": r.labels.undesirable,
+            "bad_reasons": r.bad_reasons,
+        }
+        for name, r in splits.items()
+        if r is not None
+    }
+
+
+def _restore_counts(report: DataReport, data: dict) -> None:
+    for name, c in data.items():
+        rep = getattr(report, name, None)
+        if rep is None or rep.complete:
+            continue
+        full = type(rep)()
+        full.add(c["rows"], c["bad_rows"], c["duplicates"], c["desirable"], c["undesirable"])
+        full.bad_reasons = dict(c.get("bad_reasons") or {})
+        rep.update_counts(full)
+
+
+def _score_into(uri: str, scored: ray.data.Dataset, res: PassResources) -> None:
+    """Write the scored rows by split; a row the read refuses raises its file/row/field error, not Ray's wrapper."""
+    try:
+        scored.write_parquet(uri, partition_cols=["split"], ray_remote_args={"num_cpus": res.task_cpus})
+    except Exception as e:
+        err = input_error_of(e)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _run_pass(cfg: Config, paths: Paths, cache: Cache, report: DataReport, res: PassResources) -> PrecomputeResult:
     """Score → fit the UDM classifier → finalize each split into a new attempt of `cache`, then commit it."""
     t0 = time.time()
+    counts = report.train.labels.by_label()
     attempt = cache.new_attempt()
     adir = cache.uri(f"{cache.key_dir}/{attempt}")
     log.info("precompute cache miss (key %s): scoring into %s", cache.key, adir)
     counters = Counters.remote()
-    score(cfg, paths, counts, counters, res).write_parquet(
-        f"{adir}/scored", partition_cols=["split"], ray_remote_args={"num_cpus": res.task_cpus}
-    )
+    _score_into(f"{adir}/scored", score(cfg, paths, report, counts, counters, res), res)
     u = cfg.udm
     clf, udm_metrics = None, {}
     if u.enabled:
@@ -292,7 +337,9 @@ def _run_pass(cfg: Config, paths: Paths, cache: Cache, counts: dict[bool, int], 
         seconds=round(time.time() - t0, 2),
     )
     cache.write_json(f"{cache.key_dir}/{attempt}/summary.json", summary.to_dict())
-    cache.commit(attempt, {"train": out["train"], "eval": out["eval"], "summary": summary.to_dict()})
+    cache.commit(
+        attempt, {"train": out["train"], "eval": out["eval"], "summary": summary.to_dict(), "data": _counts(report)}
+    )
     log.info(
         "precompute done in %.1f s: %s",
         summary.seconds,

@@ -10,17 +10,7 @@ import zlib
 import numpy as np
 import pyarrow as pa
 
-SPLIT, SOURCE = "__split", "__source"
 HIST_BINS = 20
-
-
-def tag(table: pa.Table, *, split: str, source: str) -> pa.Table:
-    """Mark raw rows with the split and source they come from (fused into the read tasks), so that one
-    scoring pool can take the train and eval reads together."""
-    n = table.num_rows
-    return table.append_column(SPLIT, pa.array([split] * n, pa.string())).append_column(
-        SOURCE, pa.array([source] * n, pa.string())
-    )
 
 
 def fit_sample_mask(input_ids: list, labels: np.ndarray, rates: dict[bool, float], seed: int) -> np.ndarray:

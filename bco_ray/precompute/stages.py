@@ -15,12 +15,12 @@ import torch
 
 from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps
 from bco_ray.bco.udm import classifier_from_json, udm_weights
-from bco_ray.data import formats
 from bco_ray.data.packing import collate_packed, pack_rows, pad_right, to_device
 from bco_ray.data.tokenize import tokenize_batch
 from bco_ray.models import load_causal_lm, load_embedder, load_tokenizer, mean_pool, pick_dtype
 from bco_ray.precompute.batching import budget_batches
-from bco_ray.precompute.rows import SOURCE, SPLIT, fit_sample_mask
+from bco_ray.precompute.read import SPLIT
+from bco_ray.precompute.rows import fit_sample_mask
 
 
 @ray.remote(num_cpus=0)
@@ -53,34 +53,20 @@ def tokenize(
     revision,
     max_length: int,
     max_prompt_length: int,
-    on_bad_rows: str,
-    source: str,
     split: str,
     counters=None,
 ) -> pa.Table:
-    """Raw rows (JSON lines in a `text` column, or columns) → unpaired, rendered, tokenized rows.
-    A plain function (Ray tasks); the tokenizer is loaded once per worker process."""
+    """Checked, unpaired rows (the read's `prompt`/`completion` JSON and `label` columns: bco_ray/precompute/read.py)
+    → rendered, tokenized rows. Rows left with an empty completion are dropped and counted. A plain function
+    (also called outside Ray); the tokenizer is loaded once per worker process."""
     tok = _tokenizer(tokenizer_path, revision)
-    if table.column_names == ["text"]:
-        rows = [json.loads(line) for line in table.column("text").to_pylist() if line.strip()]
-    else:
-        rows = table.to_pylist()
-    cols: dict[str, list] = {"prompt": [], "completion": [], "label": []}
-    skipped: Counter = Counter()
-    for i, row in enumerate(rows):
-        try:
-            fmt = formats.detect_format(row, source=source, index=i)
-            formats.check_row(row, source=source, index=i, fmt=fmt)
-        except formats.DataFormatError:
-            if on_bad_rows == "error":
-                raise  # the driver validated every row already; this is a second line of defence
-            skipped["bad_row"] += 1
-            continue
-        for r in formats.to_unpaired(row, fmt):
-            for k in cols:
-                cols[k].append(r[k])
+    cols: dict[str, list] = {
+        "prompt": [json.loads(x) for x in table.column("prompt").to_pylist()],
+        "completion": [json.loads(x) for x in table.column("completion").to_pylist()],
+        "label": table.column("label").to_pylist(),
+    }
     out, dropped = tokenize_batch(tok, cols, max_length=max_length, max_prompt_length=max_prompt_length)
-    skipped.update({k: v for k, v in dropped.items() if v})
+    skipped = {k: v for k, v in dropped.items() if v}
     if skipped and counters is not None:
         counters.add.remote({f"{split}/{k}": v for k, v in skipped.items()})
     n = len(out["label"])
@@ -271,23 +257,8 @@ class Score:
         parts = []
         for split in sorted(set(table.column(SPLIT).to_pylist())):
             rows = table.filter(pc.equal(table[SPLIT], split))
-            source = rows.column(SOURCE)[0].as_py()
-            parts.append(
-                tokenize(
-                    rows.drop_columns([SPLIT, SOURCE]),
-                    split=split,
-                    source=source,
-                    counters=self.counters,
-                    **self.tokenize_kwargs,
-                )
-            )
-        return (
-            pa.concat_tables(parts)
-            if parts
-            else tokenize(
-                table.drop_columns([SPLIT, SOURCE]).slice(0, 0), split="train", source="", **self.tokenize_kwargs
-            )
-        )
+            parts.append(tokenize(rows, split=split, counters=self.counters, **self.tokenize_kwargs))
+        return pa.concat_tables(parts) if parts else tokenize(table, split="train", **self.tokenize_kwargs)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         table = self.ref(self._tokenized(table))
