@@ -6,9 +6,6 @@ import dataclasses
 import json
 import random
 
-import pyarrow.parquet as pq
-import pytest
-
 from bco_ray.config import load_config
 from bco_ray.data.fingerprint import fingerprint_path
 from bco_ray.precompute.batching import budget_batches
@@ -116,64 +113,3 @@ def test_an_uncommitted_attempt_is_never_trusted(tmp_path):
     assert again.complete() is None
     again.invalidate()
     assert not (tmp_path / "k1" / "COMPLETE.json").exists()
-
-
-# ------------------------------------------------------------------ the real pass, on Ray
-@pytest.fixture
-def local_ray(ray_client):
-    """This process as a driver on the session's 2-CPU head, with tiny blocks."""
-    ctx = ray_client.data.DataContext.get_current()
-    old = ctx.target_max_block_size
-    ctx.target_max_block_size = 32 * 1024  # force many small blocks: the pass must stream them
-    yield ray_client
-    ctx.target_max_block_size = old
-
-
-@pytest.mark.e2e
-def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
-    import ray
-
-    from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
-    from bco_ray.data.checks import check_data
-    from bco_ray.precompute.pipeline import run_precompute
-    from bco_ray.run import resolve_paths
-
-    src = [json.loads(x) for x in open(resolve_data(BUILTIN_TRAIN))][:400]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in src))
-    # local_shuffle_max_rows=0: Ray Data's all-to-all shuffle, the large-data path (the seeded local permutation
-    # of small data is what every other job here takes).
-    cfg = load_config(
-        overrides={
-            "output_dir": str(tmp_path / "out"),
-            "data": {"train": str(data), "eval": None, "max_length": 64, "max_prompt_length": 48},
-            "udm": {"prompt_sample_size": 64},
-            "precompute": {"batch_size": 32, "local_shuffle_max_rows": 0},
-        }
-    )
-    report = check_data(cfg)
-    paths, _ = resolve_paths(cfg)
-    labels = report.train.labels.by_label()
-    from bco_ray.resources import pass_resources
-
-    first = run_precompute(cfg, paths, labels, pass_resources(ray.cluster_resources()["CPU"], 1, False))
-    assert not first.reused
-    files = list((tmp_path / "out" / "cache").rglob("split=train/*.parquet"))
-    table = pq.read_table(files)
-    assert table.num_rows == 400 == first.summary.train.rows
-    assert len(files) > 1 or pq.ParquetFile(files[0]).metadata.num_row_groups > 1  # many blocks
-    assert {"input_ids", "prompt_len", "label", "ref_logps", "udm_weight", "row_id"} <= set(table.column_names)
-    assert not {"prompt_embedding", "prompt_text", "fit_sample"} & set(table.column_names)
-    assert not list((tmp_path / "out" / "cache").rglob("scored"))  # the intermediate pass is removed
-    assert not list((tmp_path / "out" / "cache").rglob("*.pkl"))  # nothing executable in the cache
-    assert list((tmp_path / "out" / "cache").rglob("classifier.json"))
-    w = table.column("udm_weight").to_numpy()
-    lab = table.column("label").to_numpy(zero_copy_only=False)
-    assert (w[lab] == 1).all() and (w[~lab] >= 0.5).all() and (w[~lab] <= 10).all() and w[~lab].std() > 0
-    assert 0.5 < first.summary.udm.accuracy <= 1
-    second = run_precompute(cfg, paths, labels)
-    assert second.reused and second.dir == first.dir
-    forced = run_precompute(
-        dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, force=True)), paths, labels
-    )
-    assert not forced.reused and forced.dir != first.dir
