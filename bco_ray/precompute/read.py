@@ -48,9 +48,12 @@ def read_unit(unit: ReadUnit, on_bad_rows: str, counters=None, block_rows: int =
     if rows:
         yield _block(rows, unit)
     if counters is not None:
-        counts = {f"{k}": v for k, v in rep.to_dict().items() if k not in ("bad_reasons", "complete")}
+        counts = {k: v for k, v in rep.to_dict().items() if k not in ("bad_reasons", "complete")}
         counts.update({f"bad/{k}": v for k, v in rep.bad_reasons.items()})
-        counters.add.remote({f"{unit.split}/{k}": v for k, v in counts.items()})
+        import ray
+
+        # Waited for: the driver reads the counts once the read is done, and must not overtake this call.
+        ray.get(counters.add.remote({f"{unit.split}/{k}": v for k, v in counts.items()}))
 
 
 def rows_datasource(units: list[ReadUnit], on_bad_rows: str, counters=None):
@@ -81,9 +84,7 @@ def read_rows(units: list[ReadUnit], on_bad_rows: str, task_cpus: float, counter
     """The units' rows as one Ray Dataset (checked, unpaired, one schema)."""
     import ray.data
 
-    return ray.data.read_datasource(
-        rows_datasource(units, on_bad_rows, counters), ray_remote_args={"num_cpus": task_cpus}
-    )
+    return ray.data.read_datasource(rows_datasource(units, on_bad_rows, counters), num_cpus=task_cpus)
 
 
 def _n(table: pa.Table) -> pa.Table:
