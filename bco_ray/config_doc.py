@@ -20,7 +20,7 @@ _COMMENT_ONLY = re.compile(r"^\s+#\s?(.*)$")
 @dataclass(frozen=True)
 class FieldDoc:
     name: str  # dotted: train.lr
-    type: str  # as annotated: float, str | None, Literal['linear', 'cosine', 'constant']
+    type: str  # as annotated (str | None, Literal['linear', 'cosine']); a number with its range: 'float, > 0'
     default: Any
     doc: str
 
@@ -67,7 +67,8 @@ def field_docs(cls: type, prefix: str = "") -> list[FieldDoc]:
         if dataclasses.is_dataclass(hints[f.name]):
             out.extend(field_docs(hints[f.name], f"{prefix}{f.name}."))
         else:
-            out.append(FieldDoc(prefix + f.name, _type_name(raw[f.name]), default, docs.get(f.name, "")))
+            allowed = f", {f.metadata['range']}" if "range" in f.metadata else ""  # int, >= 1
+            out.append(FieldDoc(prefix + f.name, _type_name(raw[f.name]) + allowed, default, docs.get(f.name, "")))
     return out
 
 
