@@ -5,6 +5,7 @@ definition `ruff format` spread over several lines has its comment on one of the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 import typing
@@ -31,6 +32,7 @@ def _continues(line: str) -> bool:
     return bool(text) and (text[0] in ")]}" or "=" in text)
 
 
+@functools.cache  # reading a class's source takes milliseconds: once per class (a range error reads it too)
 def _comments(cls: type) -> dict[str, str]:
     """{field: its trailing comment, continuation lines joined} from the dataclass's source."""
     out: dict[str, str] = {}
