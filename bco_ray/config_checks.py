@@ -12,6 +12,7 @@ import typing
 from typing import Any, Literal
 
 from bco_ray.config import Config, ConfigError, EvalConfig, _choices, _coerce
+from bco_ray.config_doc import field_docs, show
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _NUMBER = r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?"
@@ -65,8 +66,6 @@ def check_fields(obj: Any, prefix: str = "") -> None:
 
 def _range_message(name: str, value: Any, f: dataclasses.Field) -> str:
     """'train.keep_checkpoints must be >= 1 (got 0) — newest checkpoints kept (default: 2)'."""
-    from bco_ray.config_doc import field_docs, show  # reads config.py's source: only when there is an error
-
     doc = next((d.doc for d in field_docs(Config) if d.name == name), "")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "a number "
@@ -77,7 +76,8 @@ def _range_message(name: str, value: Any, f: dataclasses.Field) -> str:
 
 
 def check_config(cfg: Config) -> None:
-    """Range checks that need no cluster. Raises ConfigError naming the field and the fix."""
+    """Checks that need no cluster: each field on its own, then names and the checks across fields. Raises
+    ConfigError naming the field and the fix."""
 
     def need(ok: bool, msg: str):
         if not ok:
