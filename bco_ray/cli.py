@@ -159,9 +159,11 @@ def _precompute_checks(cfg: Config):
     the model paths."""
     from bco_ray import run
     from bco_ray.data.checks import check_data
+    from bco_ray.job_checks import check_local_dirs
     from bco_ray.storage import resolve_locations
 
     cfg = resolve_locations(cfg)
+    check_local_dirs(cfg)
     report = check_data(cfg)
     paths, _ = run.resolve_paths(cfg)
     return cfg, report, paths

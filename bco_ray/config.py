@@ -28,6 +28,12 @@ class ConfigError(ConfigErrorBase, ValueError):
     """A bad config value: the message names the field and the fix."""
 
 
+def ranged(default: float, allowed: str) -> Any:
+    """An int or float field's default and allowed values ('>= 1', '> 0', '[0, 1)', '-1 or >= 0'; a float must
+    also be finite), which bco_ray.config_checks checks before any Ray work and `--help` shows."""
+    return field(default=default, metadata={"range": allowed})
+
+
 @dataclass
 class ModelConfig:
     policy: str = BUILTIN_MODEL  # hub id or local directory (from_pretrained), or builtin:tiny-qwen2
@@ -45,12 +51,12 @@ class ModelConfig:
 class DataConfig:
     train: str = BUILTIN_TRAIN  # .jsonl/.json/.parquet file, a directory of them, hf:<id>[@rev][/subset][:split]
     eval: str | None = BUILTIN_EVAL  # held-out rows for eval/* metrics, same forms as data.train; none: no eval
-    max_length: int = 1024  # tokens per row (prompt + completion); longer rows are cut
-    max_prompt_length: int = 512  # prompt tokens kept (its end) when a row is too long
+    max_length: int = ranged(1024, ">= 2")  # tokens per row (prompt + completion); longer rows are cut
+    max_prompt_length: int = ranged(512, ">= 1")  # prompt tokens kept (its end) when a row is too long
     on_bad_rows: Literal["error", "skip"] = "error"  # error: a bad row stops the job; skip: drop and count bad rows
-    seed: int = 42  # shuffle seed of the pass
-    driver_check_rows: int = 200_000  # source rows per split the driver checks before Ray; beyond, every row is
-    # checked and counted by the pass's read tasks (in parallel, before any model loads)
+    seed: int = ranged(42, "[0, 4294967295]")  # shuffle seed of the pass
+    driver_check_rows: int = ranged(200_000, ">= 0")  # source rows per split the driver checks before Ray; beyond,
+    # every row is checked and counted by the pass's read tasks (in parallel, before any model loads)
 
 
 @dataclass
@@ -59,10 +65,10 @@ class UDMConfig:
     embedding_model: str = BUILTIN_EMBEDDER  # UDM prompt embedder: hub id, directory or builtin:minilm
     embedding_func: str | None = None  # path/URI of a cloudpickled {"func", "tokenizer"} (the Python API's
     # embedding_func + embedding_tokenizer); used instead of embedding_model
-    prompt_sample_size: int = 1024  # prompts embedded to fit the UDM classifier
-    min_density_ratio: float = 0.5  # UDM weights are clamped to at least this
-    max_density_ratio: float = 10.0  # UDM weights are clamped to at most this
-    max_embed_length: int = 256  # prompt tokens the embedder sees
+    prompt_sample_size: int = ranged(1024, ">= 2")  # prompts embedded to fit the UDM classifier
+    min_density_ratio: float = ranged(0.5, "> 0")  # UDM weights are clamped to at least this
+    max_density_ratio: float = ranged(10.0, "> 0")  # UDM weights are clamped to at most this
+    max_embed_length: int = ranged(256, ">= 1")  # prompt tokens the embedder sees
     embed_special_tokens: bool = False  # the reference embeds prompts tokenized without special tokens
 
 
@@ -70,21 +76,22 @@ class UDMConfig:
 class PrecomputeConfig:
     cache_dir: str | None = None  # None: $BCO_RAY_STORAGE/cache, else <output_dir>/cache; local path or URI (s3://...)
     force: bool = False  # recompute the pass even when the cache holds it
-    batch_size: int = 256  # rows handed to one actor call
-    token_budget: int = 16384  # tokens per forward inside an actor call (padding included when not packed)
+    batch_size: int = ranged(256, ">= 1")  # rows handed to one actor call
+    token_budget: int = ranged(16384, ">= 1")  # tokens per forward in an actor call (padding counts if not packed)
     packed: bool = True  # score rows packed back to back (no padding, attention within each row); false: padded
     ref_actors: tuple[int, int] = (1, 1)  # scoring actors (tokenize + reference + UDM embeddings): (min, max) pool size
-    local_shuffle_max_rows: int = 200_000  # up to this many train rows: a seeded permutation, not an all-to-all shuffle
-    num_gpus_per_actor: float = 0.0  # >0 puts each scoring actor on a GPU
-    logp_chunk_size: int = 1024  # completion positions per chunk of the output head's log-softmax
+    local_shuffle_max_rows: int = ranged(200_000, ">= 0")  # up to this many train rows: a seeded permutation, not an
+    # all-to-all shuffle
+    num_gpus_per_actor: float = ranged(0.0, ">= 0")  # >0 puts each scoring actor on a GPU
+    logp_chunk_size: int = ranged(1024, ">= 1")  # completion positions per chunk of the output head's log-softmax
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = False  # train a LoRA adapter (PEFT) instead of all weights
-    r: int = 16  # adapter rank
-    alpha: int = 32  # LoRA scaling (alpha / r)
-    dropout: float = 0.0  # dropout of the adapter's input
+    r: int = ranged(16, ">= 1")  # adapter rank
+    alpha: int = ranged(32, ">= 1")  # LoRA scaling (alpha / r)
+    dropout: float = ranged(0.0, "[0, 1)")  # dropout of the adapter's input
     save_merged: bool = True  # also save the adapter merged into the base model (plain HF model)
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -93,36 +100,39 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
+    num_workers: int = ranged(2, ">= 1")  # Ray Train workers (one DeepSpeed rank each)
     use_gpu: bool = False  # one GPU per training worker
-    cpus_per_worker: float = 1.0  # CPUs each training worker reserves
-    micro_batch_size: int = 8  # rows per worker per forward
-    bucket_window: int = 16  # micro-batches pooled and re-cut by length (1: dataset order); padded mode only
-    micro_batch_tokens: int = -1  # a step's rows packed without padding into forwards of this many tokens; -1: micro_batch_size × data.max_length; 0: padded micro-batches of micro_batch_size rows
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-7  # peak learning rate (AdamW)
-    beta: float = 0.1  # BCO's beta: scale of the implicit reward
-    warmup_ratio: float = 0.1  # fraction of the steps spent warming the learning rate up
+    cpus_per_worker: float = ranged(1.0, ">= 0")  # CPUs each training worker reserves
+    micro_batch_size: int = ranged(8, ">= 1")  # rows per worker per forward
+    bucket_window: int = ranged(
+        16, ">= 1"
+    )  # micro-batches pooled, re-cut by length (1: dataset order); padded mode only
+    micro_batch_tokens: int = ranged(-1, "-1 or >= 0")  # a step's rows packed without padding into forwards of this
+    # many tokens; -1: micro_batch_size × data.max_length; 0: padded micro-batches of micro_batch_size rows
+    gradient_accumulation_steps: int = ranged(1, ">= 1")  # micro-batches per optimizer step
+    lr: float = ranged(5e-7, ">= 0")  # peak learning rate (AdamW)
+    beta: float = ranged(0.1, "> 0")  # BCO's beta: scale of the implicit reward
+    warmup_ratio: float = ranged(0.1, "[0, 1)")  # fraction of the steps spent warming the learning rate up
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"  # learning-rate decay after warm-up
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping norm
-    num_epochs: int = 1  # passes over the train split
-    max_steps: int = -1  # >0 caps optimizer steps
-    logging_steps: int = 1  # train metrics every this many steps
-    eval_steps: int = 0  # 0: evaluate at the end only
-    save_steps: int = 0  # 0: no intermediate checkpoints
-    keep_checkpoints: int = 2  # newest checkpoints kept
-    max_failures: int = 0  # restarts from the last checkpoint before the run fails
+    weight_decay: float = ranged(0.0, ">= 0")  # AdamW weight decay
+    max_grad_norm: float = ranged(1.0, ">= 0")  # gradient clipping norm; 0: no clipping
+    num_epochs: int = ranged(1, ">= 1")  # passes over the train split
+    max_steps: int = ranged(-1, "-1 or >= 1")  # >0 caps optimizer steps
+    logging_steps: int = ranged(1, ">= 1")  # train metrics every this many steps
+    eval_steps: int = ranged(0, ">= 0")  # 0: evaluate at the end only
+    save_steps: int = ranged(0, ">= 0")  # 0: no intermediate checkpoints
+    keep_checkpoints: int = ranged(2, ">= 1")  # newest checkpoints kept
+    max_failures: int = ranged(0, "-1 or >= 0")  # restarts from the last checkpoint before the run fails; -1: no limit
     storage_path: str | None = None  # checkpoints + final model; None: $BCO_RAY_STORAGE/ray, else <output_dir>/ray
-    seed: int = 42  # model init, dropout and bucketing seed
+    seed: int = ranged(42, "[0, 4294967295]")  # model init, dropout and bucketing seed
     zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage
     offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory (zero_stage >= 1)
     offload_params: bool = False  # DeepSpeed: parameters in CPU memory (zero_stage 3)
     bf16: Literal["auto"] | bool = "auto"  # auto: bf16 on GPU, float32 on CPU; true/false force it
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     disable_dropout: bool = True  # dropout off in the policy (as TRL's BCOConfig)
-    resources_timeout_s: float = 600.0  # fail clearly instead of waiting forever for workers
-    inject_failure_at_step: int = 0  # testing: rank 1 (or 0) dies once when reaching this step
+    resources_timeout_s: float = ranged(600.0, "> 0")  # fail clearly instead of waiting forever for workers
+    inject_failure_at_step: int = ranged(0, ">= 0")  # testing: rank 1 (or 0) dies once when reaching this step
     record_rows: bool = False  # testing: each rank appends the row ids of every step to <storage>/rows/
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -148,12 +158,12 @@ class EvalConfig:
     at_start: bool = True  # also evaluate at step 0, so every eval curve starts at the reference
     generate: bool = False  # generation eval: completions of held-out eval prompts, reference vs policy
     verifier: str | None = None  # "module:function": verify(prompt, completion) -> bool | float | dict of floats
-    num_prompts: int = 32  # the eval split's first distinct prompts
-    max_new_tokens: int = 32  # tokens generated per completion
-    batch_size: int = 32  # prompts per generate call
+    num_prompts: int = ranged(32, ">= 1")  # the eval split's first distinct prompts
+    max_new_tokens: int = ranged(32, ">= 1")  # tokens generated per completion
+    batch_size: int = ranged(32, ">= 1")  # prompts per generate call
     sample: bool = False  # also one sampled completion per prompt (eval/gen/sampled/*)
-    temperature: float = 1.0  # sampling only
-    top_p: float = 1.0  # sampling only
+    temperature: float = ranged(1.0, "> 0")  # sampling only (eval.sample=true); the greedy completions ignore it
+    top_p: float = ranged(1.0, "(0, 1]")  # nucleus sampling: the probability mass kept (eval.sample=true only)
 
 
 @dataclass
@@ -302,17 +312,6 @@ def _choice_error(value: Any, choices: list, path: str) -> ConfigError:
     return ConfigError(f"{path} must be {listed} (got {shown!r})" + (f". Did you mean '{guess[0]}'?" if guess else ""))
 
 
-def _check_choices(obj: Any, prefix: str = "") -> None:
-    """Every choice-typed (Literal) field of a Config built in code holds one of its choices."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, tp = getattr(obj, f.name), hints[f.name]
-        if dataclasses.is_dataclass(value):
-            _check_choices(value, f"{prefix}{f.name}.")
-        elif typing.get_origin(tp) is Literal or _choices([a for a in typing.get_args(tp) if a is not type(None)]):
-            _coerce(value, tp, prefix + f.name)
-
-
 def _build(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -357,15 +356,26 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
+def read_yaml(p: Path) -> dict:
+    """A config file's mapping; a missing, unreadable or malformed file is a ConfigError naming it (and the line)."""
+    if not p.is_file():
+        raise ConfigError(f"config file {p} " + ("is a directory" if p.is_dir() else "does not exist"))
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark, problem, context = (getattr(e, a, None) for a in ("problem_mark", "problem", "context"))
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = f"{problem} ({context})" if problem and context else problem or str(e)
+        raise ConfigError(f"config file {p}{where}: not valid YAML: {why}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} cannot be read: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    data = read_yaml(Path(path)) if path is not None else {}
     if overrides:
         data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     cfg = _build(Config, data)
@@ -374,10 +384,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no cluster: every choice field holds one of its choices (model.dtype, data.on_bad_rows,
-    train.lr_scheduler / zero_stage / bf16, ...), then the range and name checks of bco_ray.config_checks.
+    """Checks that need no cluster (bco_ray.config_checks): every choice field holds one of its choices
+    (model.dtype, train.bf16, ...), every number is in its declared range, then the checks across fields.
     Raises ConfigError naming the field and the fix."""
     from bco_ray.config_checks import check_config  # it imports this module's dataclasses
 
-    _check_choices(cfg)
     check_config(cfg)

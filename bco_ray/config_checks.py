@@ -3,21 +3,87 @@ ConfigError naming the field and the fix, before any Ray work starts."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
+import math
 import re
+import typing
+from typing import Any, Literal
 
-from bco_ray.config import Config, ConfigError, EvalConfig
+from bco_ray.config import Config, ConfigError, EvalConfig, _choices, _coerce
+from bco_ray.config_doc import field_docs, show
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_NUMBER = r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?"
+_BOUND = re.compile(rf"^(>=|>|<=|<) ({_NUMBER})$")
+_INTERVAL = re.compile(rf"^([\[(])({_NUMBER}), ({_NUMBER})([\])])$")
+
+
+@functools.cache
+def parse_range(allowed: str) -> list[tuple[float, bool, float, bool]]:
+    """'-1 or >= 0' → each alternative as an interval (low, low included, high, high included): an exact value
+    ('-1'), a bound ('>= 1', '< 5') or an interval ('[0, 1)'). Raises ValueError for any other text (a mistake
+    in bco_ray/config.py: tests/test_config_ranges.py reads every declaration)."""
+    out = []
+    for alt in allowed.split(" or "):
+        if m := _INTERVAL.match(alt):
+            out.append((float(m[2]), m[1] == "[", float(m[3]), m[4] == "]"))
+        elif m := _BOUND.match(alt):
+            op, x = m[1], float(m[2])
+            out.append((x, op == ">=", math.inf, False) if op[0] == ">" else (-math.inf, False, x, op == "<="))
+        elif re.fullmatch(_NUMBER, alt):
+            out.append((float(alt), True, float(alt), True))
+        else:
+            raise ValueError(f"range {allowed!r}: cannot read {alt!r}")
+    return out
+
+
+def in_range(value: Any, allowed: str) -> bool:
+    """`value` is a number (not a bool), finite, and inside one of the alternatives of `allowed`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return any(
+        (lo < value or (lo_in and value == lo)) and (value < hi or (hi_in and value == hi))
+        for lo, lo_in, hi, hi_in in parse_range(allowed)
+    )
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Every field of `obj` (a Config or a section, recursively) on its own: a choice (Literal) field holds one of
+    its choices (a Config built in code skips the loader's coercion), a number is inside its declared range
+    (`ranged` in bco_ray/config.py). Raises ConfigError naming the field, the value and what it may be."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            check_fields(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is Literal or _choices([a for a in typing.get_args(tp) if a is not type(None)]):
+            _coerce(value, tp, prefix + f.name)  # raises the loader's "must be a, b or c" error
+        elif "range" in f.metadata and not in_range(value, f.metadata["range"]):
+            raise ConfigError(_range_message(prefix + f.name, value, f))
+
+
+def _range_message(name: str, value: Any, f: dataclasses.Field) -> str:
+    """'train.keep_checkpoints must be >= 1 (got 0) — newest checkpoints kept (default: 2)'."""
+    doc = next((d.doc for d in field_docs(Config) if d.name == name), "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "a number "
+    else:
+        kind = "" if math.isfinite(value) else "a finite number "
+    allowed = " or ".join(f"in {a}" if a[0] in "[(" else a for a in f.metadata["range"].split(" or "))
+    return f"{name} must be {kind}{allowed} (got {value!r}) — {doc} (default: {show(f.default)})"
 
 
 def check_config(cfg: Config) -> None:
-    """Range checks that need no cluster. Raises ConfigError naming the field and the fix."""
+    """Checks that need no cluster: each field on its own, then names and the checks across fields. Raises
+    ConfigError naming the field and the fix."""
 
     def need(ok: bool, msg: str):
         if not ok:
             raise ConfigError(msg)
 
+    check_fields(cfg)  # each field on its own (choices, ranges), before the checks across fields
     t, d, u, p = cfg.train, cfg.data, cfg.udm, cfg.precompute
     name = cfg.mlflow.run_name
     need(
@@ -27,43 +93,21 @@ def check_config(cfg: Config) -> None:
     )
     _check_names(cfg, need)
     _check_liger(cfg, need)
-    need(t.beta > 0, f"train.beta must be > 0 (got {t.beta}); the reference default is 0.1")
-    need(t.num_workers >= 1, f"train.num_workers must be >= 1 (got {t.num_workers})")
-    need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")
-    need(
-        t.micro_batch_tokens >= -1,
-        f"train.micro_batch_tokens must be -1 (micro_batch_size × data.max_length), "
-        f"0 (no packing) or a token count (got {t.micro_batch_tokens})",
-    )
-    need(
-        t.gradient_accumulation_steps >= 1,
-        f"train.gradient_accumulation_steps must be >= 1 (got {t.gradient_accumulation_steps})",
-    )
-    need(t.lr >= 0, f"train.lr must be >= 0 (got {t.lr})")
-    need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
-    need(t.num_epochs >= 1, f"train.num_epochs must be >= 1 (got {t.num_epochs})")
-    need(t.max_steps == -1 or t.max_steps > 0, f"train.max_steps must be -1 (no cap) or > 0 (got {t.max_steps})")
-    need(t.logging_steps >= 1, f"train.logging_steps must be >= 1 (got {t.logging_steps})")
     need(
         not t.offload_params or t.zero_stage == 3,
         "train.offload_params needs train.zero_stage=3 (DeepSpeed offloads parameters only under ZeRO-3)",
     )
     need(not t.offload_optimizer or t.zero_stage >= 1, "train.offload_optimizer needs train.zero_stage >= 1")
-    need(d.max_length >= 2, f"data.max_length must be >= 2 (got {d.max_length})")
     need(
         0 < d.max_prompt_length < d.max_length,
         f"data.max_prompt_length ({d.max_prompt_length}) must be > 0 and < data.max_length ({d.max_length})",
     )
-    need(u.min_density_ratio > 0, f"udm.min_density_ratio must be > 0 (got {u.min_density_ratio})")
     need(
         u.min_density_ratio <= u.max_density_ratio,
         f"udm.min_density_ratio ({u.min_density_ratio}) must be <= udm.max_density_ratio ({u.max_density_ratio})",
     )
-    need(u.prompt_sample_size >= 2, f"udm.prompt_sample_size must be >= 2 (got {u.prompt_sample_size})")
     lo, hi = p.ref_actors
     need(1 <= lo <= hi, f"precompute.ref_actors must be [min, max] with 1 <= min <= max (got [{lo}, {hi}])")
-    need(p.num_gpus_per_actor >= 0, f"precompute.num_gpus_per_actor must be >= 0 (got {p.num_gpus_per_actor})")
-    need(p.batch_size >= 1 and p.token_budget >= 1, "precompute.batch_size and precompute.token_budget must be >= 1")
     _check_eval(cfg.eval, need)
 
 
@@ -73,13 +117,6 @@ def _check_eval(e: EvalConfig, need) -> None:
         f"eval.verifier {e.verifier!r} must name a function as 'package.module:function' "
         "(e.g. bco_ray.eval.arithmetic:verify)",
     )
-    for name in ("num_prompts", "max_new_tokens", "batch_size"):
-        need(getattr(e, name) >= 1, f"eval.{name} must be >= 1 (got {getattr(e, name)})")
-    need(
-        e.temperature > 0,
-        f"eval.temperature must be > 0 (got {e.temperature}); for greedy completions only, set eval.sample=false",
-    )
-    need(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1] (got {e.top_p})")
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")

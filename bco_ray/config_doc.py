@@ -5,6 +5,7 @@ definition `ruff format` spread over several lines has its comment on one of the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 import typing
@@ -20,7 +21,7 @@ _COMMENT_ONLY = re.compile(r"^\s+#\s?(.*)$")
 @dataclass(frozen=True)
 class FieldDoc:
     name: str  # dotted: train.lr
-    type: str  # as annotated: float, str | None, Literal['linear', 'cosine', 'constant']
+    type: str  # as annotated (str | None, Literal['linear', 'cosine']); a number with its range: 'float, > 0'
     default: Any
     doc: str
 
@@ -31,6 +32,7 @@ def _continues(line: str) -> bool:
     return bool(text) and (text[0] in ")]}" or "=" in text)
 
 
+@functools.cache  # reading a class's source takes milliseconds: once per class (a range error reads it too)
 def _comments(cls: type) -> dict[str, str]:
     """{field: its trailing comment, continuation lines joined} from the dataclass's source."""
     out: dict[str, str] = {}
@@ -67,7 +69,8 @@ def field_docs(cls: type, prefix: str = "") -> list[FieldDoc]:
         if dataclasses.is_dataclass(hints[f.name]):
             out.extend(field_docs(hints[f.name], f"{prefix}{f.name}."))
         else:
-            out.append(FieldDoc(prefix + f.name, _type_name(raw[f.name]), default, docs.get(f.name, "")))
+            allowed = f", {f.metadata['range']}" if "range" in f.metadata else ""  # int, >= 1
+            out.append(FieldDoc(prefix + f.name, _type_name(raw[f.name]) + allowed, default, docs.get(f.name, "")))
     return out
 
 

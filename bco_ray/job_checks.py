@@ -7,12 +7,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import ray
 from transformers import AutoConfig
 
 from bco_ray.builtin import resolve_embedder, resolve_model
-from bco_ray.config import Config
+from bco_ray.config import Config, ConfigError
 from bco_ray.data.checks import DataReport, check_data
 from bco_ray.errors import InputError, ResourcesError
 from bco_ray.eval.generation import VerifierError, load_verifier
@@ -21,7 +22,7 @@ from bco_ray.precompute.embedding_func import EmbeddingFuncError, check_embeddin
 from bco_ray.precompute.pipeline import Paths
 from bco_ray.remote import local_model_dir, missing_model_files
 from bco_ray.resources import PassResources, pass_resources
-from bco_ray.storage import is_remote, resolve_locations
+from bco_ray.storage import is_remote, local_path, resolve_locations
 from bco_ray.tracking.hub import HubError, check_push_ready
 
 
@@ -164,6 +165,55 @@ def check_cluster_fits(cfg: Config, started_locally: bool) -> PassResources:
     return pass_resources(cpus, cfg.precompute.ref_actors[1], can_grow)
 
 
+def _store_dir(uri: str) -> str | None:
+    """The local directory of a file-based MLflow store (sqlite:///dir/mlflow.db, file:///dir), else None."""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///") :].split("?")[0]
+        return os.path.dirname(db) if db and db != ":memory:" else None
+    return urlparse(uri).path if uri.startswith("file:") else None
+
+
+def _unusable(path: str) -> str | None:
+    """Why the job cannot create or write the directory `path` (nothing is created here), else None."""
+    p = os.path.abspath(os.path.expanduser(path))
+    existing = p
+    while not os.path.lexists(existing):  # the nearest part that exists: the job creates the rest
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} exists and is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user" + (
+            f" (the job would create {p} in it)" if existing != p else ""
+        )
+    return None
+
+
+def check_local_dirs(cfg: Config) -> None:
+    """The local directories the job writes (output_dir, the precompute cache, the checkpoints, a file-based
+    MLflow store) can be created or written: else one error naming the field and the fix, before any Ray work.
+    `cfg` has its locations resolved; object-store URIs are left to the multi-node preflight."""
+    from bco_ray.tracking.mlflow_run import tracking_uri
+
+    uri = tracking_uri(cfg)
+    dirs = {
+        "output_dir": cfg.output_dir,
+        "precompute.cache_dir": cfg.precompute.cache_dir,
+        "train.storage_path": cfg.train.storage_path,
+        "mlflow.tracking_uri": _store_dir(uri),
+    }
+    for field, path in dirs.items():
+        if not path or is_remote(path):
+            continue
+        why = _unusable(local_path(path))
+        if why:
+            store = field == "mlflow.tracking_uri"
+            fix = "sqlite:///<dir>/mlflow.db (or set $MLFLOW_TRACKING_URI)" if store else "<dir>"
+            raise ConfigError(
+                f"{field}={uri if store else path}: {why}; set --{field}={fix} with a <dir> you can write "
+                "(an existing directory, or a new one inside one)"
+            )
+
+
 @dataclass
 class Checked:
     """What the checks stage hands on: the config with its locations resolved, the data report, the models."""
@@ -174,9 +224,10 @@ class Checked:
 
 
 def run_checks(cfg: Config) -> Checked:
-    """Every check a job makes before it starts Ray: config locations, data (bad rows fail here), models, and
-    hub settings (hub.repo_id needs HF_TOKEN: say so before any work)."""
+    """Every check a job makes before it starts Ray: config locations (local directories usable), data (bad rows
+    fail here), models, and hub settings (hub.repo_id needs HF_TOKEN: say so before any work)."""
     cfg = resolve_locations(cfg)  # output/cache/checkpoints: never in the job's upload
+    check_local_dirs(cfg)
     data_report = check_data(cfg)
     paths, _ = resolve_paths(cfg)
     try:

@@ -71,6 +71,8 @@ CONFIG_CASES = [
     (["--data.on_bad_rows=ignore"], "data.on_bad_rows must be error or skip"),
     (["--mlflow.run_name=../escape"], "mlflow.run_name '../escape' becomes a directory name"),
     (["--mlflow.run_name=a/b"], "no '..' and no path separators"),
+    (["--train.keep_checkpoints=0"], "train.keep_checkpoints must be >= 1 (got 0)"),
+    (["--train.lr=inf"], "train.lr must be a finite number >= 0 (got inf)"),
 ]
 
 
@@ -134,6 +136,12 @@ def test_fewer_rows_than_one_global_batch(tmp_path, capsys):
     path = _jsonl(tmp_path / "train.jsonl", GOOD[:10])
     err = _run(tmp_path, capsys, f"--data.train={path}", "--train.micro_batch_size=8")
     assert "fewer than one global batch" in err and "train.micro_batch_size 8" in err
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a directory")
+    err = _run(tmp_path, capsys, f"--output_dir={tmp_path / 'taken'}")
+    assert f"config error: output_dir={tmp_path / 'taken'}: {tmp_path / 'taken'} exists and is not a directory" in err
 
 
 def test_missing_data_file(tmp_path, capsys):

@@ -93,7 +93,8 @@ def test_parse_overrides_forms():
         True,
     )
     # a negative number after a space is a value, not a flag
-    assert load_config(overrides=["--train.max_grad_norm", "-1"]).train.max_grad_norm == -1.0
+    assert parse_overrides(["--train.max_failures", "-1"]) == {"train": {"max_failures": "-1"}}
+    assert load_config(overrides=["--train.max_failures", "-1"]).train.max_failures == -1
     assert parse_overrides([]) == {}
     with pytest.raises(ConfigError, match="unexpected argument 'train.lr=1'"):
         parse_overrides(["train.lr=1"])
