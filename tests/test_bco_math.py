@@ -19,6 +19,8 @@ from bco_ray.bco.logprobs import completion_logps, completion_positions, policy_
 from bco_ray.bco.loss import RunningMean, bco_losses
 from bco_ray.bco.udm import fit_udm_classifier, udm_weights
 
+from tiny_models import tiny_qwen2
+
 
 def softplus(x: float) -> float:
     """-log sigmoid(-x) = log(1 + e^x)."""
@@ -222,22 +224,7 @@ def test_completion_positions_and_prompt_tokens_not_counted():
 
 # ---------------------------------------------------------------- completion log-probs: tiny Qwen2 vs full logits
 def _tiny_qwen2(seed: int = 0, tie: bool = True):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.2,
-        tie_word_embeddings=tie,
-        attn_implementation="eager",
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    return tiny_qwen2(50, seed=seed, tie=tie)
 
 
 def _reference_logps(model, ids, mask, prompt_len):

@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tiny_models import tiny_qwen2
+
 B = 3  # rows per rank per micro-batch
 WORLD = 2
 MICRO = 3  # consecutive micro-batches
@@ -32,22 +34,7 @@ def _free_port() -> int:
 
 
 def _model():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.2,
-        tie_word_embeddings=True,
-        attn_implementation="eager",
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    return tiny_qwen2(VOCAB)
 
 
 def _global_batches() -> list[dict[str, np.ndarray]]:

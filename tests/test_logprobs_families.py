@@ -28,20 +28,10 @@ from bco_ray.bco.logprobs import (
     router_aux_loss_enabled,
 )
 
+from tiny_models import tiny_kwargs
+
 V, T = 64, 12
-_COMMON = dict(
-    vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.2,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=2,
-)
+_COMMON = tiny_kwargs(V, bos_token_id=0, eos_token_id=1, pad_token_id=2)
 
 CONFIGS = {
     "qwen2": lambda: Qwen2Config(**_COMMON),

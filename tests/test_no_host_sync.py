@@ -23,6 +23,8 @@ from bco_ray.data.packing import collate_packed, plan_step, to_device
 from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
 from bco_ray.train.step import collate, micro_batch_loss
 
+from tiny_models import tiny_kwargs
+
 aten = torch.ops.aten
 SYNC_OPS = {
     aten._local_scalar_dense.default,
@@ -80,15 +82,7 @@ def count_syncs():
 
 
 def _setup():
-    cfg = Qwen2Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    cfg = Qwen2Config(**tiny_kwargs(128, 256, 0.02))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     rng = np.random.default_rng(0)

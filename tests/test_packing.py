@@ -17,19 +17,11 @@ from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logp
 from bco_ray.data.packing import collate_packed, completion_tokens, pack_rows, plan_step
 from bco_ray.train.step import collate
 
+from tiny_models import tiny_kwargs
+
 V, PAD = 64, 2
 BUDGET, CHUNK = 64, 7
-_COMMON = dict(
-    vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.2,
-    pad_token_id=PAD,
-)
+_COMMON = tiny_kwargs(V, max_position_embeddings=256, pad_token_id=PAD)
 CONFIGS = {
     "qwen2": (lambda: Qwen2Config(**_COMMON), "sdpa"),
     "llama": (lambda: LlamaConfig(**_COMMON), "sdpa"),

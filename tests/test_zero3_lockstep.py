@@ -35,6 +35,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tiny_models import tiny_kwargs
+
 WORLD = 2
 ROWS = 2  # rows per rank per micro-batch
 MICRO = 2  # micro-batches (= optimizer steps: gradient_accumulation_steps 1)
@@ -65,13 +67,7 @@ def _model():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+        **tiny_kwargs(VOCAB, 128, 0.02, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=1),
         tie_word_embeddings=False,
         attn_implementation="eager",
     )
