@@ -18,7 +18,7 @@ from bco_ray.data.fingerprint import fingerprint_path
 from bco_ray.data.pass_summary import PrecomputeSummary, SplitSummary, UdmFit, WeightHist
 from bco_ray.data.sources import read_source, source_fingerprint
 from bco_ray.models import reference_dtype
-from bco_ray.precompute.cache import Cache, cache_key
+from bco_ray.precompute.cache import Cache, cache_key, reuse_or_compute
 from bco_ray.precompute.rows import HIST_BINS, block_stats, finalize, tag
 from bco_ray.precompute.stages import Counters, Score
 from bco_ray.resources import PassResources, pass_resources
@@ -231,19 +231,23 @@ def run_precompute(
     root = resolve_locations(cfg).precompute.cache_dir  # as the job resolved it (a no-op on a resolved cfg)
     key = cache_key(key_parts(cfg, paths))
     cache = Cache(root, key)
-    if cfg.precompute.force:
-        cache.invalidate()
-    record = cache.complete()
-    if record is not None:
+
+    def reuse(record: dict) -> PrecomputeResult:
         adir = cache.uri(f"{cache.key_dir}/{record['attempt']}")
         log.info("precompute cache hit: %s (reusing, pass --precompute.force to recompute)", adir)
         return PrecomputeResult(
             key, adir, record["train"], record.get("eval"), PrecomputeSummary.from_dict(record["summary"]), True
         )
-    if resources is None:  # a cluster with no CPU yet can only be one that autoscales
-        cpus = ray.cluster_resources().get("CPU", 0)
-        resources = pass_resources(cpus, cfg.precompute.ref_actors[1], can_grow=cpus == 0)
-    return _run_pass(cfg, paths, cache, label_counts or {True: 1 << 62, False: 1 << 62}, resources)
+
+    def compute() -> PrecomputeResult:
+        res = resources
+        if res is None:  # a cluster with no CPU yet can only be one that autoscales
+            cpus = ray.cluster_resources().get("CPU", 0)
+            res = pass_resources(cpus, cfg.precompute.ref_actors[1], can_grow=cpus == 0)
+        return _run_pass(cfg, paths, cache, label_counts or {True: 1 << 62, False: 1 << 62}, res)
+
+    # One job computes (under the key's lease), concurrent ones wait and reuse; a damaged entry is recomputed.
+    return reuse_or_compute(cache, compute, reuse, force=cfg.precompute.force)
 
 
 def _run_pass(cfg: Config, paths: Paths, cache: Cache, counts: dict[bool, int], res: PassResources) -> PrecomputeResult:
