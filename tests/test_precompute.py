@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 
 import pyarrow.parquet as pq
@@ -130,11 +131,12 @@ def local_ray(ray_client):
 
 
 @pytest.mark.e2e
-def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
+def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray, caplog, monkeypatch):
     import ray
 
     from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
     from bco_ray.data.checks import check_data
+    from bco_ray.precompute import pipeline
     from bco_ray.precompute.pipeline import run_precompute
     from bco_ray.run import resolve_paths
 
@@ -173,7 +175,19 @@ def test_pass_streams_many_blocks_and_reuses_its_cache(tmp_path, local_ray):
     assert 0.5 < first.summary.udm.accuracy <= 1
     second = run_precompute(cfg, paths, labels)
     assert second.reused and second.dir == first.dir
-    forced = run_precompute(
-        dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, force=True)), paths, labels
-    )
-    assert not forced.reused and forced.dir != first.dir
+    record = json.loads((tmp_path / "out" / "cache" / first.key / "COMPLETE.json").read_text())
+    listed = {k: v for k, v in record["files"].items() if k.startswith("split=train/")}
+    assert sum(v["rows"] for v in listed.values()) == 400 and len(listed) == len(files)  # what reuse checks
+    # A committed file cut short (a killed upload, a full disk): the next run names it and recomputes (the same
+    # recompute over a committed entry that --precompute.force asks for: that flag's wiring is checked below).
+    with open(files[0], "r+b") as f:
+        f.truncate(files[0].stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="bco_ray.precompute.cache"):
+        repaired = run_precompute(cfg, paths, labels)
+    assert not repaired.reused and repaired.dir != first.dir and repaired.summary.train.rows == 400
+    assert any(str(files[0]) in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
+    assert run_precompute(cfg, paths, labels).dir == repaired.dir  # the new entry is whole, and reused
+    passes = []
+    monkeypatch.setattr(pipeline, "_run_pass", lambda *a: passes.append(a[2].key) or "a new pass")
+    forced = dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, force=True))
+    assert run_precompute(forced, paths, labels) == "a new pass" and passes == [first.key]  # force: not reused
