@@ -71,14 +71,21 @@ class Cache:
     def complete(self) -> dict | None:
         """The committed attempt's record, or None when there is no complete cache under this key (not yet
         verified: `verify`)."""
-        marker = f"{self.key_dir}/COMPLETE.json"
-        if not self.fs.exists(marker):
+        self.refresh()
+        try:  # one GET: the marker may be replaced by another job's commit at any time
+            record = json.loads(self.fs.cat_file(f"{self.key_dir}/COMPLETE.json"))
+        except FileNotFoundError:
             return None
-        with self.fs.open(marker, "r") as f:
-            record = json.load(f)
         if not self.fs.exists(f"{self.key_dir}/{record['attempt']}/summary.json"):
             return None
         return record
+
+    def refresh(self) -> None:
+        """Forget the listings fsspec cached under this key: s3fs keeps each listing for the life of the process,
+        and other jobs write here (a commit would stay invisible to a job that listed the key before it)."""
+        self.fs.invalidate_cache(self.key_dir)
+        for path in [p for p in list(self.fs.dircache) if p.startswith(f"{self.key_dir}/")]:
+            self.fs.dircache.pop(path, None)
 
     def new_attempt(self) -> str:
         attempt = f"attempt-{uuid.uuid4().hex[:12]}"
@@ -121,6 +128,7 @@ class Cache:
     def _files(self, attempt: str) -> dict[str, dict]:
         """relative path → fsspec info of every file of the attempt (one recursive listing)."""
         base = f"{self.key_dir}/{attempt}"
+        self.refresh()
         found = self.fs.find(base, detail=True) if self.fs.exists(base) else {}
         return {p[len(base) + 1 :]: info for p, info in found.items() if info.get("type") != "directory"}
 
@@ -201,6 +209,7 @@ class Cache:
     def remove_abandoned(self) -> list[str]:
         """Remove the attempts that are neither committed nor under a live lease and were last written more than
         `timing.abandoned_s` ago (a crashed pass, or an entry superseded a day ago). Returns their names."""
+        self.refresh()
         keep = {self._committed_attempt()}
         lease = read_lease(self.fs, f"{self.key_dir}/LEASE.json")
         if is_live(lease, self.timing):

@@ -49,16 +49,23 @@ class Timing:
 
 
 def read_lease(fs, path: str) -> dict | None:
-    """The lease's content, None when there is none; an unreadable one counts as stale."""
+    """The lease's content, None when there is none. A body that does not parse is read again (a write may be
+    under way where writes are not atomic); one that stays unreadable counts from its modification time."""
+    for retry in range(3):
+        try:
+            state = json.loads(fs.cat_file(path))
+            if isinstance(state, dict) and "token" in state:
+                return state
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            pass
+        time.sleep(0.05 * (retry + 1))
     try:
-        body = fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-    try:
-        state = json.loads(body)
-        return state if isinstance(state, dict) else {"token": "unreadable", "heartbeat": 0.0}
-    except ValueError:
-        return {"token": "unreadable", "heartbeat": 0.0}
+        modified = fs.modified(path).timestamp()
+    except (FileNotFoundError, NotImplementedError):
+        modified = 0.0
+    return {"token": "unreadable", "heartbeat": modified}
 
 
 def is_live(state: dict | None, timing: Timing, now: float | None = None) -> bool:
