@@ -123,6 +123,7 @@ def test_force_recomputes_and_a_failed_pass_leaves_no_lease(tmp_path):
 
 
 # ------------------------------------------------------------------ jobs sharing one key
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # a job that crashed
 @pytest.mark.parametrize("local", [True, False], ids=["local-link", "object-store-write-read-back"])
 def test_concurrent_jobs_on_one_key_compute_once(tmp_path, local, caplog):
     calls: list = []

@@ -10,10 +10,11 @@ key removes attempts that are neither committed nor under a live lease and have 
 
 What is checked on reuse, and why that: COMPLETE.json records each file's size, each Parquet file's row count
 (from its footer) and, where the store lists one (S3), its ETag. Reuse lists the attempt once (one LIST call
-per 1000 objects on S3) and compares names, sizes and ETags, then reads every Parquet footer (two small ranged
-reads per file, in parallel) and compares row counts. That catches a truncated or missing file, a stray one and
-a file rewritten since the commit, at a cost independent of the data's size; a content checksum of every byte
-on every reuse would read the whole cache (100 GB) each time, which is what the cache exists to avoid. A check
+per 1000 objects on S3) and compares names, sizes and ETags, then reads every Parquet footer (on S3 a HEAD and one
+64 KiB ranged GET per file, 16 files at a time) and compares row counts. That catches a truncated or missing file, a stray one and
+a file rewritten since the commit (on S3 any rewrite, by its ETag; elsewhere one that changes the file's size or
+row count), at a cost that grows with the number of files, not their bytes; a content checksum of
+every byte on every reuse would read the whole cache (100 GB) each time, which is what the cache exists to avoid. A check
 that fails makes the job recompute, with a warning naming the file and what is wrong: the entry is a cache,
 recomputing is always correct, and a job failing on a damaged entry would only make the user pass
 `--precompute.force`, which does the same thing.
@@ -72,9 +73,13 @@ class Cache:
         """The committed attempt's record, or None when there is no complete cache under this key (not yet
         verified: `verify`)."""
         self.refresh()
+        marker = f"{self.key_dir}/COMPLETE.json"
         try:  # one GET: the marker may be replaced by another job's commit at any time
-            record = json.loads(self.fs.cat_file(f"{self.key_dir}/COMPLETE.json"))
+            record = json.loads(self.fs.cat_file(marker))
         except FileNotFoundError:
+            return None
+        except ValueError:  # being written where writes are not atomic, or damaged: no entry (yet)
+            log.warning("the precompute cache marker %s does not parse; not reusing it", self.uri(marker))
             return None
         if not self.fs.exists(f"{self.key_dir}/{record['attempt']}/summary.json"):
             return None
