@@ -122,6 +122,7 @@ class Cache:
             self._mark_superseded(previous)
 
     def invalidate(self) -> None:
+        self.refresh()
         previous = self._committed_attempt()
         marker = f"{self.key_dir}/COMPLETE.json"
         if self.fs.exists(marker):

@@ -97,9 +97,12 @@ class Lease:
         self._stop.set()
         self._thread.join()
         with self._lock:
-            if self._still_mine():
-                self.fs.rm_file(self.path)
             self.held = False
+            try:
+                if self._still_mine():
+                    self.fs.rm_file(self.path)
+            except OSError as e:  # the store is unreachable: the lease goes stale, and a waiter takes it over
+                log.warning("could not remove the precompute cache lease %s: %s", self.path, e)
         if self.local:
             _remove_quietly(self.state.get("takeover_marker"))
 
@@ -120,7 +123,14 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(self.timing.heartbeat_s):
             with self._lock:
-                if not self._still_mine():
+                try:
+                    mine = self._still_mine()
+                    if mine:
+                        self._write()
+                except OSError as e:  # a store that fails now and then: the next heartbeat tries again
+                    log.warning("could not renew the precompute cache lease %s: %s", self.path, e)
+                    continue
+                if not mine:
                     log.warning(
                         "the lease %s was taken over by another job (this one missed heartbeats for %.0f s); "
                         "both compute the pass, and the last commit wins",
@@ -128,7 +138,6 @@ class Lease:
                         self.timing.stale_s,
                     )
                     return
-                self._write()
 
 
 def try_acquire(fs, path: str, local: bool, timing: Timing) -> Lease | None:
