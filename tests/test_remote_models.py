@@ -310,7 +310,7 @@ def test_the_precompute_cache_on_s3_is_computed_once_and_checked_on_reuse(s3, ca
 
         results.append(reuse_or_compute(cache, compute, lambda r: ("reused", r["attempt"])))
 
-    threads = [threading.Thread(target=job, args=(1.0,)) for _ in range(2)]
+    threads = [threading.Thread(target=job, args=(0.5,)) for _ in range(2)]
     threads[0].start()
     while not s3.fs().exists(f"{s3.bucket}/cache/k/LEASE.json"):  # the second job lists the key while it waits
         time.sleep(0.05)
