@@ -248,7 +248,10 @@ def precompute(argv: list[str] | None = None, prog: str = "bco-ray precompute") 
         check_shared_paths(cfg, paths, tracking_uri(cfg))
     except (BcoRayError, FileNotFoundError) as e:
         return _fail(e)
-    pre = run_precompute(cfg, paths, report)
+    try:
+        pre = run_precompute(cfg, paths, report)
+    except BcoRayError as e:  # a bad row past the driver's check; another job held the cache key's lease too long
+        return _fail(e)
     console(f"[bco-ray] precompute {'reused (cache hit)' if pre.reused else 'computed'}: {pre.dir}")
     console(json.dumps(pre.summary.to_dict(), indent=2, default=str))
     return 0

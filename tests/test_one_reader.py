@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -122,12 +123,12 @@ def small_blocks(ray_client):
 
 
 @pytest.mark.e2e
-def test_the_pass_trains_exactly_the_valid_rows_and_reuses_its_cache(tmp_path, small_blocks):
+def test_the_pass_trains_exactly_the_valid_rows_and_reuses_its_cache(tmp_path, small_blocks, caplog, monkeypatch):
     """One real pass over the whole matrix, with the driver checking only its first rows: the read tasks check
     and count the rest; the rows in the cache are exactly the valid rows, tokenized as the pass tokenizes, in
     many blocks, shuffled by Ray Data's all-to-all shuffle (local_shuffle_max_rows=0: the large-data path; every
-    other job here takes the seeded local permutation), UDM-weighted; the entry is reused, and recomputed when
-    forced."""
+    other job here takes the seeded local permutation), UDM-weighted; the entry is reused, recomputed when a
+    committed file is damaged, and not reused when forced."""
     import dataclasses
 
     import ray
@@ -174,9 +175,23 @@ def test_the_pass_trains_exactly_the_valid_rows_and_reuses_its_cache(tmp_path, s
     again = check_data(cfg)  # a hit: the counts of the whole data come back from the cache record
     second = pipeline.run_precompute(cfg, paths, again)
     assert second.reused and second.dir == first.dir and again.complete and again.train.rows == len(kept_train)
+    record = json.loads((tmp_path / "out" / "cache" / first.key / "COMPLETE.json").read_text())
+    listed = {k: v for k, v in record["files"].items() if k.startswith("split=train/")}
+    assert sum(v["rows"] for v in listed.values()) == len(table) and len(listed) == len(files)  # what reuse checks
+    # A committed file cut short (a killed upload, a full disk): the next run names it and recomputes (the same
+    # recompute over a committed entry that --precompute.force asks for: that flag's wiring is checked below).
+    train_files = sorted(Path(first.dir).glob("split=train/*.parquet"))
+    with open(train_files[0], "r+b") as f:
+        f.truncate(train_files[0].stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="bco_ray.precompute.cache"):
+        repaired = pipeline.run_precompute(cfg, paths, check_data(cfg))
+    assert not repaired.reused and repaired.dir != first.dir and repaired.summary.train.rows == len(table)
+    assert any(str(train_files[0]) in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
+    assert pipeline.run_precompute(cfg, paths, check_data(cfg)).dir == repaired.dir  # whole again, and reused
+    passes = []
+    monkeypatch.setattr(pipeline, "_run_pass", lambda *a: passes.append(a[2].key) or "a new pass")
     forced = dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, force=True))
-    third = pipeline.run_precompute(forced, paths, report)
-    assert not third.reused and third.dir != first.dir
+    assert pipeline.run_precompute(forced, paths, report) == "a new pass" and passes == [first.key]  # not reused
 
 
 @pytest.mark.e2e

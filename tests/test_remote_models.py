@@ -7,8 +7,10 @@ No Ray here: the multi-node job that downloads its policy from the bucket is in 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import threading
+import time
 from pathlib import Path
 
 import fsspec
@@ -278,3 +280,62 @@ def test_a_model_replaced_during_its_download_is_not_cached(s3, tiny, cache, mon
     assert not [p for p in cache.iterdir() if not p.name.startswith(".")]
     monkeypatch.setattr(remote, "_download", real)
     assert (fetch_dir(uri) / "config.json").exists()  # the next try gets the new content
+
+
+def test_the_precompute_cache_on_s3_is_computed_once_and_checked_on_reuse(s3, caplog):
+    """Two jobs (each its own S3 client, as two processes have) on one cache key in a bucket: one computes, the
+    other waits on the lease and reuses the commit; a file cut short after the commit is named by its s3:// URI
+    and recomputed, and a client that listed the key before sees the new commit (s3fs caches listings)."""
+    import s3fs
+
+    from bco_ray.precompute.cache import Cache, reuse_or_compute
+    from bco_ray.precompute.lease import Timing
+
+    timing = Timing(heartbeat_s=0.3, stale_s=30, settle_s=0.2, poll_s=0.1, wait_s=60)
+    calls, results = [], []
+
+    def job(delay: float):
+        cache = Cache(f"s3://{s3.bucket}/cache", "k", timing)
+        cache.fs = s3fs.S3FileSystem(skip_instance_cache=True)  # this job's own client and listing cache
+
+        def compute():
+            attempt = cache.new_attempt()
+            calls.append(attempt)
+            base = f"{cache.key_dir}/{attempt}"
+            cache.fs.pipe_file(f"{base}/split=train/part-0.parquet", _parquet(10))
+            time.sleep(delay)
+            cache.write_json(f"{base}/summary.json", {"rows": 10})
+            cache.commit(attempt, {"train": cache.uri(f"{base}/split=train")})
+            return "computed", attempt
+
+        results.append(reuse_or_compute(cache, compute, lambda r: ("reused", r["attempt"])))
+
+    threads = [threading.Thread(target=job, args=(0.5,)) for _ in range(2)]
+    threads[0].start()
+    while not s3.fs().exists(f"{s3.bucket}/cache/k/LEASE.json"):  # the second job lists the key while it waits
+        time.sleep(0.05)
+    threads[1].start()
+    for t in threads:
+        t.join(60)
+    assert len(calls) == 1 and sorted(results) == [("computed", calls[0]), ("reused", calls[0])]
+    part = f"{s3.bucket}/cache/k/{calls[0]}/split=train/part-0.parquet"
+    s3.fs().pipe_file(part, s3.fs().cat_file(part)[:-20])
+    other = Cache(f"s3://{s3.bucket}/cache", "k", timing)
+    other.fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert other.complete()["attempt"] == calls[0] and other.fs.ls(other.key_dir)  # listed, and cached
+    with caplog.at_level(logging.WARNING, logger="bco_ray.precompute.cache"):
+        job(0.0)
+    assert len(calls) == 2 and results[-1] == ("computed", calls[1])
+    assert any(f"s3://{part} is" in r.getMessage() for r in caplog.records)
+    assert other.complete()["attempt"] == calls[1]
+
+
+def _parquet(rows: int) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"x": list(range(rows))}), buf)
+    return buf.getvalue()

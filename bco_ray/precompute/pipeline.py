@@ -19,7 +19,7 @@ from bco_ray.data.fingerprint import fingerprint_path
 from bco_ray.data.pass_summary import PrecomputeSummary, SplitSummary, UdmFit, WeightHist
 from bco_ray.data.sources import source_fingerprint
 from bco_ray.models import reference_dtype
-from bco_ray.precompute.cache import Cache, cache_key
+from bco_ray.precompute.cache import Cache, cache_key, reuse_or_compute
 from bco_ray.precompute.read import count_rows, input_error_of, read_rows
 from bco_ray.precompute.rows import HIST_BINS, block_stats, finalize
 from bco_ray.precompute.stages import Counters, Score
@@ -230,27 +230,35 @@ def run_precompute(
     root = resolve_locations(cfg).precompute.cache_dir  # as the job resolved it (a no-op on a resolved cfg)
     key = cache_key(key_parts(cfg, paths, report))
     cache = Cache(root, key)
-    if cfg.precompute.force:
-        cache.invalidate()
-    record = cache.complete()
-    if record is not None:
+
+    def reuse(record: dict) -> PrecomputeResult:
         adir = cache.uri(f"{cache.key_dir}/{record['attempt']}")
         log.info("precompute cache hit: %s (reusing, pass --precompute.force to recompute)", adir)
         _restore_counts(report, record.get("data") or {})
         return PrecomputeResult(
             key, adir, record["train"], record.get("eval"), PrecomputeSummary.from_dict(record["summary"]), True
         )
-    if resources is None:  # a cluster with no CPU yet can only be one that autoscales
-        cpus = ray.cluster_resources().get("CPU", 0)
-        resources = pass_resources(cpus, cfg.precompute.ref_actors[1], can_grow=cpus == 0)
-    if not report.complete:
-        t0 = time.time()
-        counted = count_rows(report.units(), cfg.data.on_bad_rows, resources.task_cpus)
-        for name, rep in counted.items():
-            getattr(report, name).update_counts(rep)
-        log.info("data: every row checked in %.1f s (%d train rows)", time.time() - t0, report.train.rows)
-        check_trainable(cfg, report)
-    return _run_pass(cfg, paths, cache, report, resources)
+
+    def compute() -> PrecomputeResult:
+        res = resources
+        if res is None:  # a cluster with no CPU yet can only be one that autoscales
+            cpus = ray.cluster_resources().get("CPU", 0)
+            res = pass_resources(cpus, cfg.precompute.ref_actors[1], can_grow=cpus == 0)
+        if not report.complete:
+            _count_every_row(cfg, report, res)
+        return _run_pass(cfg, paths, cache, report, res)
+
+    # One job computes (under the key's lease), concurrent ones wait and reuse; a damaged entry is recomputed.
+    return reuse_or_compute(cache, compute, reuse, force=cfg.precompute.force)
+
+
+def _count_every_row(cfg: Config, report: DataReport, res: PassResources) -> None:
+    """Data larger than the driver checked: every row checked and counted by the read alone (no model loads)."""
+    t0 = time.time()
+    for name, rep in count_rows(report.units(), cfg.data.on_bad_rows, res.task_cpus).items():
+        getattr(report, name).update_counts(rep)
+    log.info("data: every row checked in %.1f s (%d train rows)", time.time() - t0, report.train.rows)
+    check_trainable(cfg, report)
 
 
 def _counts(report: DataReport) -> dict:
