@@ -65,7 +65,7 @@ def micro_batch_groups(lengths: list, budget: int, micro_batch_size: int) -> lis
     budget on every rank; a micro-batch whose rows exceed the budget on some rank is a group of its own,
     `split` across several packs. δ is the running mean after each whole micro-batch (bco_ray/bco/loss.py),
     so a pack that never splits a micro-batch has all it needs for its rows' δ."""
-    n_mb = len(lengths[0]) // micro_batch_size
+    n_mb = -(-max(len(lr) for lr in lengths) // micro_batch_size)  # the last one may be partial
     mb_tokens = [
         max(int(sum(lr[k * micro_batch_size : (k + 1) * micro_batch_size])) for lr in lengths) for k in range(n_mb)
     ]
