@@ -62,7 +62,12 @@ def padding_report(a, n: int = 4096) -> dict:
                     sum(lengths[p[0][i]] for i in pack) or 2
                     for p in plans
                     for pack in plan_step(
-                        [[lengths[i] for i in p[0]]], [[1] * len(p[0])], b.micro_batch_tokens, a.chunk_size, 0
+                        [[lengths[i] for i in p[0]]],
+                        [[1] * len(p[0])],
+                        b.micro_batch_tokens,
+                        a.chunk_size,
+                        0,
+                        a.micro_batch_size,
                     )[0]
                 )
             else:

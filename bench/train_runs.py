@@ -140,7 +140,12 @@ def run_ours(a, zero, path, rows, ref_logps, device, dtype, lengths, shape, peak
         if micro is None:  # packed, as bco_ray.train.batching plans a step
             mine = take(b)
             packs, n_chunks = plan_step(
-                [[len(x) for x in mine["input_ids"]]], [mine["prompt_len"]], a.micro_batch_tokens, a.chunk_size, 0
+                [[len(x) for x in mine["input_ids"]]],
+                [mine["prompt_len"]],
+                a.micro_batch_tokens,
+                a.chunk_size,
+                0,
+                a.micro_batch_size,  # packs of whole micro-batches, as the trainer's
             )
             for j, (pack, nc) in enumerate(zip(packs, n_chunks)):
                 batch = to_device(collate_packed(mine, pack, C.PAD_ID, len(b), nc), device)

@@ -7,9 +7,10 @@ stand-in for the Ray Data shard (every rank reads the whole ordered split), `set
 with a 128-token budget: several packs per step, a row longer than the budget, and on two workers a rank
 with fewer packs than the other (it runs empty packs).
 
-Not packed (the reference, one process, no DeepSpeed): the same rows cut into the same groups, each group
-right-padded (`collate`) and scored with `bco_forward`; δ (`RunningMean`) absorbs each group's rewards
-of all ranks, the step's loss is the mean over its rows, clipping to max_grad_norm, `torch.optim.AdamW`.
+Not packed (the reference, one process, no DeepSpeed): trl's definition, each micro-batch of all ranks
+right-padded (`collate`); δ (`RunningMean`) absorbs its rewards of all ranks before its losses (so a packed
+micro-batch split across packs must get its δ first: `absorb_first`), the step's loss is the mean over its
+rows, clipping to max_grad_norm, `torch.optim.AdamW`.
 Parameters after two steps agree to 1e-5 (the update itself is ~2e-4)."""
 
 from __future__ import annotations
@@ -142,11 +143,12 @@ def _worker(rank: int, port: int, out_dir: str, world: int) -> None:
 
 
 def _reference(world: int):
-    """Same rows, same groups, right-padded, plain AdamW: (parameters, initial parameters, δ)."""
+    """Same rows, the reference's definition (trl 1.13's BCOTrainer on `world` processes): micro-batch k of a step
+    is every rank's k-th slice of ROWS rows, right-padded; δ (`RunningMean`) absorbs all ranks' rewards of it,
+    then its losses; the step's loss is the mean over its rows, clipping to max_grad_norm, `torch.optim.AdamW`.
+    Returns (parameters, initial parameters, δ)."""
     from bco_ray.bco.logprobs import policy_completion_logps
     from bco_ray.bco.loss import RunningMean, bco_losses
-    from bco_ray.data.packing import plan_step
-    from bco_ray.train.batching import _take
     from bco_ray.train.step import collate
 
     model = _model()
@@ -154,30 +156,12 @@ def _reference(world: int):
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     delta, split = RunningMean(), _split(world)
     for s in range(STEPS):
-        by_rank = [_take(split[s * GAS : (s + 1) * GAS], r * ROWS, (r + 1) * ROWS) for r in range(world)]
-        lengths = [[len(x) for x in b["input_ids"]] for b in by_rank]
-        plans = [plan_step(lengths, [b["prompt_len"] for b in by_rank], BUDGET, CHUNK, r)[0] for r in range(world)]
-        for j in range(len(plans[0])):
-            groups = [(by_rank[r], plans[r][j]) for r in range(world) if plans[r][j]]
-            logps, cols = [], []
-            for rows, idx in groups:
-                raw = {k: v[idx] for k, v in rows.items()}
-                b = collate(raw, PAD_ID)
-                logps.append(
-                    policy_completion_logps(model, b["input_ids"], b["attention_mask"], b["prompt_len"], CHUNK)
-                )
-                cols.append(b)
-            ref = torch.cat([b["ref_logps"] for b in cols])
-            lp = torch.cat(logps)
-            delta.update(BETA * (lp.detach() - ref))
-            losses, _ = bco_losses(
-                lp,
-                ref,
-                torch.cat([b["label"] for b in cols]),
-                torch.cat([b["udm_weight"] for b in cols]),
-                BETA,
-                delta.mean,
-            )
+        for k in range(GAS):
+            rows = split[s * GAS + k]  # the k-th micro-batch of every rank, ranks in order
+            b = collate({c: v for c, v in rows.items() if c != "row_id"}, PAD_ID)
+            lp = policy_completion_logps(model, b["input_ids"], b["attention_mask"], b["prompt_len"], CHUNK)
+            delta.update(BETA * (lp.detach() - b["ref_logps"]))
+            losses, _ = bco_losses(lp, b["ref_logps"], b["label"], b["udm_weight"], BETA, delta.mean)
             (losses.sum() / (world * ROWS * GAS)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         opt.step()

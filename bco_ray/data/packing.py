@@ -1,10 +1,13 @@
 """Padding-free micro-batches: the rows of an optimizer step packed back to back up to a token budget.
 
 An optimizer step still covers a fixed number of rows on every rank (`micro_batch_size` ×
-`gradient_accumulation_steps`); only how they are cut into forwards changes. Each rank's rows of the step
-are packed first-fit-decreasing into sequences of at most `micro_batch_tokens` tokens (a longer row is a
-pack of its own); every rank runs as many packs as the rank that needs the most (the others run empty
-packs: one two-token dummy row of weight 0), so ZeRO's collectives stay in lockstep. Every rank reads the
+`gradient_accumulation_steps`); only how they are cut into forwards changes. Consecutive whole micro-batches
+share one pack of at most `micro_batch_tokens` tokens while they fit (as the reference's δ is updated once
+per micro-batch, a pack must hold whole micro-batches to know its rows' δ; `micro_batch_groups`); a
+micro-batch longer than the budget is packed first-fit-decreasing into several packs (a longer row is a
+pack of its own), and its δ comes from a no-grad pass over those packs first (bco_ray/train/step.py).
+Every rank runs as many packs as the rank that needs the most (the others run empty packs: one two-token
+dummy row of weight 0), so ZeRO's collectives stay in lockstep. Every rank reads the
 whole ordered split (bco_ray/train/loop.py), so it knows every rank's rows and plans that count — and the
 most output-head chunks any rank needs per pack — on the host, with no communication.
 
@@ -56,20 +59,64 @@ def completion_tokens(length: int, prompt_len: int) -> int:
     return max(0, int(length) - max(int(prompt_len), 1))
 
 
-def plan_step(lengths: list, prompt_lens: list, budget: int, chunk_size: int, rank: int):
-    """(this rank's packs, output-head chunks of each pack): `lengths[r]` / `prompt_lens[r]` are rank r's rows
-    of the step. Every rank gets the same number of packs (empty ones appended) and the same chunk counts."""
-    per_rank = [pack_rows(lr, budget) for lr in lengths]
-    n = max(len(p) for p in per_rank)
-    for p in per_rank:
-        p.extend([] for _ in range(n - len(p)))
+def micro_batch_groups(lengths: list, budget: int, micro_batch_size: int) -> list[tuple[int, int, bool]]:
+    """(first micro-batch, micro-batches, split) of each forward group of a step, the same on every rank:
+    consecutive whole micro-batches (`micro_batch_size` rows of every rank) while the group's tokens fit the
+    budget on every rank; a micro-batch whose rows exceed the budget on some rank is a group of its own,
+    `split` across several packs. δ is the running mean after each whole micro-batch (bco_ray/bco/loss.py),
+    so a pack that never splits a micro-batch has all it needs for its rows' δ."""
+    n_mb = -(-max(len(lr) for lr in lengths) // micro_batch_size)  # the last one may be partial
+    mb_tokens = [
+        max(int(sum(lr[k * micro_batch_size : (k + 1) * micro_batch_size])) for lr in lengths) for k in range(n_mb)
+    ]
+    groups: list[list] = []
+    for k, tokens in enumerate(mb_tokens):
+        if tokens > budget:
+            groups.append([k, 1, True, tokens])
+        elif groups and not groups[-1][2] and groups[-1][3] + tokens <= budget:
+            groups[-1][1] += 1
+            groups[-1][3] += tokens
+        else:
+            groups.append([k, 1, False, tokens])
+    return [(g[0], g[1], g[2]) for g in groups]
+
+
+def plan_step_groups(
+    lengths: list, prompt_lens: list, budget: int, chunk_size: int, rank: int, micro_batch_size: int | None = None
+):
+    """(this rank's packs, output-head chunks of each pack, the group (`micro_batch_groups`) of each pack).
+    `lengths[r]` / `prompt_lens[r]` are rank r's rows of the step, `micro_batch_size` rows per micro-batch
+    (None: the step is one micro-batch). A group that fits is one pack of all its rows; a split group is its
+    rows packed first-fit-decreasing. Every rank gets the same packs per group (empty ones appended) and the
+    same chunk counts."""
+    m = micro_batch_size or len(lengths[0])
+    per_rank: list[list] = [[] for _ in lengths]
+    group_of: list[tuple[int, int, bool]] = []
+    for first, n_mb, split in micro_batch_groups(lengths, budget, m) if m else []:
+        lo, hi = first * m, (first + n_mb) * m
+        packs = [
+            [[lo + i for i in p] for p in pack_rows(lr[lo:hi], budget)]
+            if split
+            else [list(range(lo, min(hi, len(lr))))]
+            for lr in lengths
+        ]
+        n = max(len(p) for p in packs)
+        for r, p in enumerate(packs):
+            per_rank[r].extend(p + [[] for _ in range(n - len(p))])
+        group_of.extend([(first, n_mb, split)] * n)
 
     def chunks(r, pack):
         c = sum(completion_tokens(lengths[r][i], prompt_lens[r][i]) for i in pack) if pack else 1
         return -(-c // chunk_size)
 
-    n_chunks = [max(chunks(r, per_rank[r][j]) for r in range(len(lengths))) for j in range(n)]
-    return per_rank[rank], n_chunks
+    n_chunks = [max(chunks(r, per_rank[r][j]) for r in range(len(lengths))) for j in range(len(group_of))]
+    return per_rank[rank], n_chunks, group_of
+
+
+def plan_step(lengths: list, prompt_lens: list, budget: int, chunk_size: int, rank: int, micro_batch_size=None):
+    """(this rank's packs, output-head chunks of each pack): `plan_step_groups` without the groups."""
+    packs, n_chunks, _ = plan_step_groups(lengths, prompt_lens, budget, chunk_size, rank, micro_batch_size)
+    return packs, n_chunks
 
 
 def collate_packed(rows: dict, idx: list[int], pad_id: int, rows_in_step: int, n_chunks: int | None = None) -> dict:

@@ -4,7 +4,8 @@ Every rank reads the whole ordered split and takes rows [rank·m, (rank+1)·m) o
 world·m rows (m = micro_batch_size), so every rank's data position at a checkpoint means the same rows after a
 restart. Padded: each such slice is a micro-batch (optionally re-cut by length, `length_bucketed`). Packed:
 the slices of an optimizer step's `gradient_accumulation_steps` global batches are that rank's rows of the
-step, packed to `micro_batch_tokens` (bco_ray/data/packing.py); all ranks' rows are known, so every rank
+step, packed to `micro_batch_tokens` in packs of whole micro-batches where they fit (bco_ray/data/packing.py);
+all ranks' rows are known, so every rank
 plans the same number of packs with no communication. Positions are counted in micro-batches of m rows in
 both modes (checkpoints record the same `micro_in_epoch`)."""
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bco_ray.data.packing import collate_packed, plan_step, to_device
+from bco_ray.data.packing import collate_packed, plan_step_groups, to_device
 from bco_ray.train.step import _ragged, collate, length_bucketed
 from bco_ray.train.throughput import row_work
 
@@ -57,10 +58,14 @@ def padded_micro_batches(shard, t, rank: int, world: int, epoch: int, skip: int,
         yield batch, raw["row_id"] if "row_id" in raw else None, 1, (i + 1) % t.gradient_accumulation_steps == 0
 
 
-def packed_micro_batches(shard, t, rank: int, world: int, skip: int, pad_id: int, device, chunk_size: int):
-    """As `padded_micro_batches`, packed: each optimizer step's rows of this rank in `micro_batch_tokens` packs,
-    as many packs on every rank; the last pack of a step completes its gradient_accumulation_steps units."""
+def packed_micro_batches(
+    shard, t, rank: int, world: int, skip: int, pad_id: int, device, chunk_size: int, budget: int | None = None
+):
+    """As `padded_micro_batches`, packed: each optimizer step's rows of this rank in packs of `budget` tokens
+    (default `t.micro_batch_tokens`) holding whole micro-batches where they fit (`plan_step_groups`), as many
+    packs on every rank; the last pack of a step completes its gradient_accumulation_steps units."""
     m, gas = t.micro_batch_size, t.gradient_accumulation_steps
+    budget = t.micro_batch_tokens if budget is None else budget
     buf, done = [], 0
     for b in global_batches(shard, m, world):
         buf.append(b)
@@ -71,19 +76,33 @@ def packed_micro_batches(shard, t, rank: int, world: int, skip: int, pad_id: int
         if done <= skip:  # resuming: this step was trained already
             continue
         by_rank = [_take(step, r * m, (r + 1) * m) for r in range(world)]
-        packs, n_chunks = plan_step(
+        packs, n_chunks, groups = plan_step_groups(
             [[len(s) for s in x["input_ids"]] for x in by_rank],
             [x["prompt_len"] for x in by_rank],
-            t.micro_batch_tokens,
+            budget,
             chunk_size,
             rank,
+            m,
         )
         mine = by_rank[rank]
-        for j, (pack, nc) in enumerate(zip(packs, n_chunks)):
-            batch = to_device(collate_packed(mine, pack, pad_id, m * gas, nc), device)
-            batch["work"] = (batch["tokens"], batch["sum_len_sq"], batch["completion_tokens"])
-            last = j == len(packs) - 1
+        batches = [_pack(mine, p, g, pad_id, m, gas, nc, device) for p, g, nc in zip(packs, groups, n_chunks)]
+        for j, batch in enumerate(batches):
+            first = j == 0 or groups[j - 1] != groups[j]
+            if groups[j][2]:  # a micro-batch split across packs: δ absorbs it first (step.absorb_first)
+                batch["delta_done"] = True
+                if first:
+                    batch["absorb_first"] = [x for x, g in zip(batches, groups) if g == groups[j]]
+            last = j == len(batches) - 1
             yield batch, (mine["row_id"] if "row_id" in mine else None) if last else None, gas if last else 0, last
+
+
+def _pack(rows: dict, idx: list, group: tuple, pad_id: int, m: int, gas: int, n_chunks: int, device) -> dict:
+    """One pack on the device, its rows' micro-batch index within the group (`mb`) and the group's `n_mb`."""
+    batch = to_device(collate_packed(rows, idx, pad_id, m * gas, n_chunks), device)
+    batch["work"] = (batch["tokens"], batch["sum_len_sq"], batch["completion_tokens"])
+    mb = np.asarray([i // m - group[0] for i in idx] or [0], dtype=np.int64)
+    batch["mb"], batch["n_mb"] = torch.from_numpy(mb).to(device), group[1]
+    return batch
 
 
 def set_boundary(engine, batch: dict, last: bool) -> None:

@@ -166,7 +166,7 @@ class BCORecipe:
         """(batch, row ids, micro-batch units, last of the optimizer step) from this epoch's `skip` on."""
         args = (self.shard, self.t, self.rank, self.world)
         if self.token_budget > 0:
-            return packed_micro_batches(*args, self.skip, self.pad_id, self.device, self.chunk)
+            return packed_micro_batches(*args, self.skip, self.pad_id, self.device, self.chunk, self.token_budget)
         return padded_micro_batches(*args, self.epoch, self.skip, self.pad_id, self.device)
 
     def train_epoch(self) -> None:

@@ -11,6 +11,7 @@ import torch
 from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps, router_aux_loss_coef
 from bco_ray.bco.loss import RunningMean, bco_losses
 from bco_ray.data.packing import is_packed, pad_right
+from bco_ray.train.device_stats import reward_sums
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
@@ -123,8 +124,10 @@ def bco_forward(
     before computing the loss).
 
     `batch` is a right-padded batch (`collate`) or a packed one (`bco_ray.data.packing.collate_packed`);
-    a packed batch needs a δ that takes the rows' `valid` weights (`DeviceRunningMean`: an empty pack's
-    dummy row does not count).
+    a packed batch needs a `DeviceRunningMean` δ (an empty pack's dummy row does not count). A packed
+    batch holds whole micro-batches (`mb`: each row's index among its `n_mb`; none: the pack is one), and
+    each row's loss uses δ after its own micro-batch; `delta_done`: δ absorbed this pack's rows already
+    (`absorb_first`), use it as it is.
 
     With return_aux, a fourth value: the MoE load-balancing term to add to the mean loss,
     `router_aux_loss_coef × aux_loss` when the model config enables `output_router_logits` (as the reference
@@ -140,14 +143,31 @@ def bco_forward(
 
     engine = _is_deepspeed_engine(model)
     logps, aux = _run_as_engine_forward(model, logps_of) if engine else logps_of(model)
-    if update_delta:
-        rewards = beta * (logps.detach() - batch["ref_logps"])
-        delta.update(rewards, batch["valid"]) if packed else delta.update(rewards)
-    losses, rewards = bco_losses(logps, batch["ref_logps"], batch["label"], batch["udm_weight"], beta, delta.mean)
+    shift = delta.mean
+    if update_delta and packed and not batch.get("delta_done"):
+        mb = batch.get("mb", torch.zeros_like(batch["valid"], dtype=torch.long))
+        shift = delta.absorb(reward_sums(beta * (logps - batch["ref_logps"]), mb, batch.get("n_mb", 1), batch["valid"]))
+        shift = shift[mb]
+    elif update_delta and not packed:
+        delta.update(beta * (logps.detach() - batch["ref_logps"]))
+        shift = delta.mean
+    losses, rewards = bco_losses(logps, batch["ref_logps"], batch["label"], batch["udm_weight"], beta, shift)
     if not return_aux:
         return losses, rewards, logps
     module = model.module if engine else model
     return losses, rewards, logps, (router_aux_loss_coef(module) * aux if aux is not None else 0.0)
+
+
+@torch.no_grad()
+def absorb_first(model, batches: list[dict], delta, beta: float, chunk_size: int) -> None:
+    """δ absorbs one micro-batch packed into several `batches` before any of their losses: a no-grad forward of
+    each pack (on the model itself, as evaluation does: no engine micro-step, nothing to back-propagate)."""
+    module = model.module if _is_deepspeed_engine(model) else model
+    sums = 0
+    for b in batches:
+        logps = packed_completion_logps(module, b, chunk_size)
+        sums = sums + reward_sums(beta * (logps - b["ref_logps"]), torch.zeros_like(b["mb"]), 1, b["valid"])
+    delta.absorb(sums)
 
 
 def micro_batch_loss(
@@ -159,7 +179,10 @@ def micro_batch_loss(
     mean over its rows however they were packed; back-propagate it unscaled, `engine.backward(loss,
     scale_wrt_gas=False)`) plus the MoE term weighted by the pack's share of the step's rows. Padded: the
     micro-batch's mean loss plus the MoE term, as before (the engine divides by the accumulation steps).
-    `sums` (a `DeviceWindowSums`) accumulates the metrics on the device."""
+    `sums` (a `DeviceWindowSums`) accumulates the metrics on the device. The first pack of a micro-batch
+    split across packs carries them all (`absorb_first`): δ absorbs the micro-batch before its first loss."""
+    if "absorb_first" in batch:
+        absorb_first(model, batch["absorb_first"], delta, beta, chunk_size)
     losses, rewards, logps, aux = bco_forward(model, batch, delta, beta, chunk_size, return_aux=True)
     if is_packed(batch):
         loss = (losses * batch["row_weight"]).sum() + aux * batch["aux_weight"]
