@@ -27,8 +27,8 @@ from bco_ray.tracking.mlflow_run import worker_env
 
 @dataclass
 class Trained:
-    model_dir: Path
-    final: dict  # rank 0's final.json
+    model_dir: Path | None  # None: the run diverged before its first checkpoint
+    final: dict  # rank 0's final.json; `diverged` in it: the step, why, and the checkpoint the model is from
     checkpoint: str
 
     @property
@@ -142,7 +142,9 @@ def _collect_model(job: Job, final_ckpt) -> Trained:
     """The final checkpoint's model, copied whole into <out_dir>/model (once), and its final.json."""
     with final_ckpt.as_directory() as d:
         model_dir = job.out_dir / "model"
-        if not model_dir.exists():
+        if not (Path(d) / "model").is_dir():  # a run that diverged before any checkpoint
+            model_dir = None
+        elif not model_dir.exists():
             tmp = Path(tempfile.mkdtemp(dir=job.out_dir))
             shutil.copytree(Path(d) / "model", tmp / "model")
             os.replace(tmp / "model", model_dir)

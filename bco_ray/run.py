@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from bco_ray import signals
 from bco_ray.config import Config
 from bco_ray.console import console
-from bco_ray.errors import InputError
+from bco_ray.errors import InputError, TrainingError
 from bco_ray.eval.pipeline import generation_eval
 from bco_ray.job_checks import (  # noqa: F401 - ModelError, ResourcesUnavailableError, resolve_paths: re-exported
     ModelError,
@@ -186,6 +186,12 @@ def _pipeline(job: Job) -> JobResult:
     pre = _precompute(job)
     _log_inputs(job, pre)
     trained = train(job, pre)
+    diverged = trained.final.get("diverged")
+    if diverged:  # its last good checkpoint's model, if there is one, is published; then the run fails
+        if trained.model_dir is not None:
+            _publish(job, trained)
+        _log_plots(job, pre)
+        raise diverged_error(job.cfg, diverged)
     if job.cfg.eval.generate and pre.eval:  # reference vs policy completions of held-out prompts (bco_ray/eval/)
         _generation_eval(job, trained)
     _publish(job, trained)
@@ -198,6 +204,19 @@ def _pipeline(job: Job) -> JobResult:
         checkpoint=trained.checkpoint,
         final=trained.final,
         out_dir=str(job.out_dir),
+    )
+
+
+def diverged_error(cfg: Config, diverged: dict) -> TrainingError:
+    """The one error of a run that diverged: the step, the values, the model published (or none)."""
+    t = cfg.train
+    if diverged.get("checkpoint"):
+        kept = f"the model of the last good checkpoint ({diverged['checkpoint']}) was saved and logged instead"
+    else:
+        kept = f"no model was saved: no checkpoint came before it (train.save_steps={t.save_steps})"
+    return TrainingError(
+        f"training diverged at step {diverged['step']} ({diverged['what']}); {kept}. Lower train.lr "
+        f"(now {t.lr:g}) or train.max_grad_norm (now {t.max_grad_norm:g}), or check the data"
     )
 
 
