@@ -197,10 +197,11 @@ def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
     signals.install()
     try:
         run.run_job(cfg)
-    except signals.Interrupted as e:
-        console(f"bco-ray: {e}", sys.stderr)
+    except KeyboardInterrupt as e:
+        stop = signals.interrupted(e)
+        console(f"bco-ray: {stop}", sys.stderr)
         _print_resume(prog, argv, cfg)
-        return e.exit_code
+        return stop.exit_code
     except (BcoRayError, FileNotFoundError) as e:
         if isinstance(e, BcoRayError) and e.kind == "resources":
             _print_resume(prog, argv, cfg)

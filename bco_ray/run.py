@@ -159,8 +159,9 @@ def _tracked(job: Job) -> JobResult:
         mlflow_run.set_tags(mlflow_run.ray_tags())  # job id, submission id, dashboard URL
         result = _pipeline(job)
     except KeyboardInterrupt as e:
-        mlflow_run.close_run("KILLED", f"{type(e).__name__}: {e}")
-        raise
+        stop = signals.interrupted(e)
+        mlflow_run.close_run("KILLED", f"{type(stop).__name__}: {stop}")
+        raise stop from e
     except BaseException as e:
         mlflow_run.close_run("FAILED", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
         raise

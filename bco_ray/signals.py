@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: list[int] = []  # the signals the handler took, in order
 
 
 class Interrupted(KeyboardInterrupt):
@@ -36,6 +37,7 @@ def install(before: Callable[[], None] | None = None) -> dict:
         return {}
 
     def handler(signum, frame):
+        _received.append(signum)
         for s in SIGNALS:  # the clean-up (stop workers, close the MLflow run) runs once, uninterrupted
             signal.signal(s, signal.SIG_IGN)
         if before is not None:
@@ -43,9 +45,18 @@ def install(before: Callable[[], None] | None = None) -> dict:
         raise Interrupted(signum)
 
     previous = {s: signal.getsignal(s) for s in SIGNALS}
+    _received.clear()
     for s in SIGNALS:
         signal.signal(s, handler)
     return previous
+
+
+def interrupted(e: KeyboardInterrupt) -> Interrupted:
+    """`e` as an `Interrupted`: Ray's `ray.get` turns the handler's exception into a plain KeyboardInterrupt, so
+    the signal is the one the handler took last; a KeyboardInterrupt without one is a Ctrl-C (SIGINT)."""
+    if isinstance(e, Interrupted):
+        return e
+    return Interrupted(_received[-1] if _received else signal.SIGINT)
 
 
 def restore(previous: dict) -> None:
