@@ -92,16 +92,20 @@ def test_stale_running_run_of_a_dead_driver_is_marked_killed(store, tmp_path):
         reused = _running_run(client, exp_id, "bco-20260101-000001", tmp_path, reused_pid)
         live = _running_run(client, exp_id, "live", tmp_path, live_tags)
         elsewhere = _running_run(client, exp_id, "other-host", tmp_path, {driver_runs.DRIVER_TAG: "far-away:1"})
+        other_ns = {**dead_tags, driver_runs.DRIVER_PID_NS_TAG: "pid:[1]"}  # a container: its pids are not ours
+        container = _running_run(client, exp_id, "container", tmp_path, other_ns)
         other_out = _running_run(client, exp_id, "other-out", tmp_path / "x", dead_tags)
         # A later job with the same output dir:
         _, new_id, resumed = mlflow_run.open_run(cfg, "second")
         assert not resumed
-        status = {i: client.get_run(i).info.status for i in (stale, reused, live, elsewhere, other_out, new_id)}
+        runs = (stale, reused, live, elsewhere, container, other_out, new_id)
+        status = {i: client.get_run(i).info.status for i in runs}
         assert status == {
             stale: "KILLED",
             reused: "KILLED",
             live: "RUNNING",
             elsewhere: "RUNNING",
+            container: "RUNNING",
             other_out: "RUNNING",
             new_id: "RUNNING",
         }

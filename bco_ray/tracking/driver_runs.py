@@ -17,13 +17,25 @@ ERROR_TAG = "error"
 ERROR_TYPE_TAG = "error_type"
 DRIVER_TAG = "bco_ray.driver"  # host:pid of the job's driver
 DRIVER_STARTED_TAG = "bco_ray.driver_started"  # its start time (s since the epoch): a reused pid is another process
+DRIVER_PID_NS_TAG = "bco_ray.driver_pid_ns"  # its pid namespace: a container with this hostname sees other pids
 LOST = "DriverLost"
+
+
+def _pid_ns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        return ""
 
 
 def driver_tags() -> dict[str, str]:
     """This process, as the tags of the run it drives."""
     started = psutil.Process().create_time()
-    return {DRIVER_TAG: f"{socket.gethostname()}:{os.getpid()}", DRIVER_STARTED_TAG: f"{started:.2f}"}
+    return {
+        DRIVER_TAG: f"{socket.gethostname()}:{os.getpid()}",
+        DRIVER_STARTED_TAG: f"{started:.2f}",
+        DRIVER_PID_NS_TAG: _pid_ns(),
+    }
 
 
 def driver_state(tags: dict) -> str:
@@ -31,6 +43,8 @@ def driver_state(tags: dict) -> str:
     counts as dead: a job opens its run before it starts, so a run it left RUNNING is not being written to."""
     host, _, pid = tags.get(DRIVER_TAG, "").rpartition(":")
     if not host or host != socket.gethostname() or not pid.isdigit():
+        return "unknown"
+    if tags.get(DRIVER_PID_NS_TAG, _pid_ns()) != _pid_ns():  # its pids are not the ones seen here
         return "unknown"
     if int(pid) == os.getpid():
         return "dead"

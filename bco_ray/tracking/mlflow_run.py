@@ -228,8 +228,12 @@ def finished_run(cfg: Config, run_name: str):
     if (db is not None and not db.exists()) or uri.startswith("file:") and not Path(local_path(uri)).exists():
         return None
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    latest = _latest(client, exp.experiment_id, run_name) if exp is not None else None
+    try:
+        exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+        latest = _latest(client, exp.experiment_id, run_name) if exp is not None else None
+    except Exception as e:  # noqa: BLE001 - a store that cannot be read now fails the job where it opens its run
+        log.warning("could not look up MLflow run '%s' at %s: %s", run_name, uri, e)
+        return None
     return latest if latest is not None and latest.info.status == "FINISHED" else None
 
 
