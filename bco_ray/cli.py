@@ -247,7 +247,13 @@ def precompute(argv: list[str] | None = None, prog: str = "bco-ray precompute") 
         check_shared_paths(cfg, paths, tracking_uri(cfg))
     except (BcoRayError, FileNotFoundError) as e:
         return _fail(e)
-    pre = run_precompute(cfg, paths, report.train.labels.by_label())
+    signals.install()  # after ray.init(), which makes SIGTERM a sys.exit: exit 143 / 130 as a train job does
+    try:
+        pre = run_precompute(cfg, paths, report.train.labels.by_label())
+    except KeyboardInterrupt as e:
+        stop = signals.interrupted(e)
+        console(f"bco-ray: {stop}", sys.stderr)
+        return stop.exit_code
     console(f"[bco-ray] precompute {'reused (cache hit)' if pre.reused else 'computed'}: {pre.dir}")
     console(json.dumps(pre.summary.to_dict(), indent=2, default=str))
     return 0
