@@ -9,10 +9,12 @@ No Ray import here."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator
 
+log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _received: list[int] = []  # the signals the handler took, in order
 
@@ -41,7 +43,10 @@ def install(before: Callable[[], None] | None = None) -> dict:
         for s in SIGNALS:  # the clean-up (stop workers, close the MLflow run) runs once, uninterrupted
             signal.signal(s, signal.SIG_IGN)
         if before is not None:
-            before()
+            try:
+                before()
+            except Exception as e:  # noqa: BLE001 - the job still stops; the caller's clean-up follows
+                log.warning("while stopping on %s: %s", signal.Signals(signum).name, e)
         raise Interrupted(signum)
 
     previous = {s: signal.getsignal(s) for s in SIGNALS}
