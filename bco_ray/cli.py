@@ -20,14 +20,13 @@ import json
 import logging
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 import yaml
 
-from bco_ray import __version__
+from bco_ray import __version__, signals
 from bco_ray.config import Config, load_config
 from bco_ray.config_doc import field_docs, show
 from bco_ray.console import console
@@ -149,10 +148,6 @@ def resume_command(prog: str, argv: list[str]) -> str:
     return cmd
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _precompute_checks(cfg: Config):
     """The train job's checks (bco_ray/job_checks.py: run_checks) but the hub settings, which a pass does not
     use: config locations, data, models. Returns the config with its locations resolved, the data report and
@@ -198,11 +193,17 @@ def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
         return _fail(e)
     from bco_ray import run
 
-    # `ray job stop` and schedulers send SIGTERM: end like Ctrl-C, so the MLflow run is marked KILLED
-    # (checkpoints and the precompute cache are committed atomically, so nothing half-written is trusted).
-    signal.signal(signal.SIGTERM, _interrupt)
+    # `ray job stop` and schedulers send SIGTERM: it ends the job like Ctrl-C, the MLflow run marked KILLED, and
+    # the command with 143 (130 for Ctrl-C). Checkpoints and the precompute cache are committed atomically, so
+    # nothing half-written is trusted.
+    signals.install()
     try:
         run.run_job(cfg)
+    except KeyboardInterrupt as e:
+        stop = signals.interrupted(e)
+        console(f"bco-ray: {stop}", sys.stderr)
+        _print_resume(prog, argv, cfg)
+        return stop.exit_code
     except (BcoRayError, FileNotFoundError) as e:
         if isinstance(e, BcoRayError) and e.kind == "resources":
             _print_resume(prog, argv, cfg)
@@ -248,10 +249,15 @@ def precompute(argv: list[str] | None = None, prog: str = "bco-ray precompute") 
         check_shared_paths(cfg, paths, tracking_uri(cfg))
     except (BcoRayError, FileNotFoundError) as e:
         return _fail(e)
+    signals.install()  # after ray.init(), which makes SIGTERM a sys.exit: exit 143 / 130 as a train job does
     try:
         pre = run_precompute(cfg, paths, report)
     except BcoRayError as e:  # a bad row past the driver's check; another job held the cache key's lease too long
         return _fail(e)
+    except KeyboardInterrupt as e:
+        stop = signals.interrupted(e)
+        console(f"bco-ray: {stop}", sys.stderr)
+        return stop.exit_code
     console(f"[bco-ray] precompute {'reused (cache hit)' if pre.reused else 'computed'}: {pre.dir}")
     console(json.dumps(pre.summary.to_dict(), indent=2, default=str))
     return 0

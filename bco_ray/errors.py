@@ -7,6 +7,7 @@ error: <message>` and status); anything else is a bug and ends with a traceback 
     input       2     data, models, tokenizer, verifier, embedding function, hub settings, runs to compare
     resources   3     the cluster cannot give the pass or the worker group what they ask for
     storage     4     a path the job writes is not visible from every node
+    training    5     training diverged (a non-finite loss, gradient norm or weight)
 """
 
 from __future__ import annotations
@@ -48,4 +49,13 @@ class StorageError(BcoRayError):
     exit_code = 4
 
 
-EXIT_CODES = {cls.kind: cls.exit_code for cls in (ConfigErrorBase, InputError, ResourcesError, StorageError)}
+class TrainingError(BcoRayError):
+    """Training itself failed in a way the settings explain, e.g. it diverged (exit status 5)."""
+
+    kind = "training"
+    exit_code = 5
+
+
+EXIT_CODES = {
+    cls.kind: cls.exit_code for cls in (ConfigErrorBase, InputError, ResourcesError, StorageError, TrainingError)
+}

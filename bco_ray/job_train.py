@@ -11,11 +11,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.exceptions import ControllerError
 
+from bco_ray import signals
 from bco_ray.config import Config
 from bco_ray.job_checks import unavailable_error
 from bco_ray.job_context import Job
@@ -25,8 +27,8 @@ from bco_ray.tracking.mlflow_run import worker_env
 
 @dataclass
 class Trained:
-    model_dir: Path
-    final: dict  # rank 0's final.json
+    model_dir: Path | None  # None: the run diverged before its first checkpoint
+    final: dict  # rank 0's final.json; `diverged` in it: the step, why, and the checkpoint the model is from
     checkpoint: str
 
     @property
@@ -45,6 +47,8 @@ def train(job: Job, pre: PrecomputeResult) -> Trained:
     job.phases.lap("fit")
     trained = _collect_model(job, final_ckpt)
     worker = trained.final.get("timings", {})  # measured by rank 0: engine ready, training, evaluation, save
+    if worker.get("engine_ready_at", 0) < t_fit:  # a finished run's final model reported again: not this fit's
+        worker = {}
     if "engine_ready_at" in worker:
         job.phases.seconds["time/train_start"] = round(worker["engine_ready_at"] - t_fit, 2)
     for k in ("train", "eval", "save"):
@@ -52,6 +56,17 @@ def train(job: Job, pre: PrecomputeResult) -> Trained:
             job.phases.seconds[f"time/{k}"] = round(worker[k], 2)
     job.phases.lap("collect_model")
     return trained
+
+
+class _Trainer(TorchTrainer):
+    """A TorchTrainer whose fit stops at once on SIGTERM as on Ctrl-C. Ray Train's own SIGINT handler (installed
+    by fit through this hook) aborts the controller gracefully, giving the workers up to 5 s: `ray job stop`
+    sends SIGKILL after 3, and the workers train (and checkpoint) meanwhile. Here either signal kills the
+    controller, whose workers and placement group go with it (they are its own), then raises
+    `signals.Interrupted` in the driver (bco_ray/signals.py)."""
+
+    def _register_sigint_handler(self, controller) -> None:
+        signals.install(before=lambda: ray.kill(controller, no_restart=True))
 
 
 def _trainer(job: Job, pre: PrecomputeResult, t_fit: float) -> TorchTrainer:
@@ -72,7 +87,7 @@ def _trainer(job: Job, pre: PrecomputeResult, t_fit: float) -> TorchTrainer:
     # The controller sees the workers finish at its next poll (Ray's default: every 2 s, so 1 s late on average);
     # a poll is one small remote call per worker. A missed poll only fails a worker after 10 minutes.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    return TorchTrainer(
+    return _Trainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.to_dict(),
@@ -108,7 +123,8 @@ def _fit(cfg: Config, trainer: TorchTrainer):
     """trainer.fit(); a worker group that never got its resources becomes a ResourcesUnavailableError."""
     t = cfg.train
     try:
-        return trainer.fit()
+        with signals.kept():  # the job's handlers again after fit (bco_ray/signals.py)
+            return trainer.fit()
     except ControllerError as e:
         # Ray exports no public class for a worker group that did not start in time: matched by its name
         # (tests/test_cluster.py's resources test fails if Ray renames it).
@@ -126,7 +142,9 @@ def _collect_model(job: Job, final_ckpt) -> Trained:
     """The final checkpoint's model, copied whole into <out_dir>/model (once), and its final.json."""
     with final_ckpt.as_directory() as d:
         model_dir = job.out_dir / "model"
-        if not model_dir.exists():
+        if not (Path(d) / "model").is_dir():  # a run that diverged before any checkpoint
+            model_dir = None
+        elif not model_dir.exists():
             tmp = Path(tempfile.mkdtemp(dir=job.out_dir))
             shutil.copytree(Path(d) / "model", tmp / "model")
             os.replace(tmp / "model", model_dir)

@@ -22,8 +22,10 @@ import ray
 import ray.data
 from mlflow.tracking import MlflowClient
 
+from bco_ray import signals
 from bco_ray.config import Config
 from bco_ray.console import console
+from bco_ray.errors import InputError, TrainingError
 from bco_ray.eval.pipeline import generation_eval
 from bco_ray.job_checks import (  # noqa: F401 - ModelError, ResourcesUnavailableError, resolve_paths: re-exported
     ModelError,
@@ -102,34 +104,29 @@ class JobResult:
 
 def run_job(cfg: Config) -> JobResult:
     """Run the job: checks → Ray → MLflow run → precompute → train → publish. Returns the MLflow run, output
-    locations and final metrics."""
+    locations and final metrics. SIGTERM or SIGINT stops it: training stops, the MLflow run is KILLED and
+    `signals.Interrupted` is raised."""
     t0 = time.time()
     phases = Phases()
     checked = run_checks(cfg)  # before any Ray work: bad config values, rows or models fail here
     cfg = checked.cfg
     run_name = cfg.mlflow.run_name or time.strftime("bco-%Y%m%d-%H%M%S")
+    if cfg.mlflow.run_name:
+        _refuse_finished(cfg, run_name)
     phases.lap("checks")
     res, n_nodes = _start_ray(cfg, checked.paths, phases)
     out_dir = Path(cfg.output_dir) / "runs" / run_name
     out_dir.mkdir(parents=True, exist_ok=True)
-    uri, run_id, resumed = mlflow_run.open_run(cfg, run_name)
-    console(
-        f"[bco-ray] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
-        f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: {mlflow_run.view_hint(uri, run_id)}\n"
-        f"[bco-ray] storage: cache {cfg.precompute.cache_dir}, checkpoints {cfg.train.storage_path}, "
-        f"outputs {cfg.output_dir} ({n_nodes} node{'s' if n_nodes != 1 else ''})"
-    )
-    job = Job(cfg, checked.paths, checked.data_report, res, run_name, out_dir, uri, run_id, phases)
-    try:
-        mlflow_run.set_tags(mlflow_run.ray_tags())  # job id, submission id, dashboard URL
-        result = _pipeline(job)
-    except KeyboardInterrupt:
-        mlflow_run.close_run("KILLED", "interrupted")
-        raise
-    except BaseException as e:
-        mlflow_run.close_run("FAILED", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
-        raise
-    mlflow_run.close_run("FINISHED")
+    with signals.stop_signals():  # after ray.init(), which makes SIGTERM a sys.exit
+        uri, run_id, resumed = mlflow_run.open_run(cfg, run_name)
+        console(
+            f"[bco-ray] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
+            f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: {mlflow_run.view_hint(uri, run_id)}\n"
+            f"[bco-ray] storage: cache {cfg.precompute.cache_dir}, checkpoints {cfg.train.storage_path}, "
+            f"outputs {cfg.output_dir} ({n_nodes} node{'s' if n_nodes != 1 else ''})"
+        )
+        job = Job(cfg, checked.paths, checked.data_report, res, run_name, out_dir, uri, run_id, phases)
+        result = _tracked(job)
     result = dataclasses.replace(
         result,
         run_id=run_id,
@@ -142,6 +139,33 @@ def run_job(cfg: Config) -> JobResult:
     console(
         f"[bco-ray] done in {result.seconds} s ({phases.line()}): model at {result.model_dir}, outputs in {out_dir}"
     )
+    return result
+
+
+def _refuse_finished(cfg: Config, run_name: str) -> None:
+    """A run name that FINISHED is not trained again (nor logged as a second MLflow run of the same name)."""
+    done = mlflow_run.finished_run(cfg, run_name)
+    if done is not None:
+        raise InputError(
+            f"mlflow.run_name '{run_name}' finished already (MLflow run {done.info.run_id} in experiment "
+            f"'{cfg.mlflow.experiment}'; its model: {Path(cfg.output_dir) / 'runs' / run_name / 'model'}). "
+            f"To train again, give the job another --mlflow.run_name (e.g. {run_name}-2)"
+        )
+
+
+def _tracked(job: Job) -> JobResult:
+    """The pipeline inside the MLflow run, which ends FINISHED, KILLED (a signal) or FAILED (with the error)."""
+    try:
+        mlflow_run.set_tags(mlflow_run.ray_tags())  # job id, submission id, dashboard URL
+        result = _pipeline(job)
+    except KeyboardInterrupt as e:
+        stop = signals.interrupted(e)
+        mlflow_run.close_run("KILLED", f"{type(stop).__name__}: {stop}")
+        raise stop from e
+    except BaseException as e:
+        mlflow_run.close_run("FAILED", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+        raise
+    mlflow_run.close_run("FINISHED")
     return result
 
 
@@ -163,6 +187,12 @@ def _pipeline(job: Job) -> JobResult:
     pre = _precompute(job)
     _log_inputs(job, pre)
     trained = train(job, pre)
+    diverged = trained.final.get("diverged")
+    if diverged:  # its last good checkpoint's model, if there is one, is published; then the run fails
+        if trained.model_dir is not None:
+            _publish(job, trained)
+        _log_plots(job, pre)
+        raise diverged_error(job.cfg, diverged)
     if job.cfg.eval.generate and pre.eval:  # reference vs policy completions of held-out prompts (bco_ray/eval/)
         _generation_eval(job, trained)
     _publish(job, trained)
@@ -175,6 +205,19 @@ def _pipeline(job: Job) -> JobResult:
         checkpoint=trained.checkpoint,
         final=trained.final,
         out_dir=str(job.out_dir),
+    )
+
+
+def diverged_error(cfg: Config, diverged: dict) -> TrainingError:
+    """The one error of a run that diverged: the step, the values, the model published (or none)."""
+    t = cfg.train
+    if diverged.get("checkpoint"):
+        kept = f"the model of the last good checkpoint ({diverged['checkpoint']}) was saved and logged instead"
+    else:
+        kept = f"no model was saved: no checkpoint came before it (train.save_steps={t.save_steps})"
+    return TrainingError(
+        f"training diverged at step {diverged['step']} ({diverged['what']}); {kept}. Lower train.lr "
+        f"(now {t.lr:g}) or train.max_grad_norm (now {t.max_grad_norm:g}), or check the data"
     )
 
 

@@ -182,6 +182,13 @@ def ray_client(ray_head):
 
 
 @pytest.fixture(scope="session")
+def local_store(tmp_path_factory) -> str:
+    """One SQLite MLflow store for the unit tests of tests/test_mlflow.py and tests/test_run_lifecycle.py (creating
+    one costs several seconds); each test uses its own experiment."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-unit') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     """One precompute cache for the session: jobs on the same inputs reuse one pass (the cache key says when)."""
     return tmp_path_factory.mktemp("precompute-cache")

@@ -93,22 +93,29 @@ def test_config_error_exit_status_and_unexpected_errors_print_the_resume_command
     assert "bco-ray: config error: train.beta must be > 0" in capsys.readouterr().err
 
     def run_job(cfg):
-        raise KeyboardInterrupt("signal 15")
+        raise KeyboardInterrupt  # Ctrl-C: exit status 130 (bco_ray/signals.py)
 
     monkeypatch.setattr(run, "run_job", run_job)
-    with pytest.raises(KeyboardInterrupt):
-        cli.train(
-            ["--config", str(ROOT / "configs" / "tiny.yaml"), "--mlflow.run_name=r2", "--mlflow.experiment=my sweep"],
-            prog="bco-ray train",
-        )
+    code = cli.train(
+        ["--config", str(ROOT / "configs" / "tiny.yaml"), "--mlflow.run_name=r2", "--mlflow.experiment=my sweep"],
+        prog="bco-ray train",
+    )
+    assert code == 130
     err = capsys.readouterr().err
     assert (
         f"  bco-ray train --config {ROOT / 'configs' / 'tiny.yaml'} --mlflow.run_name=r2 '--mlflow.experiment=my sweep'"
         in err
     )
-    with pytest.raises(KeyboardInterrupt):
-        cli.train([])
+    assert cli.train([]) == 130
     assert "--mlflow.run_name=NAME" in capsys.readouterr().err  # unnamed: how to make it resumable
+
+    def crash(cfg):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(run, "run_job", crash)
+    with pytest.raises(RuntimeError):
+        cli.train(["--mlflow.run_name=r3"], prog="bco-ray train")
+    assert "bco-ray train --mlflow.run_name=r3" in capsys.readouterr().err
 
 
 def test_error_classes_share_one_base_and_keep_their_builtin_bases():

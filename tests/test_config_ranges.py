@@ -90,6 +90,7 @@ RANGE_CASES = [
     ("--train.resources_timeout_s=0", "train.resources_timeout_s"),
     ("--train.resources_timeout_s=inf", "train.resources_timeout_s"),
     ("--train.inject_failure_at_step=-1", "train.inject_failure_at_step"),
+    ("--train.inject_nan_at_step=-1", "train.inject_nan_at_step"),
     ("--train.lora.r=0", "train.lora.r"),
     ("--train.lora.alpha=0", "train.lora.alpha"),
     ("--train.lora.dropout=1", "train.lora.dropout"),

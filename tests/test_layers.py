@@ -13,7 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tiers, lowest first. A module may import from its own package and from any lower tier.
 TIERS = [
     {"errors"},
-    {"console", "builtin", "storage", "resources", "bco", "assets"},  # foundations: no bco-ray imports but errors
+    {
+        "console",
+        "builtin",
+        "storage",
+        "resources",
+        "signals",
+        "bco",
+        "assets",
+    },  # foundations: no bco-ray imports but errors
     {"remote"},  # models on object storage, copied to the node
     {"config"},  # the typed config and its checks and docs
     {"models", "data"},  # loading models; reading and checking data

@@ -27,12 +27,6 @@ def _restore_mlflow_globals():
         yield
 
 
-@pytest.fixture(scope="module")
-def local_store(tmp_path_factory) -> str:
-    """One SQLite store for the unit tests (creating one costs several seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-unit') / 'mlflow.db'}"
-
-
 # ---------------------------------------------------------------------------------------------- units
 def test_params_are_the_flat_config_within_mlflow_limits():
     cfg = load_config(overrides=["--train.lora.target_modules=" + ",".join(["x" * 60] * 200), "--train.beta=0.25"])

@@ -7,8 +7,11 @@ from __future__ import annotations
 import shlex
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+
+from bco_ray.storage import local_path
 
 from conftest import RAY_BIN, ROOT, RayHead
 
@@ -16,10 +19,12 @@ pytestmark = pytest.mark.e2e
 
 
 def _submit(
-    head: RayHead, out, db: str, submission_id: str, *args: str, prefix: str = ""
+    head: RayHead, out, db: str | None, submission_id: str, *args: str, prefix: str = ""
 ) -> subprocess.CompletedProcess:
-    """`ray job submit ... -- python jobs/bco.py ...`; `prefix`: shell run before it in the same entrypoint."""
-    job = shlex.join(["python", "jobs/bco.py", f"--output_dir={out}", f"--mlflow.tracking_uri={db}", *args])
+    """`ray job submit ... -- python jobs/bco.py ...`; `prefix`: shell run before it in the same entrypoint;
+    `db` None: the job's default MLflow store."""
+    store = [f"--mlflow.tracking_uri={db}"] if db else []
+    job = shlex.join(["python", "jobs/bco.py", f"--output_dir={out}", *store, *args])
     cmd = [
         RAY_BIN,
         "job",
@@ -53,7 +58,9 @@ def _check_succeeded(head: RayHead, proc, submission_id: str, out, tmp_path) -> 
 
 def test_ray_job_submit_succeeds_on_a_1_cpu_head(tmp_path, monkeypatch):
     """A 1-CPU head runs the whole job (UDM on) with one training worker; asking for two fails at once,
-    naming what is missing, instead of waiting for a CPU that never comes."""
+    naming what is missing, instead of waiting for a CPU that never comes. The job that runs uses the default
+    MLflow store (under $BCO_RAY_STORAGE): its artifacts (plots, model, UDM classifier) live beside the store,
+    not in the uploaded working directory, and are still there once the head and its session are gone."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     head = RayHead(1)
     try:
@@ -66,29 +73,44 @@ def test_ray_job_submit_succeeds_on_a_1_cpu_head(tmp_path, monkeypatch):
         # jobs/*.py do not patch sys.path: Ray puts the uploaded working directory first on the entrypoint's
         # PYTHONPATH, so a submitted job imports the uploaded bco_ray, not this checkout's installed one.
         where = 'python -c \'import bco_ray; print("BCO_RAY" + "_FILE=" + bco_ray.__file__)\' && '
+        store = tmp_path / "store"
         proc = _submit(
             head,
             out,
-            db,
+            None,
             "bco-submit-1cpu",
             "--train.num_workers=1",
             "--train.max_steps=2",
             "--train.eval_steps=0",
             "--data.eval=none",
-            prefix=where,
+            prefix=f"export BCO_RAY_STORAGE={store}; {where}",
         )
         log = _check_succeeded(head, proc, "bco-submit-1cpu", out, tmp_path)
         uploaded = log.split("BCO_RAY_FILE=")[1].split()[0]
         assert "working_dir_files" in uploaded and not uploaded.startswith(str(ROOT)), uploaded
     finally:
         head.stop()
+    assert not Path(uploaded).exists()  # the job's Ray session is gone, its uploaded package with it
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("bco-ray-tiny")
+    (run,) = client.search_runs([exp.experiment_id])
+    artifacts = Path(local_path(run.info.artifact_uri))
+    assert artifacts.is_relative_to(store / "mlartifacts"), run.info.artifact_uri
+    for name in ("config.yaml", "udm/classifier.json", "plots/loss.png"):
+        assert (artifacts / name).is_file(), (name, sorted(p.name for p in artifacts.rglob("*")))
+    (model,) = client.search_logged_models([exp.experiment_id])  # the published model, beside them
+    assert Path(local_path(model.artifact_location)).is_relative_to(store / "mlartifacts"), model.artifact_location
+    assert (Path(local_path(model.artifact_location)) / "MLmodel").is_file()
 
 
 def test_ray_job_stop_then_resubmit_resumes(ray_head, tmp_path, monkeypatch):
     """On the session's head (at most 2 CPUs): the tiny job as `make demo` runs it, UDM on (the pass that used
-    to deadlock on 2 CPUs) and 2 workers. `ray job stop` mid-training: the run is marked KILLED, the last
-    checkpoint stays; submitting the same run name again reuses the pass, resumes from the checkpoint and
-    finishes, continuing the same MLflow run with each step logged once."""
+    to deadlock on 2 CPUs) and 2 workers. `ray job stop` mid-training (SIGTERM): the job exits with 143 within
+    Ray's 3 s before SIGKILL, the run is marked KILLED, training stops at once (at most the checkpoint in flight
+    is written, nothing after); submitting the same run name again reuses the pass, resumes from the checkpoint
+    and finishes, continuing the same MLflow run with each step logged once."""
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -96,9 +118,12 @@ def test_ray_job_stop_then_resubmit_resumes(ray_head, tmp_path, monkeypatch):
     client = JobSubmissionClient(ray_head.dashboard)
     out, db = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert ray_head.num_cpus <= 2
+    # The entrypoint's shell waits for the job on SIGTERM (a trap), then prints the job's exit status.
     entry = (
+        "trap true TERM; "
         f"python jobs/bco.py --output_dir={out} --mlflow.tracking_uri={db} --mlflow.run_name=stopme "
-        "--data.eval=none --train.eval_steps=0 --train.logging_steps=1 --train.max_steps=60 --train.save_steps=5"
+        "--data.eval=none --train.eval_steps=0 --train.logging_steps=1 --train.max_steps=60 --train.save_steps=5; "
+        "echo BCO_EXIT=$?"
     )
     runtime_env = {"working_dir": str(ROOT), "excludes": [".git", ".venv", ".gpu", "outputs", "mlflow.db"]}
     first = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
@@ -111,14 +136,21 @@ def test_ray_job_stop_then_resubmit_resumes(ray_head, tmp_path, monkeypatch):
             -4000:
         ]
         time.sleep(1)
+    checkpoints = lambda: {d.name for d in (out / "ray" / "stopme").glob("checkpoint_step*")}  # noqa: E731
+    before = checkpoints()
     assert client.stop_job(first)
     while client.get_job_status(first) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
-        time.sleep(1)
+        time.sleep(0.5)
     assert client.get_job_status(first) == JobStatus.STOPPED
+    stopped = checkpoints()
+    time.sleep(3)
+    assert checkpoints() == stopped and len(stopped - before) <= 1, (before, stopped, checkpoints())
+    assert "BCO_EXIT=143" in client.get_job_logs(first), client.get_job_logs(first)[-4000:]
     mlflow = MlflowClient(db)
     exp = mlflow.get_experiment_by_name("bco-ray-tiny")
     (run,) = mlflow.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'stopme'")
-    assert run.info.status in ("KILLED", "FAILED"), run.info.status
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags["error"] == "Interrupted: stopped by SIGTERM"
     second = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
     while client.get_job_status(second) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
         time.sleep(2)

@@ -110,3 +110,37 @@ def test_zero0_lora_adapter_loads(tmp_path, ray_head, shared_cache):
     AutoModelForCausalLM.from_pretrained(adapter / "merged")
     _, norms = _history(tmp_path, "lora", "grad_norm")
     assert all(m.value > 0 for m in norms)  # ZeRO-0 reports the real norm
+
+
+def test_a_diverging_run_stops_and_publishes_its_last_good_checkpoint(tmp_path, ray_head, shared_cache):
+    """NaN losses at step 5 (the test switch poisons that step's reference log-probs, as a diverging run's
+    would): training stops there with one training error (exit 5) naming the step and the step-4 checkpoint,
+    whose model (finite weights) is the run's saved and logged model; the MLflow run is FAILED with that error."""
+    import torch
+
+    proc = run_job(
+        tmp_path,
+        *SMALL,
+        "--mlflow.run_name=nan",
+        "--train.max_steps=8",
+        "--train.save_steps=2",
+        "--train.inject_nan_at_step=5",
+        head=ray_head,
+        cache=shared_cache,
+    )
+    log = _log(tmp_path)
+    assert proc.returncode == 5, log[-6000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("bco-ray: training error:")]
+    assert "training diverged at step 5 (loss = nan" in line, line
+    assert "the model of the last good checkpoint" in line and "checkpoint_step0000004" in line, line
+    assert "Traceback" not in proc.stderr  # one error, not a crash in the metrics
+    storage = tmp_path / "outputs" / "ray" / "nan"
+    assert not list(storage.glob("checkpoint_step000000[5-8]"))  # nothing non-finite was checkpointed
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "outputs" / "runs" / "nan" / "model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    run, losses = _history(tmp_path, "nan")
+    assert run.info.status == "FAILED" and run.data.tags["error_type"] == "TrainingError"
+    assert [m.step for m in losses] == [1, 2, 3, 4]  # non-finite values are printed, never logged
+    assert "[bco-ray] step 5: loss=nan" in log
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(client.search_logged_models([run.info.experiment_id])) == 1  # the step-4 model, published

@@ -3,8 +3,11 @@ status (FINISHED / FAILED / KILLED). What goes into it: bco_ray/tracking/mlflow_
 precompute summary) and bco_ray/tracking/mlflow_model.py (the model, plots).
 
 Where runs go: `mlflow.tracking_uri` in the config, else `$MLFLOW_TRACKING_URI`, else a SQLite store
-`mlflow.db` in the working directory. Relative local stores are made absolute, so Ray workers (whose working
-directory is not the driver's) write into the same store; on a cluster, point it at an `mlflow server`.
+`mlflow.db` beside the outputs (bco_ray/storage.py). Relative local stores are made absolute, so Ray workers
+(whose working directory is not the driver's) write into the same store; on a cluster, point it at an
+`mlflow server`. An experiment a job creates in a SQLite store keeps its artifacts (plots, models) in
+`mlartifacts/<experiment>` beside the database, never in the job's working directory (MLflow's default,
+`./mlruns`, would be inside the directory `ray job submit` uploads, which Ray deletes).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bco_ray.config import Config
-from bco_ray.storage import resolve_output_dir
+from bco_ray.errors import InputError
+from bco_ray.storage import in_job_working_dir, is_remote, local_path, resolve_output_dir
+from bco_ray.tracking.driver_runs import (  # noqa: F401 - ERROR_TAG, ERROR_TYPE_TAG: re-exported
+    DRIVER_TAG,
+    ERROR_TAG,
+    ERROR_TYPE_TAG,
+    close_stale_runs,
+    driver_state,
+    driver_tags,
+)
 from bco_ray.tracking.run_tags import git_commit, git_tags, ray_tags, version_tags  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -31,8 +44,7 @@ except ImportError:  # pragma: no cover
     MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH = 250, 6000, 8000
 MAX_PARAM_LEN = MAX_PARAM_VAL_LENGTH
 TRUNCATED = "…[truncated; full value in config.yaml]"
-ERROR_TAG = "error"
-ERROR_TYPE_TAG = "error_type"
+ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite store, as `mlflow server` names its default
 # MLflow client settings (and the system-metrics sampling) handed to Ray Train workers with the tracking URI
 # (see `worker_env`). Credentials (MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD) are deliberately not among
 # them: a worker runtime env is shown in Ray's dashboard and state export. Set those in the nodes' own
@@ -71,6 +83,57 @@ def tracking_uri(cfg: Config) -> str:
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     # Default: a SQLite file next to the outputs (bco_ray/storage.py): never inside a submitted job's upload.
     return normalize_uri(uri) if uri else f"sqlite:///{resolve_output_dir('mlflow.db')}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store (None for any other store, or an in-memory one)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].partition("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where the experiments a job creates keep their artifacts: `mlartifacts` beside a SQLite store's database.
+    None for other stores: a file store keeps them inside itself, a tracking server decides (its
+    `--artifacts-destination` / `--default-artifact-root`)."""
+    db = sqlite_path(uri)
+    return str(db.resolve().parent / ARTIFACTS_DIR) if db else None
+
+
+def _experiment_dir(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
+
+
+def set_experiment(client: MlflowClient, uri: str, name: str):
+    """The experiment `name`, made the active one; created with its artifacts beside a SQLite store. An existing
+    experiment whose artifacts are inside a job's uploaded working directory gets a warning naming the fix."""
+    exp = client.get_experiment_by_name(name)
+    root = artifact_root(uri)
+    if exp is None and root:
+        try:
+            client.create_experiment(name, artifact_location=str(Path(root) / _experiment_dir(name)))
+        except mlflow.exceptions.MlflowException:  # another job created it meanwhile
+            pass
+    elif (
+        exp is not None
+        and not is_remote(exp.artifact_location)
+        and in_job_working_dir(local_path(exp.artifact_location))
+    ):
+        log.warning(
+            "MLflow experiment '%s' keeps its artifacts (plots, models) in %s, inside a working directory Ray "
+            "uploaded for a job: Ray deletes it, and the runs would point at files that are gone. Fix: rename the "
+            "experiment (MlflowClient('%s').rename_experiment('%s', '%s-old')) so that the next job creates '%s' "
+            "anew with its artifacts in %s, or use another --mlflow.experiment",
+            name,
+            exp.artifact_location,
+            uri,
+            exp.experiment_id,
+            name,
+            name,
+            root or "the tracking server's artifact store",
+        )
+    return mlflow.set_experiment(name)
 
 
 def worker_env(uri: str) -> dict[str, str]:
@@ -133,7 +196,7 @@ def _clip(s: str, n: int = 80) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def _find_unfinished(client: MlflowClient, experiment_id: str, run_name: str):
+def _latest(client: MlflowClient, experiment_id: str, run_name: str):
     quote = "'" if "'" not in run_name else '"'
     found = client.search_runs(
         [experiment_id],
@@ -141,22 +204,56 @@ def _find_unfinished(client: MlflowClient, experiment_id: str, run_name: str):
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    return found[0] if found and found[0].info.status != "FINISHED" else None
+    return found[0] if found else None
+
+
+def _find_unfinished(client: MlflowClient, experiment_id: str, run_name: str):
+    latest = _latest(client, experiment_id, run_name)
+    if latest is None or latest.info.status == "FINISHED":
+        return None
+    if latest.info.status == "RUNNING" and driver_state(latest.data.tags) == "alive":
+        raise InputError(
+            f"MLflow run '{run_name}' ({latest.info.run_id}) is still running, driven by process "
+            f"{latest.data.tags[DRIVER_TAG]}: stop that job first (ray job stop, or kill the process), or give "
+            "this one another --mlflow.run_name"
+        )
+    return latest
+
+
+def finished_run(cfg: Config, run_name: str):
+    """The latest MLflow run named `run_name` in the config's experiment if it FINISHED, else None. Reads the
+    store only if it exists (nothing is created before the job's checks are done)."""
+    uri = tracking_uri(cfg)
+    db = sqlite_path(uri)
+    if (db is not None and not db.exists()) or uri.startswith("file:") and not Path(local_path(uri)).exists():
+        return None
+    client = MlflowClient(uri)
+    try:
+        exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+        latest = _latest(client, exp.experiment_id, run_name) if exp is not None else None
+    except Exception as e:  # noqa: BLE001 - a store that cannot be read now fails the job where it opens its run
+        log.warning("could not look up MLflow run '%s' at %s: %s", run_name, uri, e)
+        return None
+    return latest if latest is not None and latest.info.status == "FINISHED" else None
 
 
 def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
     """(tracking uri, run id, resumed). The latest run of this name in the experiment is continued when it did
-    not finish (FAILED, KILLED, or still RUNNING after a crash): its params stay, its steps are not logged twice."""
+    not finish (FAILED, KILLED, or RUNNING after its driver died): its params stay, its steps are not logged
+    twice; one whose driver still runs is an error. RUNNING runs of this output directory whose driver died are
+    marked KILLED first. The run is tagged with this driver (bco_ray/tracking/driver_runs.py)."""
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.set_experiment(cfg.mlflow.experiment)
     client = MlflowClient(uri)
+    exp = set_experiment(client, uri, cfg.mlflow.experiment)
     params = config_params(cfg)
+    close_stale_runs(client, exp.experiment_id, params.get("output_dir", ""))
     previous = _find_unfinished(client, exp.experiment_id, run_name)
     system = cfg.mlflow.log_system_metrics
     if previous is not None:
         run = mlflow.start_run(run_id=previous.info.run_id, log_system_metrics=system)
         run_id = run.info.run_id
+        set_tags(driver_tags())
         for tag in (ERROR_TAG, ERROR_TYPE_TAG):  # the failure it had is history now
             if tag in previous.data.tags:
                 client.delete_tag(run_id, tag)
@@ -180,6 +277,7 @@ def open_run(cfg: Config, run_name: str) -> tuple[str, str, bool]:
         set_tags(tags)
         return uri, run_id, True
     run = mlflow.start_run(run_name=run_name, log_system_metrics=system)
+    set_tags(driver_tags())
     mlflow.log_params(params)
     mlflow.log_text(config_yaml(cfg), "config.yaml")
     try:

@@ -4,7 +4,8 @@ setup   process group, step schedule, policy, DeepSpeed engine
 resume  the latest checkpoint's engine, δ, data position and RNG
 train   evaluate at step 0, then epochs of micro-batches: BCO forward, backward, step;
         after each optimizer step: log / evaluate / checkpoint
-save    final evaluation and the final model in Hugging Face format
+save    final evaluation and the final model in Hugging Face format; a run that diverges (a non-finite loss,
+        grad norm or weight: bco_ray/train/divergence.py) stops and saves its last good checkpoint's model
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from bco_ray.tracking.step_logger import StepLogger
 from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops
 from bco_ray.train.batching import backward, packed_micro_batches, padded_micro_batches, set_boundary
 from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
+from bco_ray.train.divergence import Diverged, check_device, check_values, last_good_checkpoint
 from bco_ray.train.ds_config import deepspeed_config, use_bf16
 from bco_ray.train.evaluate import evaluate, read_batches
 from bco_ray.train.jit_builds import pin_jit_builds
 from bco_ray.train.policy import build_policy, save_final_model
 from bco_ray.train.snapshots import save_snapshot
 from bco_ray.train.step import micro_batch_loss
+from bco_ray.train.switches import inject_failure_if_due, inject_nan_if_due, record_rows
 from bco_ray.train.throughput import flop_shape, train_flops
 
 
@@ -122,16 +125,20 @@ class BCORecipe:
             if os.path.exists(os.path.join(d, "final.json")):
                 _report_finished(d, self.rank)
                 return False
-            _, client = self.engine.load_checkpoint(d, tag="ds")
-        self.delta.load_state_dict(client["delta"])
-        self.step, self.epoch, self.skip = client["step"], client["epoch"], client["micro_in_epoch"]
-        torch.set_rng_state(client["rng"])
+            self._load(d)
         if self.rank == 0:
             console(
                 f"[bco-ray] resumed from checkpoint at step {self.step} (epoch {self.epoch}, "
                 f"δ={float(self.delta.mean):.6f})"
             )
         return True
+
+    def _load(self, d: str) -> None:
+        """A checkpoint's engine (weights, optimizer, LR schedule), δ, data position and RNG."""
+        _, client = self.engine.load_checkpoint(d, tag="ds")
+        self.delta.load_state_dict(client["delta"])
+        self.step, self.epoch, self.skip = client["step"], client["epoch"], client["micro_in_epoch"]
+        torch.set_rng_state(client["rng"])
 
     # ------------------------------------------------------------------ the epoch loop
     def train(self) -> None:
@@ -190,6 +197,7 @@ class BCORecipe:
     def train_micro_batch(self, batch: dict, last: bool) -> None:
         """BCO forward, backward and engine step (DeepSpeed steps the optimizer at the accumulation boundary)."""
         engine = self.engine
+        inject_nan_if_due(self.t.inject_nan_at_step, self.step + 1, batch)
         set_boundary(engine, batch, last)
         # Through the engine (not engine.module): ZeRO-3 counts micro-steps in the engine's forward.
         loss = micro_batch_loss(
@@ -224,9 +232,13 @@ class BCORecipe:
             self.step_rows = []
         if self.step % t.logging_steps == 0 or self.step == total:
             self.log_step(micro, lr)
-        if self.eval_ds is not None and t.eval_steps > 0 and self.step % t.eval_steps == 0 and self.step < total:
+        eval_due = self.eval_ds is not None and t.eval_steps > 0 and self.step % t.eval_steps == 0
+        save_due = t.save_steps > 0 and self.step % t.save_steps == 0
+        if (eval_due or save_due) and self.step < total:  # nothing non-finite is evaluated or checkpointed
+            check_device(self.step, self.window.sums, self.engine.module)
+        if eval_due and self.step < total:
             self.evaluate_mid_run()
-        if t.save_steps > 0 and self.step % t.save_steps == 0 and self.step < total:
+        if save_due and self.step < total:
             at_end = micro >= self.schedule.micro_per_epoch
             self.checkpoint({"step": self.step}, 0 if at_end else micro, self.epoch + 1 if at_end else self.epoch)
 
@@ -250,6 +262,7 @@ class BCORecipe:
             }
         )
         self.logger.log(m, self.step)
+        check_values(self.step, loss=m["loss"], grad_norm=m["grad_norm"])  # read here anyway: no extra sync
         self.window.reset()
         self.t_window = time.time()
 
@@ -308,11 +321,29 @@ class BCORecipe:
         ray.train.get_all_reported_checkpoints()
 
     # ------------------------------------------------------------------ final save
-    def save_final(self) -> None:
+    def save_diverged(self, e: Diverged) -> None:
+        """After a divergence: the last good checkpoint's state back in the engine, and its model saved as the
+        final one, with final.json's `diverged` saying where and why (the driver publishes it, then fails the
+        run). Without a checkpoint, final.json alone: no model."""
+        self.logger.flush()
+        ckpt = last_good_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                self._load(d)
+        diverged = {"step": e.step, "what": e.what, "checkpoint": ckpt.path if ckpt else None}
+        if self.rank == 0:
+            console(f"[bco-ray] {e}; the final model is {f'step {self.step}' if ckpt else 'none (no checkpoint)'}")
+        self.save_final(diverged)
+
+    def save_final(self, diverged: dict | None = None) -> None:
         """Final evaluation, then the model in Hugging Face format and final.json as the run's last report."""
         t = self.t
+        if diverged is None:  # the final step's update may have made the weights non-finite
+            check_device(self.step, self.window.sums, self.engine.module)
         final = {"step": self.step, "delta": float(self.delta.mean)}
-        if self.eval_ds is not None:
+        if diverged:
+            final["diverged"] = diverged
+        if self.eval_ds is not None and diverged is None:
             t_eval = time.time()
             ev = self._evaluate()
             self.logger.log(ev, self.step)
@@ -321,14 +352,15 @@ class BCORecipe:
         self.logger.flush()
         with tempfile.TemporaryDirectory() as d:
             t_save = time.time()
-            save_final_model(
-                self.engine.module,
-                os.path.join(d, "model"),
-                self.config["tokenizer_path"],
-                self.rank,
-                t.zero_stage,
-                lora_merged=t.lora.enabled and t.lora.save_merged,
-            )
+            if diverged is None or diverged["checkpoint"]:
+                save_final_model(
+                    self.engine.module,
+                    os.path.join(d, "model"),
+                    self.config["tokenizer_path"],
+                    self.rank,
+                    t.zero_stage,
+                    lora_merged=t.lora.enabled and t.lora.save_merged,
+                )
             self.timings["save"] = time.time() - t_save
             final["timings"] = self.timings
             if self.rank == 0:
@@ -343,7 +375,7 @@ class BCORecipe:
             dist.barrier()
 
 
-# ---------------------------------------------------------------------- small helpers and testing switches
+# ---------------------------------------------------------------------- small helpers
 def _grad_norm(model) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
@@ -355,7 +387,8 @@ def _report_finished(d: str, rank: int) -> None:
         final = json.load(f)
     with tempfile.TemporaryDirectory() as out:
         if rank == 0:
-            shutil.copytree(os.path.join(d, "model"), os.path.join(out, "model"))
+            if os.path.isdir(os.path.join(d, "model")):  # a run that diverged before any checkpoint has none
+                shutil.copytree(os.path.join(d, "model"), os.path.join(out, "model"))
             shutil.copy(os.path.join(d, "final.json"), out)
             console(f"[bco-ray] run already finished at step {final.get('step')}; nothing to train")
         ray.train.report(
@@ -363,26 +396,3 @@ def _report_finished(d: str, rank: int) -> None:
             checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None,
             checkpoint_dir_name=f"final_step{final.get('step', 0):07d}_again",
         )
-
-
-def inject_failure_if_due(
-    at_step: int, step: int, micro: int, gas: int, rank: int, world: int, storage_dir: str
-) -> None:
-    """Testing switch (train.inject_failure_at_step): the last rank dies, once per run, right after the
-    optimizer step `at_step`, so that Ray Train must replace it and resume from the latest checkpoint."""
-    if at_step <= 0 or step != at_step or micro % gas or rank != world - 1:
-        return
-    marker = os.path.join(storage_dir, f"injected_failure_step{at_step}")
-    if os.path.exists(marker):
-        return
-    os.makedirs(storage_dir, exist_ok=True)
-    open(marker, "w").close()
-    console(f"[bco-ray] injected failure: rank {rank} exits at step {step}")
-    os._exit(1)
-
-
-def record_rows(storage_dir: str, rank: int, step: int, rows: list) -> None:
-    """Testing switch (train.record_rows): the row ids each optimizer step trained on, one line per step."""
-    os.makedirs(os.path.join(storage_dir, "rows"), exist_ok=True)
-    with open(os.path.join(storage_dir, "rows", f"rank{rank}.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, "rows": [int(r) for r in rows]}) + "\n")
