@@ -222,7 +222,10 @@ _IGNORED_BY_PREFIX: tuple[tuple[tuple[str, ...], str], ...] = (
         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
         'bco-ray checkpoints with {"use_reentrant": False}',
     ),
-    (("fsdp", "accelerator_config", "parallelism_config", "ddp_", "local_rank"), "Ray Train + DeepSpeed run the workers"),
+    (
+        ("fsdp", "accelerator_config", "parallelism_config", "ddp_", "local_rank"),
+        "Ray Train + DeepSpeed run the workers",
+    ),
     (("do_train", "do_eval", "do_predict"), "read by your script only (as in transformers)"),
 )
 
@@ -234,7 +237,7 @@ def targets(name: str) -> list[str]:
 
 
 def status(name: str) -> str:
-    """"mapped", "honoured" or "ignored"."""
+    """ "mapped", "honoured" or "ignored"."""
     if name not in ROUTES:
         return "ignored"
     return "mapped" if targets(name) else "honoured"

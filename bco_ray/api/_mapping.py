@@ -42,12 +42,7 @@ def _with_trl_names(msg: str) -> str:
     import re
 
     names = sorted(
-        {
-            k
-            for k in ROUTES
-            for v in targets(k)
-            if v != "output_dir" and re.search(rf"{re.escape(v)}\b(?!\.)", msg)
-        }
+        {k for k in ROUTES for v in targets(k) if v != "output_dir" and re.search(rf"{re.escape(v)}\b(?!\.)", msg)}
     )
     return f"{msg} (BCOConfig field: {', '.join(names)})" if names else msg
 

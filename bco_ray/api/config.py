@@ -97,7 +97,9 @@ class BCOConfig:
     prompt_sample_size: int = 1024
     min_density_ratio: float = 0.5
     max_density_ratio: float = 10.0
-    precompute_ref_log_probs: bool | None = field(default=None, metadata=FLAG)  # trl default False; bco-ray always precomputes
+    precompute_ref_log_probs: bool | None = field(
+        default=None, metadata=FLAG
+    )  # trl default False; bco-ray always precomputes
     model_init_kwargs: dict[str, Any] | str | None = None
     trust_remote_code: bool = False  # for models given as ids/paths (model.trust_remote_code)
     dataset_num_proc: int | None = None  # ignored: data is read by Ray Data
@@ -106,7 +108,9 @@ class BCOConfig:
     torch_empty_cache_steps: int | None = None  # ignored
     # ---- bco-ray extras: Ray, MLflow and where inputs go
     num_workers: int = 1  # Ray Train workers (one DeepSpeed rank each), like `accelerate launch` processes
-    use_gpu: bool | None = field(default=None, metadata=FLAG)  # None: GPUs when the Ray cluster has at least num_workers of them
+    use_gpu: bool | None = field(
+        default=None, metadata=FLAG
+    )  # None: GPUs when the Ray cluster has at least num_workers of them
     storage_path: str | None = None  # Ray Train checkpoints; None: <output_dir>/ray. Shared or s3:// on clusters
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a SQLite file (bco_ray/storage.py)
     mlflow_experiment: str = "bco-ray"
@@ -115,7 +119,9 @@ class BCOConfig:
     # in-memory models/data/embedding func go here (a path or s3://); None: $BCO_RAY_STORAGE/inputs, else
     # <output_dir>/inputs
     inputs_dir: str | None = None
-    bco_ray_overrides: dict | str | None = field(default_factory=dict)  # any other bco-ray field: {"train.zero_stage": 3}
+    bco_ray_overrides: dict | str | None = field(
+        default_factory=dict
+    )  # any other bco-ray field: {"train.zero_stage": 3}
     # the fields set to no effect ({name: value}), filled on construction; not an argument
     ignored_fields: dict = field(default_factory=dict, init=False, repr=False)
 
