@@ -30,6 +30,15 @@ from bco_ray.config import Config
 __all__ = ["BCOConfig", "BCOConfigWarning"]
 
 
+def _unset(v: Any) -> bool:
+    """None, False, empty, or "no"/"none"/"false": what an option not given can come back as from argparse."""
+    if v is None or v is False:
+        return True
+    if isinstance(v, str):
+        return v.strip().lower() in ("", "no", "none", "false")
+    return isinstance(v, (list, tuple, dict)) and not v
+
+
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
@@ -181,7 +190,7 @@ class BCOConfig:
             if f.init and status(f.name) == "ignored":
                 value, default = getattr(self, f.name), _default(f)
                 # argparse runs a field's type on a string default: "no" of a `str | bool` field comes back False
-                if value != default and (value or default):
+                if value != default and not (_unset(value) and _unset(default)):
                     out[f.name] = value
         return out
 
