@@ -40,7 +40,12 @@ def test_every_field_is_classified_and_every_trl_field_is_accepted():
     assert set(TRL_1_13_DEFAULTS) <= names and set(NOT_IN_TRL_1_13) <= names
     assert not set(TRL_1_13_DEFAULTS) & set(NOT_IN_TRL_1_13)
     assert set(INTENTIONAL_DIFFERENCES) <= set(TRL_1_13_DEFAULTS)
-    assert set(extras()) == names - set(TRL_1_13_DEFAULTS) - set(NOT_IN_TRL_1_13)
+    from transformers import TrainingArguments
+
+    hf = {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert {f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")} <= names
+    assert set(TRL_1_13_BCO_FIELDS) <= names  # every trl 1.13 BCOConfig field is a real dataclass field
+    assert set(extras()) == names - set(TRL_1_13_DEFAULTS) - set(NOT_IN_TRL_1_13) - hf - set(TRL_1_13_BCO_FIELDS)
     assert "num_workers" in extras() and "learning_rate" not in extras()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

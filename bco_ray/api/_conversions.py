@@ -191,3 +191,53 @@ def model_init_fields(c: BCOConfig) -> dict:
             stacklevel=5,
         )
     return out
+
+
+def normalise_parsed_values(c: BCOConfig, dict_fields: tuple[str, ...]) -> None:
+    """What TrainingArguments' `__post_init__` does to command-line values: JSON strings of dict fields
+    ('{"stage": 3}') become dicts; whole-number float step counts (10.0 from `--logging_steps 10`) become ints."""
+    for name in dict_fields:
+        value = getattr(c, name, None)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                setattr(c, name, json.loads(value))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"BCOConfig.{name}: not valid JSON ({e}): {value!r}") from None
+    for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
+        value = getattr(c, name)
+        if isinstance(value, float) and value >= 1 and value == int(value):
+            setattr(c, name, int(value))
+
+
+class LaunchError(RuntimeError):
+    """The script was started as several processes (torchrun, accelerate launch, deepspeed): bco-ray starts its
+    own training workers on Ray, so it runs as one process."""
+
+
+def _in_ray_actor() -> bool:
+    """True in a Ray actor (e.g. a Ray Train worker, which has RANK and WORLD_SIZE set by Ray Train)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    return ray.get_runtime_context().get_actor_id() is not None
+
+
+def check_launcher(env: dict | None = None) -> None:
+    """Fail at once, on every rank, when the script runs under a multi-process launcher (`WORLD_SIZE` > 1):
+    each copy would start its own Ray job. Nothing has been loaded or started yet when this runs (BCOConfig is
+    built when the arguments are parsed), so no rank waits on another."""
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return
+    if world <= 1 or _in_ray_actor():
+        return
+    raise LaunchError(
+        f"bco-ray was started as {world} processes (RANK={env.get('RANK')}, WORLD_SIZE={world}: torchrun, "
+        "accelerate launch or deepspeed). bco-ray starts its own training processes on Ray (one DeepSpeed rank "
+        f"each): run the script once, as `python bco.py ...` instead of `torchrun`/`accelerate launch`, and "
+        f"pass `--num_workers {world}` (BCOConfig(num_workers={world})) for {world} workers"
+    )

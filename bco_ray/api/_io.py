@@ -163,9 +163,13 @@ def _lora(pc) -> dict:
         "alpha": int(pc.lora_alpha),
         "dropout": float(pc.lora_dropout),
     }
+    if isinstance(targets, str):  # trl's ModelConfig turns a one-item list into its item: "all-linear"
+        if targets != "all-linear" and not targets.isidentifier():
+            raise ValueError(
+                f"peft_config.target_modules={targets!r}: a regex is not supported; list the modules or use 'all-linear'"
+            )
+        targets = [targets]
     if targets is not None:
-        if isinstance(targets, str):
-            raise ValueError("peft_config.target_modules as a regex string is not supported: list the modules")
         out["target_modules"] = sorted(targets)
     ignored = [
         k
@@ -189,10 +193,10 @@ def _lora(pc) -> dict:
     return out
 
 
-def _dumps_by_value(obj, cloudpickle) -> bytes:
+def _dumps_by_value(obj, cloudpickle, dump: Callable[[Any], bytes] | None = None) -> bytes:
     """cloudpickle `obj`, with the user's own modules (scripts, test files, a project not installed on the
     cluster) pickled by value, so the Ray actors need not import them. Installed packages and bco_ray stay
-    references."""
+    references. `dump` (default cloudpickle.dumps) does the pickling."""
     installed = {
         os.path.realpath(p)
         for p in (
@@ -222,7 +226,7 @@ def _dumps_by_value(obj, cloudpickle) -> bytes:
         except (ValueError, TypeError):
             pass
     try:
-        return cloudpickle.dumps(obj)
+        return (dump or cloudpickle.dumps)(obj)
     finally:
         for mod in registered:
             try:

@@ -12,26 +12,47 @@ from typing import Any
 
 from bco_ray.api._conversions import (
     BCOConfigWarning,
+    check_launcher,
     deepspeed_fields,
     eval_every,
     lengths,
     model_init_fields,
+    normalise_parsed_values,
     plain_value,
     save_every,
     steps,
     warmup_as_ratio,
 )
-from bco_ray.api._mapping import _SCHEDULERS, _known_foreign, _report_to, _to_config, _why_ignored
+from bco_ray.api._fields import DICT_FIELDS, FLAG, LEGACY, status, why_ignored, with_training_arguments
+from bco_ray.api._mapping import _SCHEDULERS, _report_to, _to_config
 from bco_ray.config import Config
 
 __all__ = ["BCOConfig", "BCOConfigWarning"]
 
 
+def _unset(v: Any) -> bool:
+    """None, False, empty, or "no"/"none"/"false": what an option not given can come back as from argparse."""
+    if v is None or v is False:
+        return True
+    if isinstance(v, str):
+        return v.strip().lower() in ("", "no", "none", "false")
+    return isinstance(v, (list, tuple, dict)) and not v
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 @dataclass(init=False)
+@with_training_arguments
 class BCOConfig:
-    """TRL's `BCOConfig` field names and defaults (trl 1.13 `BCOConfig` = transformers `TrainingArguments` +
-    BCO fields), mapped onto bco-ray's `Config` by `to_config()`. Extra fields for Ray and MLflow at the end.
-    The defaults are checked against trl 1.13.0's source (recorded in `bco_ray/api/_trl_defaults.py`).
+    """TRL's `BCOConfig` as a dataclass: trl 1.13's `BCOConfig` fields (transformers `TrainingArguments` + BCO
+    fields) with their parser types and TRL's defaults, then bco-ray's fields for Ray and MLflow. The fields
+    declared below are those bco-ray maps or trl overrides; `with_training_arguments` declares every other field of
+    the installed transformers' `TrainingArguments`, with its type, default and help, so that `HfArgumentParser`
+    and trl's `TrlParser` parse any TRL BCO command line into it. `to_config()` maps it onto bco-ray's `Config`.
+    The defaults are checked against trl 1.13.0's source (recorded in `bco_ray/api/_trl_defaults.py`); what each
+    field does here is `bco_ray/api/_fields.py`'s table.
 
     Truncation: trl 1.13 has no `max_prompt_length`; it never cuts the prompt and cuts the completion from the
     right to the budget `max_length` leaves (BOS and EOS counted). bco-ray keeps `max_prompt_length` (and
@@ -41,9 +62,11 @@ class BCOConfig:
     `max_length - 1`: the prompt stays whole whenever one completion token still fits, i.e. trl 1.13's rule.
     `max_length=None` is 512, with a warning, as in trl 1.13's BCOTrainer.
 
-    Only keyword arguments (plus `output_dir` as the one positional, as in TrainingArguments). Any other
-    TRL/transformers field is accepted and recorded in `ignored_fields` with a `BCOConfigWarning`; a name
-    that is neither raises TypeError."""
+    Only keyword arguments (plus `output_dir` as the one positional, as in TrainingArguments). A field bco-ray
+    cannot honour is accepted, and when set to a value other than its default it is recorded in `ignored_fields`
+    with one `BCOConfigWarning` saying why; a name that is no field (nor an older transformers name) raises
+    TypeError. Started as several processes (torchrun, accelerate launch), it raises `LaunchError` on every rank:
+    bco-ray starts its own workers (`num_workers`)."""
 
     output_dir: str | None = None  # None: "trainer_output", as in TrainingArguments
     per_device_train_batch_size: int = 8
@@ -53,40 +76,50 @@ class BCOConfig:
     num_train_epochs: float = 3.0
     max_steps: int = -1
     warmup_ratio: float = 0.0
-    warmup_steps: int | float = 0  # transformers 5: a float < 1 is a ratio
+    warmup_steps: float = 0  # transformers 5: a value < 1 is a ratio
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    logging_steps: int | float = 10  # trl's default (transformers: 500)
+    logging_steps: float = 10  # trl's default (transformers: 500); < 1: a ratio
     eval_strategy: str = "no"
-    eval_steps: int | float | None = None
+    eval_steps: float | None = None
     save_strategy: str = "steps"
-    save_steps: int | float = 500
+    save_steps: float = 500
     save_total_limit: int | None = None
     seed: int = 42
     data_seed: int | None = None
-    bf16: bool | None = None  # None: bf16 on GPU, float32 on CPU (trl: None -> not fp16)
+    bf16: bool | None = field(default=None, metadata=FLAG)  # None: bf16 on GPU, float32 on CPU (trl: not fp16)
     gradient_checkpointing: bool = True  # trl's default
     disable_dropout: bool = True
     use_cpu: bool = False
-    deepspeed: str | dict | None = None  # a DeepSpeed JSON path or dict: ZeRO stage and offload are taken
-    report_to: str | list | None = None
+    deepspeed: dict | str | None = None  # a DeepSpeed JSON path, JSON string or dict: ZeRO stage and offload are taken
+    report_to: None | str | list[str] = None
     run_name: str | None = None
-    # BCO fields
+    # BCO fields (trl 1.13's BCOConfig and _BaseConfig)
     beta: float = 0.1
     max_length: int | None = 1024
+    max_completion_length: int | None = None  # ignored: the completion gets what max_length leaves
     max_prompt_length: int | None = None  # not in trl 1.13; None: max_length - 1 (the prompt is not cut)
     truncation_mode: str = "keep_end"
+    generate_during_eval: bool = False  # ignored: no generation during eval
+    is_encoder_decoder: bool | None = field(default=None, metadata=FLAG)  # ignored: decoder-only models
     prompt_sample_size: int = 1024
     min_density_ratio: float = 0.5
     max_density_ratio: float = 10.0
-    precompute_ref_log_probs: bool | None = None  # trl default False; bco-ray always precomputes
-    model_init_kwargs: dict | None = None
+    precompute_ref_log_probs: bool | None = field(
+        default=None, metadata=FLAG
+    )  # trl default False; bco-ray always precomputes
+    model_init_kwargs: dict[str, Any] | str | None = None
     trust_remote_code: bool = False  # for models given as ids/paths (model.trust_remote_code)
+    dataset_num_proc: int | None = None  # ignored: data is read by Ray Data
+    lr_scheduler_kwargs: dict | str | None = None  # ignored
     use_liger_kernel: bool = False  # the output head's log-probs by Liger Kernel (model.liger_kernel)
+    torch_empty_cache_steps: int | None = None  # ignored
     # ---- bco-ray extras: Ray, MLflow and where inputs go
     num_workers: int = 1  # Ray Train workers (one DeepSpeed rank each), like `accelerate launch` processes
-    use_gpu: bool | None = None  # None: GPUs when the Ray cluster has at least num_workers of them
+    use_gpu: bool | None = field(
+        default=None, metadata=FLAG
+    )  # None: GPUs when the Ray cluster has at least num_workers of them
     storage_path: str | None = None  # Ray Train checkpoints; None: <output_dir>/ray. Shared or s3:// on clusters
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a SQLite file (bco_ray/storage.py)
     mlflow_experiment: str = "bco-ray"
@@ -95,46 +128,46 @@ class BCOConfig:
     # in-memory models/data/embedding func go here (a path or s3://); None: $BCO_RAY_STORAGE/inputs, else
     # <output_dir>/inputs
     inputs_dir: str | None = None
-    bco_ray_overrides: dict = field(default_factory=dict)  # any other bco-ray field: {"train.zero_stage": 3, ...}
-    ignored_fields: dict = field(default_factory=dict, repr=False)
+    bco_ray_overrides: dict | str | None = field(
+        default_factory=dict
+    )  # any other bco-ray field: {"train.zero_stage": 3}
+    # the fields set to no effect ({name: value}), filled on construction; not an argument
+    ignored_fields: dict = field(default_factory=dict, init=False, repr=False)
 
     def __init__(self, output_dir: str | None = None, **kwargs: Any):
-        names = [f.name for f in dataclasses.fields(self) if f.name != "ignored_fields"]
-        ignored = dict(kwargs.pop("ignored_fields", None) or {})  # dataclasses.replace / copy round trip
+        fields = {f.name: f for f in dataclasses.fields(self) if f.init}
         if "evaluation_strategy" in kwargs and "eval_strategy" not in kwargs:  # transformers < 4.46 name
             kwargs["eval_strategy"] = kwargs.pop("evaluation_strategy")
-        unknown = [k for k in kwargs if k not in names and k not in _known_foreign()]
+        unknown = [k for k in kwargs if k not in fields and k not in LEGACY]
         if unknown:
+            known = sorted(fields) + sorted(LEGACY)
             hints = []
             for k in unknown:
-                guess = difflib.get_close_matches(k, names + sorted(_known_foreign()), n=1)
+                guess = difflib.get_close_matches(k, known, n=1)
                 hints.append(f"'{k}'" + (f" (did you mean '{guess[0]}'?)" if guess else ""))
             raise TypeError(
                 f"BCOConfig got unknown field(s) {', '.join(hints)}: not a field of TRL's BCOConfig / "
                 "transformers' TrainingArguments nor a bco-ray extra (see docs/trl_migration.md)"
             )
-        for f in dataclasses.fields(self):
-            if f.default is not dataclasses.MISSING:
-                setattr(self, f.name, f.default)
-            else:
-                setattr(self, f.name, f.default_factory())
-        if output_dir is not None:
-            self.output_dir = output_dir
-        self.ignored_fields = {}
-        for k, v in ignored.items():
-            kwargs.setdefault(k, v)
+        for f in fields.values():
+            setattr(self, f.name, _default(f))
+        self.output_dir = output_dir
+        legacy = {}
         for k, v in kwargs.items():
-            if k in names:
+            if k in fields:
                 setattr(self, k, v)
             else:
-                self.ignored_fields[k] = v
-        self.__post_init__()
+                legacy[k] = v
+        self.__post_init__(legacy)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, legacy: dict | None = None) -> None:
+        check_launcher()
         self.output_dir = os.fspath(self.output_dir) if self.output_dir is not None else "trainer_output"
+        normalise_parsed_values(self, DICT_FIELDS)
+        self.ignored_fields = {**self._set_but_ignored(), **(legacy or {})}
         for k, v in self.ignored_fields.items():
             warnings.warn(
-                f"BCOConfig.{k}={v!r} has no effect in bco-ray ({_why_ignored(k)})", BCOConfigWarning, stacklevel=3
+                f"BCOConfig.{k}={v!r} has no effect in bco-ray ({why_ignored(k)})", BCOConfigWarning, stacklevel=3
             )
         if self.precompute_ref_log_probs is False:
             warnings.warn(
@@ -148,20 +181,34 @@ class BCOConfig:
                 f"BCOConfig.truncation_mode={self.truncation_mode!r} is not supported: bco-ray keeps "
                 "the end of a long prompt (truncation_mode='keep_end', the default)"
             )
+        self._warn_report_to()
+
+    def _set_but_ignored(self) -> dict[str, Any]:
+        """{field: value} of the fields bco-ray does not use that hold a value other than their default."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.init and status(f.name) == "ignored":
+                value, default = getattr(self, f.name), _default(f)
+                # argparse runs a field's type on a string default: "no" of a `str | bool` field comes back False
+                if value != default and not (_unset(value) and _unset(default)):
+                    out[f.name] = value
+        return out
+
+    def _warn_report_to(self) -> None:
         reps = _report_to(self.report_to)
         others = [r for r in reps if r not in ("mlflow", "all", "none")]
         if others:
             warnings.warn(
                 f"BCOConfig.report_to={self.report_to!r}: bco-ray logs to MLflow only; {others} ignored",
                 BCOConfigWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         if "none" in reps:
             warnings.warn(
                 "BCOConfig.report_to='none': bco-ray always logs the run to MLflow "
                 "(mlflow_tracking_uri, default sqlite:///<cwd>/mlflow.db)",
                 BCOConfigWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     # ------------------------------------------------------------------------------------- mapping
@@ -218,7 +265,11 @@ class BCOConfig:
                 "train.seed": self.seed,
                 "data.seed": self.seed if self.data_seed is None else self.data_seed,
                 "train.bf16": "auto" if self.bf16 is None else bool(self.bf16),
-                "train.gradient_checkpointing": bool(self.gradient_checkpointing),
+                "train.gradient_checkpointing": bool(
+                    self.gradient_checkpointing
+                    if getattr(self, "activation_checkpointing", None) is None
+                    else self.activation_checkpointing
+                ),
                 "train.disable_dropout": bool(self.disable_dropout),
                 "train.beta": self.beta,
                 "data.max_length": max_length,

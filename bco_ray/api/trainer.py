@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
-from bco_ray.api import _evaluate
+from bco_ray.api import _embedding, _evaluate, _hub
 from bco_ray.api._io import (
     _as_dataset,
     _dumps_by_value,
@@ -168,7 +168,9 @@ class BCOTrainer:
         tok = self.embedding_tokenizer
         if isinstance(tok, (str, os.PathLike)):
             tok = AutoTokenizer.from_pretrained(local_model_dir(os.fspath(tok), weights=False))
-        blob = _dumps_by_value({"func": self.embedding_func, "tokenizer": tok}, cloudpickle)
+        _embedding.check_modules(self.embedding_func)
+        record = {"func": self.embedding_func, "tokenizer": tok}
+        blob = _dumps_by_value(record, cloudpickle, lambda o: _embedding.dumps(o, cloudpickle))
         return _save_by_content(
             join(self.inputs_dir, "udm"), "embedding_func", lambda p: Path(p).write_bytes(blob), ".pkl"
         )
@@ -304,6 +306,18 @@ class BCOTrainer:
         else:
             raise RuntimeError("nothing to save: train() has not run and the model was given as an id/path")
         return str(out)
+
+    def push_to_hub(
+        self, commit_message: str | None = "End of training", blocking: bool = True, token=None, revision=None, **kw
+    ) -> dict:
+        """The trained model (the run's model directory: weights, or the LoRA adapter and the merged model;
+        tokenizer; model card) to the Hub repo `args.hub_model_id` (default: the name of `output_dir`), as
+        transformers' Trainer.push_to_hub. Token: `token`, `args.hub_token`, else `$HF_TOKEN`. Trainer's model-card
+        keywords (`dataset_name`, `tags`, ...) are accepted; bco-ray's model card comes from the run."""
+        if self.result is None:
+            raise RuntimeError("push_to_hub() pushes the trained model: call train() first")
+        message = commit_message or "End of training"
+        return _hub.push(self.args, self.config, self.result.model_dir, message, token, revision)
 
     # ---------------------------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

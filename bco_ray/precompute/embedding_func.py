@@ -68,3 +68,17 @@ def load_embedding_func(path: str) -> dict:
     if not isinstance(obj, dict) or not {"func", "tokenizer"} <= set(obj):
         raise EmbeddingFuncError(f"udm.embedding_func {path!r} does not hold a {{'func', 'tokenizer'}} record")
     return obj
+
+
+def on_actor_device(cpu_tensor, is_parameter: bool, requires_grad: bool):
+    """Unpickling a tensor of the embedding model that lived on a GPU where BCOTrainer ran: on this actor's GPU
+    when it has one, else on CPU (BCOTrainer pickles such tensors through here, bco_ray/api/_embedding.py)."""
+    import torch
+
+    t = cpu_tensor.to("cuda") if torch.cuda.is_available() else cpu_tensor
+    return torch.nn.Parameter(t, requires_grad=requires_grad) if is_parameter else t
+
+
+def as_is(x):
+    """Unpickling a DDP / DataParallel wrapper of the embedding model: the model inside it."""
+    return x

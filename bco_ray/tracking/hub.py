@@ -26,12 +26,14 @@ def check_push_ready(cfg: Config) -> None:
         )
 
 
-def push_model(model_dir: str, cfg: Config, commit_message: str) -> dict:
+def push_model(model_dir: str, cfg: Config, commit_message: str, token: str | None = None) -> dict:
     """Create the repo if needed (`hub.private`), then upload `model_dir` as one commit to `hub.revision`
-    (default branch when None). Returns {"hub.repo_id", "hub.commit", "hub.url"} for the run's tags."""
+    (default branch when None). Returns {"hub.repo_id", "hub.commit", "hub.url"} for the run's tags. `token`:
+    the Python API's explicit token; None: $HF_TOKEN."""
     h = cfg.hub
-    check_push_ready(cfg)
-    api = HfApi(token=os.environ["HF_TOKEN"])
+    if token is None:
+        check_push_ready(cfg)
+    api = HfApi(token=token or os.environ["HF_TOKEN"])
     repo = api.create_repo(h.repo_id, private=h.private, exist_ok=True, repo_type="model")
     if h.revision:
         api.create_branch(h.repo_id, branch=h.revision, exist_ok=True, repo_type="model")

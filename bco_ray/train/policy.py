@@ -46,7 +46,8 @@ def build_policy(cfg: Config, policy_path: str, on_gpu: bool):
                 r=t.lora.r,
                 lora_alpha=t.lora.alpha,
                 lora_dropout=t.lora.dropout,
-                target_modules=t.lora.target_modules,
+                # peft's "all-linear" shorthand is a string (every linear layer but the output head)
+                target_modules="all-linear" if t.lora.target_modules == ["all-linear"] else t.lora.target_modules,
                 task_type="CAUSAL_LM",
             ),
         )
