@@ -184,10 +184,10 @@ def test_divergence_checks_and_error():
         model.weight[1, 2] = float("inf")
     with pytest.raises(Diverged):
         check_device(2, sums, model)
-    cfg = load_config(overrides=["--train.lr=inf", "--train.save_steps=2"])
+    cfg = load_config(overrides=["--train.lr=10", "--train.save_steps=2"])
     e = run.diverged_error(cfg, {"step": 5, "what": "loss = nan", "checkpoint": "/ckpt/checkpoint_step0000004"})
     assert isinstance(e, TrainingError) and e.exit_code == 5
     assert str(e).startswith("training diverged at step 5 (loss = nan); the model of the last good checkpoint")
-    assert "train.lr (now inf)" in str(e)
+    assert "train.lr (now 10" in str(e)
     none = run.diverged_error(cfg, {"step": 1, "what": "a non-finite weight", "checkpoint": None})
     assert "no model was saved: no checkpoint came before it (train.save_steps=2)" in str(none)
