@@ -185,6 +185,7 @@ def test_check_launcher():
         check_launcher({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "3"})
 
 
+@pytest.mark.e2e  # starts two real torchrun processes (each imports torch and transformers)
 def test_torchrun_two_processes_fail_at_once_on_every_rank(tmp_path):
     """`torchrun --nproc_per_node 2 bco.py ...`: both copies stop while parsing their arguments (before any model
     is loaded or Ray is started), with the fix; torchrun exits non-zero, nothing hangs."""
