@@ -43,7 +43,9 @@ def free_port() -> int:
 
 
 def job_env(**extra) -> dict:
-    env = dict(os.environ)
+    """A job's environment as a user's shell gives it: this process's, less the MLflow settings that in-process
+    runs (mlflow.set_tracking_uri / set_experiment write os.environ) left behind; `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
     if not env.get("PATH", "").startswith(f"{Path(sys.executable).parent}{os.pathsep}"):
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_ADDRESS"] = "local"  # never join a cluster that happens to run on this machine

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
 from bco_ray.config import load_config
 from bco_ray.storage import resolve_locations
 from bco_ray.tracking import mlflow_inputs, mlflow_run
@@ -95,14 +96,18 @@ def jobs(mlflow_server, ray_head, tmp_path_factory):
     assert proc.returncode == 0, (tmp / "a.log").read_text()[-6000:]
     out["a"] = run_state("beta-0.1")
 
-    (tmp / "not-a-dir").write_text("a file where the precompute cache should go")
+    # A bad row past the rows the driver checks before Ray: the pass's read finds it, after the run opened.
+    rows = [json.loads(x) for x in open(resolve_data(BUILTIN_TRAIN))][:40]
+    lines = [json.dumps(r) for r in rows[:20]] + ['{"prompt": "truncated'] + [json.dumps(r) for r in rows[20:]]
+    (tmp / "bad-row.jsonl").write_text("\n".join(lines) + "\n")
     proc = _job(
         tmp,
         ray_head,
         f"--mlflow.tracking_uri={mlflow_server}",
         "--mlflow.run_name=beta-0.5",
         "--train.beta=0.5",
-        f"--precompute.cache_dir={tmp / 'not-a-dir' / 'cache'}",
+        f"--data.train={tmp / 'bad-row.jsonl'}",
+        "--data.driver_check_rows=10",
         log="failed.log",
     )
     out["failed_rc"] = proc.returncode
@@ -232,7 +237,8 @@ def test_failed_job_is_marked_failed_with_its_error(jobs):
     run = jobs["failed"]
     assert jobs["failed_rc"] != 0
     assert run.info.status == "FAILED" and run.info.end_time
-    assert "not-a-dir" in run.data.tags["error"] and run.data.tags["error_type"]
+    assert "bad-row.jsonl row 20: line 21 is not valid JSON" in run.data.tags["error"]
+    assert run.data.tags["error_type"] == "DataFormatError" and "Traceback" not in run.data.tags["error"].split("\n")[0]
     assert run.data.params["train.beta"] == "0.5"
 
 
@@ -241,7 +247,7 @@ def test_rerun_continues_the_failed_run(jobs):
     run, client = jobs["b"], MlflowClient(jobs["uri"])
     assert run.info.run_id == jobs["failed"].info.run_id and run.info.status == "FINISHED"
     assert "error" not in run.data.tags and run.data.tags["resume.previous_status"] == "FAILED"
-    assert run.data.tags["resume.changed_params"].startswith("precompute.cache_dir: ")  # not the URI's source
+    assert "data.train: " in run.data.tags["resume.changed_params"]
     assert run.data.tags["precompute.reused"] == "True"  # the first job's pass: β is not in the cache key
     for key in STEP_KEYS:
         assert metric_steps(client, run.info.run_id, key) == [1, 2, 3, 4], key
