@@ -18,7 +18,7 @@ from pathlib import Path
 ASSETS = Path(__file__).parent / "assets"
 
 BUILTIN_MODEL = "builtin:tiny-qwen2"
-BUILTIN_SFT_MODEL = "builtin:tiny-qwen2-sft"  # BUILTIN_MODEL fine-tuned on the arithmetic set (bco_ray/builtin_sft.py)
+BUILTIN_SFT_MODEL = "builtin:tiny-qwen2-sft"  # BUILTIN_MODEL fine-tuned on the arithmetic set (tools/build_sft.py)
 BUILTIN_EMBEDDER = "builtin:minilm"
 BUILTIN_TRAIN = "builtin:arithmetic/train"
 BUILTIN_EVAL = "builtin:arithmetic/eval"
@@ -82,7 +82,7 @@ def resolve_model(name: str, cache_root: str | Path) -> str:
     if name == BUILTIN_SFT_MODEL:
         if not _is_complete(SFT_DIR):
             raise FileNotFoundError(
-                f"{BUILTIN_SFT_MODEL}: {SFT_DIR} is incomplete; rebuild it with `python -m bco_ray.builtin_sft`"
+                f"{BUILTIN_SFT_MODEL}: {SFT_DIR} is incomplete; rebuild it with `python -m tools.build_sft`"
             )
         return str(SFT_DIR)
     return name

@@ -26,11 +26,12 @@ from typing import NoReturn
 
 import yaml
 
-from bco_ray import __version__, signals
-from bco_ray.config import Config, load_config
-from bco_ray.config_doc import field_docs, show
+from bco_ray import __version__
+from bco_ray.config.doc import field_docs, show
+from bco_ray.config.schema import Config, load_config
 from bco_ray.console import console
 from bco_ray.errors import BcoRayError
+from bco_ray.job import signals
 
 # Each command imports its stage (torch, Ray, MLflow: seconds) when it runs, so that `--help`, `--print-config`
 # and a bad option answer at once.
@@ -149,12 +150,12 @@ def resume_command(prog: str, argv: list[str]) -> str:
 
 
 def _precompute_checks(cfg: Config):
-    """The train job's checks (bco_ray/job_checks.py: run_checks) but the hub settings, which a pass does not
+    """The train job's checks (bco_ray/job/checks.py: run_checks) but the hub settings, which a pass does not
     use: config locations, data, models. Returns the config with its locations resolved, the data report and
     the model paths."""
-    from bco_ray import run
     from bco_ray.data.checks import check_data
-    from bco_ray.job_checks import check_local_dirs
+    from bco_ray.job import run
+    from bco_ray.job.checks import check_local_dirs
     from bco_ray.storage import resolve_locations
 
     cfg = resolve_locations(cfg)
@@ -177,21 +178,21 @@ def _print_dry_run(cfg: Config, paths) -> None:
 
 
 def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
-    """`bco-ray train`: the whole job (bco_ray/run.py). Returns the exit status."""
+    """`bco-ray train`: the whole job (bco_ray/job/run.py). Returns the exit status."""
     argv = _command_argv(argv)
     try:
         args, cfg = _parse(prog, TRAIN_DOC, argv)
         if cfg is None:
             return 0
         if args.dry_run:
-            from bco_ray.job_checks import run_checks
+            from bco_ray.job.checks import run_checks
 
             checked = run_checks(cfg)  # exactly the checks run_job makes before it starts Ray
             _print_dry_run(checked.cfg, checked.paths)
             return 0
     except (BcoRayError, FileNotFoundError) as e:
         return _fail(e)
-    from bco_ray import run
+    from bco_ray.job import run
 
     # `ray job stop` and schedulers send SIGTERM: it ends the job like Ctrl-C, the MLflow run marked KILLED, and
     # the command with 143 (130 for Ctrl-C). Checkpoints and the precompute cache are committed atomically, so
@@ -240,9 +241,9 @@ def precompute(argv: list[str] | None = None, prog: str = "bco-ray precompute") 
         if args.dry_run:
             _print_dry_run(cfg, paths)
             return 0
-        from bco_ray import run
+        from bco_ray.job import run
+        from bco_ray.job.preflight import check_shared_paths
         from bco_ray.precompute.pipeline import run_precompute
-        from bco_ray.preflight import check_shared_paths
         from bco_ray.tracking.mlflow_run import tracking_uri
 
         run.init_ray(cfg)

@@ -9,7 +9,7 @@ import logging
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from bco_ray.config import Config, TrainConfig
+from bco_ray.config.schema import Config, TrainConfig
 from bco_ray.errors import InputError
 from bco_ray.remote import local_model_dir
 

@@ -43,8 +43,8 @@ def main() -> None:
     import ray
 
     from bco_ray.data.checks import check_source
+    from bco_ray.job.resources import usable_cpus
     from bco_ray.precompute.read import count_rows
-    from bco_ray.resources import usable_cpus
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)

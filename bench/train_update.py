@@ -29,7 +29,7 @@ class Updater:
             return
         import deepspeed
 
-        from bco_ray.config import TrainConfig
+        from bco_ray.config.schema import TrainConfig
         from bco_ray.train.ds_config import deepspeed_config
 
         init_distributed(device)

@@ -152,7 +152,7 @@ class RayHead:
 
 def small_cluster_cpus() -> int:
     """A head the size of a laptop or a small head node: the CPUs this machine gives us, at most 2."""
-    from bco_ray.resources import usable_cpus
+    from bco_ray.job.resources import usable_cpus
 
     return min(usable_cpus(), 2)
 

@@ -16,7 +16,7 @@ import pytest
 from bco_ray import BCOConfig, BCOTrainer
 from bco_ray.api import BCOConfigWarning
 from bco_ray.builtin import ASSETS, materialize_tiny_model
-from bco_ray.config import ConfigError
+from bco_ray.config.schema import ConfigError
 
 TRAIN_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "train.jsonl").read_text().splitlines()[:48]]
 

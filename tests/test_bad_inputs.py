@@ -27,7 +27,7 @@ GOOD = [{"prompt": f"What is {i} + 1?", "completion": f" {i + 1}", "label": i % 
 def _no_ray_work(monkeypatch, request):
     """Fails the test if the job reaches the point where it joins or starts Ray. (This pytest process may
     already be a Ray driver, for the session's in-process tests, so `ray.is_initialized()` cannot tell.)"""
-    import bco_ray.run
+    import bco_ray.job.run
 
     if request.node.get_closest_marker("e2e"):
         return
@@ -35,7 +35,7 @@ def _no_ray_work(monkeypatch, request):
     def init_ray(cfg):
         raise AssertionError("the job reached Ray: the bad input was not caught before cluster work")
 
-    monkeypatch.setattr(bco_ray.run, "init_ray", init_ray)
+    monkeypatch.setattr(bco_ray.job.run, "init_ray", init_ray)
 
 
 def _run(tmp_path, capsys, *args):
@@ -116,7 +116,7 @@ def test_bad_data_rows_name_file_row_and_field(tmp_path, capsys, i):
 
 
 def test_bad_rows_can_be_skipped_instead(tmp_path):
-    from bco_ray.config import load_config
+    from bco_ray.config.schema import load_config
     from bco_ray.data.checks import check_data
 
     rows = [dict(r) for r in GOOD]
@@ -167,7 +167,7 @@ def test_policy_and_reference_with_different_vocabularies(tmp_path, capsys):
 
 
 def test_duplicates_warn_but_run_checks(tmp_path, caplog):
-    from bco_ray.config import load_config
+    from bco_ray.config.schema import load_config
     from bco_ray.data.checks import check_data
 
     path = _jsonl(tmp_path / "train.jsonl", GOOD + GOOD[:5])

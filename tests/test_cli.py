@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bco_ray import cli, run
-from bco_ray.config import Config, ConfigError, load_config
-from bco_ray.config_doc import field_docs, show
+from bco_ray import cli
+from bco_ray.config.doc import field_docs, show
+from bco_ray.config.schema import Config, ConfigError, load_config
 from bco_ray.errors import BcoRayError
+from bco_ray.job import run
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -72,7 +73,7 @@ def test_dry_run_checks_everything_and_starts_no_ray(tmp_path, capsys, no_ray, m
     [
         (run.ModelError("model.policy: bad"), "input", 2),
         (run.ResourcesUnavailableError("the worker group did not start"), "resources", 3),
-        (__import__("bco_ray.preflight", fromlist=["x"]).SharedStorageError("cache not shared"), "storage", 4),
+        (__import__("bco_ray.job.preflight", fromlist=["x"]).SharedStorageError("cache not shared"), "storage", 4),
         (FileNotFoundError("data.train: no such file"), "input", 2),
     ],
 )
@@ -93,7 +94,7 @@ def test_config_error_exit_status_and_unexpected_errors_print_the_resume_command
     assert "bco-ray: config error: train.beta must be > 0" in capsys.readouterr().err
 
     def run_job(cfg):
-        raise KeyboardInterrupt  # Ctrl-C: exit status 130 (bco_ray/signals.py)
+        raise KeyboardInterrupt  # Ctrl-C: exit status 130 (bco_ray/job/signals.py)
 
     monkeypatch.setattr(run, "run_job", run_job)
     code = cli.train(
@@ -122,9 +123,9 @@ def test_error_classes_share_one_base_and_keep_their_builtin_bases():
     from bco_ray.data.checks import DataError
     from bco_ray.data.formats import DataFormatError
     from bco_ray.eval.generation import VerifierError
+    from bco_ray.job.preflight import SharedStorageError
     from bco_ray.models import ModelLoadError
     from bco_ray.precompute.embedding_func import EmbeddingFuncError
-    from bco_ray.preflight import SharedStorageError
     from bco_ray.tracking.compare import CompareError
     from bco_ray.tracking.hub import HubError
 

@@ -42,7 +42,7 @@ def test_cluster_yaml_node_types_fit_the_recipe():
     """A CPU head, GPU worker types that start at zero, and room for the GPU recipe's requests."""
     import ray
 
-    from bco_ray.config import load_config
+    from bco_ray.config.schema import load_config
 
     c = _cluster()
     types = c["available_node_types"]
@@ -75,7 +75,7 @@ def test_cluster_yaml_node_types_fit_the_recipe():
 
 def test_gpu_recipe_loads():
     """The GPU recipe is a valid config as is (no download: only the schema and range checks run)."""
-    from bco_ray.config import load_config
+    from bco_ray.config.schema import load_config
 
     cfg = load_config(GPU_RECIPE)
     assert cfg.model.policy == "Qwen/Qwen2.5-0.5B-Instruct"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bco_ray.config import Config, ConfigError, load_config, parse_overrides
+from bco_ray.config.schema import Config, ConfigError, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,7 +254,7 @@ def test_bad_choice_names_the_field_and_the_close_match(tmp_path, yaml_text, mes
 
 
 def test_validate_checks_choices_of_a_config_built_in_code():
-    from bco_ray.config import validate
+    from bco_ray.config.schema import validate
 
     cfg = Config()
     cfg.train.lr_scheduler = "polynomial"
@@ -266,7 +266,7 @@ def test_validate_checks_choices_of_a_config_built_in_code():
 
 
 def test_use_bf16_reads_the_typed_field():
-    from bco_ray.config import TrainConfig
+    from bco_ray.config.schema import TrainConfig
     from bco_ray.models import use_bf16
     from bco_ray.train.ds_config import deepspeed_config
 

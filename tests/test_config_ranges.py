@@ -13,8 +13,8 @@ import typing
 
 import pytest
 
-from bco_ray.config import Config, ConfigError, load_config, validate
-from bco_ray.config_checks import in_range, parse_range
+from bco_ray.config.checks import in_range, parse_range
+from bco_ray.config.schema import Config, ConfigError, load_config, validate
 from bco_ray.errors import EXIT_CODES
 
 from conftest import ROOT
@@ -219,7 +219,7 @@ def test_malformed_yaml_exits_2_without_a_traceback(tmp_path):
 
 # ------------------------------------------------------------------ local directories the job writes
 def _checked(tmp_path, *overrides: str):
-    from bco_ray.job_checks import check_local_dirs
+    from bco_ray.job.checks import check_local_dirs
     from bco_ray.storage import resolve_locations
 
     cfg = load_config(
@@ -261,7 +261,7 @@ def test_usable_and_remote_locations_pass_and_nothing_is_created(tmp_path):
 
 
 def test_a_directory_that_is_not_writable(tmp_path, monkeypatch):
-    import bco_ray.job_checks as job_checks
+    import bco_ray.job.checks as job_checks
 
     locked = tmp_path / "locked"
     locked.mkdir()

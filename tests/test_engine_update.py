@@ -110,7 +110,7 @@ def _micro_batches() -> list[dict]:
 
 
 def _train_config(**kw):
-    from bco_ray.config import TrainConfig
+    from bco_ray.config.schema import TrainConfig
 
     return TrainConfig(
         micro_batch_size=ROWS,

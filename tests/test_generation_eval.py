@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoTokenizer, Qwen2Config, Qwen2ForCausalL
 
 from bco_ray.bco.logprobs import policy_completion_logps
 from bco_ray.builtin import ASSETS, BUILTIN_SFT_MODEL, SFT_DIR, resolve_model, tokenizer_path
-from bco_ray.config import ConfigError, load_config
+from bco_ray.config.schema import ConfigError, load_config
 from bco_ray.eval import report
 from bco_ray.eval.arithmetic import verify
 from bco_ray.eval.generation import VerifierError, completion_logps, generate, load_verifier, verifier_scores
@@ -153,7 +153,7 @@ def test_snapshots_are_written_whole_and_listed(tmp_path, tiny):
 
 
 def test_sft_asset_matches_its_config_and_hash():
-    from bco_ray.builtin_sft import RECIPE, sha256
+    from tools.build_sft import RECIPE, sha256
 
     path = resolve_model(BUILTIN_SFT_MODEL, "/nonexistent")
     assert path == str(SFT_DIR)
@@ -176,8 +176,8 @@ def test_sft_asset_matches_its_config_and_hash():
 
 
 def test_sft_build_is_deterministic(tmp_path):
-    """Two short builds give byte-identical weights (the full build is `python -m bco_ray.builtin_sft --check`)."""
-    from bco_ray.builtin_sft import build, sha256
+    """Two short builds give byte-identical weights (the full build is `python -m tools.build_sft --check`)."""
+    from tools.build_sft import build, sha256
 
     a, b = build(tmp_path / "a", max_steps=3), build(tmp_path / "b", max_steps=3)
     assert sha256(a / "model.safetensors") == sha256(b / "model.safetensors")

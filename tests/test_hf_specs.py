@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from bco_ray.config import load_config
+from bco_ray.config.schema import load_config
 from bco_ray.data import fingerprint, sources
 from bco_ray.precompute import cache
 

@@ -20,7 +20,7 @@ from bco_ray.bco import head_logps
 from bco_ray.bco.head_logps import LogitHead, logit_head, summed_head_logps, use_liger_kernel
 from bco_ray.bco.liger import liger_token_logps
 from bco_ray.bco.logprobs import packed_completion_logps
-from bco_ray.config import Config, ConfigError, validate
+from bco_ray.config.schema import Config, ConfigError, validate
 from bco_ray.data.packing import collate_packed, plan_step, to_device
 
 pytest.importorskip("liger_kernel", reason="liger-kernel is in the dev extra")
@@ -159,8 +159,8 @@ def test_config_names_the_missing_package(monkeypatch):
 def test_the_trained_policy_uses_liger_and_scoring_without_gradients_does_not(interpreter, tmp_path, monkeypatch):
     """The job's wiring: `model.liger_kernel` reaches the policy the workers build; its forwards without
     gradients (evaluation, and the reference pass's alike) keep the plain path (bco_ray/bco/liger.py says why)."""
-    from bco_ray.config import load_config
-    from bco_ray.run import resolve_paths
+    from bco_ray.config.schema import load_config
+    from bco_ray.job.run import resolve_paths
     from bco_ray.train.policy import build_policy
 
     cfg = load_config(overrides={"output_dir": str(tmp_path), "model": {"liger_kernel": True}})

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from bco_ray.config import load_config
+from bco_ray.config.schema import load_config
 from bco_ray.data.pass_summary import PrecomputeSummary
 from bco_ray.tracking import compare, mlflow_inputs, mlflow_model, mlflow_run, plots, throughput
 from bco_ray.tracking.step_logger import StepLogger

@@ -19,7 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
-from bco_ray.config import load_config
+from bco_ray.config.schema import load_config
 from bco_ray.storage import resolve_locations
 from bco_ray.tracking import mlflow_inputs, mlflow_run
 

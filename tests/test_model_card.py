@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from huggingface_hub import ModelCard
 
-from bco_ray.config import ConfigError, load_config
+from bco_ray.config.schema import ConfigError, load_config
 from bco_ray.data.checks import DataReport, LabelCounts, SplitReport
 from bco_ray.precompute.embedding_func import EmbeddingFuncError, check_embedding_func, load_embedding_func
 from bco_ray.tracking import hub, model_card

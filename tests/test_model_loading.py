@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bco_ray.builtin import tokenizer_path
-from bco_ray.config import Config, ModelConfig
+from bco_ray.config.schema import Config, ModelConfig
 from bco_ray.models import ModelLoadError, check_model_loads, load_causal_lm
 
 
@@ -85,7 +85,7 @@ def test_not_a_causal_lm(tmp_path):
 
 
 def test_resolve_paths_checks_attention_before_ray(gemma2_dir, tmp_path):
-    from bco_ray.run import ModelError, resolve_paths
+    from bco_ray.job.run import ModelError, resolve_paths
 
     cfg = Config(output_dir=str(tmp_path))
     cfg.model.policy = gemma2_dir

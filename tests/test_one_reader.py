@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
-from bco_ray.config import load_config
+from bco_ray.config.schema import load_config
 from bco_ray.data.checks import DataError, check_data, check_source
 from bco_ray.data.formats import DataFormatError
 
@@ -134,9 +134,9 @@ def test_the_pass_trains_exactly_the_valid_rows_and_reuses_its_cache(tmp_path, s
     import ray
 
     from bco_ray.data.reader import ReadUnit
+    from bco_ray.job.run import resolve_paths
     from bco_ray.precompute import pipeline, read, stages
-    from bco_ray.resources import pass_resources
-    from bco_ray.run import resolve_paths
+    from bco_ray.precompute.sizing import pass_resources
 
     train, eval_, kept_train, kept_eval = _matrix(tmp_path)
     data = {"train": str(train), "eval": str(eval_), "on_bad_rows": "skip", "max_length": 64, "max_prompt_length": 48}
@@ -200,9 +200,9 @@ def test_a_bad_row_past_the_driver_check_stops_the_pass_before_any_model_loads(t
     error (exit status 2), not Ray's wrapper, before the scoring actors start."""
     import ray
 
+    from bco_ray.job.run import resolve_paths
     from bco_ray.precompute import pipeline
-    from bco_ray.resources import pass_resources
-    from bco_ray.run import resolve_paths
+    from bco_ray.precompute.sizing import pass_resources
 
     write(tmp_path / "d" / "a.jsonl", "jsonl", SRC[:40])
     write(tmp_path / "d" / "b.jsonl", "crlf", SRC[40:60], bad=True)

@@ -14,7 +14,7 @@ import torch
 
 from bco_ray.bco.logprobs import policy_completion_logps
 from bco_ray.bco.loss import RunningMean, bco_losses
-from bco_ray.config import TrainConfig
+from bco_ray.config.schema import TrainConfig
 from bco_ray.data.packing import micro_batch_groups
 from bco_ray.train.batching import packed_micro_batches
 from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums

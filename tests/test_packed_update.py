@@ -84,7 +84,7 @@ class _Shard:
 
 
 def _train_config(world: int):
-    from bco_ray.config import TrainConfig
+    from bco_ray.config.schema import TrainConfig
 
     return TrainConfig(
         zero_stage=STAGE[world],

@@ -12,18 +12,19 @@ import pytest
 import torch
 
 from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
-from bco_ray.config import load_config
+from bco_ray.config.schema import load_config
 from bco_ray.data.reader import ReadUnit
+from bco_ray.job.resources import usable_cpus
 from bco_ray.models import reference_dtype
 from bco_ray.precompute import pipeline, read, rows, stages
-from bco_ray.resources import pass_resources, usable_cpus
+from bco_ray.precompute.sizing import pass_resources
 
 ROWS = [json.loads(line) for line in open(resolve_data(BUILTIN_TRAIN)).read().splitlines()[:40]]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from bco_ray.run import resolve_paths
+    from bco_ray.job.run import resolve_paths
 
     cfg = load_config(overrides={"output_dir": str(tmp_path_factory.mktemp("o")), "udm": {"prompt_sample_size": 4}})
     paths, _ = resolve_paths(cfg)
@@ -174,7 +175,7 @@ def test_large_or_growing_cluster_keeps_a_cpu_for_the_light_tasks():
 def test_usable_cpus_follows_affinity_and_cgroup_quota(monkeypatch):
     import os
 
-    from bco_ray import resources
+    from bco_ray.job import resources
 
     assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
@@ -189,7 +190,7 @@ def test_usable_cpus_follows_affinity_and_cgroup_quota(monkeypatch):
 def test_a_worker_group_that_can_never_fit_fails_before_any_work(monkeypatch):
     import ray
 
-    from bco_ray.run import ResourcesUnavailableError, check_cluster_fits
+    from bco_ray.job.run import ResourcesUnavailableError, check_cluster_fits
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
     cfg = load_config(overrides={"train": {"num_workers": 2}})

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import random
 
-from bco_ray.config import load_config
+from bco_ray.config.schema import load_config
 from bco_ray.data.fingerprint import fingerprint_path
 from bco_ray.precompute.batching import budget_batches
 from bco_ray.precompute.cache import Cache, cache_key

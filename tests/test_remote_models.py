@@ -181,7 +181,7 @@ def test_trainer_puts_its_inputs_in_the_bucket(s3, tiny, cache, tmp_path, monkey
 
     from bco_ray import BCOConfig, BCOTrainer
     from bco_ray.data.checks import check_data
-    from bco_ray.job_checks import resolve_paths
+    from bco_ray.job.checks import resolve_paths
     from bco_ray.precompute.embedding_func import EmbeddingFuncError, load_embedding_func
     from bco_ray.storage import resolve_locations
 
@@ -226,8 +226,8 @@ def test_trainer_puts_its_inputs_in_the_bucket(s3, tiny, cache, tmp_path, monkey
 
 
 def test_checks_name_a_missing_remote_model(s3, tiny, cache):
-    from bco_ray.config import load_config
-    from bco_ray.job_checks import ModelError, resolve_paths
+    from bco_ray.config.schema import load_config
+    from bco_ray.job.checks import ModelError, resolve_paths
 
     uri = _upload(s3, tiny, "models/three")
     good = load_config(None, [f"--model.policy={uri}", "--udm.enabled=false"])

@@ -17,9 +17,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from bco_ray import cli, run, signals
-from bco_ray.config import load_config
+from bco_ray import cli
+from bco_ray.config.schema import load_config
 from bco_ray.errors import InputError, TrainingError
+from bco_ray.job import run, signals
 from bco_ray.tracking import driver_runs, mlflow_run
 from bco_ray.train.divergence import Diverged, check_device, check_values
 
@@ -145,7 +146,7 @@ def test_stop_signals_raise_interrupted(sig, code):
             pytest.fail("no Interrupted")
     assert e.value.exit_code == code and calls == [1] and isinstance(e.value, KeyboardInterrupt)
     assert signal.getsignal(sig) == before  # restored
-    # Ray Train's fit() installs its SIGINT handler through this hook; bco_ray/job_train.py replaces it.
+    # Ray Train's fit() installs its SIGINT handler through this hook; bco_ray/job/train_stage.py replaces it.
     from ray.train.torch import TorchTrainer
 
     assert callable(getattr(TorchTrainer, "_register_sigint_handler", None))

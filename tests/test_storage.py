@@ -1,5 +1,5 @@
 """Where a job writes by default (bco_ray/storage.py) and what the multi-node preflight checks
-(bco_ray/preflight.py): no Ray here; the preflight itself runs end to end in test_multinode_s3.py."""
+(bco_ray/job/preflight.py): no Ray here; the preflight itself runs end to end in test_multinode_s3.py."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bco_ray.config import load_config
+from bco_ray.config.schema import load_config
+from bco_ray.job.preflight import Need, _message, needs
 from bco_ray.precompute.pipeline import Paths
-from bco_ray.preflight import Need, _message, needs
 from bco_ray.storage import in_job_working_dir, join, resolve_locations, resolve_output_dir
 from bco_ray.tracking.mlflow_run import tracking_uri
 

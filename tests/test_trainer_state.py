@@ -8,7 +8,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from bco_ray.api._state import log_history, trainer_state
-from bco_ray.config import load_config
+from bco_ray.config.schema import load_config
 
 
 @pytest.fixture(scope="module")

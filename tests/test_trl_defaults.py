@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from bco_ray import BCOConfig
-from bco_ray.api._doc_table import bco_defaults, extras, fmt, main, sync
 from bco_ray.api._trl_defaults import INTENTIONAL_DIFFERENCES, NOT_IN_TRL_1_13, TRL_1_13_BCO_FIELDS, TRL_1_13_DEFAULTS
+
+from tools.doc_table import bco_defaults, extras, fmt, main, sync
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "trl_migration.md"
 
@@ -62,7 +63,7 @@ def test_post_init_effects_match_trl():
 
 def test_doc_tables_are_the_generated_ones():
     doc = DOC.read_text()
-    assert sync(doc) == doc, "run: python -m bco_ray.api._doc_table --write docs/trl_migration.md"
+    assert sync(doc) == doc, "run: python -m tools.doc_table --write docs/trl_migration.md"
     assert main(["--check", str(DOC)]) == 0
     assert "| `learning_rate` | 5e-7 | 5e-7 | `train.lr` |" in doc
 

@@ -102,7 +102,7 @@ def _train(chunk_size: int, rank: int) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
     from bco_ray.bco.loss import RunningMean
-    from bco_ray.config import TrainConfig
+    from bco_ray.config.schema import TrainConfig
     from bco_ray.train.ds_config import deepspeed_config
     from bco_ray.train.step import bco_forward, collate
 

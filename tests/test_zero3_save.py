@@ -20,7 +20,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         import deepspeed
 
         from bco_ray.builtin import tokenizer_path
-        from bco_ray.config import TrainConfig
+        from bco_ray.config.schema import TrainConfig
         from bco_ray.train import policy
         from bco_ray.train.ds_config import deepspeed_config
 

@@ -5,7 +5,7 @@
     training_args = BCOConfig(output_dir=output_dir, per_device_train_batch_size=8, gradient_accumulation_steps=2)
     trainer = BCOTrainer(model=model, ref_model=ref_model, args=training_args,
                          processing_class=tokenizer, train_dataset=dataset["train"])
-    result = trainer.train()     # Ray Data precompute → Ray Train + DeepSpeed → MLflow (bco_ray.run.run_job)
+    result = trainer.train()     # Ray Data precompute → Ray Train + DeepSpeed → MLflow (bco_ray.job.run.run_job)
 
 `BCOConfig` takes the reference's field names (and TRL's defaults) and maps them onto bco-ray's typed
 `Config` (`BCOConfig.to_config`); fields of TRL/transformers with no meaning here are accepted with a

@@ -14,9 +14,9 @@ import torch
 from bco_ray.api._io import _as_dataset, _cuda, _read_parquet_dir
 from bco_ray.bco.loss import RunningMean
 from bco_ray.bco.udm import classifier_from_json
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 from bco_ray.data.reader import plan_units
-from bco_ray.job_checks import resolve_paths
+from bco_ray.job.checks import resolve_paths
 from bco_ray.models import load_tokenizer, reference_dtype
 from bco_ray.precompute import pipeline, read, stages
 from bco_ray.train.evaluate import evaluate, table_batches

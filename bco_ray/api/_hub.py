@@ -7,7 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 from bco_ray.remote import local_model_dir
 from bco_ray.tracking.hub import HubError, push_model
 

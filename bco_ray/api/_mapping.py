@@ -6,7 +6,7 @@ import typing
 from typing import Any
 
 from bco_ray.api._fields import ROUTES, targets
-from bco_ray.config import Config, ConfigError, TrainConfig, flatten, load_config, merge
+from bco_ray.config.schema import Config, ConfigError, TrainConfig, flatten, load_config, merge
 
 # linear, cosine, constant: the choices of bco-ray's train.lr_scheduler
 _SCHEDULERS: tuple[str, ...] = typing.get_args(typing.get_type_hints(TrainConfig)["lr_scheduler"])

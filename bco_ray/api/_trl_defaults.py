@@ -6,7 +6,7 @@ transformers/training_args.py; trl 1.13 requires transformers >= 4.56.2). Each e
 default and the file:line it comes from; `__post_init__` effects are noted where they change the value a script
 reads. Only fields that bco-ray's `BCOConfig` declares are recorded (the others are accepted and ignored, see
 `TRL_1_13_BCO_FIELDS`). `tests/test_trl_defaults.py` checks bco-ray's defaults against this record, and
-`bco_ray/api/_doc_table.py` renders docs/trl_migration.md's field table from it.
+`tools/doc_table.py` renders docs/trl_migration.md's field table from it.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from bco_ray.api._conversions import (
 )
 from bco_ray.api._fields import DICT_FIELDS, FLAG, LEGACY, status, why_ignored, with_training_arguments
 from bco_ray.api._mapping import _SCHEDULERS, _report_to, _to_config
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 
 __all__ = ["BCOConfig", "BCOConfigWarning"]
 

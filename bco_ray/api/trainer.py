@@ -1,4 +1,4 @@
-"""`BCOTrainer`: TRL's call shape, backed by the Ray pipeline (`bco_ray.run.run_job`)."""
+"""`BCOTrainer`: TRL's call shape, backed by the Ray pipeline (`bco_ray.job.run.run_job`)."""
 
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from bco_ray.api._io import (
 from bco_ray.api._mapping import _to_config
 from bco_ray.api._state import trainer_state
 from bco_ray.api.config import BCOConfig, BCOConfigWarning
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
+from bco_ray.job.run import JobResult, init_ray, run_job
 from bco_ray.remote import local_model_dir
-from bco_ray.run import JobResult, init_ray, run_job
 from bco_ray.storage import join
 
 
@@ -49,11 +49,11 @@ class BCOTrainOutput:
     run_id: str  # MLflow run
     tracking_uri: str
     run_name: str
-    raw: JobResult | None = field(repr=False, default=None)  # what bco_ray.run.run_job returned
+    raw: JobResult | None = field(repr=False, default=None)  # what bco_ray.job.run.run_job returned
 
 
 class BCOTrainer:
-    """TRL's `BCOTrainer` signature; `train()` runs the whole bco-ray job (bco_ray.run.run_job) on Ray.
+    """TRL's `BCOTrainer` signature; `train()` runs the whole bco-ray job (bco_ray.job.run.run_job) on Ray.
 
     `model` / `ref_model` / `processing_class` / `embedding_tokenizer`: objects (saved with save_pretrained) or
     hub ids / local directories (passed through). `ref_model=None`: the model's initial weights.

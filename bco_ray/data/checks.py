@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 from bco_ray.data.reader import ReadUnit, UnitCheck, iter_unit, plan_units
 from bco_ray.data.sources import source_fingerprint
 from bco_ray.errors import InputError

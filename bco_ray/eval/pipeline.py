@@ -20,7 +20,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from bco_ray.builtin import resolve_data
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 from bco_ray.console import console
 from bco_ray.data import formats
 from bco_ray.data.reader import files_of

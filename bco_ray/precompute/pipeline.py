@@ -13,7 +13,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from bco_ray.bco.udm import classifier_to_json, fit_udm_classifier, sample_rows
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 from bco_ray.data.checks import DataReport, check_trainable
 from bco_ray.data.fingerprint import fingerprint_path
 from bco_ray.data.pass_summary import PrecomputeSummary, SplitSummary, UdmFit, WeightHist
@@ -22,8 +22,8 @@ from bco_ray.models import reference_dtype
 from bco_ray.precompute.cache import Cache, cache_key, reuse_or_compute
 from bco_ray.precompute.read import count_rows, input_error_of, read_rows
 from bco_ray.precompute.rows import HIST_BINS, block_stats, finalize
+from bco_ray.precompute.sizing import PassResources, pass_resources
 from bco_ray.precompute.stages import Counters, Score
-from bco_ray.resources import PassResources, pass_resources
 from bco_ray.storage import resolve_locations
 
 log = logging.getLogger(__name__)

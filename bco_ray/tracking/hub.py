@@ -8,7 +8,7 @@ import os
 
 from huggingface_hub import HfApi
 
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 from bco_ray.errors import InputError
 
 

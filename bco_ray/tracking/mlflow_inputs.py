@@ -14,7 +14,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
 from bco_ray.builtin import resolve_data
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 from bco_ray.data.checks import DataReport
 from bco_ray.data.pass_summary import PrecomputeSummary
 from bco_ray.data.sources import parse_hf, resolved_sha

@@ -23,7 +23,7 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 from bco_ray.errors import InputError
 from bco_ray.storage import in_job_working_dir, is_remote, local_path, resolve_output_dir
 from bco_ray.tracking.driver_runs import (  # noqa: F401 - ERROR_TAG, ERROR_TYPE_TAG: re-exported

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 from bco_ray.data.sources import parse_hf
 
 if TYPE_CHECKING:

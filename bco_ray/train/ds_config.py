@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bco_ray.config import TrainConfig
+from bco_ray.config.schema import TrainConfig
 from bco_ray.models import use_bf16
 
 

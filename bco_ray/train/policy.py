@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from bco_ray.bco.head_logps import use_liger_kernel
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 from bco_ray.models import load_causal_lm
 from bco_ray.remote import local_model_dir
 from bco_ray.train.ds_config import use_bf16

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from transformers import get_scheduler
 
-from bco_ray.config import TrainConfig, load_config
+from bco_ray.config.schema import TrainConfig, load_config
 from bco_ray.console import console
 from bco_ray.tracking.step_logger import StepLogger
 from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops

@@ -6,8 +6,8 @@ Deterministic: one CPU thread, deterministic algorithms, seeded init and order. 
 `bco_ray/assets/tiny-qwen2-sft/` (weights, config, tokenizer, `sft.json` with the recipe and the weights'
 SHA-256), so every node loads the same model with no build step. Rebuild or check it with
 
-    python -m bco_ray.builtin_sft            # writes bco_ray/assets/tiny-qwen2-sft/
-    python -m bco_ray.builtin_sft --check    # rebuilds in a temporary directory and compares the weights
+    python -m tools.build_sft            # writes bco_ray/assets/tiny-qwen2-sft/
+    python -m tools.build_sft --check    # rebuilds in a temporary directory and compares the weights
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ in the driver's main thread, wherever it waits (a Ray Data pass, Ray Train's fit
 workers, marks its MLflow run KILLED and the command exits with 128 + the signal (143, 130).
 
 `ray.init()` replaces the SIGTERM handler with `sys.exit` and Ray Train's fit() installs its own SIGINT handler,
-so a job installs these after Ray has started (`stop_signals`) and again inside fit (bco_ray/job_train.py).
+so a job installs these after Ray has started (`stop_signals`) and again inside fit (bco_ray/job/train_stage.py).
 No Ray import here."""
 
 from __future__ import annotations

@@ -13,15 +13,15 @@ import ray
 from transformers import AutoConfig
 
 from bco_ray.builtin import resolve_embedder, resolve_model
-from bco_ray.config import Config, ConfigError
+from bco_ray.config.schema import Config, ConfigError
 from bco_ray.data.checks import DataReport, check_data
 from bco_ray.errors import InputError, ResourcesError
 from bco_ray.eval.generation import VerifierError, load_verifier
 from bco_ray.models import ModelLoadError, check_model_loads, load_tokenizer
 from bco_ray.precompute.embedding_func import EmbeddingFuncError, check_embedding_func
 from bco_ray.precompute.pipeline import Paths
+from bco_ray.precompute.sizing import PassResources, pass_resources
 from bco_ray.remote import local_model_dir, missing_model_files
-from bco_ray.resources import PassResources, pass_resources
 from bco_ray.storage import is_remote, local_path, resolve_locations
 from bco_ray.tracking.hub import HubError, check_push_ready
 

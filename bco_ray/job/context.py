@@ -1,4 +1,4 @@
-"""What the driver-side stages of one job share (bco_ray/run.py, bco_ray/job_train.py): the wall time of each
+"""What the driver-side stages of one job share (bco_ray/job/run.py, bco_ray/job/train_stage.py): the wall time of each
 phase, and the job's config, models, data report, resources, MLflow run and output locations."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bco_ray.config import Config
-from bco_ray.resources import PassResources
+from bco_ray.config.schema import Config
+from bco_ray.precompute.sizing import PassResources
 
 if TYPE_CHECKING:  # annotations only
     from bco_ray.data.checks import DataReport

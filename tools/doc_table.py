@@ -2,8 +2,8 @@
 `bco_ray/api/_trl_defaults.py` (trl 1.13.0's defaults, recorded from its source) and `bco_ray/api/_fields.py`
 (what bco-ray does with each field).
 
-    python -m bco_ray.api._doc_table --write docs/trl_migration.md    # rewrite the generated tables
-    python -m bco_ray.api._doc_table --check docs/trl_migration.md    # exit 1 if they are stale
+    python -m tools.doc_table --write docs/trl_migration.md    # rewrite the generated tables
+    python -m tools.doc_table --check docs/trl_migration.md    # exit 1 if they are stale
 
 The tables sit between `<!-- BEGIN generated: NAME -->` and `<!-- END generated: NAME -->` lines; only the
 notes below are prose (tests/test_trl_defaults.py checks that the doc equals what this renders).
@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
         path.write_text(new)
         return 0
     if new != doc:
-        console(f"{path}: generated tables are stale; run python -m bco_ray.api._doc_table --write {path}", sys.stderr)
+        console(f"{path}: generated tables are stale; run python -m tools.doc_table --write {path}", sys.stderr)
         return 1
     return 0
 

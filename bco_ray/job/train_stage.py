@@ -17,10 +17,10 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.exceptions import ControllerError
 
-from bco_ray import signals
-from bco_ray.config import Config
-from bco_ray.job_checks import unavailable_error
-from bco_ray.job_context import Job
+from bco_ray.config.schema import Config
+from bco_ray.job import signals
+from bco_ray.job.checks import unavailable_error
+from bco_ray.job.context import Job
 from bco_ray.precompute.pipeline import PrecomputeResult
 from bco_ray.tracking.mlflow_run import worker_env
 
@@ -63,7 +63,7 @@ class _Trainer(TorchTrainer):
     by fit through this hook) aborts the controller gracefully, giving the workers up to 5 s: `ray job stop`
     sends SIGKILL after 3, and the workers train (and checkpoint) meanwhile. Here either signal kills the
     controller, whose workers and placement group go with it (they are its own), then raises
-    `signals.Interrupted` in the driver (bco_ray/signals.py)."""
+    `signals.Interrupted` in the driver (bco_ray/job/signals.py)."""
 
     def _register_sigint_handler(self, controller) -> None:
         signals.install(before=lambda: ray.kill(controller, no_restart=True))
@@ -71,7 +71,7 @@ class _Trainer(TorchTrainer):
 
 def _trainer(job: Job, pre: PrecomputeResult, t_fit: float) -> TorchTrainer:
     """The TorchTrainer of bco_ray/train/loop.py's workers, reading the pass's Parquet output."""
-    # The workers' code imports DeepSpeed (slow, chatty): only once a job trains, not wherever bco_ray.run is.
+    # The workers' code imports DeepSpeed (slow, chatty): only once a job trains, not wherever bco_ray.job.run is.
     from bco_ray.train.loop import train_loop_per_worker
 
     cfg, t, paths = job.cfg, job.cfg.train, job.paths
@@ -123,7 +123,7 @@ def _fit(cfg: Config, trainer: TorchTrainer):
     """trainer.fit(); a worker group that never got its resources becomes a ResourcesUnavailableError."""
     t = cfg.train
     try:
-        with signals.kept():  # the job's handlers again after fit (bco_ray/signals.py)
+        with signals.kept():  # the job's handlers again after fit (bco_ray/job/signals.py)
             return trainer.fit()
     except ControllerError as e:
         # Ray exports no public class for a worker group that did not start in time: matched by its name

@@ -1,6 +1,6 @@
 """A whole bco-ray job, driver side, stage by stage:
-checks (config, data, models: bco_ray/job_checks.py) → Ray and preflight → MLflow run → precompute pass →
-train (Ray Train: bco_ray/job_train.py) → collect the model → generation eval (if asked) → publish (model card,
+checks (config, data, models: bco_ray/job/checks.py) → Ray and preflight → MLflow run → precompute pass →
+train (Ray Train: bco_ray/job/train_stage.py) → collect the model → generation eval (if asked) → publish (model card,
 MLflow model, hub) → plots. `jobs/bco.py` is a thin command line around `run_job`."""
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import ray
 import ray.data
 from mlflow.tracking import MlflowClient
 
-from bco_ray import signals
-from bco_ray.config import Config
+from bco_ray.config.schema import Config
 from bco_ray.console import console
 from bco_ray.errors import InputError, TrainingError
 from bco_ray.eval.pipeline import generation_eval
-from bco_ray.job_checks import (  # noqa: F401 - ModelError, ResourcesUnavailableError, resolve_paths: re-exported
+from bco_ray.job import signals
+from bco_ray.job.checks import (  # noqa: F401 - ModelError, ResourcesUnavailableError, resolve_paths: re-exported
     ModelError,
     ResourcesUnavailableError,
     check_cluster_fits,
@@ -36,11 +36,12 @@ from bco_ray.job_checks import (  # noqa: F401 - ModelError, ResourcesUnavailabl
     run_checks,
     unavailable_error,
 )
-from bco_ray.job_context import Job, Phases
-from bco_ray.job_train import Trained, train
+from bco_ray.job.context import Job, Phases
+from bco_ray.job.preflight import check_shared_paths
+from bco_ray.job.resources import usable_cpus
+from bco_ray.job.train_stage import Trained, train
 from bco_ray.precompute.pipeline import Paths, PrecomputeResult, run_precompute
-from bco_ray.preflight import check_shared_paths
-from bco_ray.resources import PassResources, usable_cpus
+from bco_ray.precompute.sizing import PassResources
 from bco_ray.tracking import hub, mlflow_inputs, mlflow_model, mlflow_run, model_card
 from bco_ray.train.snapshots import list_snapshots, remove_snapshots
 
@@ -65,7 +66,7 @@ def init_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     # A local Ray gets the CPUs this process may use (affinity, cgroup quota): never more logical CPUs than
-    # real ones; the pass and the workers size themselves to what there is (bco_ray/resources.py).
+    # real ones; the pass and the workers size themselves to what there is (bco_ray/job/resources.py).
     local = {"address": "local", "num_cpus": usable_cpus()}
     address = os.environ.get("RAY_ADDRESS")
     if address == "local":  # RAY_ADDRESS=local: always a fresh local Ray, even if a cluster runs here

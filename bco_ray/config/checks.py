@@ -11,8 +11,8 @@ import re
 import typing
 from typing import Any, Literal
 
-from bco_ray.config import Config, ConfigError, EvalConfig, _choices, _coerce
-from bco_ray.config_doc import field_docs, show
+from bco_ray.config.doc import field_docs, show
+from bco_ray.config.schema import Config, ConfigError, EvalConfig, _choices, _coerce
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _NUMBER = r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?"
@@ -24,7 +24,7 @@ _INTERVAL = re.compile(rf"^([\[(])({_NUMBER}), ({_NUMBER})([\])])$")
 def parse_range(allowed: str) -> list[tuple[float, bool, float, bool]]:
     """'-1 or >= 0' → each alternative as an interval (low, low included, high, high included): an exact value
     ('-1'), a bound ('>= 1', '< 5') or an interval ('[0, 1)'). Raises ValueError for any other text (a mistake
-    in bco_ray/config.py: tests/test_config_ranges.py reads every declaration)."""
+    in bco_ray/config/schema.py: tests/test_config_ranges.py reads every declaration)."""
     out = []
     for alt in allowed.split(" or "):
         if m := _INTERVAL.match(alt):
@@ -52,7 +52,7 @@ def in_range(value: Any, allowed: str) -> bool:
 def check_fields(obj: Any, prefix: str = "") -> None:
     """Every field of `obj` (a Config or a section, recursively) on its own: a choice (Literal) field holds one of
     its choices (a Config built in code skips the loader's coercion), a number is inside its declared range
-    (`ranged` in bco_ray/config.py). Raises ConfigError naming the field, the value and what it may be."""
+    (`ranged` in bco_ray/config/schema.py). Raises ConfigError naming the field, the value and what it may be."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value, tp = getattr(obj, f.name), hints[f.name]

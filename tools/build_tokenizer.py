@@ -1,9 +1,9 @@
 """Build the bundled byte-level BPE tokenizer (deterministic, offline).
 
 Trains on the bundled arithmetic train/eval text plus a small English text, and
-writes tokenizer.json, tokenizer_config.json and special_tokens_map.json next
-to this file, loadable with ``AutoTokenizer.from_pretrained(<this dir>)``:
-    python bco_ray/assets/tokenizer/build.py
+writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into
+bco_ray/assets/tokenizer/, loadable with ``AutoTokenizer.from_pretrained(<that dir>)``:
+    python tools/build_tokenizer.py
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "bco_ray" / "assets" / "tokenizer"  # where it writes
 DATA = HERE.parent / "arithmetic"
 VOCAB_SIZE = 512  # including the special tokens
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]  # ids 0..4

@@ -30,7 +30,7 @@ class ConfigError(ConfigErrorBase, ValueError):
 
 def ranged(default: float, allowed: str) -> Any:
     """An int or float field's default and allowed values ('>= 1', '> 0', '[0, 1)', '-1 or >= 0'; a float must
-    also be finite), which bco_ray.config_checks checks before any Ray work and `--help` shows."""
+    also be finite), which bco_ray.config.checks checks before any Ray work and `--help` shows."""
     return field(default=default, metadata={"range": allowed})
 
 
@@ -386,9 +386,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no cluster (bco_ray.config_checks): every choice field holds one of its choices
+    """Checks that need no cluster (bco_ray.config.checks): every choice field holds one of its choices
     (model.dtype, train.bf16, ...), every number is in its declared range, then the checks across fields.
     Raises ConfigError naming the field and the fix."""
-    from bco_ray.config_checks import check_config  # it imports this module's dataclasses
+    from bco_ray.config.checks import check_config  # it imports this module's dataclasses
 
     check_config(cfg)
