@@ -1,13 +1,23 @@
 """The drop-in Python API's real runs (marked e2e): TRL's BCOTrainer snippet, with a tiny model, tokenizer and
-dataset built here, trains end to end through Ray Data, Ray Train + DeepSpeed and MLflow; evaluate() gives the
-run's final eval; its step-0 numbers equal the config-file path's on the same inputs; UDM with a user embedding
-function (a tiny BartModel encoder) works. The runs join the session's Ray head from this process (module
-fixtures). BCOConfig's mapping and the trainer's argument checks are in tests/test_api.py.
+dataset built here, trains end to end through Ray Data, Ray Train + DeepSpeed and MLflow; its logged step 1 equals
+the reference BCOTrainer's (trl==1.13.0); evaluate() gives the run's final eval; its step-1 numbers equal the
+config-file path's on the same inputs; UDM with a user embedding function (a tiny BartModel encoder) works. The
+runs join the session's Ray head from this process (module fixtures). BCOConfig's mapping and the trainer's
+argument checks are in tests/test_api.py.
+
+Parity: tests/test_reference_parity.py calls the BCO forward directly; the snippet runs what the trainer does
+(packed micro-batches, the default, δ on the device, DeepSpeed, the metric window, MLflow) on the inputs and
+settings of trl's own log, recorded by tests/parity/run_reference_trainer.py (see its docstring) in
+tests/parity/reference_trainer_step1.json: the tiny Qwen2 (seed 0) as the policy, the same config (seed 1) as the
+reference model, 16 rows (8 of each label), per_device_train_batch_size=16, float32 on CPU, beta 0.1. δ starts
+empty, so step 1's δ is the mean reward of the 16 rows, absorbed before any of their losses. The learning rate
+(trl's log used 0) changes nothing logged at step 1: its loss and gradient come before the first update.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -21,7 +31,18 @@ from bco_ray.builtin import ASSETS, materialize_tiny_model, tokenizer_path
 
 from conftest import ROOT
 
-TRAIN_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "train.jsonl").read_text().splitlines()[:48]]
+REF = json.loads((ROOT / "tests" / "parity" / "reference_trainer_step1.json").read_text())
+PARITY_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "delta",
+)
+TRAIN_ROWS = REF["rows"]  # 8 desirable, 8 undesirable
+UDM_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "train.jsonl").read_text().splitlines()[:48]]
 EVAL_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "eval.jsonl").read_text().splitlines()[:16]]
 STEP0_KEYS = (
     "loss",
@@ -51,13 +72,23 @@ def local_ray(ray_client):
     ctx.execution_options.preserve_order = preserve
 
 
+def _fingerprint(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()  # tests/parity/run_reference.py's weights_fingerprint
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """The tiny Qwen2 (seed 0) as the model, a second one (seed 1) as the reference, so rewards are not zero."""
+    """The tiny Qwen2 (seed 0) as the model, a second one (seed 1) as the reference, so rewards are not zero (the
+    seeds of trl's recorded log)."""
     root = tmp_path_factory.mktemp("tiny_models")
+    s = REF["settings"]
     return {
-        "model_id": str(materialize_tiny_model(root / "policy", seed=0)),
-        "ref_id": str(materialize_tiny_model(root / "reference", seed=1)),
+        "model_id": str(materialize_tiny_model(root / "policy", seed=s["policy_seed"])),
+        "ref_id": str(materialize_tiny_model(root / "reference", seed=s["ref_seed"])),
     }
 
 
@@ -69,13 +100,15 @@ def snippet(tmp_path_factory, tiny_models, local_ray):
 
     tmp = tmp_path_factory.mktemp("snippet")
     model_id, ref_id = tiny_models["model_id"], tiny_models["ref_id"]
-    output_dir, batch_size, gradient_accumulation_steps = str(tmp / "out"), 8, 2
+    s = REF["settings"]
+    output_dir, batch_size, gradient_accumulation_steps = str(tmp / "out"), 16, 1
     dataset = DatasetDict({"train": Dataset.from_list(TRAIN_ROWS), "test": Dataset.from_list(EVAL_ROWS)})
 
     model = AutoModelForCausalLM.from_pretrained(model_id)
     ref_model = AutoModelForCausalLM.from_pretrained(ref_id)
     tokenizer = AutoTokenizer.from_pretrained(model_id)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fingerprints = {"policy": _fingerprint(model), "ref": _fingerprint(ref_model)}
     training_args = BCOConfig(
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
@@ -83,6 +116,9 @@ def snippet(tmp_path_factory, tiny_models, local_ray):
         learning_rate=1e-3,
         max_steps=3,
         logging_steps=1,
+        beta=s["beta"],
+        bf16=False,
+        use_cpu=True,
         run_name="snippet",
         mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
         mlflow_experiment="api",
@@ -97,7 +133,14 @@ def snippet(tmp_path_factory, tiny_models, local_ray):
     )
     result = trainer.train()
     return SimpleNamespace(
-        tmp=tmp, trainer=trainer, result=result, model=model, initial=initial, tokenizer=tokenizer, args=training_args
+        tmp=tmp,
+        trainer=trainer,
+        result=result,
+        model=model,
+        initial=initial,
+        tokenizer=tokenizer,
+        args=training_args,
+        fingerprints=fingerprints,
     )
 
 
@@ -115,8 +158,8 @@ def test_snippet_trains_through_ray_deepspeed_and_mlflow(snippet):
     run = client.get_run(r.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "snippet"
     p = run.data.params
-    assert (p["train.num_workers"], p["train.zero_stage"], p["train.micro_batch_size"]) == ("1", "2", "8")
-    assert (p["train.gradient_accumulation_steps"], p["train.lr"], p["udm.enabled"]) == ("2", "0.001", "False")
+    assert (p["train.num_workers"], p["train.zero_stage"], p["train.micro_batch_size"]) == ("1", "2", "16")
+    assert (p["train.gradient_accumulation_steps"], p["train.lr"], p["udm.enabled"]) == ("1", "0.001", "False")
     assert sorted(_history(client, r.run_id, "loss")) == [1, 2, 3]
     assert {"eval/loss", "eval/auc", "rewards/margins", "delta", "grad_norm"} <= set(run.data.metrics)
     assert {"config.yaml", "plots"} <= {a.path for a in client.list_artifacts(r.run_id)}
@@ -150,6 +193,21 @@ def test_snippet_trains_through_ray_deepspeed_and_mlflow(snippet):
 
 
 @pytest.mark.e2e
+def test_logged_step1_equals_trl(snippet):
+    if snippet.fingerprints != {k: REF["fingerprints"][k] for k in ("policy", "ref")}:
+        pytest.skip("materialize_tiny_model builds other weights here: re-run tests/parity/run_reference_trainer.py")
+    tokenizer_json = (Path(snippet.tokenizer.name_or_path) / "tokenizer.json").read_bytes()
+    if hashlib.sha256(tokenizer_json).hexdigest() != REF["fingerprints"]["tokenizer.json"]:
+        pytest.skip("the bundled tokenizer changed since the reference was recorded: re-run the generator")
+    step1, ref = next(h for h in snippet.trainer.state.log_history if "loss" in h), REF["log"]
+    assert (step1["count/chosen"], step1["count/rejected"]) == (8, 8)
+    for key in PARITY_KEYS:  # trl logs float32 values; ours are summed in float64
+        assert step1[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), (key, step1[key], ref[key])
+    assert step1["loss"] == pytest.approx(ref["loss"], abs=1e-6)  # before the fix: 0.7090 vs 0.7048
+    assert step1["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)  # the gradient, not the loss only
+
+
+@pytest.mark.e2e
 def test_evaluate_matches_the_runs_final_eval(snippet):
     """evaluate() runs here (no Ray, no DeepSpeed) with the trained model and the run's δ; on the run's eval split
     and on the same rows handed over anew (tokenized and reference-scored here) it gives the run's numbers."""
@@ -161,9 +219,9 @@ def test_evaluate_matches_the_runs_final_eval(snippet):
 
 
 @pytest.mark.e2e
-def test_step0_numbers_equal_the_config_file_path(snippet, tiny_models, tmp_path):
+def test_step1_numbers_equal_the_config_file_path(snippet, tiny_models, tmp_path):
     """The same inputs through `jobs/bco.py --config <yaml>` (rows as JSON lines, models by path) give the same
-    step-0 numbers (the first logged step: all its micro-batches run before the first optimizer step)."""
+    step-1 numbers (the first logged step: all its micro-batches run before the first optimizer step)."""
     from mlflow.tracking import MlflowClient
 
     for name, rows in (("train", TRAIN_ROWS), ("eval", EVAL_ROWS)):
@@ -180,8 +238,9 @@ udm:
   enabled: false
 train:
   num_workers: 1
-  micro_batch_size: 8
-  gradient_accumulation_steps: 2
+  micro_batch_size: 16
+  gradient_accumulation_steps: 1
+  beta: {REF["settings"]["beta"]}
   lr: 1.0e-3
   warmup_ratio: 0.0
   max_steps: 1
@@ -258,7 +317,7 @@ def test_udm_with_a_bart_embedding_function(tiny_models, tmp_path, local_ray):
         ref_model=None,
         args=args,
         processing_class=AutoTokenizer.from_pretrained(tiny_models["model_id"]),
-        train_dataset=TRAIN_ROWS,
+        train_dataset=UDM_ROWS,
         embedding_func=embedding_func,
         embedding_tokenizer=embedding_tokenizer,
     )

@@ -238,6 +238,7 @@ class FakeCluster:
 # The tiny job, cut to what shows scaling: the pass (ReadText tasks, tokenize, the reference actor pool)
 # and a 2-worker Ray Train group; no UDM, no eval.
 TINY = (
+    "--data.train=tests/data/train.jsonl",  # the working dir is the checkout: relative to it on every node
     "--train.num_workers=2",
     "--train.max_steps=2",
     "--train.logging_steps=1",

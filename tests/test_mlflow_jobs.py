@@ -1,8 +1,12 @@
-"""MLflow tracking end to end (marked e2e) against a real `mlflow server` on 127.0.0.1, started once for the
-module: the tiny job runs with β=0.1; a job with β=0.5 fails after its MLflow run is open (its precompute cache
-cannot be created) and is marked FAILED; re-run under the same name it continues that MLflow run to FINISHED
-(this time through $MLFLOW_TRACKING_URI); `jobs/compare.py` then compares the two β runs. The unit tests are in
-tests/test_mlflow.py."""
+"""The real pipeline and its MLflow tracking end to end (marked e2e), against a real `mlflow server` on 127.0.0.1
+started once for the module:
+- the tiny job runs with β=0.1 on the session's Ray head: Ray Data pass (UDM on) → 2 Ray Train workers with
+  DeepSpeed ZeRO-2 → MLflow, with the generation eval (held-out prompts, reference vs policy) at steps 0, 15, 30;
+- a job with β=0.5 fails after its MLflow run is open (a bad row only the pass's read finds) and is marked FAILED;
+- re-run under the same name, on a local Ray of its own (as `make demo` starts one), it continues that MLflow run
+  to FINISHED (this time through $MLFLOW_TRACKING_URI), reusing the first job's pass;
+- `jobs/compare.py` then compares the two β runs.
+The unit tests are in tests/test_mlflow.py."""
 
 from __future__ import annotations
 
@@ -15,15 +19,18 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
+from bco_ray.builtin import BUILTIN_TRAIN, SFT_DIR, resolve_data
 from bco_ray.config.schema import load_config
 from bco_ray.storage import resolve_locations
 from bco_ray.tracking import mlflow_inputs, mlflow_run
 
-from conftest import ROOT, MlflowServer, job_env
+from conftest import ROOT, TEST_DATA, TRAIN_ROWS, MlflowServer, job_env
 from mlflow_helpers import PLOTS, STEP_KEYS, metric_steps, mlflow_globals_restored, png_stats
 
 
@@ -45,8 +52,8 @@ def mlflow_server(tmp_path_factory):
 
 
 SUBMIT_COMMIT = "5ab1e" * 8
-# The generation eval has its own end-to-end test (test_e2e.py); these jobs are about what MLflow records.
 E2E_ARGS = [
+    *TEST_DATA,
     "--train.max_steps=4",
     "--train.logging_steps=1",
     "--train.eval_steps=0",
@@ -54,14 +61,30 @@ E2E_ARGS = [
     "--mlflow.experiment=beta-sweep",
     "--eval.generate=false",
 ]
+# The first job trains for real: 30 steps at 5e-3 (the demo's 5e-4 moves the SFT'd policy's loss too little to
+# test), with the generation eval on a handful of held-out prompts and one intermediate eval (a policy snapshot).
+A_ARGS = [
+    "--mlflow.run_name=beta-0.1",
+    "--train.beta=0.1",
+    "--mlflow.registered_model_name=bco-beta",
+    "--train.max_steps=30",
+    "--train.lr=5e-3",
+    "--train.eval_steps=15",
+    "--eval.generate=true",
+    "--eval.num_prompts=8",
+    "--eval.max_new_tokens=12",
+]
+GEN_REWARDS = ("eval/gen/reward", "eval/gen/reward_ref")
 
 
 def _job(
     tmp: Path, head, *overrides: str, env: dict | None = None, log: str = "job.log"
 ) -> subprocess.CompletedProcess:
+    """The job on `head`, or with head None on a local Ray of its own."""
     cmd = [sys.executable, str(ROOT / "jobs" / "bco.py"), f"--output_dir={tmp / 'outputs'}", *E2E_ARGS, *overrides]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=tmp, env=head.client_env(**(env or {})), capture_output=True, text=True, timeout=900)
+    env = head.client_env(**(env or {})) if head else job_env(**(env or {}))
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     (tmp / log).write_text(
         f"{' '.join(cmd)}\n{time.time() - t0:.1f} s\n{proc.stdout}\n----- stderr -----\n{proc.stderr}"
     )
@@ -87,9 +110,7 @@ def jobs(mlflow_server, ray_head, tmp_path_factory):
         tmp,
         ray_head,
         f"--mlflow.tracking_uri={mlflow_server}",
-        "--mlflow.run_name=beta-0.1",
-        "--train.beta=0.1",
-        "--mlflow.registered_model_name=bco-beta",
+        *A_ARGS,
         log="a.log",
         env={"BCO_RAY_GIT_COMMIT": SUBMIT_COMMIT, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
     )
@@ -113,10 +134,10 @@ def jobs(mlflow_server, ray_head, tmp_path_factory):
     out["failed_rc"] = proc.returncode
     out["failed"] = run_state("beta-0.5")
 
-    # Same run name, the tracking server named by the environment this time, a working cache.
+    # Same run name, the tracking server named by the environment this time, a working cache, a local Ray.
     proc = _job(
         tmp,
-        ray_head,
+        None,
         "--mlflow.run_name=beta-0.5",
         "--train.beta=0.5",
         env={"MLFLOW_TRACKING_URI": mlflow_server},
@@ -140,9 +161,7 @@ def test_job_logs_params_tags_and_step_metrics(jobs, ray_head):
                     f"--output_dir={jobs['tmp'] / 'outputs'}",
                     *E2E_ARGS,
                     f"--mlflow.tracking_uri={jobs['uri']}",
-                    "--mlflow.run_name=beta-0.1",
-                    "--train.beta=0.1",
-                    "--mlflow.registered_model_name=bco-beta",
+                    *A_ARGS,
                 ],
             )
         )
@@ -179,19 +198,63 @@ def test_job_logs_params_tags_and_step_metrics(jobs, ray_head):
     )
     assert [(m.name, str(m.status)) for m in models] == [("model", "READY")]
     linked = {m.key: (m.step, m.value) for m in models[0].metrics}
-    assert linked["eval/auc"] == (4, run.data.metrics["eval/auc"]) and linked["loss"][0] == 4
+    assert linked["eval/auc"] == (30, run.data.metrics["eval/auc"]) and linked["loss"][0] == 30
     assert tags["model.id"] == models[0].model_id and tags["model.registered_version"] == "1"
     (version,) = client.search_model_versions("name = 'bco-beta'")
     assert models[0].model_id in version.source
-    for key in STEP_KEYS:
-        assert metric_steps(client, run.info.run_id, key) == [1, 2, 3, 4], key  # step = optimizer step, each once
-    assert metric_steps(client, run.info.run_id, "eval/auc") == [0, 4]  # the reference, then the end
+    for key in STEP_KEYS:  # step = optimizer step, each once
+        assert metric_steps(client, run.info.run_id, key) == list(range(1, 31)), key
+    assert metric_steps(client, run.info.run_id, "eval/auc") == [0, 15, 30]  # the reference, mid-run, the end
     assert 0.0 <= run.data.metrics["eval/auc"] <= 1.0
     for key in ("precompute/rows", "precompute/tokens", "precompute/padding_fraction", "udm/accuracy"):
         assert metric_steps(client, run.info.run_id, key) == [0], key
-    assert run.data.metrics["precompute/rows"] > 2000
+    assert run.data.metrics["precompute/rows"] == TRAIN_ROWS + 64
     for phase in ("checks", "ray_start", "precompute", "train_start", "train", "eval", "save", "log_model"):
         assert run.data.metrics[f"time/{phase}"] >= 0, phase  # per-phase wall times of the job
+
+
+@pytest.mark.e2e
+def test_job_trains_evaluates_generations_and_saves(jobs, tmp_path):
+    """What a user looks at after the first job: the loss fell, the eval curves, the generation eval, the model."""
+    run, client = jobs["a"], MlflowClient(jobs["uri"])
+    run_id = run.info.run_id
+    assert run.data.params["train.num_workers"] == "2" and run.data.params["train.zero_stage"] == "2"
+    losses = [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < first - 0.02, f"loss did not decrease: first {first:.4f}, last {last:.4f}"
+    margins = sorted(client.get_metric_history(run_id, "rewards/margins"), key=lambda m: m.step)
+    assert margins[-1].step == 30 and margins[-1].value > 0
+
+    # Every eval curve starts at step 0 (the reference); the generation eval logged reference vs policy at steps
+    # 0, 15 and 30, its tables, and the policy scores no lower than the reference it started from.
+    score = {m.step: m.value for m in client.get_metric_history(run_id, "eval/gen/score")}
+    score_ref = {m.step: m.value for m in client.get_metric_history(run_id, "eval/gen/score_ref")}
+    assert sorted(score) == sorted(score_ref) == [0, 15, 30] and score[0] == score_ref[0]
+    assert score[30] >= score_ref[30], (score, score_ref)
+    for key in ("eval/gen/hedged", "eval/gen/hedged_ref", "eval/gen/length", *GEN_REWARDS):
+        assert key in run.data.metrics, key
+    # The implicit reward β·(log π − log π_ref) of each side's completions under the policy of that step: exactly 0
+    # at step 0 (the policy is the reference); then the policy's own completions score above the reference's (the
+    # score above cannot show this: the tiny model rarely gets an answer right).
+    reward, reward_ref = ({m.step: m.value for m in client.get_metric_history(run_id, k)} for k in GEN_REWARDS)
+    assert reward[0] == reward_ref[0] == 0.0, (reward, reward_ref)
+    assert reward[30] > reward_ref[30], (reward, reward_ref)
+    assert {a.path for a in client.list_artifacts(run_id, "eval")} >= {
+        "eval/generations.json",
+        "eval/generations_by_step.json",
+    }
+    table = json.loads(Path(client.download_artifacts(run_id, "eval/generations.json", str(tmp_path))).read_text())
+    assert table["columns"][:4] == ["step", "prompt", "reference", "policy"] and len(table["data"]) == 8
+    assert {"score", "score_ref", "reward", "reward_ref"} <= set(table["columns"])
+    assert not (jobs["tmp"] / "outputs" / "ray" / "beta-0.1" / "generation").exists()  # snapshots removed
+
+    # The saved policy loads with plain transformers and moved away from its initial weights.
+    result = json.loads((jobs["tmp"] / "outputs" / "runs" / "beta-0.1" / "result.json").read_text())
+    trained = AutoModelForCausalLM.from_pretrained(result["model_dir"])
+    init = load_file(str(SFT_DIR / "model.safetensors"))  # the demo's policy starts from the SFT'd model
+    assert max(float((trained.state_dict()[k] - v).abs().max()) for k, v in init.items()) > 1e-3
+    with torch.no_grad():
+        assert torch.isfinite(trained(torch.tensor([[0, 5, 6, 7]])).logits).all()
 
 
 @pytest.mark.e2e
@@ -200,7 +263,7 @@ def test_job_logs_config_plots_classifier_and_model(jobs, tmp_path):
     client = MlflowClient(jobs["uri"])
     assert {"config.yaml", "plots", "precompute", "udm"} <= {a.path for a in client.list_artifacts(rid)}
     cfg = yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", str(tmp_path))).read_text())
-    assert cfg["train"]["beta"] == 0.1 and cfg["train"]["max_steps"] == 4
+    assert cfg["train"]["beta"] == 0.1 and cfg["train"]["max_steps"] == 30
     assert json.loads(Path(client.download_artifacts(rid, "precompute/summary.json", str(tmp_path))).read_text())[
         "train"
     ]
@@ -208,7 +271,7 @@ def test_job_logs_config_plots_classifier_and_model(jobs, tmp_path):
     clf = json.loads(Path(client.download_artifacts(rid, "udm/classifier.json", str(tmp_path))).read_text())
     assert len(clf["coef"][0]) == 384 and clf["classes"] == [0.0, 1.0]  # plain parameters, not a pickle
     plot_dir = Path(client.download_artifacts(rid, "plots", str(tmp_path)))
-    assert {p.stem for p in plot_dir.glob("*.png")} == PLOTS
+    assert {p.stem for p in plot_dir.glob("*.png")} == PLOTS | {"gen_score"}
     for p in plot_dir.glob("*.png"):
         h, w, colour = png_stats(p)
         assert h >= 400 and w >= 700 and colour > 0.0005, p.name

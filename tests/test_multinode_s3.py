@@ -31,7 +31,7 @@ pytestmark = [
 MODEL_KEY = "models/tiny"
 RUNTIME_ENV = {"working_dir": str(ROOT), "excludes": [".git", ".venv", ".gpu", "outputs", "mlflow.db"]}
 JOB = (
-    "python jobs/bco.py --udm.enabled=false --data.eval=none --eval.generate=false --train.eval_steps=0 "
+    "python jobs/bco.py --data.train=tests/data/train.jsonl --udm.enabled=false --data.eval=none --eval.generate=false --train.eval_steps=0 "
     "--train.logging_steps=1 --train.num_workers=2 --train.cpus_per_worker=1"
 )
 

@@ -1,6 +1,7 @@
 """The TRL example script (tests/trl_example/bco.py, only the import changed) trains for real, marked e2e: one run
 with full fine-tuning (then `push_to_hub` to a fake Hub on loopback) and one with `--use_peft --lora_target_modules
-all-linear`, each a real Ray job on the session's Ray head (two optimizer steps). Everything the script and a
+all-linear` under ZeRO-0 (through `--bco_ray_overrides`), each a real Ray job on the session's Ray head (two
+optimizer steps). Everything the script and a
 TRL user read is checked on those two runs: save_model's directory, log_history, evaluate(), the pushed files.
 """
 
@@ -77,7 +78,13 @@ def full_run(tmp_path_factory, inputs, ray_client, fake_hub_server):
 @pytest.fixture(scope="module")
 def peft_run(tmp_path_factory, inputs, ray_client):
     tmp = tmp_path_factory.mktemp("trl_script_peft")
-    argv = _args(tmp, inputs.model, inputs.data, "script-peft", "--use_peft", "--lora_target_modules", "all-linear")
+    argv = _args(
+        tmp,
+        inputs.model,
+        inputs.data,
+        "script-peft",
+        *("--use_peft", "--lora_target_modules", "all-linear", "--bco_ray_overrides", '{"train.zero_stage": 0}'),
+    )
     return SimpleNamespace(tmp=tmp, trainer=_main()(argv))
 
 
@@ -117,6 +124,14 @@ def test_peft_script_trains_an_all_linear_lora_adapter(peft_run):
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert lora_b and max(float(v.abs().max()) for v in lora_b) > 0  # B starts at zero: the adapter trained
     assert peft_run.trainer.config.train.lora.target_modules == ["all-linear"]
-    assert [h["step"] for h in peft_run.trainer.state.log_history if "loss" in h] == [1, 2]
+    assert peft_run.trainer.config.train.zero_stage == 0
+    steps = [h for h in peft_run.trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in steps] == [1, 2] and all(h["grad_norm"] > 0 for h in steps)  # ZeRO-0's real norm
+    # the adapter loads with peft, and the merged model (the adapter folded into the base) with transformers
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(out)
+    AutoModelForCausalLM.from_pretrained(out / "merged")
     assert torch.isfinite(torch.tensor(peft_run.trainer.evaluate()["eval_loss"]))
     assert (ROOT / "tests" / "trl_example" / "bco.py").is_file()
