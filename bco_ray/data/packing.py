@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+
 def pad_right(seqs, pad_id: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of token ids right-padded to the longest row (or `pad_to`): (input_ids, attention_mask), int64.
     The one padding helper: the padded micro-batches, the pass's reference and embedder batches, the benches."""

@@ -81,7 +81,12 @@ def packed_micro_batches(
             continue
         by_rank = [_take(step, r * m, (r + 1) * m) for r in range(world)]
         packs, n_chunks, groups = plan_step_groups(
-            [[len(s) for s in x["input_ids"]] for x in by_rank], [x["prompt_len"] for x in by_rank], budget, chunk_size, rank, m
+            [[len(s) for s in x["input_ids"]] for x in by_rank],
+            [x["prompt_len"] for x in by_rank],
+            budget,
+            chunk_size,
+            rank,
+            m,
         )
         yield from _packs(by_rank[rank], packs, n_chunks, groups, pad_id, m, gas, device)
 
@@ -148,4 +153,3 @@ def length_bucketed(batches, window: int, seed: int):
             buf = []
     if buf:
         yield from flush()
-

@@ -113,7 +113,9 @@ class BCORecipe:
                 check_values(up.step, loss=m["loss"], grad_norm=m["grad_norm"])  # read anyway: no extra sync
             self.after_step(micro)
         if up.step == step_at_start and self.skip == 0:
-            raise RuntimeError(f"rank {self.rank}: the training shard yielded no full micro-batch in epoch {self.epoch}")
+            raise RuntimeError(
+                f"rank {self.rank}: the training shard yielded no full micro-batch in epoch {self.epoch}"
+            )
 
     def after_step(self, micro: int) -> None:
         """Evaluate and checkpoint as due (never at the last step: the final save evaluates and saves)."""
@@ -170,7 +172,9 @@ class BCORecipe:
                 self.updater.load_checkpoint(d)  # the history keeps what was logged up to the divergence
         diverged = {"step": e.step, "what": e.what, "checkpoint": ckpt.path if ckpt else None}
         if self.rank == 0:
-            console(f"[bco-ray] {e}; the final model is {f'step {self.updater.step}' if ckpt else 'none (no checkpoint)'}")
+            console(
+                f"[bco-ray] {e}; the final model is {f'step {self.updater.step}' if ckpt else 'none (no checkpoint)'}"
+            )
         self.save_final(diverged)
 
     def save_final(self, diverged: dict | None = None) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import ray.train
 import torch
 
+from bco_ray.bco.loss import RunningMean
 from bco_ray.config.schema import TrainConfig
 from bco_ray.train import hooks
 from bco_ray.train.batches import Batch, PackedBatch
@@ -22,7 +23,6 @@ from bco_ray.train.jit_builds import pin_jit_builds
 from bco_ray.train.metrics import WindowSums
 from bco_ray.train.spec import WorkerSpec
 from bco_ray.train.throughput import flop_shape, peak_flops, train_flops
-from bco_ray.bco.loss import RunningMean
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,9 @@ class StepSchedule:
         )
 
 
-def train_step(engine, micro_batches: list[Batch], delta: RunningMean, sums: WindowSums, beta: float, chunk_size: int, shape=None):
+def train_step(
+    engine, micro_batches: list[Batch], delta: RunningMean, sums: WindowSums, beta: float, chunk_size: int, shape=None
+):
     """One optimizer step on a DeepSpeed engine: for each micro-batch, the BCO forward and loss (δ updated first,
     metrics added to `sums`), backward, and the engine's step (DeepSpeed steps the optimizer at the accumulation
     boundary: the batch that closes the step). Returns the step's gradient norm (a tensor or float)."""
