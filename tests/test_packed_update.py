@@ -80,7 +80,7 @@ class _Shard:
         self.batches = batches
 
     def iter_batches(self, batch_size, batch_format, drop_last, prefetch_batches=1):
-        assert all(len(b.label) == batch_size for b in self.batches) and batch_format == "numpy"
+        assert all(len(b["label"]) == batch_size for b in self.batches) and batch_format == "numpy"
         yield from self.batches
 
 
