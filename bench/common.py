@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bco_ray.tracking.throughput import peak_flops as gpu_peak_flops  # noqa: E402
+from bco_ray.train.throughput import peak_flops as gpu_peak_flops  # noqa: E402
 
 # Model shapes. "qwen0.5b" is Qwen2.5-0.5B's architecture, randomly initialised (no hub download).
 SHAPES = {

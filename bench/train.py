@@ -1,7 +1,7 @@
 """Policy update: bco-ray's training step versus a naive baseline, in one process, on the same rows and weights.
 
   ours      precompute: the `RefLogps` stage over all rows (timed: it is part of end-to-end), then the
-            trainer's own step (bco_ray.train.step.micro_batch_loss + backward + optimizer step). Default
+            trainer's own step (bco_ray.train.forward.micro_batch_loss + backward + optimizer step, as bco_ray.train.updater.train_step). Default
             (--bucketing packed, the trainer's default): each optimizer step's --micro-batch-size ×
             --gradient-accumulation-steps rows packed to --micro-batch-tokens tokens (bco_ray.data.packing).
             --bucketing trainer: today's padded step (fixed --micro-batch-size rows, `length_bucketed` over
@@ -59,7 +59,7 @@ def parse_args(argv=None):
         choices=["packed", "trainer", "budget"],
         default="packed",
         help="ours: packed = the trainer's default step (rows of a step packed to --micro-batch-tokens); "
-        "trainer = today's padded step (step.length_bucketed: --micro-batch-size rows, --bucket-window "
+        "trainer = today's padded step (batching.length_bucketed: --micro-batch-size rows, --bucket-window "
         "micro-batches pooled); budget = bench-only token-budget padded micro-batches",
     )
     p.add_argument(

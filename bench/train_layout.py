@@ -26,7 +26,7 @@ def step_plans(a, layout: str, lengths: list[int], labels) -> list:
         return [(b, [b]) for b in bucketed(lengths, a.window, a.micro_batch_tokens, a.seed)]
     if layout == "packed":  # each step's rows as today's trainer takes them (the same rows per step), packed
         return [(rows, None) for rows, _ in step_plans(a, "trainer", lengths, labels)]
-    from bco_ray.train.step import length_bucketed  # today's trainer: fixed rows, re-cut by length
+    from bco_ray.train.batching import length_bucketed  # today's trainer: fixed rows, re-cut by length
 
     mbs = a.micro_batch_size
     ids = np.empty(len(lengths), dtype=object)

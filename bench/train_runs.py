@@ -99,9 +99,10 @@ def precompute(a, path, rows, device, dtype) -> tuple[np.ndarray, dict]:
 
 def run_ours(a, zero, path, rows, ref_logps, device, dtype, lengths, shape, peak, layout=None) -> dict:
     """The trainer's step function on `layout` micro-batches (default a.bucketing)."""
-    from bco_ray.data.packing import collate_packed, plan_step, to_device
-    from bco_ray.train.device_stats import DeviceRunningMean
-    from bco_ray.train.step import collate, micro_batch_loss
+    from bco_ray.bco.loss import RunningMean
+    from bco_ray.data.packing import collate_packed, plan_step
+    from bco_ray.train.batches import collate, packed
+    from bco_ray.train.forward import micro_batch_loss
 
     layout = layout or a.bucketing
     model = C.load_model(path, dtype, device, C.pick_attn(a.attn, device))
@@ -117,7 +118,7 @@ def run_ours(a, zero, path, rows, ref_logps, device, dtype, lengths, shape, peak
     model.train()
     gas = 1 if layout == "budget" else a.gradient_accumulation_steps
     up = Updater(model, zero, a, device, dtype, gas=gas)
-    delta = DeviceRunningMean(device)
+    delta = RunningMean(device=device)
     cols = {
         "input_ids": [np.asarray(s, dtype=np.int64) for s in rows["input_ids"]],
         "prompt_len": np.asarray(rows["prompt_len"]),
@@ -148,18 +149,21 @@ def run_ours(a, zero, path, rows, ref_logps, device, dtype, lengths, shape, peak
                 a.micro_batch_size,  # packs of whole micro-batches, as the trainer's
             )
             for j, (pack, nc) in enumerate(zip(packs, n_chunks)):
-                batch = to_device(collate_packed(mine, pack, C.PAD_ID, len(b), nc), device)
-                up.step(micro_batch_loss(up.model, batch, delta, a.beta, a.chunk_size), batch, j == len(packs) - 1)
-                computed += batch["input_ids"].shape[1]
+                last = j == len(packs) - 1
+                batch = packed(
+                    collate_packed(mine, pack, C.PAD_ID, len(b), nc), device, [0] * max(len(pack), 1), 1, last
+                )
+                up.step(micro_batch_loss(up.model, batch, delta, a.beta, a.chunk_size), batch, last)
+                computed += batch.computed_tokens
             return computed
         for j, m in enumerate(micro):
-            batch = {k: v.to(device, non_blocking=True) for k, v in collate(take(m), C.PAD_ID).items()}
+            batch = collate(take(m), C.PAD_ID).to(device)
             up.step(
                 micro_batch_loss(up.model, batch, delta, a.beta, a.chunk_size),
                 batch if up.engine is not None else None,
                 j == len(micro) - 1,
             )
-            computed += batch["input_ids"].numel()
+            computed += batch.computed_tokens
         return computed
 
     name = f"ours zero={zero}" + ("" if layout == a.bucketing else f" ({layout})")
@@ -178,7 +182,7 @@ def run_baseline(a, path, rows, device, dtype, lengths, shape, peak) -> dict:
     policy.train()
     ref = C.load_model(path, dtype, device, a.baseline_attn).eval().requires_grad_(False)
     up = Updater(policy, a.baseline_zero, a, device, dtype)
-    delta = RunningMean()
+    delta = RunningMean(device=device)
     labels = torch.as_tensor(rows["label"])
 
     def step(b):

@@ -57,15 +57,13 @@ class Updater:
 
     def step(self, loss: torch.Tensor, batch: dict | None = None, last: bool = True) -> None:
         """Back-propagate one micro-batch's loss (the trainer's `micro_batch_loss`); `last` closes the step."""
-        from bco_ray.train.batching import backward, set_boundary
+        from bco_ray.train.batches import PackedBatch
 
-        packed = batch is not None and "position_ids" in batch
-        if self.engine is not None:
-            if batch is not None:
-                set_boundary(self.engine, batch, last)
-                backward(self.engine, batch, loss)
-            else:
-                self.engine.backward(loss)
+        packed = isinstance(batch, PackedBatch)
+        if self.engine is not None:  # as bco_ray.train.updater.train_step
+            if packed:
+                self.engine.set_gradient_accumulation_boundary(last)
+            self.engine.backward(loss, scale_wrt_gas=not packed)
             self.engine.step()
             return
         (loss if packed else loss / self.gas).backward()

@@ -123,7 +123,8 @@ def test_running_mean_sequence_and_state_dict():
         assert m.mean == pytest.approx(41 / 11, abs=1e-6)
     # the update does not keep a graph and accepts bf16 / 2-D rewards
     x = torch.tensor([[1.0, 1.0]], dtype=torch.bfloat16, requires_grad=True)
-    assert isinstance(rm.update(x), float)
+    after = rm.update(x)  # δ stays on the rewards' device (a 0-d tensor): read only where it is logged
+    assert after.ndim == 0 and not after.requires_grad and float(after) == pytest.approx((41 + 2) / 13, abs=1e-6)
 
 
 # ----------------------------------------------------------------------- completion log-probs: hand model

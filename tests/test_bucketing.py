@@ -8,7 +8,8 @@ undesirable rows, each label's rows taken in length order. Plain numpy, no model
 import numpy as np
 import pytest
 
-from bco_ray.train.step import _ragged, length_bucketed
+from bco_ray.data.packing import ragged
+from bco_ray.train.batching import length_bucketed
 
 SIZE = 8  # rows per micro-batch
 WINDOW = 16  # micro-batches pooled
@@ -25,7 +26,7 @@ def _stream(n_micro: int, size: int = SIZE, p_desirable: float = 0.5, seed: int 
         lengths = rng.integers(10, 60, size) + completion
         out.append(
             {
-                "input_ids": _ragged([rng.integers(3, 500, n) for n in lengths]),
+                "input_ids": ragged([rng.integers(3, 500, n) for n in lengths]),
                 "label": label,
                 "prompt_len": np.full(size, 10),
                 "ref_logps": rng.normal(size=size).astype(np.float32),

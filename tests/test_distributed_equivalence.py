@@ -61,8 +61,9 @@ def _global_batches() -> list[dict[str, np.ndarray]]:
 def _run(rows: slice | None):
     """bco_forward over the MICRO micro-batches (this process's rows); per-micro-batch records."""
     from bco_ray.bco.loss import RunningMean
+    from bco_ray.train.batches import collate
+    from bco_ray.train.forward import bco_forward
     from bco_ray.train.metrics import WindowSums
-    from bco_ray.train.step import bco_forward, collate
 
     torch.set_num_threads(1)
     model = _model()
@@ -73,10 +74,10 @@ def _run(rows: slice | None):
         batch = collate(part, PAD_ID)
         losses, rewards, logps = bco_forward(model, batch, delta, BETA, chunk_size=4)
         losses.mean().backward()  # as in training; no optimizer step
-        tokens = int(batch["attention_mask"].sum())
+        tokens = int(batch.attention_mask.sum())
         for w in (window, total):
-            w.add(losses, rewards, logps, batch["label"], tokens)
-        rec["delta"].append(delta.mean)
+            w.add(losses, rewards, logps, batch.label, tokens)
+        rec["delta"].append(float(delta.mean))
         rec["losses"].append(losses.detach())
         rec["rewards"].append(rewards.detach())
         rec["logps"].append(logps.detach())

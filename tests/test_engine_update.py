@@ -129,7 +129,8 @@ def _train_config(**kw):
 def _reference():
     """(parameters after STEPS plain AdamW steps, pre-clipping gradient norm of each step, initial parameters)."""
     from bco_ray.bco.loss import RunningMean
-    from bco_ray.train.step import bco_forward, collate
+    from bco_ray.train.batches import collate
+    from bco_ray.train.forward import bco_forward
 
     model = _model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -151,8 +152,9 @@ def _engine_run(t):
     from transformers import get_scheduler
 
     from bco_ray.bco.loss import RunningMean
+    from bco_ray.train.batches import collate
     from bco_ray.train.ds_config import deepspeed_config
-    from bco_ray.train.step import bco_forward, collate
+    from bco_ray.train.forward import bco_forward
 
     model = _model()
     engine, *_ = deepspeed.initialize(

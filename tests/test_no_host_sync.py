@@ -19,9 +19,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from bco_ray.data.packing import collate_packed, plan_step, to_device
-from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
-from bco_ray.train.step import collate, micro_batch_loss
+from bco_ray.bco.loss import RunningMean
+from bco_ray.data.packing import collate_packed, plan_step
+from bco_ray.train.batches import collate, packed
+from bco_ray.train.forward import micro_batch_loss
+from bco_ray.train.metrics import WindowSums
 
 from tiny_models import tiny_kwargs
 
@@ -102,10 +104,11 @@ def _setup():
 def test_a_packed_micro_batch_never_synchronises_the_host():
     model, rows, lengths = _setup()
     packs, n_chunks = plan_step([lengths], [rows["prompt_len"]], 100, 16, 0)
-    batches = [to_device(collate_packed(rows, p, 0, 8, c), torch.device("cpu")) for p, c in zip(packs, n_chunks)]
-    batches.append(to_device(collate_packed(rows, [], 0, 8, 1), torch.device("cpu")))  # an empty pack too
+    cpu = torch.device("cpu")
+    batches = [packed(collate_packed(rows, p, 0, 8, c), cpu, [0] * len(p), 1, False) for p, c in zip(packs, n_chunks)]
+    batches.append(packed(collate_packed(rows, [], 0, 8, 1), cpu, [0], 1, True))  # an empty pack too
     assert len(batches) >= 4
-    delta, sums = DeviceRunningMean(), DeviceWindowSums()
+    delta, sums = RunningMean(), WindowSums()
     micro_batch_loss(model, batches[0], delta, 0.1, 16, sums).backward()  # warm-up: the probe
     with count_syncs() as counts:
         for b in batches[1:]:
@@ -121,8 +124,7 @@ def test_a_packed_micro_batch_never_synchronises_the_host():
 def test_the_counter_sees_the_padded_path_synchronise():
     model, rows, _ = _setup()
     batch = collate(rows, 0)
-    batch["tokens"] = 0
-    delta = DeviceRunningMean()
+    delta = RunningMean()
     micro_batch_loss(model, batch, delta, 0.1, 16).backward()
     with count_syncs() as counts:
         micro_batch_loss(model, batch, delta, 0.1, 16).backward()

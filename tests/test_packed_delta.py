@@ -16,9 +16,10 @@ from bco_ray.bco.logprobs import policy_completion_logps
 from bco_ray.bco.loss import RunningMean, bco_losses
 from bco_ray.config.schema import TrainConfig
 from bco_ray.data.packing import micro_batch_groups
+from bco_ray.train.batches import collate
 from bco_ray.train.batching import packed_micro_batches
-from bco_ray.train.device_stats import DeviceRunningMean, DeviceWindowSums
-from bco_ray.train.step import collate, micro_batch_loss
+from bco_ray.train.forward import micro_batch_loss
+from bco_ray.train.metrics import WindowSums
 
 ROWS, GAS, STEPS, BETA, PAD, CHUNK = 4, 2, 2, 0.1, 2, 16
 MB_TOKENS = 4 * 40  # the most tokens a micro-batch has (rows of 4 to 40 tokens)
@@ -80,25 +81,25 @@ def _reference(model, split):
         losses_of_step = []
         for k in range(GAS):
             b = collate(split[s * GAS + k], PAD)
-            lp = policy_completion_logps(model, b["input_ids"], b["attention_mask"], b["prompt_len"], CHUNK)
-            delta.update(BETA * (lp.detach() - b["ref_logps"]))
-            losses, _ = bco_losses(lp, b["ref_logps"], b["label"], b["udm_weight"], BETA, delta.mean)
+            lp = policy_completion_logps(model, b.input_ids, b.attention_mask, b.prompt_len, CHUNK)
+            delta.update(BETA * (lp.detach() - b.ref_logps))
+            losses, _ = bco_losses(lp, b.ref_logps, b.label, b.udm_weight, BETA, delta.mean)
             (losses.sum() / (ROWS * GAS)).backward()
             losses_of_step.append(losses.detach())
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        out.append((torch.cat(losses_of_step), delta.mean, grads))
+        out.append((torch.cat(losses_of_step), float(delta.mean), grads))
     return out
 
 
 def _packed(model, split, budget):
     t = TrainConfig(micro_batch_size=ROWS, gradient_accumulation_steps=GAS, micro_batch_tokens=budget)
-    delta, sums, out, packs = DeviceRunningMean(), DeviceWindowSums(), [], []
+    delta, sums, out, packs = RunningMean(), WindowSums(), [], []
     model.zero_grad()
     batches = packed_micro_batches(_Shard(split), t, 0, 1, 0, PAD, torch.device("cpu"), CHUNK)
-    for batch, _, _, last in batches:
-        packs.append(batch["rows"])
+    for batch in batches:
+        packs.append(batch.tensors["rows"])
         micro_batch_loss(model, batch, delta, BETA, CHUNK, sums=sums).backward()
-        if last:
+        if batch.closes_step:
             out.append(
                 (sums.reduce()["loss"], float(delta.mean), {n: p.grad.clone() for n, p in model.named_parameters()})
             )

@@ -1,8 +1,9 @@
 """An optimizer step with packed micro-batches equals the same step without packing (1 and 2 workers).
 
 Packed: spawned gloo ranks on CPU run the training loop's own packed path — `packed_micro_batches` over a
-stand-in for the Ray Data shard (every rank reads the whole ordered split), `set_boundary`,
-`micro_batch_loss` with the device δ, `backward` unscaled, `engine.step()` — on a DeepSpeed engine built from
+stand-in for the Ray Data shard (every rank reads the whole ordered split), grouped into optimizer steps, then
+the loop's step function `train_step` (boundary, `micro_batch_loss` with the device δ, backward unscaled,
+`engine.step()`) — on a DeepSpeed engine built from
 `deepspeed_config` (ZeRO-2 on one worker, ZeRO-3 on two). The rows of each step are 3 to 150 tokens long
 with a 128-token budget: several packs per step, a row longer than the budget, and on two workers a rank
 with fewer packs than the other (it runs empty packs).
@@ -104,10 +105,11 @@ def _worker(rank: int, port: int, out_dir: str, world: int) -> None:
     try:
         import deepspeed
 
-        from bco_ray.train.batching import backward, packed_micro_batches, set_boundary
-        from bco_ray.train.device_stats import DeviceRunningMean
+        from bco_ray.bco.loss import RunningMean
+        from bco_ray.train.batching import optimizer_steps, packed_micro_batches
         from bco_ray.train.ds_config import deepspeed_config
-        from bco_ray.train.step import micro_batch_loss
+        from bco_ray.train.metrics import WindowSums
+        from bco_ray.train.updater import train_step
 
         init_gloo_rank(rank, world, port)
         t = _train_config(world)
@@ -117,14 +119,11 @@ def _worker(rank: int, port: int, out_dir: str, world: int) -> None:
             config=deepspeed_config(t, world, on_gpu=False),
             model_parameters=[p for p in model.parameters() if p.requires_grad],
         )
-        delta, packs = DeviceRunningMean(), []
-        for batch, _, _, last in packed_micro_batches(
-            _Shard(_split(world)), t, rank, world, 0, PAD_ID, torch.device("cpu"), CHUNK
-        ):
-            packs.append(batch["rows"])
-            set_boundary(engine, batch, last)
-            backward(engine, batch, micro_batch_loss(engine, batch, delta, BETA, CHUNK))
-            engine.step()
+        delta, packs = RunningMean(), []
+        batches = packed_micro_batches(_Shard(_split(world)), t, rank, world, 0, PAD_ID, torch.device("cpu"), CHUNK)
+        for step in optimizer_steps(batches):
+            packs += [b.tensors["rows"] for b in step]
+            train_step(engine, step, delta, WindowSums(), BETA, CHUNK)
         with (
             deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
             if t.zero_stage == 3
@@ -149,7 +148,7 @@ def _reference(world: int):
     Returns (parameters, initial parameters, δ)."""
     from bco_ray.bco.logprobs import policy_completion_logps
     from bco_ray.bco.loss import RunningMean, bco_losses
-    from bco_ray.train.step import collate
+    from bco_ray.train.batches import collate
 
     model = _model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -159,14 +158,14 @@ def _reference(world: int):
         for k in range(GAS):
             rows = split[s * GAS + k]  # the k-th micro-batch of every rank, ranks in order
             b = collate({c: v for c, v in rows.items() if c != "row_id"}, PAD_ID)
-            lp = policy_completion_logps(model, b["input_ids"], b["attention_mask"], b["prompt_len"], CHUNK)
-            delta.update(BETA * (lp.detach() - b["ref_logps"]))
-            losses, _ = bco_losses(lp, b["ref_logps"], b["label"], b["udm_weight"], BETA, delta.mean)
+            lp = policy_completion_logps(model, b.input_ids, b.attention_mask, b.prompt_len, CHUNK)
+            delta.update(BETA * (lp.detach() - b.ref_logps))
+            losses, _ = bco_losses(lp, b.ref_logps, b.label, b.udm_weight, BETA, delta.mean)
             (losses.sum() / (world * ROWS * GAS)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         opt.step()
         opt.zero_grad()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, before, delta.mean
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, before, float(delta.mean)
 
 
 @pytest.mark.timeout(TIMEOUT_S + 60)

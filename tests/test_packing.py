@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2C
 
 from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps
 from bco_ray.data.packing import collate_packed, completion_tokens, pack_rows, plan_step
-from bco_ray.train.step import collate
+from bco_ray.train.batches import collate
 
 from tiny_models import tiny_kwargs
 
@@ -90,7 +90,7 @@ def test_packed_equals_padded_values_and_gradients(family):
     coef = torch.linspace(-1.0, 2.0, len(LENGTHS))
     model = _model(family)
     padded = collate(rows, PAD)
-    ref = policy_completion_logps(model, padded["input_ids"], padded["attention_mask"], padded["prompt_len"], CHUNK)
+    ref = policy_completion_logps(model, padded.input_ids, padded.attention_mask, padded.prompt_len, CHUNK)
     (ref * coef).sum().backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -124,7 +124,7 @@ def test_gemma2_sliding_window_is_applied_within_rows():
             layer.self_attn.sliding_window = window if layer.self_attn.sliding_window else None
         padded = collate(rows, PAD)
         with torch.no_grad():
-            ref = policy_completion_logps(model, padded["input_ids"], padded["attention_mask"], padded["prompt_len"])
+            ref = policy_completion_logps(model, padded.input_ids, padded.attention_mask, padded.prompt_len)
             got = packed_completion_logps(model, collate_packed(rows, [1, 5], PAD, 2))
         torch.testing.assert_close(got, ref[[1, 5]], rtol=1e-5, atol=1e-5)
         refs.append(ref)

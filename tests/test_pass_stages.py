@@ -132,7 +132,7 @@ def test_bf16_reference_equal_to_the_policy_gives_zero_step0_rewards(setup, pack
     from bco_ray.bco.logprobs import packed_completion_logps, policy_completion_logps
     from bco_ray.data.packing import collate_packed
     from bco_ray.models import load_causal_lm
-    from bco_ray.train.step import collate
+    from bco_ray.train.batches import collate
 
     cfg, paths = setup
     cfg = load_config(overrides={**cfg.to_dict(), "train": {"bf16": True}, "precompute": {"packed": packed}})
@@ -153,8 +153,8 @@ def test_bf16_reference_equal_to_the_policy_gives_zero_step0_rewards(setup, pack
             expected = torch.as_tensor(cols["ref_logps"], dtype=torch.float32)
         else:
             batch = collate(cols, paths.pad_id)
-            logps = policy_completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["prompt_len"])
-            expected = batch["ref_logps"]
+            logps = policy_completion_logps(policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
+            expected = batch.ref_logps
     assert torch.equal(logps.float(), expected.float())
 
 

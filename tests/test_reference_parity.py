@@ -35,8 +35,9 @@ from bco_ray.bco.loss import RunningMean
 from bco_ray.bco.udm import fit_udm_classifier, udm_weights
 from bco_ray.builtin import materialize_tiny_model, tokenizer_path
 from bco_ray.data.tokenize import tokenize_batch
+from bco_ray.train.batches import collate
+from bco_ray.train.forward import bco_forward
 from bco_ray.train.metrics import WindowSums
-from bco_ray.train.step import bco_forward, collate
 
 PARITY = Path(__file__).resolve().parent / "parity"
 REF = json.loads((PARITY / "reference_step0.json").read_text())
@@ -107,18 +108,18 @@ def _step0(models, tok, tokenized, udm_weight):
         tok.pad_token_id,
     )
     with torch.no_grad():
-        batch["ref_logps"] = policy_completion_logps(
-            models["ref"], batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+        batch.ref_logps = policy_completion_logps(
+            models["ref"], batch.input_ids, batch.attention_mask, batch.prompt_len
         ).float()
     delta = RunningMean()
     losses, rewards, logps = bco_forward(models["policy"], batch, delta, BETA)
     window = WindowSums()
-    window.add(losses, rewards, logps, batch["label"], tokens=int(batch["attention_mask"].sum()))
+    window.add(losses, rewards, logps, batch.label, tokens=int(batch.attention_mask.sum()))
     return {
         "losses": losses.detach(),
         "rewards": rewards.detach(),
         "logps": logps.detach(),
-        "ref_logps": batch["ref_logps"],
+        "ref_logps": batch.ref_logps,
         "delta": delta,
         "metrics": window.reduce(),
         "loss": losses.mean(),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import train_hooks
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
@@ -43,10 +44,11 @@ def _trained_rows(storage: Path) -> dict[tuple[int, int], list[int]]:
     return out
 
 
-def test_zero3_worker_failure_resumes_from_checkpoint_exactly(tmp_path, ray_head, shared_cache):
+def test_zero3_worker_failure_resumes_from_checkpoint_exactly(tmp_path, ray_head, shared_cache, monkeypatch):
     """One epoch (480 rows = 12 steps of 2 workers × 20 rows) under ZeRO-3 with length bucketing; the last
     worker dies after step 7 and Ray Train resumes both from the step-6 checkpoint. Every step is logged
     once, and the epoch trained every row of the split exactly once: none twice, none skipped."""
+    train_hooks.use(monkeypatch, fail_at_step=7, record_rows=True)
     proc = run_job(
         tmp_path,
         *SMALL,
@@ -55,9 +57,7 @@ def test_zero3_worker_failure_resumes_from_checkpoint_exactly(tmp_path, ray_head
         "--train.micro_batch_size=20",
         "--train.max_steps=12",
         "--train.save_steps=3",
-        "--train.inject_failure_at_step=7",
         "--train.max_failures=1",
-        "--train.record_rows=true",
         head=ray_head,
         cache=shared_cache,
     )
@@ -87,19 +87,19 @@ def test_zero3_worker_failure_resumes_from_checkpoint_exactly(tmp_path, ray_head
     assert kept == ["checkpoint_step0000009", "final_step0000012"]  # keep_checkpoints=2: older ones pruned
 
 
-def test_a_diverging_run_stops_and_publishes_its_last_good_checkpoint(tmp_path, ray_head, shared_cache):
-    """NaN losses at step 5 (the test switch poisons that step's reference log-probs, as a diverging run's
+def test_a_diverging_run_stops_and_publishes_its_last_good_checkpoint(tmp_path, ray_head, shared_cache, monkeypatch):
+    """NaN losses at step 5 (the test hook poisons that step's reference log-probs, as a diverging run's
     would): training stops there with one training error (exit 5) naming the step and the step-4 checkpoint,
     whose model (finite weights) is the run's saved and logged model; the MLflow run is FAILED with that error."""
     import torch
 
+    train_hooks.use(monkeypatch, nan_at_step=5)
     proc = run_job(
         tmp_path,
         *SMALL,
         "--mlflow.run_name=nan",
         "--train.max_steps=8",
         "--train.save_steps=2",
-        "--train.inject_nan_at_step=5",
         head=ray_head,
         cache=shared_cache,
     )

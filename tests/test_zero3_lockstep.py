@@ -103,8 +103,9 @@ def _train(chunk_size: int, rank: int) -> dict:
 
     from bco_ray.bco.loss import RunningMean
     from bco_ray.config.schema import TrainConfig
+    from bco_ray.train.batches import collate
     from bco_ray.train.ds_config import deepspeed_config
-    from bco_ray.train.step import bco_forward, collate
+    from bco_ray.train.forward import bco_forward
 
     t = TrainConfig(
         zero_stage=3,
@@ -146,7 +147,7 @@ def _train(chunk_size: int, rank: int) -> dict:
         rec["logps"].append(logps.detach().clone())
         rec["grad_norm"].append(float(engine.get_global_grad_norm()))
         rec["head_calls"].append(calls[0] - before)  # forward chunks + their recomputation in backward
-        rec["completion_tokens"].append(int((batch["attention_mask"].sum(1) - batch["prompt_len"]).sum()))
+        rec["completion_tokens"].append(int((batch.attention_mask.sum(1) - batch.prompt_len).sum()))
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         rec["params"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}

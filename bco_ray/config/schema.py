@@ -132,10 +132,6 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     disable_dropout: bool = True  # dropout off in the policy (as TRL's BCOConfig)
     resources_timeout_s: float = ranged(600.0, "> 0")  # fail clearly instead of waiting forever for workers
-    inject_failure_at_step: int = ranged(0, ">= 0")  # testing: rank 1 (or 0) dies once when reaching this step
-    inject_nan_at_step: int = ranged(0, ">= 0")  # testing: the losses of this optimizer step become NaN, as a
-    # diverging run's
-    record_rows: bool = False  # testing: each rank appends the row ids of every step to <storage>/rows/
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

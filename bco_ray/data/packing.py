@@ -5,7 +5,7 @@ An optimizer step still covers a fixed number of rows on every rank (`micro_batc
 share one pack of at most `micro_batch_tokens` tokens while they fit (as the reference's δ is updated once
 per micro-batch, a pack must hold whole micro-batches to know its rows' δ; `micro_batch_groups`); a
 micro-batch longer than the budget is packed first-fit-decreasing into several packs (a longer row is a
-pack of its own), and its δ comes from a no-grad pass over those packs first (bco_ray/train/step.py).
+pack of its own), and its δ comes from a no-grad pass over those packs first (bco_ray/train/forward.py).
 Every rank runs as many packs as the rank that needs the most (the others run empty packs: one two-token
 dummy row of weight 0), so ZeRO's collectives stay in lockstep. Every rank reads the
 whole ordered split (bco_ray/train/loop.py), so it knows every rank's rows and plans that count — and the
@@ -21,8 +21,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-ROW_COLUMNS = ("prompt_len", "label", "ref_logps", "udm_weight")
-
 
 def pad_right(seqs, pad_id: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of token ids right-padded to the longest row (or `pad_to`): (input_ids, attention_mask), int64.
@@ -34,6 +32,14 @@ def pad_right(seqs, pad_id: int, pad_to: int | None = None) -> tuple[torch.Tenso
         ids[j, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         mask[j, : len(s)] = 1
     return ids, mask
+
+
+def ragged(rows: list) -> np.ndarray:
+    """The one ragged helper: a 1-D object array of per-row arrays (numpy would build a 2-D array when all rows
+    have the same length)."""
+    out = np.empty(len(rows), dtype=object)
+    out[:] = [np.asarray(r) for r in rows]
+    return out
 
 
 def pack_rows(lengths, budget: int) -> list[list[int]]:
@@ -177,7 +183,3 @@ def to_device(batch: dict, device: torch.device) -> dict:
         return v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
 
     return {k: move(v) for k, v in batch.items()}
-
-
-def is_packed(batch: dict) -> bool:
-    return "position_ids" in batch

@@ -67,6 +67,15 @@ def render(tokenizer: Any, prompt: Any, completion: Any) -> tuple[str, str]:
     return prompt_text, full[len(prompt_text) :]
 
 
+def needs_bos(ids: list[int], bos: int | None) -> bool:
+    """The one BOS rule: token ids get the tokenizer's BOS in front unless it has none or they start with it."""
+    return bos is not None and (not ids or ids[0] != bos)
+
+
+def with_bos(ids: list[int], bos: int | None) -> list[int]:
+    return [bos] + list(ids) if needs_bos(ids, bos) else list(ids)
+
+
 def _build(
     p: list[int], f: list[int], *, bos: int | None, eos: int | None, max_length: int, max_prompt_length: int
 ) -> tuple[list[int], list[int], int]:
@@ -80,19 +89,15 @@ def _build(
     if not answer:
         raise EmptyCompletion("completion is empty after tokenization", reason=EMPTY)
 
-    def needs_bos(ids: list[int]) -> bool:
-        return bos is not None and (not ids or ids[0] != bos)
-
     needs_eos = eos is not None and answer[-1] != eos
-    if len(prompt) + len(answer) + needs_bos(prompt) + needs_eos > max_length:
+    if len(prompt) + len(answer) + needs_bos(prompt, bos) + needs_eos > max_length:
         prompt = prompt[-max_prompt_length:]  # keep the end of the prompt
-        room = max_length - len(prompt) - needs_bos(prompt)
+        room = max_length - len(prompt) - needs_bos(prompt, bos)
         if len(answer) + needs_eos > room:  # then cut the completion from the right
             answer = answer[: max(room - (eos is not None), 0)]
             if not answer:
                 raise EmptyCompletion()
-    if needs_bos(prompt):
-        prompt = [bos] + prompt
+    prompt = with_bos(prompt, bos)
     input_ids = prompt + answer
     if eos is not None and answer[-1] != eos:
         input_ids.append(eos)

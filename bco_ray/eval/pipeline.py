@@ -25,6 +25,7 @@ from bco_ray.console import console
 from bco_ray.data import formats
 from bco_ray.data.reader import files_of
 from bco_ray.data.sources import hf_rows
+from bco_ray.data.tokenize import with_bos
 from bco_ray.eval.generation import completion_logps, generate, load_verifier, verifier_scores
 from bco_ray.models import load_causal_lm, load_tokenizer, pick_dtype, reference_dtype
 from bco_ray.remote import local_model_dir
@@ -61,8 +62,7 @@ def held_out_prompts(spec, tokenizer, n: int, max_prompt_length: int) -> list[di
             continue
         seen.add(text)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt_length:]
-        if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-            ids = [tokenizer.bos_token_id] + ids  # as training's tokenization (bco_ray/data/tokenize.py)
+        ids = with_bos(ids, tokenizer.bos_token_id)  # as training's tokenization
         out.append({"prompt": text, "prompt_ids": ids})
         if len(out) == n:
             break

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -23,6 +23,8 @@ from bco_ray.job.checks import unavailable_error
 from bco_ray.job.context import Job
 from bco_ray.precompute.pipeline import PrecomputeResult
 from bco_ray.tracking.mlflow_run import worker_env
+from bco_ray.train import hooks
+from bco_ray.train.spec import MlflowTarget, ModelLocations, WorkerSpec
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Trained:
     model_dir: Path | None  # None: the run diverged before its first checkpoint
     final: dict  # rank 0's final.json; `diverged` in it: the step, why, and the checkpoint the model is from
     checkpoint: str
+    history: list[dict] = field(default_factory=list)  # every point rank 0 logged, {"step": s, **metrics}, in order
 
     @property
     def step(self) -> int:
@@ -74,7 +77,7 @@ def _trainer(job: Job, pre: PrecomputeResult, t_fit: float) -> TorchTrainer:
     # The workers' code imports DeepSpeed (slow, chatty): only once a job trains, not wherever bco_ray.job.run is.
     from bco_ray.train.loop import train_loop_per_worker
 
-    cfg, t, paths = job.cfg, job.cfg.train, job.paths
+    t = job.cfg.train
     per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     # The workers hold the CPUs while their shards stream in: the light Parquet reads that feed them ask for
     # no CPU, or on a cluster the workers fill they would wait forever behind the workers that wait for them.
@@ -89,17 +92,7 @@ def _trainer(job: Job, pre: PrecomputeResult, t_fit: float) -> TorchTrainer:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     return _Trainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "policy_path": paths.policy,
-            "tokenizer_path": paths.tokenizer,
-            "pad_id": paths.pad_id,
-            "train_rows": pre.summary.train.rows,
-            "has_eval": bool(pre.eval),
-            "mlflow": {"tracking_uri": job.uri, "run_id": job.run_id, "system_metrics": cfg.mlflow.log_system_metrics},
-            "storage_dir": job.storage_dir,
-            "fit_started_at": t_fit,
-        },
+        train_loop_config={"spec": _spec(job, pre, t_fit)},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
@@ -109,13 +102,28 @@ def _trainer(job: Job, pre: PrecomputeResult, t_fit: float) -> TorchTrainer:
             # is retried train.max_failures times, then fails the run (Ray's default: forever).
             failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env(job.uri)},
+            # Test/diagnostic hooks (bco_ray/train/hooks.py) reach the workers through their environment.
+            worker_runtime_env={"env_vars": {**worker_env(job.uri), **hooks.env_for_workers()}},
         ),
         datasets=datasets,
         # Not split by Ray Data (whose streaming split hands blocks to whichever worker asks first): every
         # worker reads the ordered split and takes its own rows of each global batch, so a resumed epoch
         # replays exactly the rows the interrupted one had not trained (bco_ray/train/batching.py: rank_batches).
         dataset_config=DataConfig(datasets_to_split=[]),
+    )
+
+
+def _spec(job: Job, pre: PrecomputeResult, t_fit: float) -> WorkerSpec:
+    """What every worker receives as is: the resolved config and locations, the pass's row count, the run."""
+    paths = job.paths
+    return WorkerSpec(
+        cfg=job.cfg,
+        models=ModelLocations(policy=paths.policy, tokenizer=paths.tokenizer, pad_id=paths.pad_id),
+        train_rows=pre.summary.train.rows,
+        has_eval=bool(pre.eval),
+        storage_dir=job.storage_dir,
+        mlflow=MlflowTarget(job.uri, job.run_id, job.cfg.mlflow.log_system_metrics),
+        fit_started_at=t_fit,
     )
 
 
@@ -150,4 +158,5 @@ def _collect_model(job: Job, final_ckpt) -> Trained:
             os.replace(tmp / "model", model_dir)
             tmp.rmdir()
         final = json.loads((Path(d) / "final.json").read_text())
-    return Trained(model_dir, final, final_ckpt.path)
+    history = final.pop("history", [])
+    return Trained(model_dir, final, final_ckpt.path, history)

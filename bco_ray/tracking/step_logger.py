@@ -9,6 +9,9 @@ The tracking URI comes from the driver (`mlflow_info["tracking_uri"]`), else the
 `$MLFLOW_TRACKING_URI` (set through the Ray Train worker runtime env). A tracking server that is briefly
 unreachable does not stop training: the points stay buffered and go out with the next flush.
 
+Rank 0 also keeps every logged point in `history` (`{"step": s, **metrics}` per call, in order): the worker's
+final record carries it, so the driver has the run's metrics without reading them back from the tracker.
+
 Each logged step is also shown as one line, `[bco-ray] step N: key=value ...`, written with `console()`.
 
 With `mlflow_info["system_metrics"]`, the first worker of each training node also records that node's system
@@ -56,6 +59,8 @@ def _node_monitor(mlflow_info: dict, uri: str | None):
 
 class StepLogger:
     def __init__(self, mlflow_info: dict | None, rank: int, buffered: bool):
+        self.rank = rank
+        self.history: list[dict] = []
         self.active = rank == 0 and bool(mlflow_info) and bool(mlflow_info.get("run_id"))
         self.run_id = mlflow_info["run_id"] if self.active else None
         uri = (mlflow_info or {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
@@ -75,6 +80,8 @@ class StepLogger:
             return set()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.rank == 0:
+            self.history.append({"step": step, **metrics})
         if not self.active:
             return
         ts = int(time.time() * 1000)

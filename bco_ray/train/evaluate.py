@@ -7,8 +7,9 @@ import torch
 import torch.distributed as dist
 from sklearn.metrics import roc_auc_score
 
+from bco_ray.train.batches import collate
+from bco_ray.train.forward import bco_forward
 from bco_ray.train.metrics import WindowSums
-from bco_ray.train.step import bco_forward, collate
 
 
 def read_batches(eval_shard, batch_size: int) -> list[dict]:
@@ -33,18 +34,18 @@ def evaluate(model, batches: list[dict], delta, cfg, pad_id: int, device, rank: 
     was_training = model.training
     model.eval()
     n_rounds = (len(batches) + world - 1) // world
-    sums, margins, labels = WindowSums(), [], []
+    sums, margins, labels = WindowSums(device), [], []
     for r in range(n_rounds):
         j = r * world + rank
         raw = batches[min(j, len(batches) - 1)]
-        batch = {k: v.to(device) for k, v in collate(raw, pad_id).items()}
+        batch = collate(raw, pad_id).to(device)
         losses, rewards, logps = bco_forward(
             model, batch, delta, cfg.train.beta, cfg.precompute.logp_chunk_size, update_delta=False
         )
         if j < len(batches):
-            sums.add(losses, rewards, logps, batch["label"], 0)
+            sums.add(losses, rewards, logps, batch.label, 0)
             margins.append((rewards - delta.mean).float().cpu().numpy())
-            labels.append(batch["label"].cpu().numpy())
+            labels.append(batch.label.cpu().numpy())
     if was_training:
         model.train()
     m = sums.reduce()
@@ -55,7 +56,7 @@ def evaluate(model, batches: list[dict], delta, cfg, pad_id: int, device, rank: 
         dist.all_gather_object(gathered, local)
     z = np.concatenate([g[0] for g in gathered])
     y = np.concatenate([g[1] for g in gathered]).astype(bool)
-    out = {f"eval/{k}": v for k, v in m.items() if k != "tokens"}
+    out = {f"eval/{k}": v for k, v in m.items() if k not in ("tokens", "flops")}
     out["eval/accuracy"] = float(((z > 0) == y).mean()) if len(y) else float("nan")
     out["eval/auc"] = float(roc_auc_score(y, z)) if 0 < y.sum() < len(y) else float("nan")
     return out

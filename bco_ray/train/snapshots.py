@@ -22,15 +22,12 @@ def snapshot_root(storage_dir: str) -> str:
     return f"{storage_dir.rstrip('/')}/generation"
 
 
-def save_snapshot(
-    model, storage_dir: str, step: int, tokenizer_path: str, rank: int, zero_stage: int, lora: bool
-) -> None:
-    """Every rank calls this (ZeRO-3 gathers need all of them); rank 0 writes."""
-    from bco_ray.train.policy import save_final_model  # DeepSpeed: the workers', not the driver's (list/remove)
-
+def save_snapshot(export, storage_dir: str, step: int, rank: int) -> None:
+    """`export(dir)` writes the policy in Hugging Face format (`PolicyUpdater.export_weights`). Every rank calls
+    this (ZeRO-3 gathers need all of them); rank 0 writes."""
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "model")
-        save_final_model(model, src, tokenizer_path, rank, zero_stage, lora_merged=lora)
+        export(src)
         if rank == 0:
             open(os.path.join(src, COMPLETE), "w").close()
             _publish(src, f"{snapshot_root(storage_dir)}/step_{step:07d}")

@@ -1,4 +1,5 @@
-"""One MFU definition, used by the training loop's `mfu` metric and by bench/train.py.
+"""One MFU definition (model FLOPs and the GPUs' peak FLOP/s), used by the training loop's `mfu` metric and the
+benchmarks. MFU = achieved model FLOP/s ÷ (GPUs × peak FLOP/s).
 
 Model FLOPs of a training step, counted per row of length L with C completion tokens (forward + backward,
 Kaplan et al. / PaLM appendix B):
@@ -14,10 +15,12 @@ Kaplan et al. / PaLM appendix B):
   packed rows attend within themselves, so the term is Σ L², not (Σ L)².
 * Recomputation (activation checkpointing, the head's chunks in backward) is not counted.
 
-The forward-only count (the reference pass) is a third of it. MFU = FLOPs ÷ seconds ÷ (GPUs × peak); the
-peak is `bco_ray.tracking.throughput.peak_flops` (dense bf16 989 TFLOP/s for an H100 SXM)."""
+The forward-only count (the reference pass) is a third of it. The peak is `peak_flops` (dense bf16 989 TFLOP/s
+for an H100 SXM)."""
 
 from __future__ import annotations
+
+import os
 
 
 def flop_shape(model) -> dict:
@@ -70,3 +73,37 @@ def mfu(flops: float, seconds: float, gpus: int, peak: float) -> float:
 def count_params(model) -> int:
     """Every parameter once (a tied head is the input embedding's)."""
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in {id(p): p for p in model.parameters()}.values())
+
+
+# Dense peak tensor throughput in FLOP/s per GPU (no sparsity), by a substring of the device name, most
+# specific first. fp32 matmuls are assumed to run on TF32 tensor cores where the GPU has them.
+PEAK_FLOPS = [
+    ("GH200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("H800", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "fp32": 1100e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("A800", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
+    ("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90e12}),
+    ("A10G", {}),  # no published peak: no MFU rather than the A10's number
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 62e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
+    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
+]
+
+
+def peak_flops(device_name: str, dtype: str = "bf16") -> float | None:
+    """Peak FLOP/s of one GPU for a dtype ("bf16", "fp16", "fp32"), or None when unknown.
+    `$BCO_RAY_PEAK_TFLOPS` overrides the table (e.g. for a GPU it does not know)."""
+    env = os.environ.get("BCO_RAY_PEAK_TFLOPS")
+    if env:
+        return float(env) * 1e12
+    for key, peaks in PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return peaks.get(dtype) or peaks.get("fp16")
+    return None
