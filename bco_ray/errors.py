@@ -12,7 +12,6 @@ error: <message>` and status); anything else is a bug and ends with a traceback 
 
 from __future__ import annotations
 
-
 # kind -> the command line's exit status for an error of that kind
 EXIT_CODES = {"config": 2, "input": 2, "resources": 3, "storage": 4, "training": 5}
 
