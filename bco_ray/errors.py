@@ -12,50 +12,39 @@ error: <message>` and status); anything else is a bug and ends with a traceback 
 
 from __future__ import annotations
 
+# kind -> the command line's exit status for an error of that kind
+EXIT_CODES = {"config": 2, "input": 2, "resources": 3, "storage": 4, "training": 5}
+
 
 class BcoRayError(Exception):
     """An error whose message names the setting or input at fault and the fix; `kind` labels it in the
-    command line's message and `exit_code` is the command's exit status."""
+    command line's message and `exit_code` is the command's exit status. A subclass names its kind in its
+    bases (`class InputError(BcoRayError, kind="input")`) and gets that kind's exit status from `EXIT_CODES`."""
 
     kind: str = "input"
-    exit_code: int = 2
+    exit_code: int = EXIT_CODES["input"]
+
+    def __init_subclass__(cls, kind: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.kind, cls.exit_code = kind, EXIT_CODES[kind]
 
 
-class InputError(BcoRayError):
+class InputError(BcoRayError, kind="input"):
     """Data, models and other inputs that cannot work (exit status 2)."""
 
-    kind = "input"
-    exit_code = 2
 
-
-class ConfigErrorBase(BcoRayError):
+class ConfigErrorBase(BcoRayError, kind="config"):
     """A bad config value (exit status 2)."""
 
-    kind = "config"
-    exit_code = 2
 
-
-class ResourcesError(BcoRayError):
+class ResourcesError(BcoRayError, kind="resources"):
     """The cluster does not provide what the job asks for (exit status 3)."""
 
-    kind = "resources"
-    exit_code = 3
 
-
-class StorageError(BcoRayError):
+class StorageError(BcoRayError, kind="storage"):
     """Storage the job needs is not shared by every node (exit status 4)."""
 
-    kind = "storage"
-    exit_code = 4
 
-
-class TrainingError(BcoRayError):
+class TrainingError(BcoRayError, kind="training"):
     """Training itself failed in a way the settings explain, e.g. it diverged (exit status 5)."""
-
-    kind = "training"
-    exit_code = 5
-
-
-EXIT_CODES = {
-    cls.kind: cls.exit_code for cls in (ConfigErrorBase, InputError, ResourcesError, StorageError, TrainingError)
-}

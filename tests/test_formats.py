@@ -1,4 +1,5 @@
-"""Tests for bco_ray.data.formats and bco_ray.data.validate: format detection, row checks, conversion and file validation."""
+"""Tests for bco_ray.data.formats and a whole file's check through the one reader (bco_ray/data/reader.py):
+format detection, row checks, conversion and file validation."""
 
 import json
 
@@ -7,8 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bco_ray.data.checks import check_source
 from bco_ray.data.formats import DataFormatError, check_row, detect_format, iter_rows, to_unpaired
-from bco_ray.data.validate import validate_source
+from bco_ray.data.reader import UnitCheck, check_unit, plan_units
 
 SRC = "train.jsonl"
 
@@ -20,6 +22,12 @@ def msgs(*pairs):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)
+
+
+def check_file(path, on_bad_rows="error", max_errors=1) -> UnitCheck:
+    """The one reader's check of a whole data file (its only read unit): `.fmt` and `.report`."""
+    (unit,) = plan_units(str(path), "train")
+    return check_unit(unit, on_bad_rows, max_errors=max_errors)
 
 
 def bad(row, fmt="unpaired", index=17):
@@ -150,23 +158,29 @@ GOOD = [{"prompt": "p1", "completion": "c1", "label": True}, {"prompt": "p2", "c
 
 def test_validate_jsonl_summary(tmp_path):
     rows = GOOD + [GOOD[0], {"prompt": "p1", "completion": "c1", "label": False}]
-    s = validate_source(write_jsonl(tmp_path / "d.jsonl", rows))
-    assert s == {
-        "format": "unpaired",
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    check = check_file(path)
+    assert check.fmt == "unpaired"
+    assert check.report.to_dict() == {
         "rows": 4,
         "bad_rows": 0,
         "bad_reasons": {},
-        "unpaired_rows": 4,
-        "labels": {"true": 2, "false": 2},
+        "desirable": 2,
+        "undesirable": 2,
         "duplicates": 1,
+        "complete": True,
     }
+    rep = check_source(path, "error")  # the driver's check of a split: the same counts
+    assert (rep.rows, rep.bad_rows, rep.unpaired_rows, rep.duplicates, rep.complete) == (4, 0, 4, 1, True)
+    assert rep.labels.by_label() == {True: 2, False: 2}
 
 
 def test_validate_paired_counts(tmp_path):
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2
-    s = validate_source(write_jsonl(tmp_path / "d.json", rows))
-    assert (s["format"], s["rows"], s["unpaired_rows"], s["duplicates"]) == ("paired", 2, 4, 2)
-    assert s["labels"] == {"true": 2, "false": 2}
+    rep = check_source(write_jsonl(tmp_path / "d.json", rows), "error")
+    assert (rep.rows, rep.unpaired_rows, rep.duplicates) == (2, 4, 2)
+    assert rep.labels.by_label() == {True: 2, False: 2}
+    assert check_file(tmp_path / "d.json").fmt == "paired"
 
 
 def test_invalid_json_line_names_row(tmp_path):
@@ -175,14 +189,14 @@ def test_invalid_json_line_names_row(tmp_path):
     with pytest.raises(DataFormatError, match=r"d.jsonl row 1: line 3 is not valid JSON"):
         list(iter_rows(str(path)))
     with pytest.raises(DataFormatError, match=r"row 1: line 3 is not valid JSON"):
-        validate_source(str(path))
+        check_file(path)
 
 
 def test_non_utf8_bytes(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(json.dumps(GOOD[0]).encode() + b'\n{"prompt": "\xff", "completion": "c"}\n')
     with pytest.raises(DataFormatError, match=r"d.jsonl row 1: line 2 is not valid UTF-8"):
-        validate_source(str(path))
+        check_file(path)
 
 
 def test_skip_mode_counts_and_max_errors(tmp_path):
@@ -196,9 +210,9 @@ def test_skip_mode_counts_and_max_errors(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with open(path, "ab") as f:
         f.write(b"[1, 2]\n\xfe\n")
-    s = validate_source(path, on_bad_rows="skip")
-    assert (s["rows"], s["bad_rows"], s["unpaired_rows"]) == (2, 5, 2)
-    assert s["bad_reasons"] == {
+    rep = check_file(path, on_bad_rows="skip").report
+    assert (rep.rows, rep.bad_rows, rep.desirable + rep.undesirable) == (2, 5, 2)
+    assert rep.bad_reasons == {
         "label_not_boolean": 1,
         "empty_prompt": 1,
         "missing_label": 1,
@@ -206,14 +220,14 @@ def test_skip_mode_counts_and_max_errors(tmp_path):
         "invalid_utf8": 1,
     }
     with pytest.raises(DataFormatError) as e:
-        validate_source(path)
+        check_file(path)
     assert e.value.index == 1 and "more bad rows" not in str(e.value)
     with pytest.raises(
         DataFormatError,
         match=r"(?s)row 1, field 'label'.*2 more bad rows:.*"
         r"row 2, field 'prompt'.*row 4, field 'label'",
     ):
-        validate_source(path, max_errors=3)
+        check_file(path, max_errors=3)
 
 
 def test_mixed_formats_raise_even_when_skipping(tmp_path):
@@ -223,19 +237,19 @@ def test_mixed_formats_raise_even_when_skipping(tmp_path):
         match=r"row 2: is a paired-format row .* unpaired-format "
         r"\(detected from row 0\); mixed formats",
     ):
-        validate_source(write_jsonl(tmp_path / "d.jsonl", rows), on_bad_rows="skip")
+        check_file(write_jsonl(tmp_path / "d.jsonl", rows), on_bad_rows="skip")
 
 
 def test_paired_row_missing_prompt_is_bad_row_not_mixed(tmp_path):
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"chosen": "x", "rejected": "y"}]
     with pytest.raises(DataFormatError, match=r"row 1, field 'prompt': missing column"):
-        validate_source(write_jsonl(tmp_path / "d.jsonl", rows))
+        check_file(write_jsonl(tmp_path / "d.jsonl", rows))
 
 
 def test_no_valid_rows(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "", "completion": "c", "label": 1}])
     with pytest.raises(DataFormatError, match="has no valid rows"):
-        validate_source(path, on_bad_rows="skip")
+        check_file(path, on_bad_rows="skip")
 
 
 def test_parquet_input(tmp_path):
@@ -252,17 +266,19 @@ def test_parquet_input(tmp_path):
     path = str(tmp_path / "d.parquet")
     pq.write_table(table, path, row_group_size=1)
     assert [i for i, _ in iter_rows(path)] == [0, 1]
-    s = validate_source(path, on_bad_rows="skip")
-    assert (s["format"], s["rows"], s["bad_rows"], s["unpaired_rows"]) == ("paired", 1, 1, 2)
-    assert s["bad_reasons"] == {"empty_rejected": 1}
+    check = check_file(path, on_bad_rows="skip")
+    rep = check.report
+    assert (check.fmt, rep.rows, rep.bad_rows, rep.desirable + rep.undesirable) == ("paired", 1, 1, 2)
+    assert rep.bad_reasons == {"empty_rejected": 1}
 
 
 def test_unreadable_files(tmp_path):
+    (tmp_path / "d.csv").write_text("prompt,completion,label\np,c,1\n")
     with pytest.raises(DataFormatError, match="unsupported file type"):
-        validate_source(str(tmp_path / "d.csv"))
+        check_file(tmp_path / "d.csv")
     (tmp_path / "d.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataFormatError, match="d.parquet: cannot be read as Parquet"):
-        validate_source(str(tmp_path / "d.parquet"))
+        check_file(tmp_path / "d.parquet")
 
 
 def test_error_with_a_ready_message():

@@ -13,17 +13,14 @@ import dataclasses
 import typing
 from typing import Any
 
-# field -> (bco-ray config field(s) it sets, comma-separated, or "" when the API uses it itself; note)
+# Mapped fields: field -> (bco-ray config field(s) it sets, comma-separated; note); `HONOURED` and `SAME_NAME`
+# below add the rest (an honoured field's entry has "" for its bco-ray fields).
 ROUTES: dict[str, tuple[str, str]] = {
     "output_dir": (
         "output_dir",
         'None: `"trainer_output"`, as in TrainingArguments. Runs, inputs, precompute cache and Ray storage go under it',
     ),
     "per_device_train_batch_size": ("train.micro_batch_size", "rows per worker per forward"),
-    "per_device_eval_batch_size": (
-        "",
-        "used by `trainer.evaluate()`; the in-run eval uses the train micro-batch size (same numbers)",
-    ),
     "gradient_accumulation_steps": (
         "train.gradient_accumulation_steps",
         "global batch = workers × micro-batch × accumulation",
@@ -33,7 +30,6 @@ ROUTES: dict[str, tuple[str, str]] = {
         "train.num_epochs",
         "whole epochs; a fraction is rounded up (warning) unless `max_steps` is set",
     ),
-    "max_steps": ("train.max_steps", ""),
     "warmup_ratio": (
         "train.warmup_ratio",
         "transformers < 5's name; kept as an alias of a ratio-valued `warmup_steps`",
@@ -43,8 +39,6 @@ ROUTES: dict[str, tuple[str, str]] = {
         "a float < 1 is a ratio; an integer needs `max_steps` (exact: ceil(ratio × max_steps) = warmup_steps)",
     ),
     "lr_scheduler_type": ("train.lr_scheduler", "`linear`, `cosine` or `constant`; others are an error"),
-    "weight_decay": ("train.weight_decay", ""),
-    "max_grad_norm": ("train.max_grad_norm", ""),
     "logging_steps": (
         "train.logging_steps",
         "trl's default (TrainingArguments: 500); a float < 1 is a ratio of `max_steps`",
@@ -61,7 +55,6 @@ ROUTES: dict[str, tuple[str, str]] = {
         '`"no"`/`"epoch"`/`"best"`: none. With checkpoints on, per-step metrics reach MLflow at each checkpoint '
         "(so a resumed run logs no step twice)",
     ),
-    "save_steps": ("train.save_steps", ""),
     "save_total_limit": ("train.keep_checkpoints", "None keeps bco-ray's default, 2"),
     "seed": ("train.seed", "also the shuffle seed unless `data_seed` is set"),
     "data_seed": ("data.seed", "`data.seed` (the shuffle) is `data_seed`, else `seed`"),
@@ -75,33 +68,20 @@ ROUTES: dict[str, tuple[str, str]] = {
         "train.gradient_checkpointing",
         "transformers 5's name of `gradient_checkpointing`; wins when set",
     ),
-    "disable_dropout": ("train.disable_dropout", ""),
     "use_cpu": ("train.use_gpu", "True: train on CPU workers (`train.use_gpu=false`)"),
     "deepspeed": (
         "train.zero_stage, train.offload_optimizer, train.offload_params",
         "a JSON path, a JSON string or a dict; only `zero_optimization.stage` and the offload devices are taken "
         "(bco-ray builds the rest; a warning lists what is ignored). Default ZeRO-2",
     ),
-    "report_to": ("", "bco-ray always logs to MLflow; other integrations warn"),
     "run_name": ("mlflow.run_name", "also the Ray Train run name; the same name continues a run"),
-    "push_to_hub": ("", "read by your script; `trainer.push_to_hub()` pushes `save_model`'s directory"),
-    "hub_model_id": ("", "`trainer.push_to_hub()`'s repo; None: the name of `output_dir`"),
-    "hub_token": ("", "`trainer.push_to_hub()`'s token; None: `$HF_TOKEN`"),
-    "hub_private_repo": ("", "`trainer.push_to_hub()` creates the repo private"),
-    "hub_revision": ("", "`trainer.push_to_hub()`'s branch (created if missing)"),
     # BCO fields
-    "beta": ("train.beta", ""),
     "max_length": ("data.max_length", "None: 512, with a warning (as trl 1.13's BCOTrainer)"),
     "max_prompt_length": (
         "data.max_prompt_length",
         "None: `max_length − 1`, so the prompt is cut only when not one completion token would fit (trl 1.13's "
         "rule); see *Truncation* below",
     ),
-    "truncation_mode": ("", "only `keep_end` (error otherwise)"),
-    "prompt_sample_size": ("udm.prompt_sample_size", ""),
-    "min_density_ratio": ("udm.min_density_ratio", ""),
-    "max_density_ratio": ("udm.max_density_ratio", ""),
-    "precompute_ref_log_probs": ("", "always precomputed here; `False` warns"),
     "model_init_kwargs": (
         "model.dtype, model.revision, model.trust_remote_code, model.attn_implementation",
         "for models given as ids/paths; other keys warn",
@@ -140,16 +120,37 @@ ROUTES: dict[str, tuple[str, str]] = {
         "precompute.num_gpus_per_actor",
         "None: 0.5 with GPUs (reference and embedding pools share one), else 0",
     ),
+}
+
+# Honoured fields: the API itself uses them (no bco-ray config field): field -> note
+HONOURED: dict[str, str] = {
+    "per_device_eval_batch_size": (
+        "used by `trainer.evaluate()`; the in-run eval uses the train micro-batch size (same numbers)"
+    ),
+    "report_to": "bco-ray always logs to MLflow; other integrations warn",
+    "push_to_hub": "read by your script; `trainer.push_to_hub()` pushes `save_model`'s directory",
+    "hub_model_id": "`trainer.push_to_hub()`'s repo; None: the name of `output_dir`",
+    "hub_token": "`trainer.push_to_hub()`'s token; None: `$HF_TOKEN`",
+    "hub_private_repo": "`trainer.push_to_hub()` creates the repo private",
+    "hub_revision": "`trainer.push_to_hub()`'s branch (created if missing)",
+    "truncation_mode": "only `keep_end` (error otherwise)",
+    "precompute_ref_log_probs": "always precomputed here; `False` warns",
     "inputs_dir": (
-        "",
         "where in-memory inputs are saved (a path or an `s3://` URI); None: `$BCO_RAY_STORAGE/inputs` if set, else "
-        "`<output_dir>/inputs`",
+        "`<output_dir>/inputs`"
     ),
     "bco_ray_overrides": (
-        "",
-        'any bco-ray field, e.g. `{"train.zero_stage": 3, "precompute.ref_actors": [1, 4]}` (a dict or a JSON string)',
+        'any bco-ray field, e.g. `{"train.zero_stage": 3, "precompute.ref_actors": [1, 4]}` (a dict or a JSON string)'
     ),
 }
+ROUTES.update({name: ("", note) for name, note in HONOURED.items()})
+
+# Fields that set the bco-ray field of the same name, with nothing to add: section -> field names
+SAME_NAME: dict[str, tuple[str, ...]] = {
+    "train": ("max_steps", "weight_decay", "max_grad_norm", "save_steps", "disable_dropout", "beta"),
+    "udm": ("prompt_sample_size", "min_density_ratio", "max_density_ratio"),
+}
+ROUTES.update({name: (f"{section}.{name}", "") for section, names in SAME_NAME.items() for name in names})
 
 # Names of older transformers / trl releases that are not fields of the installed TrainingArguments: accepted by
 # BCOConfig(...) (recorded in `ignored_fields`, with a warning), never "unknown".

@@ -15,46 +15,68 @@ TRL = "trl/experimental/bco/bco_config.py"
 BASE = "trl/trainer/base_config.py"
 HF = "transformers/training_args.py (5.24.0)"
 
+# Where each recorded default is declared: source file -> {field: (declared default, line)}
+_DECLARED: dict[str, dict[str, tuple[object, int]]] = {
+    TRL: {  # BCO fields and trl's override of learning_rate
+        "learning_rate": (5e-7, 82),
+        "max_length": (1024, 87),
+        "beta": (0.1, 101),
+        "disable_dropout": (True, 108),
+        "precompute_ref_log_probs": (False, 127),
+        "model_init_kwargs": (None, 135),
+        "trust_remote_code": (False, 142),
+        "prompt_sample_size": (1024, 153),
+        "min_density_ratio": (0.5, 157),
+        "max_density_ratio": (10.0, 161),
+    },
+    BASE: {  # overrides common to TRL trainers
+        "logging_steps": (10, 55),
+        "gradient_checkpointing": (True, 62),
+        "bf16": (None, 68),
+        "use_liger_kernel": (False, 90),
+    },
+    HF: {  # transformers' TrainingArguments, inherited unchanged
+        "output_dir": (None, 772),
+        "per_device_train_batch_size": (8, 777),
+        "num_train_epochs": (3.0, 778),
+        "max_steps": (-1, 780),
+        "lr_scheduler_type": ("linear", 789),
+        "warmup_steps": (0, 799),
+        "weight_decay": (0.0, 823),
+        "gradient_accumulation_steps": (1, 850),
+        "max_grad_norm": (1.0, 867),
+        "report_to": ("none", 1060),
+        "run_name": (None, 1066),
+        "eval_strategy": ("no", 1107),
+        "eval_steps": (None, 1111),
+        "per_device_eval_batch_size": (8, 1129),
+        "save_strategy": ("steps", 1178),
+        "save_steps": (500, 1184),
+        "save_total_limit": (None, 1202),
+        "seed": (42, 1293),
+        "data_seed": (None, 1295),
+        "use_cpu": (False, 1301),
+        "deepspeed": (None, 1464),
+    },
+}
+
+# `__post_init__` effects that change the value a script reads: field -> what happens
+_POST_INIT: dict[str, str] = {
+    "bf16": "__post_init__ (line 105) makes None `not fp16`, i.e. True",
+    "output_dir": "__post_init__ (line 1518) makes None 'trainer_output'",
+}
+
+
+def _where(name: str, source: str, line: int) -> str:
+    """ "file:line", and the field's `__post_init__` effect if it has one."""
+    return f"{source}:{line}; {_POST_INIT[name]}" if name in _POST_INIT else f"{source}:{line}"
+
+
 # field -> (declared default, where it is set)
 TRL_1_13_DEFAULTS: dict[str, tuple[object, str]] = {
-    # trl/experimental/bco/bco_config.py (BCO fields and trl's override of learning_rate)
-    "learning_rate": (5e-7, f"{TRL}:82"),
-    "max_length": (1024, f"{TRL}:87"),
-    "beta": (0.1, f"{TRL}:101"),
-    "disable_dropout": (True, f"{TRL}:108"),
-    "precompute_ref_log_probs": (False, f"{TRL}:127"),
-    "model_init_kwargs": (None, f"{TRL}:135"),
-    "trust_remote_code": (False, f"{TRL}:142"),
-    "prompt_sample_size": (1024, f"{TRL}:153"),
-    "min_density_ratio": (0.5, f"{TRL}:157"),
-    "max_density_ratio": (10.0, f"{TRL}:161"),
-    # trl/trainer/base_config.py (overrides common to TRL trainers)
-    "logging_steps": (10, f"{BASE}:55"),
-    "gradient_checkpointing": (True, f"{BASE}:62"),
-    "bf16": (None, f"{BASE}:68; __post_init__ (line 105) makes None `not fp16`, i.e. True"),
-    "use_liger_kernel": (False, f"{BASE}:90"),
-    # transformers' TrainingArguments, inherited unchanged
-    "output_dir": (None, f"{HF}:772; __post_init__ (line 1518) makes None 'trainer_output'"),
-    "per_device_train_batch_size": (8, f"{HF}:777"),
-    "num_train_epochs": (3.0, f"{HF}:778"),
-    "max_steps": (-1, f"{HF}:780"),
-    "lr_scheduler_type": ("linear", f"{HF}:789"),
-    "warmup_steps": (0, f"{HF}:799"),
-    "weight_decay": (0.0, f"{HF}:823"),
-    "gradient_accumulation_steps": (1, f"{HF}:850"),
-    "max_grad_norm": (1.0, f"{HF}:867"),
-    "report_to": ("none", f"{HF}:1060"),
-    "run_name": (None, f"{HF}:1066"),
-    "eval_strategy": ("no", f"{HF}:1107"),
-    "eval_steps": (None, f"{HF}:1111"),
-    "per_device_eval_batch_size": (8, f"{HF}:1129"),
-    "save_strategy": ("steps", f"{HF}:1178"),
-    "save_steps": (500, f"{HF}:1184"),
-    "save_total_limit": (None, f"{HF}:1202"),
-    "seed": (42, f"{HF}:1293"),
-    "data_seed": (None, f"{HF}:1295"),
-    "use_cpu": (False, f"{HF}:1301"),
-    "deepspeed": (None, f"{HF}:1464"),
+    name: (default, _where(name, source, line))
+    for source, declared in _DECLARED.items()
+    for name, (default, line) in declared.items()
 }
 
 # Where bco-ray's default differs on purpose: field -> why.

@@ -222,20 +222,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"config field '{path}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"config field '{path}': expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config field '{path}': expected an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config field '{path}': expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config field '{path}': expected a number, got {value!r}") from None
+    if tp in (int, float):
+        return _coerce_number(value, tp, path)
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config field '{path}': expected a string, got {value!r}")
@@ -251,6 +239,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return tuple(_coerce(v, a, path) for v, a in zip(value, args))
         return [_coerce(v, args[0], path) for v in value]
     return value
+
+
+def _coerce_number(value: Any, tp: type, path: str) -> int | float:
+    """An int or float field's value; a bool, or a fraction for an int field, is refused rather than converted."""
+    refused = isinstance(value, bool) or (tp is int and isinstance(value, float) and not value.is_integer())
+    if not refused:
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            pass
+    raise ConfigError(f"config field '{path}': expected {'an integer' if tp is int else 'a number'}, got {value!r}")
 
 
 def _coerce_alternatives(value: Any, alternatives: list, path: str) -> Any:

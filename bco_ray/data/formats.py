@@ -1,5 +1,5 @@
 """Input row formats for BCO: detection, validation and conversion to unpaired rows, and the rows of a JSON
-Lines or Parquet file (a whole file's check: bco_ray/data/validate.py).
+Lines or Parquet file (a whole file's check: `check_unit` in bco_ray/data/reader.py).
 
 Supported row formats (extra columns are ignored):
 

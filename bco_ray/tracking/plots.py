@@ -8,7 +8,7 @@ exponential moving average over the raw points; evaluation points are drawn as m
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 DPI = 120
+EVAL_PREFIX = "eval/"  # metrics logged at evaluation points only: drawn as markers, never smoothed
 COLORS = {
     "loss": "#1f77b4",
     "eval/loss": "#d62728",
@@ -59,11 +60,10 @@ class Panel:
     unit_range: bool = False  # values in [0, 1]: fixed axis, chance line at 0.5
     sci: bool = False
     smooth: bool = True  # EMA over the raw points when there are many (not for δ, lr: smooth already)
-    eval_keys: set[str] = field(default_factory=set)
 
 
 PANELS = [
-    Panel("loss", "BCO loss", ["loss", "eval/loss"], "loss", eval_keys={"eval/loss"}),
+    Panel("loss", "BCO loss", ["loss", "eval/loss"], "loss"),
     Panel(
         "rewards",
         "Implicit rewards β·(log π − log π_ref)",
@@ -79,14 +79,12 @@ PANELS = [
         ["eval/auc", "eval/accuracy"],
         "score",
         unit_range=True,
-        eval_keys={"eval/auc", "eval/accuracy"},
     ),
     Panel(
         "gen_score",
         "Generation eval: verifier score of greedy completions",
         ["eval/gen/score", "eval/gen/score_ref"],
         "mean score",
-        eval_keys={"eval/gen/score", "eval/gen/score_ref"},
     ),
     Panel(
         "gen_reward",
@@ -94,7 +92,6 @@ PANELS = [
         ["eval/gen/reward", "eval/gen/reward_ref"],
         "β·(log π − log π_ref)",
         zero_line=True,
-        eval_keys={"eval/gen/reward", "eval/gen/reward_ref"},
     ),
 ]
 OVERVIEW_EXTRA = Panel("learning_rate", "Learning rate", ["learning_rate"], "lr", sci=True, smooth=False)
@@ -135,7 +132,7 @@ def _draw(
             continue
         color = COLORS.get(key)
         label = LABELS.get(key, key)
-        if key in panel.eval_keys or len(steps) < 3:
+        if key.startswith(EVAL_PREFIX) or len(steps) < 3:
             ax.plot(steps, values, marker="o", ms=5, lw=1.5, color=color, label=label)
             # the last value, written next to it (one series above its point, the next below)
             ax.annotate(

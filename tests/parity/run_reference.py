@@ -95,6 +95,40 @@ def load_model(path: Path):
     return model
 
 
+def tiny_models(tmp: Path) -> tuple[Path, Path, dict[str, str]]:
+    """The policy (seed POLICY_SEED) and reference model (seed REF_SEED) built under `tmp`, and the fingerprints
+    of their weights and of the tokenizer that the fixtures store."""
+    policy_dir = materialize_tiny_model(tmp / "policy", seed=POLICY_SEED)
+    ref_dir = materialize_tiny_model(tmp / "ref", seed=REF_SEED)
+    fingerprints = {
+        "policy": weights_fingerprint(load_model(policy_dir)),
+        "ref": weights_fingerprint(load_model(ref_dir)),
+        "tokenizer.json": sha256_file(tokenizer_path() / "tokenizer.json"),
+    }
+    return policy_dir, ref_dir, fingerprints
+
+
+def one_step_args(output_dir: Path, batch_size: int, bf16: bool = False) -> BCOConfig:
+    """trl's BCOConfig for the fixtures' runs: one optimizer step at lr 0 (so step 0 is what is measured), one
+    micro-batch of `batch_size` rows, beta BETA, on CPU, float32 unless `bf16`."""
+    return BCOConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=0.0,
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=42,
+        beta=BETA,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        bf16=bf16,
+    )
+
+
 # A tiny deterministic prompt embedder: masked mean of a fixed random token-embedding table.
 _TABLE = torch.randn(512, EMB_DIM, generator=torch.Generator().manual_seed(EMB_SEED))
 
@@ -163,22 +197,7 @@ def per_row(labels: list[bool], chosen: list[float], rejected: list[float]) -> l
 def run_case(rows, tok, policy_dir, ref_dir, workdir, udm: bool, bf16: bool = False) -> dict:
     RecordingBCOTrainer.rec = {}
     policy, ref = load_model(policy_dir), load_model(ref_dir)
-    args = BCOConfig(
-        output_dir=str(workdir / f"{'udm' if udm else 'plain'}{'-bf16' if bf16 else ''}"),
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
-        learning_rate=0.0,
-        max_steps=1,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=42,
-        beta=BETA,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        bf16=bf16,
-    )
+    args = one_step_args(workdir / f"{'udm' if udm else 'plain'}{'-bf16' if bf16 else ''}", 8, bf16=bf16)
     kwargs = dict(embedding_func=embedding_func, embedding_tokenizer=tok) if udm else {}
     trainer = RecordingBCOTrainer(
         model=policy, ref_model=ref, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows), **kwargs
@@ -242,13 +261,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(tokenizer_path())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        policy_dir = materialize_tiny_model(tmp / "policy", seed=POLICY_SEED)
-        ref_dir = materialize_tiny_model(tmp / "ref", seed=REF_SEED)
-        fingerprints = {
-            "policy": weights_fingerprint(load_model(policy_dir)),
-            "ref": weights_fingerprint(load_model(ref_dir)),
-            "tokenizer.json": sha256_file(tokenizer_path() / "tokenizer.json"),
-        }
+        policy_dir, ref_dir, fingerprints = tiny_models(tmp)
         plain = run_case(rows, tok, policy_dir, ref_dir, tmp, udm=False)
         udm = run_case(rows, tok, policy_dir, ref_dir, tmp, udm=True)
         bf16 = run_case(rows, tok, policy_dir, ref_dir, tmp, udm=False, bf16=True)  # printed, not stored

@@ -36,14 +36,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from run_reference import load_model, sha256_file, weights_fingerprint  # noqa: E402
+from run_reference import BETA, POLICY_SEED, REF_SEED, load_model, one_step_args, tiny_models  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
-from trl.experimental.bco import BCOConfig, BCOTrainer  # noqa: E402
+from trl.experimental.bco import BCOTrainer  # noqa: E402
 
-from bco_ray.builtin import materialize_tiny_model, tokenizer_path  # noqa: E402
+from bco_ray.builtin import tokenizer_path  # noqa: E402
 
 OUT_JSON = HERE / "reference_trainer_step1.json"
-BETA, POLICY_SEED, REF_SEED, BATCH = 0.1, 0, 1, 16
+BATCH = 16
 # The first 8 desirable and first 8 undesirable rows of bco_ray/assets/arithmetic/train.jsonl (as of this
 # fixture), in file order, inline so that regenerating the bundled data set does not move the fixture.
 ROWS = [
@@ -71,30 +71,9 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(tokenizer_path())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        policy_dir = materialize_tiny_model(tmp / "policy", seed=POLICY_SEED)
-        ref_dir = materialize_tiny_model(tmp / "ref", seed=REF_SEED)
+        policy_dir, ref_dir, fingerprints = tiny_models(tmp)
         policy, ref = load_model(policy_dir), load_model(ref_dir)
-        fingerprints = {
-            "policy": weights_fingerprint(policy),
-            "ref": weights_fingerprint(ref),
-            "tokenizer.json": sha256_file(tokenizer_path() / "tokenizer.json"),
-        }
-        args = BCOConfig(
-            output_dir=str(tmp / "out"),
-            per_device_train_batch_size=BATCH,
-            gradient_accumulation_steps=1,
-            learning_rate=0.0,
-            max_steps=1,
-            logging_steps=1,
-            report_to="none",
-            use_cpu=True,
-            save_strategy="no",
-            seed=42,
-            beta=BETA,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            bf16=False,
-        )
+        args = one_step_args(tmp / "out", BATCH)
         trainer = BCOTrainer(
             model=policy, ref_model=ref, args=args, processing_class=tok, train_dataset=Dataset.from_list(ROWS)
         )
