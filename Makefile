@@ -28,9 +28,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q --timeout=1200 tests
 
-# The edit loop: everything but the Ray jobs (unit tests, in-process DeepSpeed/gloo checks), a few minutes.
+# The edit loop: the unit tests (math, data, config, API, tracking), lint and layers; no Ray job, no DeepSpeed ranks.
 test-fast: setup
-	$(PY) -m pytest -q --timeout=600 -m "not e2e" tests
+	$(PY) -m pytest -q --timeout=600 -m "not e2e and not slow" tests
 
 # ruff, configured in pyproject.toml: `lint` checks (the fast tier runs it too), `fmt` fixes imports and formats.
 lint: setup

@@ -12,6 +12,9 @@ import pytest
 
 from conftest import ROOT, job_env
 
+# Several processes (DeepSpeed ranks on gloo) or a bench run: the full suite, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 TINY_DATA = ["--model", "tiny", "--rows", "12"]
 
 

@@ -19,6 +19,9 @@ import torch.multiprocessing as mp
 
 from tiny_models import tiny_qwen2
 
+# Several processes (DeepSpeed ranks on gloo) or a bench run: the full suite, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 B = 3  # rows per rank per micro-batch
 WORLD = 2
 MICRO = 3  # consecutive micro-batches

@@ -34,6 +34,9 @@ import numpy as np
 import pytest
 import torch
 
+# Several processes (DeepSpeed ranks on gloo) or a bench run: the full suite, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 GAS = 2  # micro-batches per optimizer step
 STEPS = 2  # optimizer steps
 ROWS = 4  # rows per micro-batch

@@ -28,6 +28,9 @@ import pytest
 import torch
 from test_zero3_lockstep import init_gloo_rank, record_error, run_ranks
 
+# Several processes (DeepSpeed ranks on gloo) or a bench run: the full suite, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ROWS, GAS, STEPS = 4, 2, 2  # micro_batch_size, gradient_accumulation_steps, optimizer steps
 BUDGET, CHUNK = 128, 16
 LR, BETA, MAX_GRAD_NORM, PAD_ID = 1e-4, 0.1, 0.5, 2  # lr: see tests/test_zero3_lockstep.py (Adam and rounding)

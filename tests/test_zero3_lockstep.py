@@ -37,6 +37,9 @@ import torch.multiprocessing as mp
 
 from tiny_models import tiny_kwargs
 
+# Several processes (DeepSpeed ranks on gloo) or a bench run: the full suite, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 ROWS = 2  # rows per rank per micro-batch
 MICRO = 2  # micro-batches (= optimizer steps: gradient_accumulation_steps 1)

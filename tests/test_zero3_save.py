@@ -14,6 +14,9 @@ import pytest
 import torch
 from test_zero3_lockstep import CHILD_TIMEOUT_S, WORLD, _model, init_gloo_rank, record_error, run_ranks
 
+# Several processes (DeepSpeed ranks on gloo) or a bench run: the full suite, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
