@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from bco_ray.builtin import BUILTIN_TRAIN, resolve_data
 from bco_ray.config.schema import load_config
-from bco_ray.storage import resolve_locations
+from bco_ray.job.locations import resolve_locations
 from bco_ray.tracking import mlflow_inputs, mlflow_run
 
 from conftest import ROOT, MlflowServer, job_env

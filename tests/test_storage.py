@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from bco_ray.config.schema import load_config
+from bco_ray.job.locations import resolve_locations
 from bco_ray.job.preflight import Need, _message, needs
-from bco_ray.precompute.pipeline import Paths
-from bco_ray.storage import in_job_working_dir, join, resolve_locations, resolve_output_dir
+from bco_ray.models import Paths
+from bco_ray.storage import in_job_working_dir, join, resolve_output_dir
 from bco_ray.tracking.mlflow_run import tracking_uri
 
 

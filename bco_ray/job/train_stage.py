@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -30,6 +30,7 @@ class Trained:
     model_dir: Path | None  # None: the run diverged before its first checkpoint
     final: dict  # rank 0's final.json; `diverged` in it: the step, why, and the checkpoint the model is from
     checkpoint: str
+    history: list[dict] = field(default_factory=list)  # rank 0's train and eval records: {"step": s, **metrics}
 
     @property
     def step(self) -> int:
