@@ -30,6 +30,15 @@ def _job_dir(tmp_path: Path) -> Path:
     return d
 
 
+def test_the_pass_takes_the_jobs_resolved_locations_as_given(clean_env):
+    """run_precompute resolves nothing itself: a config whose locations the job did not resolve is refused."""
+    from bco_ray.precompute.pipeline import run_precompute
+
+    paths = Paths(policy="p", reference="p", tokenizer="p", embedder=None, pad_id=0)
+    with pytest.raises(ValueError, match="locations resolved .*run_checks"):
+        run_precompute(load_config(None, []), paths)
+
+
 def test_defaults_outside_a_job_are_under_the_current_directory(clean_env):
     cfg = resolve_locations(load_config(None, []))
     assert cfg.output_dir == str(clean_env / "outputs")
