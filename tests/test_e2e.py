@@ -4,6 +4,7 @@ DeepSpeed ZeRO-2 → MLflow. Asserts on what a user would look at afterwards."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,9 @@ def test_job_trains_logs_and_saves(tmp_path, tiny_overrides):
 
     # The pass ran for this job (cache reuse is asserted in test_precompute.py and test_mlflow_jobs.py).
     assert "udm/accuracy" in run.data.metrics and run.data.tags["precompute.reused"] == "False"
+    # The job's result carries what it logged (the API and the model card read it there, not from MLflow).
+    history = result["history"]
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, 31)) and history[0]["step"] == 0
+    assert [h["step"] for h in history if "eval/auc" in h] == [0, 15, 30] and "udm/accuracy" in history[0]
+    assert [h["step"] for h in history if "eval/gen/score" in h] == [0, 15, 30] and "time/fit" in history[-1]
+    assert f"| loss | {losses[-1]:.4g} |" in (Path(result["model_dir"]) / "README.md").read_text()

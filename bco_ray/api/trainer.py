@@ -325,8 +325,9 @@ class BCOTrainer:
             raise ValueError("no eval_dataset: pass one to evaluate() or to BCOTrainer")
         t0 = time.time()
         raw = self.result.raw
-        table = _evaluate.eval_table(self.config, raw.precompute_dir, eval_dataset)
-        m = _evaluate.score(self.model, table, self.config, raw.final["delta"], self.args.per_device_eval_batch_size)
+        table = _evaluate.eval_table(self.config, raw.paths, raw.precompute_dir, eval_dataset)
+        batch = self.args.per_device_eval_batch_size
+        m = _evaluate.score(self.model, table, self.config, raw.paths.pad_id, raw.final["delta"], batch)
         out = {f"{metric_key_prefix}_{k.split('/', 1)[1]}": float(v) for k, v in m.items()}
         out[f"{metric_key_prefix}_runtime"] = round(time.time() - t0, 3)
         out[f"{metric_key_prefix}_samples"] = table.num_rows

@@ -97,6 +97,7 @@ class JobResult:
     # What the job logged, step by step: [{"step": s, **metrics}] (bco_ray/tracking/history.py): the pass's
     # summary (step 0), rank 0's train and eval records, the generation eval, the phase timings (last step).
     history: list[dict] = field(default_factory=list)
+    paths: Paths | None = None  # the models' locations the job resolved (what the API's evaluate() loads)
     run_id: str = ""  # the MLflow run
     tracking_uri: str = ""
     run_name: str = ""
@@ -135,6 +136,7 @@ def run_job(cfg: Config) -> JobResult:
         result = _tracked(job)
     result = dataclasses.replace(
         result,
+        paths=checked.paths,
         run_id=tracker.run_id,
         tracking_uri=tracker.uri,
         run_name=run_name,
