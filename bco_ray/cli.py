@@ -149,22 +149,6 @@ def resume_command(prog: str, argv: list[str]) -> str:
     return cmd
 
 
-def _precompute_checks(cfg: Config):
-    """The train job's checks (bco_ray/job/checks.py: run_checks) but the hub settings, which a pass does not
-    use: config locations, data, models. Returns the config with its locations resolved, the data report and
-    the model paths."""
-    from bco_ray.data.checks import check_data
-    from bco_ray.job import run
-    from bco_ray.job.checks import check_local_dirs
-    from bco_ray.storage import resolve_locations
-
-    cfg = resolve_locations(cfg)
-    check_local_dirs(cfg)
-    report = check_data(cfg)
-    paths, _ = run.resolve_paths(cfg)
-    return cfg, report, paths
-
-
 def _print_dry_run(cfg: Config, paths) -> None:
     console(
         f"[bco-ray] dry run: config, data, models and hub settings check out; no Ray work done.\n"
@@ -177,21 +161,35 @@ def _print_dry_run(cfg: Config, paths) -> None:
     )
 
 
-def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
-    """`bco-ray train`: the whole job (bco_ray/job/run.py). Returns the exit status."""
+def _command(prog: str, doc: str, argv: list[str] | None, body, precompute: bool) -> int:
+    """A config command: its options and config, checked (bco_ray/job/checks.py: run_checks, the job's one
+    resolution of its locations) where the command needs it now: a precompute command, or --dry-run (which
+    prints what was checked); then `body(prog, argv, config, checks' result or None)` (a train job runs its
+    checks itself). Returns the exit status."""
     argv = _command_argv(argv)
     try:
-        args, cfg = _parse(prog, TRAIN_DOC, argv)
+        args, cfg = _parse(prog, doc, argv)
         if cfg is None:
             return 0
-        if args.dry_run:
+        checked = None
+        if precompute or args.dry_run:
             from bco_ray.job.checks import run_checks
 
-            checked = run_checks(cfg)  # exactly the checks run_job makes before it starts Ray
+            checked = run_checks(cfg, hub=not precompute)  # exactly the checks run_job makes before it starts Ray
+        if args.dry_run:
             _print_dry_run(checked.cfg, checked.paths)
             return 0
     except (BcoRayError, FileNotFoundError) as e:
         return _fail(e)
+    return body(prog, argv, cfg, checked)
+
+
+def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
+    """`bco-ray train`: the whole job (bco_ray/job/run.py). Returns the exit status."""
+    return _command(prog, TRAIN_DOC, argv, _train, precompute=False)
+
+
+def _train(prog: str, argv: list[str], cfg: Config, _checked) -> int:
     from bco_ray.job import run
 
     # `ray job stop` and schedulers send SIGTERM: it ends the job like Ctrl-C, the MLflow run marked KILLED, and
@@ -232,15 +230,12 @@ def _print_resume(prog: str, argv: list[str], cfg: Config) -> None:
 
 def precompute(argv: list[str] | None = None, prog: str = "bco-ray precompute") -> int:
     """`bco-ray precompute`: only the Ray Data pass, into the precompute cache. Returns the exit status."""
-    argv = _command_argv(argv)
+    return _command(prog, PRECOMPUTE_DOC, argv, _precompute, precompute=True)
+
+
+def _precompute(prog: str, argv: list[str], _cfg: Config, checked) -> int:
+    cfg, report, paths = checked.cfg, checked.data_report, checked.paths
     try:
-        args, cfg = _parse(prog, PRECOMPUTE_DOC, argv)
-        if cfg is None:
-            return 0
-        cfg, report, paths = _precompute_checks(cfg)
-        if args.dry_run:
-            _print_dry_run(cfg, paths)
-            return 0
         from bco_ray.job import run
         from bco_ray.job.preflight import check_shared_paths
         from bco_ray.precompute.pipeline import run_precompute

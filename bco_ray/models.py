@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -14,6 +15,19 @@ from bco_ray.errors import InputError
 from bco_ray.remote import local_model_dir
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Paths:
+    """The job's resolved model locations (builtin names already materialised, checked by the driver before any
+    Ray work: bco_ray/job/checks.py) and the tokenizer's pad id: what the pass, the workers and the eval load."""
+
+    policy: str
+    reference: str
+    tokenizer: str
+    embedder: str | None
+    pad_id: int
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -10,12 +10,12 @@ the head to an `s3://` prefix), is the root of every default location:
                             ~/bco-ray in a submitted job, else the current directory
 
 `output_dir` is the driver's own directory (run summaries, a copy of the final model): the final model's
-shared copy lives with the checkpoints. No Ray import here.
+shared copy lives with the checkpoints. The job resolves them once (bco_ray/job/locations.py); what is here
+(URI helpers, the output directory's base) is what every tier uses. No Ray import here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -62,17 +62,3 @@ def resolve_output_dir(output_dir: str) -> Path:
             base = Path.cwd()
         out = base / out
     return out.resolve()
-
-
-def resolve_locations(cfg):
-    """A copy of `cfg` with output_dir absolute and cache_dir / storage_path filled in (see the module doc)."""
-    root = storage_root()
-    out = resolve_output_dir(cfg.output_dir)
-    cache = cfg.precompute.cache_dir or (join(root, "cache") if root else str(out / "cache"))
-    storage = cfg.train.storage_path or (join(root, "ray") if root else str(out / "ray"))
-    return dataclasses.replace(
-        cfg,
-        output_dir=str(out),
-        precompute=dataclasses.replace(cfg.precompute, cache_dir=cache),
-        train=dataclasses.replace(cfg.train, storage_path=storage),
-    )

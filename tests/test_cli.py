@@ -68,6 +68,34 @@ def test_dry_run_checks_everything_and_starts_no_ray(tmp_path, capsys, no_ray, m
     assert "bco-ray: input error: hub.repo_id='org/name' pushes the model" in capsys.readouterr().err
 
 
+def test_precompute_resolves_its_locations_once_and_hands_them_on(tmp_path, capsys, monkeypatch):
+    """`bco-ray precompute`: one resolution (the job's checks, without the hub settings: a pass pushes nothing);
+    the preflight and the pass take the resolved config and the checked model paths as given."""
+    from types import SimpleNamespace
+
+    from bco_ray.job import checks, preflight
+    from bco_ray.job.locations import resolve_locations
+    from bco_ray.precompute import pipeline
+
+    resolved, seen = [], {}
+    monkeypatch.setattr(checks, "resolve_locations", lambda c: resolved.append(c) or resolve_locations(c))
+    monkeypatch.setattr(run, "init_ray", lambda c: False)
+    monkeypatch.setattr(preflight, "check_shared_paths", lambda c, p, uri: seen.update(preflight=(c, p)) or 1)
+
+    def run_precompute(cfg, paths, report):
+        seen["pass"] = (cfg, paths)
+        summary = SimpleNamespace(to_dict=lambda: {"rows": report.train.rows})
+        return SimpleNamespace(reused=True, dir="d", summary=summary)
+
+    monkeypatch.setattr(pipeline, "run_precompute", run_precompute)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert cli.precompute([f"--output_dir={tmp_path}", "--hub.repo_id=org/name"]) == 0
+    cfg, paths = seen["pass"]
+    assert len(resolved) == 1 and seen["preflight"] == seen["pass"]
+    assert cfg.precompute.cache_dir == str(tmp_path / "cache") and cfg.train.storage_path == str(tmp_path / "ray")
+    assert paths.pad_id is not None and "precompute reused (cache hit): d" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "error, kind, code",
     [

@@ -218,7 +218,7 @@ def test_malformed_yaml_exits_2_without_a_traceback(tmp_path):
 # ------------------------------------------------------------------ local directories the job writes
 def _checked(tmp_path, *overrides: str):
     from bco_ray.job.checks import check_local_dirs
-    from bco_ray.storage import resolve_locations
+    from bco_ray.job.locations import resolve_locations
 
     cfg = load_config(
         overrides=[

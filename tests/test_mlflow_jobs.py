@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from bco_ray.builtin import BUILTIN_TRAIN, SFT_DIR, resolve_data
 from bco_ray.config.schema import load_config
-from bco_ray.storage import resolve_locations
+from bco_ray.job.locations import resolve_locations
 from bco_ray.tracking import mlflow_inputs, mlflow_run
 
 from conftest import ROOT, TEST_DATA, TRAIN_ROWS, MlflowServer, job_env
@@ -255,6 +255,12 @@ def test_job_trains_evaluates_generations_and_saves(jobs, tmp_path):
     assert max(float((trained.state_dict()[k] - v).abs().max()) for k, v in init.items()) > 1e-3
     with torch.no_grad():
         assert torch.isfinite(trained(torch.tensor([[0, 5, 6, 7]])).logits).all()
+    # The job's result carries what it logged (the API and the model card read it there, not from MLflow).
+    history = result["history"]
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, 31)) and history[0]["step"] == 0
+    assert [h["step"] for h in history if "eval/auc" in h] == [0, 15, 30] and "udm/accuracy" in history[0]
+    assert [h["step"] for h in history if "eval/gen/score" in h] == [0, 15, 30] and "time/fit" in history[-1]
+    assert f"| loss | {losses[-1]:.4g} |" in (Path(result["model_dir"]) / "README.md").read_text()
 
 
 @pytest.mark.e2e

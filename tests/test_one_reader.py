@@ -134,6 +134,7 @@ def test_the_pass_trains_exactly_the_valid_rows_and_reuses_its_cache(tmp_path, s
     import ray
 
     from bco_ray.data.reader import ReadUnit
+    from bco_ray.job.locations import resolve_locations
     from bco_ray.job.run import resolve_paths
     from bco_ray.precompute import pipeline, read, stages
     from bco_ray.precompute.sizing import pass_resources
@@ -145,7 +146,7 @@ def test_the_pass_trains_exactly_the_valid_rows_and_reuses_its_cache(tmp_path, s
         "udm": {"prompt_sample_size": 64},
         "precompute": {"batch_size": 16, "local_shuffle_max_rows": 0},
     }
-    cfg = load_config(overrides={**over, "data": {**data, "driver_check_rows": 10}})
+    cfg = resolve_locations(load_config(overrides={**over, "data": {**data, "driver_check_rows": 10}}))
     report = check_data(cfg)
     assert not report.complete
     paths, _ = resolve_paths(cfg)
@@ -200,6 +201,7 @@ def test_a_bad_row_past_the_driver_check_stops_the_pass_before_any_model_loads(t
     error (exit status 2), not Ray's wrapper, before the scoring actors start."""
     import ray
 
+    from bco_ray.job.locations import resolve_locations
     from bco_ray.job.run import resolve_paths
     from bco_ray.precompute import pipeline
     from bco_ray.precompute.sizing import pass_resources
@@ -207,7 +209,9 @@ def test_a_bad_row_past_the_driver_check_stops_the_pass_before_any_model_loads(t
     write(tmp_path / "d" / "a.jsonl", "jsonl", SRC[:40])
     write(tmp_path / "d" / "b.jsonl", "crlf", SRC[40:60], bad=True)
     over = {"output_dir": str(tmp_path / "o"), "udm": {"enabled": False}, "train": {"num_workers": 1}}
-    cfg = load_config(overrides={**over, "data": {"train": str(tmp_path / "d"), "eval": None, "driver_check_rows": 10}})
+    cfg = resolve_locations(
+        load_config(overrides={**over, "data": {"train": str(tmp_path / "d"), "eval": None, "driver_check_rows": 10}})
+    )
     report = check_data(cfg)
     assert not report.complete and report.train.rows == 10
     paths, _ = resolve_paths(cfg)

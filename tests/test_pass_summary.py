@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from bco_ray.data.pass_summary import PrecomputeSummary, SplitSummary, UdmFit, WeightHist
-from bco_ray.tracking.mlflow_inputs import precompute_metrics
+from bco_ray.tracking.history import precompute_metrics
 
 SPLIT = {
     "rows": 10,

@@ -8,9 +8,10 @@ import random
 
 from bco_ray.config.schema import load_config
 from bco_ray.data.fingerprint import fingerprint_path
+from bco_ray.models import Paths
 from bco_ray.precompute.batching import budget_batches
 from bco_ray.precompute.cache import Cache, cache_key
-from bco_ray.precompute.pipeline import Paths, key_parts
+from bco_ray.precompute.pipeline import key_parts
 
 
 # ------------------------------------------------------------------ token-budget batching

@@ -182,8 +182,8 @@ def test_trainer_puts_its_inputs_in_the_bucket(s3, tiny, cache, tmp_path, monkey
     from bco_ray import BCOConfig, BCOTrainer
     from bco_ray.data.checks import check_data
     from bco_ray.job.checks import resolve_paths
+    from bco_ray.job.locations import resolve_locations
     from bco_ray.precompute.embedding_func import EmbeddingFuncError, load_embedding_func
-    from bco_ray.storage import resolve_locations
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
     inputs = f"s3://{s3.bucket}/explicit/inputs"

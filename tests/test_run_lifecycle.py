@@ -22,6 +22,7 @@ from bco_ray.config.schema import load_config
 from bco_ray.errors import InputError, TrainingError
 from bco_ray.job import run, signals
 from bco_ray.tracking import driver_runs, mlflow_run
+from bco_ray.tracking.tracker import MlflowTracker
 from bco_ray.train.divergence import Diverged, check_device, check_values
 
 from mlflow_helpers import mlflow_globals_restored
@@ -129,11 +130,39 @@ def test_a_finished_run_name_is_refused_before_any_ray_work(store, tmp_path):
     mlflow_run.open_run(cfg, "done")
     mlflow_run.close_run("FINISHED")
     with pytest.raises(InputError, match="mlflow.run_name 'done' finished already .* another --mlflow.run_name"):
-        run._refuse_finished(cfg, "done")
+        run._refuse_finished(cfg, MlflowTracker(cfg), "done")
     # No store yet: nothing is created by the check.
     missing = tmp_path / "none" / "mlflow.db"
     assert mlflow_run.finished_run(_cfg(f"sqlite:///{missing}", tmp_path), "done") is None
     assert not missing.exists()
+
+
+def test_the_mlflow_tracker_opens_logs_and_ends_the_run(store, tmp_path):
+    """The driver's tracker seam on MLflow: a run opened by name with the config as params, metrics at a step, a
+    table, a file, a terminal status with the error; a second start of that name resumes it."""
+    _, uri = store
+    cfg = _cfg(uri, tmp_path, "--mlflow.experiment=seam")
+    tracker = MlflowTracker(cfg)
+    assert tracker.uri == uri and tracker.finished_run("t") is None
+    assert tracker.start("t") is False and tracker.view_hint() == f"mlflow ui --backend-store-uri {uri}"
+    tracker.set_tags({"a": 1, "none": None})
+    tracker.log_metrics({"time/fit": 1.5}, step=3)
+    tracker.log_table({"step": [3], "prompt": ["1+1="]}, "eval/t.json")
+    (tmp_path / "c.json").write_text("{}")
+    tracker.log_artifact(str(tmp_path / "c.json"), "udm")
+    tracker.finish("FAILED", "RuntimeError: boom")
+    client = MlflowClient(uri)
+    got = client.get_run(tracker.run_id)
+    assert (got.info.status, got.data.tags["error_type"], got.data.tags["a"]) == ("FAILED", "RuntimeError", "1")
+    assert got.data.params["train.lr"] == str(cfg.train.lr) and "none" not in got.data.tags
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "time/fit")] == [(3, 1.5)]
+    assert {"eval/t.json", "udm/c.json"} <= {
+        f.path for d in ("eval", "udm") for f in client.list_artifacts(tracker.run_id, d)
+    }
+    again = MlflowTracker(cfg)
+    assert again.start("t") is True and again.run_id == tracker.run_id
+    again.finish("FINISHED")
+    assert again.finished_run("t") == tracker.run_id
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

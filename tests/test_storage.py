@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from bco_ray.config.schema import load_config
+from bco_ray.job.locations import resolve_locations
 from bco_ray.job.preflight import Need, _message, needs
-from bco_ray.precompute.pipeline import Paths
-from bco_ray.storage import in_job_working_dir, join, resolve_locations, resolve_output_dir
+from bco_ray.models import Paths
+from bco_ray.storage import in_job_working_dir, join, resolve_output_dir
 from bco_ray.tracking.mlflow_run import tracking_uri
 
 
@@ -27,6 +28,15 @@ def _job_dir(tmp_path: Path) -> Path:
     d = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
     d.mkdir(parents=True)
     return d
+
+
+def test_the_pass_takes_the_jobs_resolved_locations_as_given(clean_env):
+    """run_precompute resolves nothing itself: a config whose locations the job did not resolve is refused."""
+    from bco_ray.precompute.pipeline import run_precompute
+
+    paths = Paths(policy="p", reference="p", tokenizer="p", embedder=None, pad_id=0)
+    with pytest.raises(ValueError, match="locations resolved .*run_checks"):
+        run_precompute(load_config(None, []), paths)
 
 
 def test_defaults_outside_a_job_are_under_the_current_directory(clean_env):

@@ -16,20 +16,19 @@ from bco_ray.bco.loss import RunningMean
 from bco_ray.bco.udm import classifier_from_json
 from bco_ray.config.schema import Config
 from bco_ray.data.reader import plan_units
-from bco_ray.job.checks import resolve_paths
-from bco_ray.models import load_tokenizer, reference_dtype
+from bco_ray.models import Paths, reference_dtype
 from bco_ray.precompute import pipeline, read, stages
 from bco_ray.train.evaluate import evaluate, table_batches
 
 
-def eval_table(cfg: Config, precompute_dir: str, eval_dataset=None) -> pa.Table:
-    """The run's precomputed eval split (None), or `eval_dataset` (rows, a Dataset or a data spec) scored now."""
+def eval_table(cfg: Config, paths: Paths, precompute_dir: str, eval_dataset=None) -> pa.Table:
+    """The run's precomputed eval split (None), or `eval_dataset` (rows, a Dataset or a data spec) scored now with
+    the models the job resolved (`paths`)."""
     if eval_dataset is None:
         return _read_parquet_dir(f"{precompute_dir}/split=eval")
     spec = (
         os.fspath(eval_dataset) if isinstance(eval_dataset, (str, os.PathLike)) else _as_dataset(eval_dataset, "eval")
     )
-    paths, _ = resolve_paths(cfg)
     d, p = cfg.data, cfg.precompute
     table = stages.tokenize(  # the rows read and checked as the pass reads them (one reader)
         read.checked_table(plan_units(spec, "eval"), d.on_bad_rows),
@@ -61,10 +60,9 @@ def eval_table(cfg: Config, precompute_dir: str, eval_dataset=None) -> pa.Table:
     return stages.Embed(**kwargs)(table)
 
 
-def score(model, table: pa.Table, cfg: Config, final_delta: float, batch_size: int) -> dict[str, float]:
+def score(model, table: pa.Table, cfg: Config, pad_id: int, final_delta: float, batch_size: int) -> dict[str, float]:
     """eval/* metrics of `model` on the table's rows, as the job's eval computes them (one rank)."""
     eval_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=batch_size))
-    pad_id = load_tokenizer(cfg.model.tokenizer or cfg.model.policy, cfg.model.revision).pad_token_id
     device = next(model.parameters()).device
     delta = RunningMean(mean=float(final_delta), count=1.0)
     with torch.no_grad():

@@ -15,7 +15,6 @@ from typing import Any
 import cloudpickle
 import ray
 import torch
-from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
 from bco_ray.api import _embedding, _evaluate, _hub
@@ -29,7 +28,7 @@ from bco_ray.api._io import (
     inputs_root,
 )
 from bco_ray.api._mapping import _to_config
-from bco_ray.api._state import trainer_state
+from bco_ray.api._state import result_metrics, trainer_state, training_loss
 from bco_ray.api.config import BCOConfig, BCOConfigWarning
 from bco_ray.config.schema import Config
 from bco_ray.job.run import JobResult, init_ray, run_job
@@ -43,7 +42,7 @@ class BCOTrainOutput:
 
     global_step: int
     training_loss: float  # mean of the logged `loss` values of the run
-    metrics: dict  # train_runtime, train_loss, and the last value of every MLflow metric
+    metrics: dict  # train_runtime, train_loss, and the last value of every metric the job logged
     model_dir: str  # the trained model, Hugging Face format (AutoModelForCausalLM.from_pretrained)
     output_dir: str  # <output_dir>/runs/<run_name>: result.json, model/
     run_id: str  # MLflow run
@@ -208,42 +207,33 @@ class BCOTrainer:
         return cfg
 
     def _train_output(self, res: JobResult, seconds: float) -> BCOTrainOutput:
-        client = MlflowClient(res.tracking_uri)
-        run = client.get_run(res.run_id)
-        losses = [m.value for m in client.get_metric_history(res.run_id, "loss")]
-        training_loss = float(sum(losses) / len(losses)) if losses else float("nan")
-        metrics = dict(run.data.metrics)
-        metrics.update({k: v for k, v in res.final.items() if isinstance(v, (int, float))})
-        metrics.update(train_runtime=round(seconds, 2), train_loss=training_loss)
+        """transformers' TrainOutput fields from the job's result and its history (bco_ray/api/_state.py)."""
+        where = {k: getattr(res, k) for k in ("model_dir", "run_id", "tracking_uri", "run_name")}
         return BCOTrainOutput(
             global_step=int(res.final.get("step", 0)),
-            training_loss=training_loss,
-            metrics=metrics,
-            model_dir=res.model_dir,
+            training_loss=training_loss(res.history),
+            metrics=result_metrics(res.history, res.final, seconds),
             output_dir=res.out_dir,
-            run_id=res.run_id,
-            tracking_uri=res.tracking_uri,
-            run_name=res.run_name,
             raw=res,
+            **where,
         )
 
     def _trainer_state(self, cfg: Config):
-        """transformers' TrainerState of the finished run, from its MLflow history (bco_ray/api/_state.py)."""
+        """transformers' TrainerState of the finished run, from the job's history (bco_ray/api/_state.py)."""
         r = self.result
         return trainer_state(
-            MlflowClient(r.tracking_uri),
-            r.run_id,
+            r.raw.history,
             cfg.train,
             r.global_step,
-            train_runtime=r.metrics.get("train_runtime"),
+            train_runtime=r.metrics["train_runtime"],
             training_loss=r.training_loss,
         )
 
     @property
     def state(self):
         """A transformers `TrainerState`, as TRL's trainer has: after train(), `global_step`, `epoch`, `max_steps`
-        and `log_history` (one dict per logged step, with "loss", ..., "epoch", "step") come from the run's
-        MLflow history; before, the empty initial state. `best_metric` / `best_model_checkpoint` stay None."""
+        and `log_history` (one dict per logged step, with "loss", ..., "epoch", "step") come from the job's
+        history (its result, not read back from MLflow); before, the empty initial state. `best_metric` / `best_model_checkpoint` stay None."""
         if self._state is None:
             self._state = TrainerState(log_history=[])
         return self._state
@@ -335,8 +325,9 @@ class BCOTrainer:
             raise ValueError("no eval_dataset: pass one to evaluate() or to BCOTrainer")
         t0 = time.time()
         raw = self.result.raw
-        table = _evaluate.eval_table(self.config, raw.precompute_dir, eval_dataset)
-        m = _evaluate.score(self.model, table, self.config, raw.final["delta"], self.args.per_device_eval_batch_size)
+        table = _evaluate.eval_table(self.config, raw.paths, raw.precompute_dir, eval_dataset)
+        batch = self.args.per_device_eval_batch_size
+        m = _evaluate.score(self.model, table, self.config, raw.paths.pad_id, raw.final["delta"], batch)
         out = {f"{metric_key_prefix}_{k.split('/', 1)[1]}": float(v) for k, v in m.items()}
         out[f"{metric_key_prefix}_runtime"] = round(time.time() - t0, 3)
         out[f"{metric_key_prefix}_samples"] = table.num_rows

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 import fsspec
 import pyarrow as pa
@@ -27,9 +28,12 @@ from bco_ray.data.reader import files_of
 from bco_ray.data.sources import hf_rows
 from bco_ray.data.tokenize import with_bos
 from bco_ray.eval.generation import completion_logps, generate, load_verifier, verifier_scores
-from bco_ray.models import load_causal_lm, load_tokenizer, pick_dtype, reference_dtype
+from bco_ray.models import Paths, load_causal_lm, load_tokenizer, pick_dtype, reference_dtype
 from bco_ray.remote import local_model_dir
 from bco_ray.storage import is_remote, local_path
+
+if TYPE_CHECKING:  # annotations only
+    from bco_ray.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +204,7 @@ class Generator:
         return pa.Table.from_pylist(rows)
 
 
-def run_generation_eval(cfg: Config, paths, snapshots: dict[int, str], res, tokenizer) -> list[dict]:
+def run_generation_eval(cfg: Config, paths: Paths, snapshots: dict[int, str], res, tokenizer) -> list[dict]:
     """Rows of every (snapshot step, prompt, completion kind); [] when there are no prompts."""
     e = cfg.eval
     prompts = held_out_prompts(cfg.data.eval, tokenizer, e.num_prompts, cfg.data.max_prompt_length)
@@ -246,14 +250,14 @@ def run_generation_eval(cfg: Config, paths, snapshots: dict[int, str], res, toke
     return sorted(ds.take_all(), key=lambda r: (r["step"], r["kind"], r["prompt_index"]))
 
 
-def generation_eval(cfg: Config, paths, res, snapshots: dict[int, str]) -> dict:
+def generation_eval(cfg: Config, paths: Paths, res, snapshots: dict[int, str], tracker: Tracker) -> dict:
     """The driver's pass after training over the policy at each step of `snapshots` ({step: model path}: step 0
-    the initial policy, the snapshots the workers left, the final model); metrics, tables and a summary line.
-    Returns {step: metrics}."""
-    from bco_ray.eval import report  # MLflow: the driver's, not in every generation actor (this module's)
+    the initial policy, the snapshots the workers left, the final model); metrics and tables into `tracker` (the
+    job's: bco_ray/tracking/tracker.py), a summary line. Returns {step: metrics}."""
+    from bco_ray.eval import report
 
     tok = load_tokenizer(paths.tokenizer, cfg.model.revision, cfg.model.trust_remote_code)
     rows = run_generation_eval(cfg, paths, snapshots, res, tok)
-    metrics = report.log_to_mlflow(rows) if rows else {}
+    metrics = report.log_report(tracker, rows) if rows else {}
     console(f"[bco-ray] {report.summary_line(metrics)}")
     return metrics

@@ -1,14 +1,16 @@
 """From the generation pass's rows to what a user looks at: per-step metrics (`eval/gen/*`), the final
-reference-vs-policy table, and their MLflow records. Plain Python + MLflow; the score-vs-step PNG is a panel of
+reference-vs-policy table, and their records in the job's tracker. Plain Python; the score-vs-step PNG is a panel of
 bco_ray/tracking/plots.py, drawn from these metrics."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-
-import mlflow
+from typing import TYPE_CHECKING
 
 from bco_ray.eval.generation import mean
+
+if TYPE_CHECKING:  # annotations only
+    from bco_ray.tracking.tracker import Tracker
 
 TABLE = "eval/generations.json"  # final step: prompt | reference | policy | scores, one row a prompt
 STEPS_TABLE = "eval/generations_by_step.json"  # every evaluated step, one row a (step, prompt)
@@ -64,13 +66,13 @@ def steps_table(rows: list[dict]) -> dict[str, list]:
     return {k.replace("verifier/", ""): [r.get(k) for r in rows] for k in (*base, *keys)}
 
 
-def log_to_mlflow(rows: list[dict]) -> dict[int, dict[str, float]]:
+def log_report(tracker: Tracker, rows: list[dict]) -> dict[int, dict[str, float]]:
     """Metrics at their steps, the two tables; returns the metrics."""
     metrics = step_metrics(rows)
     for step, m in sorted(metrics.items()):
-        mlflow.log_metrics(m, step=step)
-    mlflow.log_table(final_table(rows), artifact_file=TABLE)
-    mlflow.log_table(steps_table(rows), artifact_file=STEPS_TABLE)
+        tracker.log_metrics(m, step=step)
+    tracker.log_table(final_table(rows), TABLE)
+    tracker.log_table(steps_table(rows), STEPS_TABLE)
     return metrics
 
 

@@ -17,12 +17,12 @@ from bco_ray.config.schema import Config, ConfigError
 from bco_ray.data.checks import DataReport, check_data
 from bco_ray.errors import InputError, ResourcesError
 from bco_ray.eval.generation import VerifierError, load_verifier
-from bco_ray.models import ModelLoadError, check_model_loads, load_tokenizer
+from bco_ray.job.locations import resolve_locations
+from bco_ray.models import ModelLoadError, Paths, check_model_loads, load_tokenizer
 from bco_ray.precompute.embedding_func import EmbeddingFuncError, check_embedding_func
-from bco_ray.precompute.pipeline import Paths
 from bco_ray.precompute.sizing import PassResources, pass_resources
 from bco_ray.remote import local_model_dir, missing_model_files
-from bco_ray.storage import is_remote, local_path, resolve_locations
+from bco_ray.storage import is_remote, local_path
 from bco_ray.tracking.hub import HubError, check_push_ready
 
 
@@ -216,22 +216,25 @@ def check_local_dirs(cfg: Config) -> None:
 
 @dataclass
 class Checked:
-    """What the checks stage hands on: the config with its locations resolved, the data report, the models."""
+    """What the checks stage hands on, resolved once and taken as given by every later stage: the config with
+    its locations resolved, the data report, the models' locations."""
 
     cfg: Config
     data_report: DataReport
     paths: Paths
 
 
-def run_checks(cfg: Config) -> Checked:
-    """Every check a job makes before it starts Ray: config locations (local directories usable), data (bad rows
-    fail here), models, and hub settings (hub.repo_id needs HF_TOKEN: say so before any work)."""
+def run_checks(cfg: Config, hub: bool = True) -> Checked:
+    """Every check a job makes before it starts Ray: config locations (resolved here, the one time a job resolves
+    them; local directories usable), data (bad rows fail here), models, and hub settings (hub.repo_id needs
+    HF_TOKEN: say so before any work; `hub=False`: a precompute-only command, which pushes nothing)."""
     cfg = resolve_locations(cfg)  # output/cache/checkpoints: never in the job's upload
     check_local_dirs(cfg)
     data_report = check_data(cfg)
     paths, _ = resolve_paths(cfg)
-    try:
-        check_push_ready(cfg)
-    except HubError as e:
-        raise ModelError(str(e)) from e
+    if hub:
+        try:
+            check_push_ready(cfg)
+        except HubError as e:
+            raise ModelError(str(e)) from e
     return Checked(cfg, data_report, paths)

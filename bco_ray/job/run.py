@@ -1,7 +1,8 @@
 """A whole bco-ray job, driver side, stage by stage:
-checks (config, data, models: bco_ray/job/checks.py) → Ray and preflight → MLflow run → precompute pass →
-train (Ray Train: bco_ray/job/train_stage.py) → collect the model → generation eval (if asked) → publish (model card,
-MLflow model, hub) → plots. `jobs/bco.py` is a thin command line around `run_job`."""
+checks (config, data, models, locations resolved once: bco_ray/job/checks.py) → Ray and preflight → the tracker's run
+(MLflow: bco_ray/tracking/tracker.py) → precompute pass → train (Ray Train: bco_ray/job/train_stage.py) → collect the
+model → generation eval (if asked) → publish (model card, model, hub) → plots. `jobs/bco.py` is a thin command line
+around `run_job`."""
 
 from __future__ import annotations
 
@@ -10,17 +11,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fsspec
-import mlflow
 import ray
 import ray.data
-from mlflow.tracking import MlflowClient
 
 from bco_ray.config.schema import Config
 from bco_ray.console import console
@@ -40,9 +37,13 @@ from bco_ray.job.context import Job, Phases
 from bco_ray.job.preflight import check_shared_paths
 from bco_ray.job.resources import usable_cpus
 from bco_ray.job.train_stage import Trained, train
-from bco_ray.precompute.pipeline import Paths, PrecomputeResult, run_precompute
+from bco_ray.models import Paths
+from bco_ray.precompute.pipeline import PrecomputeResult, run_precompute
 from bco_ray.precompute.sizing import PassResources
-from bco_ray.tracking import hub, mlflow_inputs, mlflow_model, mlflow_run, model_card
+from bco_ray.tracking import hub, model_card
+from bco_ray.tracking.history import card_metrics, entry, precompute_metrics
+from bco_ray.tracking.run_tags import ray_tags
+from bco_ray.tracking.tracker import MlflowTracker, Tracker
 from bco_ray.train.snapshots import list_snapshots, remove_snapshots
 
 log = logging.getLogger("bco_ray")
@@ -93,6 +94,10 @@ class JobResult:
     checkpoint: str  # Ray Train's final checkpoint
     final: dict  # rank 0's final record: step, delta, eval/*, timings
     out_dir: str  # <output_dir>/runs/<run_name>
+    # What the job logged, step by step: [{"step": s, **metrics}] (bco_ray/tracking/history.py): the pass's
+    # summary (step 0), rank 0's train and eval records, the generation eval, the phase timings (last step).
+    history: list[dict] = field(default_factory=list)
+    paths: Paths | None = None  # the models' locations the job resolved (what the API's evaluate() loads)
     run_id: str = ""  # the MLflow run
     tracking_uri: str = ""
     run_name: str = ""
@@ -110,28 +115,30 @@ def run_job(cfg: Config) -> JobResult:
     t0 = time.time()
     phases = Phases()
     checked = run_checks(cfg)  # before any Ray work: bad config values, rows or models fail here
-    cfg = checked.cfg
+    cfg = checked.cfg  # resolved once: every stage below takes it as given
+    tracker = MlflowTracker(cfg)
     run_name = cfg.mlflow.run_name or time.strftime("bco-%Y%m%d-%H%M%S")
     if cfg.mlflow.run_name:
-        _refuse_finished(cfg, run_name)
+        _refuse_finished(cfg, tracker, run_name)
     phases.lap("checks")
-    res, n_nodes = _start_ray(cfg, checked.paths, phases)
+    res, n_nodes = _start_ray(cfg, checked.paths, tracker, phases)
     out_dir = Path(cfg.output_dir) / "runs" / run_name
     out_dir.mkdir(parents=True, exist_ok=True)
     with signals.stop_signals():  # after ray.init(), which makes SIGTERM a sys.exit
-        uri, run_id, resumed = mlflow_run.open_run(cfg, run_name)
+        resumed = tracker.start(run_name)
         console(
-            f"[bco-ray] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
-            f"'{cfg.mlflow.experiment}' at {uri}\n[bco-ray]   view it: {mlflow_run.view_hint(uri, run_id)}\n"
+            f"[bco-ray] MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}) in experiment "
+            f"'{cfg.mlflow.experiment}' at {tracker.uri}\n[bco-ray]   view it: {tracker.view_hint()}\n"
             f"[bco-ray] storage: cache {cfg.precompute.cache_dir}, checkpoints {cfg.train.storage_path}, "
             f"outputs {cfg.output_dir} ({n_nodes} node{'s' if n_nodes != 1 else ''})"
         )
-        job = Job(cfg, checked.paths, checked.data_report, res, run_name, out_dir, uri, run_id, phases)
+        job = Job(cfg, checked.paths, checked.data_report, res, run_name, out_dir, tracker, phases)
         result = _tracked(job)
     result = dataclasses.replace(
         result,
-        run_id=run_id,
-        tracking_uri=uri,
+        paths=checked.paths,
+        run_id=tracker.run_id,
+        tracking_uri=tracker.uri,
         run_name=run_name,
         seconds=round(time.time() - t0, 1),
         timings=phases.seconds,
@@ -143,34 +150,34 @@ def run_job(cfg: Config) -> JobResult:
     return result
 
 
-def _refuse_finished(cfg: Config, run_name: str) -> None:
+def _refuse_finished(cfg: Config, tracker: Tracker, run_name: str) -> None:
     """A run name that FINISHED is not trained again (nor logged as a second MLflow run of the same name)."""
-    done = mlflow_run.finished_run(cfg, run_name)
+    done = tracker.finished_run(run_name)
     if done is not None:
         raise InputError(
-            f"mlflow.run_name '{run_name}' finished already (MLflow run {done.info.run_id} in experiment "
+            f"mlflow.run_name '{run_name}' finished already (MLflow run {done} in experiment "
             f"'{cfg.mlflow.experiment}'; its model: {Path(cfg.output_dir) / 'runs' / run_name / 'model'}). "
             f"To train again, give the job another --mlflow.run_name (e.g. {run_name}-2)"
         )
 
 
 def _tracked(job: Job) -> JobResult:
-    """The pipeline inside the MLflow run, which ends FINISHED, KILLED (a signal) or FAILED (with the error)."""
+    """The pipeline inside the tracker's run, which ends FINISHED, KILLED (a signal) or FAILED (with the error)."""
     try:
-        mlflow_run.set_tags(mlflow_run.ray_tags())  # job id, submission id, dashboard URL
+        job.tracker.set_tags(ray_tags())  # job id, submission id, dashboard URL
         result = _pipeline(job)
     except KeyboardInterrupt as e:
         stop = signals.interrupted(e)
-        mlflow_run.close_run("KILLED", f"{type(stop).__name__}: {stop}")
+        job.tracker.finish("KILLED", f"{type(stop).__name__}: {stop}")
         raise stop from e
     except BaseException as e:
-        mlflow_run.close_run("FAILED", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+        job.tracker.finish("FAILED", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
         raise
-    mlflow_run.close_run("FINISHED")
+    job.tracker.finish("FINISHED")
     return result
 
 
-def _start_ray(cfg: Config, paths: Paths, phases: Phases) -> tuple[PassResources, int]:
+def _start_ray(cfg: Config, paths: Paths, tracker: Tracker, phases: Phases) -> tuple[PassResources, int]:
     """Join or start Ray, check the cluster can run the job, and that every path is visible from every node.
     Returns the pass's resources and the number of nodes."""
     local = init_ray(cfg)
@@ -178,7 +185,7 @@ def _start_ray(cfg: Config, paths: Paths, phases: Phases) -> tuple[PassResources
     check_resources(cfg, local)
     res = check_cluster_fits(cfg, local)
     # Nothing is written before this: on a multi-node cluster every path must be visible from every node.
-    n_nodes = check_shared_paths(cfg, paths, mlflow_run.tracking_uri(cfg))
+    n_nodes = check_shared_paths(cfg, paths, tracker.uri)
     phases.lap("preflight")
     return res, n_nodes
 
@@ -188,6 +195,7 @@ def _pipeline(job: Job) -> JobResult:
     pre = _precompute(job)
     _log_inputs(job, pre)
     trained = train(job, pre)
+    job.history.extend(trained.history)  # rank 0's train and eval records
     diverged = trained.final.get("diverged")
     if diverged:  # its last good checkpoint's model, if there is one, is published; then the run fails
         if trained.model_dir is not None:
@@ -198,7 +206,7 @@ def _pipeline(job: Job) -> JobResult:
         _generation_eval(job, trained)
     _publish(job, trained)
     _log_plots(job, pre)
-    mlflow.log_metrics(job.phases.seconds, step=trained.step)
+    job.log_metrics(job.phases.seconds, step=trained.step)
     return JobResult(
         model_dir=str(trained.model_dir),
         precompute_dir=pre.dir,
@@ -206,6 +214,7 @@ def _pipeline(job: Job) -> JobResult:
         checkpoint=trained.checkpoint,
         final=trained.final,
         out_dir=str(job.out_dir),
+        history=sorted(job.history, key=lambda e: e["step"]),  # stable: a step's entries in the order logged
     )
 
 
@@ -243,10 +252,11 @@ def _precompute(job: Job) -> PrecomputeResult:
 
 
 def _log_inputs(job: Job, pre: PrecomputeResult) -> None:
-    """Tags, datasets (mlflow.log_input: source URI + cache-key fingerprint digest) and the pass's summary."""
+    """Tags, datasets (source URI + cache-key fingerprint digest) and the pass's summary (also the history's
+    step 0)."""
     t, report = job.cfg.train, job.data_report
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    mlflow_run.set_tags(
+    job.tracker.set_tags(
         {
             "precompute.cache_key": pre.key,
             "precompute.reused": pre.reused,
@@ -257,60 +267,45 @@ def _log_inputs(job: Job, pre: PrecomputeResult) -> None:
             "cluster_gpus": gpus,
         }
     )
-    mlflow_inputs.log_datasets(job.cfg, report)
-    mlflow_inputs.log_precompute(pre.summary)  # step 0, once per run (a resumed run keeps its first)
+    job.tracker.log_inputs(report, pre.summary)
+    job.history.append(entry(0, precompute_metrics(pre.summary)))
 
 
 def _generation_eval(job: Job, trained: Trained) -> None:
     """The generation pass over step 0 (the initial policy), the snapshots the workers left and the final model;
     the snapshots are removed after it."""
     snapshots = {0: job.paths.policy, **list_snapshots(job.storage_dir), trained.step: str(trained.model_dir)}
-    generation_eval(job.cfg, job.paths, job.res, {s: p for s, p in snapshots.items() if s <= trained.step})
+    asked = {s: p for s, p in snapshots.items() if s <= trained.step}
+    metrics = generation_eval(job.cfg, job.paths, job.res, asked, job.tracker)
+    job.history.extend(entry(step, m) for step, m in sorted(metrics.items()))
     remove_snapshots(job.storage_dir)
     job.phases.lap("generation_eval")
 
 
 def _publish(job: Job, trained: Trained) -> None:
-    """Model card, the MLflow model (registered if asked), and the hub push (if asked)."""
+    """Model card (its metrics from the job's history), the model (registered if asked), and the hub push (if
+    asked)."""
     cfg, run_id, run_name, model_dir = job.cfg, job.run_id, job.run_name, trained.model_dir
     model_card.write_model_card(
         model_dir,
         cfg,
-        mlflow_run.final_metrics(run_id, trained.final),
+        card_metrics(job.history, trained.final),
         run_id=run_id,
         run_name=run_name,
         data_report=job.data_report,
     )
-    mlflow_model.log_model(
-        str(model_dir),
-        description=f"BCO policy from bco-ray run '{run_name}' ({run_id}).",
-        step=trained.step,
-        registered_model_name=cfg.mlflow.registered_model_name,
+    job.tracker.log_model(
+        str(model_dir), description=f"BCO policy from bco-ray run '{run_name}' ({run_id}).", step=trained.step
     )
     if cfg.hub.repo_id:
-        mlflow_run.set_tags(hub.push_model(str(model_dir), cfg, f"bco-ray run {run_name} (MLflow run {run_id})"))
+        job.tracker.set_tags(hub.push_model(str(model_dir), cfg, f"bco-ray run {run_name} (MLflow run {run_id})"))
     job.phases.lap("log_model")
 
 
 def _log_plots(job: Job, pre: PrecomputeResult) -> None:
-    """Training curves and the UDM weight histogram as MLflow artifacts, and the UDM classifier."""
+    """Training curves and the UDM weight histogram (figures), and the UDM classifier, into the tracker's run."""
     tr, udm = pre.summary.train, job.cfg.udm.enabled
-    mlflow_model.log_plots(
-        MlflowClient(job.uri),
-        job.run_id,
-        tr.weight_hist if udm else None,
-        title=job.run_name,
-        mean_weight=tr.mean_rejected_weight,
-    )
+    job.tracker.log_figures(tr.weight_hist if udm else None, title=job.run_name, mean_weight=tr.mean_rejected_weight)
     if udm:
-        mlflow.log_artifact(_local(f"{pre.dir}/classifier.json"), "udm")
+        job.tracker.log_artifact(f"{pre.dir}/classifier.json", "udm")
     job.phases.lap("plots")
-
-
-def _local(uri: str) -> str:
-    """A local copy of a (possibly remote) file, for mlflow.log_artifact."""
-    if "://" not in uri:
-        return uri
-    dst = os.path.join(tempfile.mkdtemp(), os.path.basename(uri))
-    fsspec.core.url_to_fs(uri)[0].get(uri.split("://", 1)[1], dst)
-    return dst

@@ -18,26 +18,14 @@ from bco_ray.data.checks import DataReport, check_trainable
 from bco_ray.data.fingerprint import fingerprint_path
 from bco_ray.data.pass_summary import PrecomputeSummary, SplitSummary, UdmFit, WeightHist
 from bco_ray.data.sources import source_fingerprint
-from bco_ray.models import reference_dtype
+from bco_ray.models import Paths, reference_dtype
 from bco_ray.precompute.cache import Cache, cache_key, reuse_or_compute
 from bco_ray.precompute.read import count_rows, input_error_of, read_rows
 from bco_ray.precompute.rows import HIST_BINS, block_stats, finalize
 from bco_ray.precompute.sizing import PassResources, pass_resources
 from bco_ray.precompute.stages import Counters, Score
-from bco_ray.storage import resolve_locations
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Paths:
-    """Resolved locations of the models (builtin names already materialised)."""
-
-    policy: str
-    reference: str
-    tokenizer: str
-    embedder: str | None
-    pad_id: int
 
 
 @dataclass
@@ -219,17 +207,19 @@ def _summarise(ds: ray.data.Dataset, lo: float, hi: float, res: PassResources) -
 def run_precompute(
     cfg: Config, paths: Paths, report: DataReport | None = None, resources: PassResources | None = None
 ) -> PrecomputeResult:
-    """report: the driver's data check (its read units, fingerprints and, for data it checked whole, its
+    """cfg: with its locations resolved by the job (bco_ray/job/checks.py: run_checks), taken as given.
+    report: the driver's data check (its read units, fingerprints and, for data it checked whole, its
     counts; default: checked now). A split larger than the driver checks is checked and counted here, by the
     read alone, before any model loads (then `check_trainable`). resources: the stages' CPU asks (default:
     sized to the cluster as it is now)."""
+    if not cfg.precompute.cache_dir:
+        raise ValueError("run_precompute needs a config with its locations resolved (bco_ray.job.checks.run_checks)")
     if report is None:
         from bco_ray.data.checks import check_data
 
         report = check_data(cfg)
-    root = resolve_locations(cfg).precompute.cache_dir  # as the job resolved it (a no-op on a resolved cfg)
     key = cache_key(key_parts(cfg, paths, report))
-    cache = Cache(root, key)
+    cache = Cache(cfg.precompute.cache_dir, key)
 
     def reuse(record: dict) -> PrecomputeResult:
         adir = cache.uri(f"{cache.key_dir}/{record['attempt']}")

@@ -18,21 +18,10 @@ from bco_ray.config.schema import Config
 from bco_ray.data.checks import DataReport
 from bco_ray.data.pass_summary import PrecomputeSummary
 from bco_ray.data.sources import parse_hf, resolved_sha
-
-SPLIT_METRICS = ("rows", "tokens", "chosen", "rejected", "padding_fraction", "mean_rejected_weight")
+from bco_ray.tracking.history import precompute_metrics
 
 
 # -------------------------------------------------------------------------------------- precompute
-def precompute_metrics(summary: PrecomputeSummary) -> dict[str, float]:
-    """`precompute/<count>` of the train split, `precompute/seconds`, `precompute/dropped/<reason>` and the
-    UDM classifier's `udm/*`."""
-    metrics = {f"precompute/{k}": getattr(summary.train, k) for k in SPLIT_METRICS}
-    metrics["precompute/seconds"] = summary.seconds
-    metrics.update({f"precompute/dropped/{k}": v for k, v in summary.dropped.items()})
-    metrics.update(summary.udm.to_dict() if summary.udm is not None else {})
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
 def log_precompute(summary: PrecomputeSummary, run_id: str | None = None, client: MlflowClient | None = None) -> None:
     """Precompute summary metrics (`precompute/*`, `udm/*`) at step 0 and `precompute/summary.json`. Idempotent:
     a resumed run that has them already is left as it is, so step 0 appears once in every history."""

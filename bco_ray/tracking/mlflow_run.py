@@ -307,14 +307,3 @@ def close_run(status: str = "FINISHED", error: str | None = None) -> None:
             status,
             e,
         )
-
-
-# ------------------------------------------------------------------------------------- model card
-CARD_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
-
-
-def final_metrics(run_id: str, final: dict) -> dict:
-    """The model card's metrics: the run's last training values (loss, rewards, log-probs) and the worker's
-    final record (step, delta, eval/*)."""
-    latest = MlflowClient().get_run(run_id).data.metrics
-    return {**{k: latest[k] for k in CARD_METRICS if k in latest}, **final}
