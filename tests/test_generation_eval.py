@@ -143,9 +143,14 @@ def test_held_out_prompts_are_distinct_and_tokenized_as_in_training():
 
 
 def test_snapshots_are_written_whole_and_listed(tmp_path, tiny):
+    from bco_ray.train.policy import save_final_model
+
+    def export(d: str) -> None:  # what PolicyUpdater.export_weights does on one rank at ZeRO-0
+        save_final_model(tiny, d, str(tokenizer_path()), rank=0, zero_stage=0)
+
     for step in (20, 40):
-        save_snapshot(tiny, str(tmp_path), step, str(tokenizer_path()), rank=0, zero_stage=0, lora=False)
-    save_snapshot(tiny, str(tmp_path), 20, str(tokenizer_path()), rank=0, zero_stage=0, lora=False)  # again
+        save_snapshot(export, str(tmp_path), step, rank=0)
+    save_snapshot(export, str(tmp_path), 20, rank=0)  # again
     (tmp_path / "generation" / "step_0000060").mkdir()  # an interrupted write: not listed
     snaps = list_snapshots(str(tmp_path))
     assert sorted(snaps) == [20, 40]

@@ -15,8 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from bco_ray.config.schema import load_config
 from bco_ray.data.pass_summary import PrecomputeSummary
-from bco_ray.tracking import compare, mlflow_inputs, mlflow_model, mlflow_run, plots, throughput
+from bco_ray.tracking import compare, mlflow_inputs, mlflow_model, mlflow_run, plots
 from bco_ray.tracking.step_logger import StepLogger
+from bco_ray.train import throughput
 
 from mlflow_helpers import PLOTS, metric_steps, mlflow_globals_restored, png_stats
 
