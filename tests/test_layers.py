@@ -24,7 +24,8 @@ TIERS = [
     {"config"},  # the typed config and its checks and docs
     {"models", "data"},  # loading models; reading and checking data
     {"tracking"},  # MLflow, Hub, plots: used by driver and workers
-    {"precompute", "train", "eval", "online"},  # online: the rounds of online BCO (nothing imports it yet)
+    {"precompute", "train", "eval"},
+    {"online"},  # online BCO: its rounds use eval (verifier, generation) and train (the PolicyUpdater)
     {"job"},  # one job, driver side: run, checks, the train stage, preflight, resources, signals
     {"api", "cli"},  # the Python API and the command line
     {"jobs", "init"},  # the job scripts; bco_ray/__init__ (the API)
