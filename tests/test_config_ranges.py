@@ -98,6 +98,16 @@ RANGE_CASES = [
     ("--eval.temperature=0", "eval.temperature"),
     ("--eval.top_p=0", "eval.top_p"),
     ("--eval.top_p=1.5", "eval.top_p"),
+    ("--online.prompts_per_round=0", "online.prompts_per_round"),
+    ("--online.samples_per_prompt=0", "online.samples_per_prompt"),
+    ("--online.rounds=0", "online.rounds"),
+    ("--online.temperature=0", "online.temperature"),
+    ("--online.top_p=0", "online.top_p"),
+    ("--online.max_new_tokens=0", "online.max_new_tokens"),
+    ("--online.threshold=nan", "online.threshold"),
+    ("--online.threshold=inf", "online.threshold"),
+    ("--online.replay_rounds=-1", "online.replay_rounds"),
+    ("--online.eval_every=-1", "online.eval_every"),
 ]
 
 
@@ -114,7 +124,8 @@ def test_out_of_range_value_names_field_value_and_range(override, field):
     assert msg.startswith(f"{field} must be "), msg
     assert allowed.split(" or ")[-1] in msg and "(got " in msg and "(default: " in msg, msg
     if value in ("inf", "nan"):
-        assert f"must be a finite number {allowed}" in msg and f"(got {value})" in msg, msg
+        finite = "a finite number" if allowed == "finite" else f"a finite number {allowed}"
+        assert f"must be {finite}" in msg and f"(got {value})" in msg, msg
     assert e.value.exit_code == EXIT_CODES["config"] == 2
 
 
@@ -139,6 +150,10 @@ def test_out_of_range_value_names_field_value_and_range(override, field):
         "--train.lora.dropout=0.1",
         "--eval.top_p=1",
         "--udm.min_density_ratio=10",  # == max_density_ratio
+        "--online.threshold=-3.5",  # any finite number
+        "--online.eval_every=0",  # never
+        "--online.replay_rounds=0",
+        "--online.top_p=1",
     ],
 )
 def test_boundaries_and_sentinels_stay_valid(override):

@@ -25,6 +25,7 @@ TIERS = [
     {"models", "data"},  # loading models; reading and checking data
     {"tracking"},  # MLflow, Hub, plots: used by driver and workers
     {"precompute", "train", "eval"},
+    {"online"},  # online BCO: its rounds use eval (verifier, generation) and train (the PolicyUpdater)
     {"job"},  # one job, driver side: run, checks, the train stage, preflight, resources, signals
     {"api", "cli"},  # the Python API and the command line
     {"jobs", "init"},  # the job scripts; bco_ray/__init__ (the API)

@@ -32,6 +32,8 @@ def parse_range(allowed: str) -> list[tuple[float, bool, float, bool]]:
         elif m := _BOUND.match(alt):
             op, x = m[1], float(m[2])
             out.append((x, op == ">=", math.inf, False) if op[0] == ">" else (-math.inf, False, x, op == "<="))
+        elif alt == "finite":  # any finite number (`in_range` refuses inf and nan)
+            out.append((-math.inf, False, math.inf, False))
         elif re.fullmatch(_NUMBER, alt):
             out.append((float(alt), True, float(alt), True))
         else:
@@ -72,6 +74,8 @@ def _range_message(name: str, value: Any, f: dataclasses.Field) -> str:
     else:
         kind = "" if math.isfinite(value) else "a finite number "
     allowed = " or ".join(f"in {a}" if a[0] in "[(" else a for a in f.metadata["range"].split(" or "))
+    if allowed == "finite":
+        kind, allowed = "", "a finite number"
     return f"{name} must be {kind}{allowed} (got {value!r}) — {doc} (default: {show(f.default)})"
 
 
@@ -109,11 +113,20 @@ def check_config(cfg: Config) -> None:
     lo, hi = p.ref_actors
     need(1 <= lo <= hi, f"precompute.ref_actors must be [min, max] with 1 <= min <= max (got [{lo}, {hi}])")
     _check_eval(cfg.eval, need)
+    need(
+        bool(_FUNCTION.fullmatch(cfg.online.labeler)),
+        f"online.labeler {cfg.online.labeler!r} must name a function as 'package.module:function' "
+        "(e.g. bco_ray.eval.arithmetic:verify)",
+    )
+    need(bool(cfg.online.prompts.strip()), "online.prompts is empty: give a data spec or 'module:function'")
+
+
+_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 def _check_eval(e: EvalConfig, need) -> None:
     need(
-        e.verifier is None or bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", e.verifier)),
+        e.verifier is None or bool(_FUNCTION.fullmatch(e.verifier)),
         f"eval.verifier {e.verifier!r} must name a function as 'package.module:function' "
         "(e.g. bco_ray.eval.arithmetic:verify)",
     )

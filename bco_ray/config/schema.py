@@ -21,17 +21,13 @@ from typing import Any, Literal
 import yaml
 
 from bco_ray.builtin import BUILTIN_EMBEDDER, BUILTIN_EVAL, BUILTIN_MODEL, BUILTIN_TRAIN
+from bco_ray.config.fields import ranged
+from bco_ray.config.online import OnlineConfig
 from bco_ray.errors import ConfigErrorBase
 
 
 class ConfigError(ConfigErrorBase, ValueError):
     """A bad config value: the message names the field and the fix."""
-
-
-def ranged(default: float, allowed: str) -> Any:
-    """An int or float field's default and allowed values ('>= 1', '> 0', '[0, 1)', '-1 or >= 0'; a float must
-    also be finite), which bco_ray.config.checks checks before any Ray work and `--help` shows."""
-    return field(default=default, metadata={"range": allowed})
 
 
 @dataclass
@@ -175,6 +171,7 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)  # online BCO (bco-ray online)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,21 +20,22 @@ class VerifierError(InputError, ValueError):
     """eval.verifier does not name a usable function: the message says why and what to give."""
 
 
-def load_verifier(spec: str) -> Verifier:
-    """`"package.module:function"` → the function. Raises VerifierError naming eval.verifier."""
+def load_verifier(spec: str, name: str = "eval.verifier") -> Verifier:
+    """`"package.module:function"` → the function. Raises VerifierError naming the field `name` (eval.verifier,
+    online.labeler)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise VerifierError(f"eval.verifier {spec!r} must look like 'package.module:function'")
+        raise VerifierError(f"{name} {spec!r} must look like 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise VerifierError(
-            f"eval.verifier {spec!r}: cannot import {module_name!r} ({e}); install it on every "
+            f"{name} {spec!r}: cannot import {module_name!r} ({e}); install it on every "
             "node or ship it in the job's working directory"
         ) from e
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise VerifierError(f"eval.verifier {spec!r}: {module_name!r} has no function {attr!r}")
+        raise VerifierError(f"{name} {spec!r}: {module_name!r} has no function {attr!r}")
     return fn
 
 
