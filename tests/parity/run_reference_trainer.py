@@ -1,5 +1,5 @@
 """Record the logged step-1 metrics of the reference BCOTrainer (trl==1.13.0, trl.experimental.bco) on one
-16-row micro-batch, for tests/test_trainer_parity.py (which runs the same case through bco-ray's
+16-row micro-batch, for tests/test_api_runs.py (whose snippet runs the same case through bco-ray's
 `BCOTrainer.train()`, packed micro-batches by default).
 
 Runs where trl 1.13.0 can be imported (see run_reference.py's docstring for a separate virtualenv; trl's
