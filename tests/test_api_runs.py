@@ -29,7 +29,7 @@ import torch
 from bco_ray import BCOConfig, BCOTrainer
 from bco_ray.builtin import ASSETS, materialize_tiny_model, tokenizer_path
 
-from conftest import ROOT
+from harness import ROOT
 
 REF = json.loads((ROOT / "tests" / "parity" / "reference_trainer_step1.json").read_text())
 PARITY_KEYS = (

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_job
+from harness import ROOT, run_job
 
 spec = importlib.util.spec_from_file_location("bco_job", ROOT / "jobs" / "bco.py")
 bco_job = importlib.util.module_from_spec(spec)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, job_env
+from harness import ROOT, job_env
 
 # Several processes (DeepSpeed ranks on gloo) or a bench run: the full suite, not `make test-fast`.
 pytestmark = pytest.mark.slow

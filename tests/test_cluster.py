@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, free_port, job_env, stop_ray_head
+from harness import ROOT, free_port, job_env, stop_ray_head
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
 GPU_RECIPE = ROOT / "configs" / "qwen2.5-0.5b.yaml"

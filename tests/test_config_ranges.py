@@ -17,7 +17,7 @@ from bco_ray.config.checks import in_range, parse_range
 from bco_ray.config.schema import Config, ConfigError, load_config, validate
 from bco_ray.errors import EXIT_CODES
 
-from conftest import ROOT
+from harness import ROOT
 
 
 def _ranged_fields(cls=Config, prefix: str = "") -> dict[str, dataclasses.Field]:

@@ -30,7 +30,7 @@ from bco_ray.config.schema import load_config
 from bco_ray.job.locations import resolve_locations
 from bco_ray.tracking import mlflow_inputs, mlflow_run
 
-from conftest import ROOT, TEST_DATA, TRAIN_ROWS, MlflowServer, job_env
+from harness import ROOT, TEST_DATA, TRAIN_ROWS, MlflowServer, job_env
 from mlflow_helpers import PLOTS, STEP_KEYS, metric_steps, mlflow_globals_restored, png_stats
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from bco_ray.builtin import materialize_tiny_model
 
-from conftest import ROOT, MlflowServer, MotoS3, RayHead, SeparateDiskNode, can_unshare, job_env
+from harness import ROOT, MlflowServer, MotoS3, RayHead, SeparateDiskNode, can_unshare, job_env
 
 pytestmark = [
     pytest.mark.e2e,

@@ -14,7 +14,7 @@ import pytest
 
 from bco_ray.storage import local_path
 
-from conftest import RAY_BIN, ROOT, SUBMIT_DATA, RayHead
+from harness import RAY_BIN, ROOT, SUBMIT_DATA, RayHead
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ import torch
 from bco_ray.builtin import ASSETS, materialize_tiny_model
 from bco_ray.remote import MARKER, cache_key, fetch_dir, listing, local_model_dir
 
-from conftest import MotoS3
+from harness import MotoS3
 
 TRAIN_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "train.jsonl").read_text().splitlines()[:16]]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import train_hooks
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-from conftest import SMALL, TRAIN_ROWS, run_job
+import train_hooks
+from harness import SMALL, TRAIN_ROWS, run_job
 
 pytestmark = pytest.mark.e2e
 

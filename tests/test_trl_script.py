@@ -26,7 +26,7 @@ from bco_ray.api import BCOConfigWarning
 from bco_ray.api._conversions import LaunchError, check_launcher
 from bco_ray.builtin import ASSETS, materialize_tiny_model
 
-from conftest import ROOT, job_env
+from harness import ROOT, job_env
 
 SCRIPT = ROOT / "tests" / "trl_example" / "bco.py"
 TRAIN_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "train.jsonl").read_text().splitlines()[:16]]

@@ -18,7 +18,7 @@ import torch
 
 from bco_ray.builtin import ASSETS, materialize_tiny_model
 
-from conftest import ROOT
+from harness import ROOT
 
 pytestmark = pytest.mark.e2e
 
