@@ -279,8 +279,8 @@ def test_job_logs_config_plots_classifier_and_model(jobs, tmp_path):
     plot_dir = Path(client.download_artifacts(rid, "plots", str(tmp_path)))
     assert {p.stem for p in plot_dir.glob("*.png")} == PLOTS | {"gen_score", "gen_reward"}
     for p in plot_dir.glob("*.png"):
-        h, w, colour = png_stats(p)
-        assert h >= 400 and w >= 700 and colour > 0.0005, p.name
+        h, w, colour = png_stats(p)  # the generation eval's plots: 3 points a line (steps 0, 15, 30)
+        assert h >= 400 and w >= 700 and colour > (0.0005 if p.stem in PLOTS else 0.0002), p.name
     keep = os.environ.get("BCO_RAY_KEEP_PLOTS")  # a directory to copy them to, for a look
     if keep:
         import shutil
