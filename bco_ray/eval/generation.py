@@ -20,23 +20,27 @@ class VerifierError(InputError, ValueError):
     """eval.verifier does not name a usable function: the message says why and what to give."""
 
 
-def load_verifier(spec: str, name: str = "eval.verifier") -> Verifier:
-    """`"package.module:function"` → the function. Raises VerifierError naming the field `name` (eval.verifier,
-    online.labeler)."""
+def import_function(spec: str, name: str, error: type[Exception], hint: str = "") -> Callable:
+    """`"package.module:function"` → the function; `error` (naming the field `name`) if it cannot be had."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise VerifierError(f"{name} {spec!r} must look like 'package.module:function'")
+        raise error(f"{name} {spec!r} must look like 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise VerifierError(
-            f"{name} {spec!r}: cannot import {module_name!r} ({e}); install it on every "
-            "node or ship it in the job's working directory"
+        raise error(
+            f"{name} {spec!r}: cannot import {module_name!r} ({e}); install it on every node or ship it in the "
+            f"job's working directory{hint}"
         ) from e
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise VerifierError(f"{name} {spec!r}: {module_name!r} has no function {attr!r}")
+        raise error(f"{name} {spec!r}: {module_name!r} has no function {attr!r}")
     return fn
+
+
+def load_verifier(spec: str, name: str = "eval.verifier") -> Verifier:
+    """The verifier function. Raises VerifierError naming the field `name` (eval.verifier, online.labeler)."""
+    return import_function(spec, name, VerifierError)
 
 
 def verifier_scores(verify: Verifier | None, prompt: str, completion: str) -> dict[str, float]:

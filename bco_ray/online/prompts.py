@@ -5,7 +5,6 @@ called as `function(round, n, seed) -> list of n prompts` (generated tasks)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from collections.abc import Callable
@@ -16,6 +15,7 @@ import numpy as np
 from bco_ray.data.formats import DataFormatError
 from bco_ray.data.reader import UnitCheck, iter_unit, plan_units
 from bco_ray.errors import InputError
+from bco_ray.eval.generation import import_function
 
 Prompt = Any  # a text prompt, or a conversation (a list of {"role", "content"} messages) as the reader gives it
 _FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -101,15 +101,5 @@ class PromptSource:
 
 
 def _load_function(spec: str) -> Callable:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise PromptsError(
-            f"online.prompts {spec!r}: cannot import {module_name!r} ({e}); install it on every node or ship it "
-            "in the job's working directory, or give a data spec (a file, a directory, hf:..., builtin:...)"
-        ) from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise PromptsError(f"online.prompts {spec!r}: {module_name!r} has no function {attr!r}")
-    return fn
+    hint = ", or give a data spec (a file, a directory, hf:..., builtin:...)"
+    return import_function(spec, "online.prompts", PromptsError, hint)

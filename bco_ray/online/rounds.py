@@ -118,32 +118,14 @@ def run_round(
 def run_rounds(
     rounds: int,
     prompts_of: Callable[[int], Sequence[Any]],
-    generate: Generate,
-    label: Label,
-    score: Score,
-    update: Update,
-    store: RoundStore,
-    *,
-    samples_per_prompt: int = 1,
-    replay_rounds: int = 0,
+    *parts: Any,
     policy_step: Callable[[], int] = lambda: 0,
+    **options: int,
 ) -> list[RoundResult]:
     """Rounds from where the store says the run stopped (`RoundStore.next_round`) up to `rounds`; `prompts_of(r)`
     gives round r's prompts (a PromptSource's, deterministic in the round), `policy_step()` the current policy's
-    optimizer step (recorded with each round's rows)."""
+    optimizer step (recorded with each round's rows). `parts` are `run_round`'s (generate, label, score, update,
+    store) and `options` its keywords (samples_per_prompt, replay_rounds)."""
+    store: RoundStore = parts[-1]
     start, _ = store.next_round()
-    return [
-        run_round(
-            r,
-            prompts_of(r),
-            generate,
-            label,
-            score,
-            update,
-            store,
-            samples_per_prompt=samples_per_prompt,
-            policy_step=policy_step(),
-            replay_rounds=replay_rounds,
-        )
-        for r in range(start, rounds)
-    ]
+    return [run_round(r, prompts_of(r), *parts, policy_step=policy_step(), **options) for r in range(start, rounds)]
