@@ -91,13 +91,15 @@ def test_a_1_cpu_head_runs_the_job_and_a_stopped_job_resumes(tmp_path, monkeypat
             f"export BCO_RAY_STORAGE={store}; trap true TERM; "
             'python -c \'import bco_ray; print("BCO_RAY" + "_FILE=" + bco_ray.__file__)\' && '
             f"python jobs/bco.py --output_dir={out} --mlflow.run_name=stopme {SUBMIT_DATA} --data.eval=none "
-            "--train.num_workers=1 --train.eval_steps=0 --train.logging_steps=1 --train.max_steps=60 "
-            "--train.save_steps=5; echo BCO_EXIT=$?"
+            "--train.num_workers=1 --train.micro_batch_size=48 --train.eval_steps=0 --train.logging_steps=1 "
+            "--train.max_steps=60 --train.save_steps=20; echo BCO_EXIT=$?"
         )
         runtime_env = {"working_dir": str(ROOT), "excludes": [".git", ".venv", ".gpu", "outputs", "mlflow.db"]}
         first = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
         # A checkpoint counts once Ray Train's controller has registered it in its snapshot (the directory alone
-        # may be a half-registered report: stopping then would rightly restart from scratch).
+        # may be a half-registered report: stopping then would rightly restart from scratch). Checkpoints are 20
+        # steps (~6 s on 1 CPU) apart: on a 1-CPU head the SIGTERM takes a second or two to reach the worker,
+        # whose steps keep the one CPU busy, so 5-step checkpoints could be written in that time.
         snapshot = store / "ray" / "stopme" / "checkpoint_manager_snapshot.json"  # under $BCO_RAY_STORAGE
         status = _wait(client, first, lambda: snapshot.exists() and "checkpoint_step" in snapshot.read_text())
         assert status == JobStatus.RUNNING, client.get_job_logs(first)[-4000:]
