@@ -210,3 +210,66 @@ def test_trainer_argument_checks_and_inputs_saved_once(tmp_path):
     assert second.config.model.reference is None and first.config.data.train == second.config.data.train
     assert len(list((tmp_path / "o" / "inputs" / "models").iterdir())) == 1
     assert len(list((tmp_path / "o" / "inputs" / "data").iterdir())) == 1  # and no temporary file left behind
+
+
+def test_a_config_file_stating_the_trainers_settings_runs_the_trainers_job(tmp_path):
+    """BCOTrainer.train() and `jobs/bco.py --config <yaml>` hand their Config to the same bco_ray.job.run.run_job:
+    a config file stating the trainer's settings by hand loads to the trainer's model, data, UDM and training
+    settings, and the config.yaml a run logs loads back to the whole Config, so the config-file path runs the very
+    job the trainer ran (whose step 1 tests/test_api_runs.py checks against trl 1.13's log)."""
+    from bco_ray.config.schema import load_config
+    from bco_ray.tracking.mlflow_run import config_yaml
+
+    policy = str(materialize_tiny_model(tmp_path / "policy", seed=0))
+    reference = str(materialize_tiny_model(tmp_path / "reference", seed=1))
+    args = BCOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        max_steps=1,
+        logging_steps=1,
+        beta=0.1,
+        bf16=False,
+        use_cpu=True,
+        run_name="snippet",
+    )
+    trainer = BCOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        processing_class=policy,
+        train_dataset=TRAIN_ROWS[:16],
+        eval_dataset=TRAIN_ROWS[16:32],
+    )
+    cfg = trainer.config
+    (tmp_path / "job.yaml").write_text(f"""
+output_dir: {tmp_path / "outputs"}
+model:
+  policy: {policy}
+  reference: {reference}
+data:
+  train: {cfg.data.train}
+  eval: {cfg.data.eval}
+  max_prompt_length: 1023   # trl 1.13 never cuts the prompt: max_length (1024) less one token
+udm:
+  enabled: false
+train:
+  num_workers: 1
+  micro_batch_size: 16
+  gradient_accumulation_steps: 1
+  beta: 0.1
+  lr: 1.0e-3
+  warmup_ratio: 0.0
+  max_steps: 1
+  logging_steps: 1
+""")
+    by_hand = load_config(tmp_path / "job.yaml")
+    assert (by_hand.model.policy, by_hand.model.reference) == (cfg.model.policy, cfg.model.reference)
+    assert by_hand.data == cfg.data and by_hand.udm == cfg.udm
+    for f in ("num_workers", "micro_batch_size", "gradient_accumulation_steps", "beta", "lr", "warmup_ratio"):
+        assert getattr(by_hand.train, f) == getattr(cfg.train, f), f
+    for f in ("max_steps", "seed", "zero_stage", "lr_scheduler", "weight_decay", "max_grad_norm"):
+        assert getattr(by_hand.train, f) == getattr(cfg.train, f), f
+    (tmp_path / "logged.yaml").write_text(config_yaml(cfg))
+    assert load_config(tmp_path / "logged.yaml") == cfg

@@ -1,9 +1,9 @@
 """The drop-in Python API's real runs (marked e2e): TRL's BCOTrainer snippet, with a tiny model, tokenizer and
 dataset built here, trains end to end through Ray Data, Ray Train + DeepSpeed and MLflow; its logged step 1 equals
-the reference BCOTrainer's (trl==1.13.0); evaluate() gives the run's final eval; its step-1 numbers equal the
-config-file path's on the same inputs; UDM with a user embedding function (a tiny BartModel encoder) works. The
-runs join the session's Ray head from this process (module fixtures). BCOConfig's mapping and the trainer's
-argument checks are in tests/test_api.py.
+the reference BCOTrainer's (trl==1.13.0); evaluate() gives the run's final eval. The run joins the session's Ray
+head from this process (module fixtures). BCOConfig's mapping, the trainer's argument checks and the config-file
+path's equivalence (the same Config reaches the same job) are in tests/test_api.py; UDM with a user embedding
+function runs in the TRL example script's run (tests/test_trl_script_runs.py).
 
 Parity: tests/test_reference_parity.py calls the BCO forward directly; the snippet runs what the trainer does
 (packed micro-batches, the default, δ on the device, DeepSpeed, the metric window, MLflow) on the inputs and
@@ -16,9 +16,7 @@ empty, so step 1's δ is the mean reward of the 16 rows, absorbed before any of 
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +25,7 @@ import pytest
 import torch
 
 from bco_ray import BCOConfig, BCOTrainer
-from bco_ray.builtin import ASSETS, materialize_tiny_model, tokenizer_path
+from bco_ray.builtin import ASSETS, materialize_tiny_model
 
 from harness import ROOT
 
@@ -42,9 +40,7 @@ PARITY_KEYS = (
     "delta",
 )
 TRAIN_ROWS = REF["rows"]  # 8 desirable, 8 undesirable
-UDM_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "train.jsonl").read_text().splitlines()[:48]]
 EVAL_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "eval.jsonl").read_text().splitlines()[:16]]
-STEP1_KEYS = (*PARITY_KEYS, "count/chosen", "count/rejected", "learning_rate")
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +50,8 @@ def local_ray(ray_client):
 
     ctx = ray.data.DataContext.get_current()
     # The pass unions train and eval rows before its seeded shuffle; without preserve_order the union's block
-    # order follows which read finishes first, so the training order (and step 0) can change between two runs
-    # of the same inputs. Pinned here so that the two paths below are compared on the same micro-batches.
+    # order follows which read finishes first, so the training order can change between two runs of the same
+    # inputs. Pinned here so that the run's micro-batches are those of the recorded reference log.
     preserve, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     yield
     ctx.execution_options.preserve_order = preserve
@@ -205,122 +201,3 @@ def test_evaluate_matches_the_runs_final_eval(snippet):
         assert ev["eval_samples"] == len(EVAL_ROWS)
         for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "accuracy", "auc"):
             assert ev[f"eval_{key}"] == pytest.approx(r.metrics[f"eval/{key}"], abs=2e-5), key
-
-
-@pytest.mark.e2e
-def test_step1_numbers_equal_the_config_file_path(snippet, tiny_models, tmp_path):
-    """The same inputs through `jobs/bco.py --config <yaml>` (rows as JSON lines, models by path) give the same
-    step-1 numbers (the first logged step: all its micro-batches run before the first optimizer step)."""
-    from mlflow.tracking import MlflowClient
-
-    for name, rows in (("train", TRAIN_ROWS), ("eval", EVAL_ROWS)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "job.yaml").write_text(f"""
-output_dir: {tmp_path / "outputs"}
-model:
-  policy: {tiny_models["model_id"]}
-  reference: {tiny_models["ref_id"]}
-data:
-  train: {tmp_path / "train.jsonl"}
-  eval: {tmp_path / "eval.jsonl"}     # the pass shuffles train and eval rows together: same eval, same order
-udm:
-  enabled: false
-train:
-  num_workers: 1
-  micro_batch_size: 16
-  gradient_accumulation_steps: 1
-  beta: {REF["settings"]["beta"]}
-  lr: 1.0e-3
-  warmup_ratio: 0.0
-  max_steps: 1
-  logging_steps: 1
-mlflow:
-  tracking_uri: sqlite:///{tmp_path / "mlflow.db"}
-  experiment: config-file
-  run_name: config-file
-""")
-    spec = importlib.util.spec_from_file_location("bco_job_cli", ROOT / "jobs" / "bco.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    assert cli.main(["--config", str(tmp_path / "job.yaml")]) == 0
-    res = json.loads((tmp_path / "outputs" / "runs" / "config-file" / "result.json").read_text())
-
-    ours = MlflowClient(snippet.result.tracking_uri)
-    theirs = MlflowClient(res["tracking_uri"])
-    for key in STEP1_KEYS:
-        a = _history(ours, snippet.result.run_id, key)[1]
-        b = _history(theirs, res["run_id"], key)[1]
-        assert a == pytest.approx(b, abs=1e-6), (key, a, b)
-    assert abs(_history(ours, snippet.result.run_id, "rewards/margins")[1]) > 1e-3  # not a trivial step 0
-
-
-def _bart_embedder():
-    """A tiny BartModel; the embedding function mean-pools its encoder states (TRL docs' recipe)."""
-    from transformers import AutoTokenizer, BartConfig, BartModel
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_path())
-    torch.manual_seed(0)
-    bart = BartModel(
-        BartConfig(
-            vocab_size=len(tok),
-            d_model=24,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=48,
-            decoder_ffn_dim=48,
-            max_position_embeddings=256,
-            pad_token_id=tok.pad_token_id,
-        )
-    ).eval()
-
-    def embed_prompt(input_ids, attention_mask, model):
-        hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-    return functools.partial(embed_prompt, model=bart), tok, bart.config.d_model
-
-
-@pytest.mark.e2e
-def test_udm_with_a_bart_embedding_function(tiny_models, tmp_path, local_ray):
-    """model as a path, ref_model=None (the model's initial weights), UDM through a user embedding function."""
-    from mlflow.tracking import MlflowClient
-    from transformers import AutoTokenizer
-
-    embedding_func, embedding_tokenizer, dim = _bart_embedder()
-    args = BCOConfig(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        max_steps=2,
-        logging_steps=1,
-        prompt_sample_size=32,
-        run_name="udm-bart",
-        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        mlflow_experiment="api-udm",
-    )
-    trainer = BCOTrainer(
-        model=tiny_models["model_id"],
-        ref_model=None,
-        args=args,
-        processing_class=AutoTokenizer.from_pretrained(tiny_models["model_id"]),
-        train_dataset=UDM_ROWS,
-        embedding_func=embedding_func,
-        embedding_tokenizer=embedding_tokenizer,
-    )
-    assert trainer.config.udm.enabled and trainer.config.model.reference is None
-    result = trainer.train()
-
-    client = MlflowClient(result.tracking_uri)
-    run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert {"udm/accuracy", "loss", "delta"} <= set(run.data.metrics)
-    from bco_ray.bco.udm import classifier_from_json
-
-    clf = classifier_from_json((Path(result.raw.precompute_dir) / "classifier.json").read_bytes())
-    assert clf.n_features_in_ == dim  # fitted on the BART function's embeddings
-    weight = run.data.metrics["precompute/mean_rejected_weight"]
-    assert weight != pytest.approx(1.0) and 0.5 <= weight <= 10.0
-    assert trainer.model.config.model_type == "qwen2"  # loaded from the run's model directory

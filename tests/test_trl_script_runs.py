@@ -1,8 +1,9 @@
 """The TRL example script (tests/trl_example/bco.py, only the import changed) trains for real, marked e2e: one run
-with full fine-tuning (then `push_to_hub` to a fake Hub on loopback) and one with `--use_peft --lora_target_modules
-all-linear` under ZeRO-0 (through `--bco_ray_overrides`), each a real Ray job on the session's Ray head (two
-optimizer steps). Everything the script and a
-TRL user read is checked on those two runs: save_model's directory, log_history, evaluate(), the pushed files.
+with full fine-tuning and UDM through the script's `--embedding_model` (a tiny BartModel in bf16, prepared by
+accelerate, mean-pooled by the script's embedding function), then `push_to_hub` to a fake Hub on loopback; and one
+with `--use_peft --lora_target_modules all-linear` under ZeRO-0 (through `--bco_ray_overrides`). Each is a real Ray
+job on the session's Ray head (two optimizer steps). Everything the script and a TRL user read is checked on those
+two runs: save_model's directory, log_history, evaluate(), the pushed files, the UDM classifier and weights.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bco_ray.builtin import ASSETS, materialize_tiny_model
+from bco_ray.builtin import ASSETS, materialize_tiny_model, tokenizer_path
 
 from harness import ROOT
 
@@ -43,7 +44,35 @@ def inputs(tmp_path_factory):
     for split, src, n in (("train", "train.jsonl", 32), ("test", "eval.jsonl", 8)):
         lines = (ASSETS / "arithmetic" / src).read_text().splitlines()[:n]
         (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return SimpleNamespace(model=str(materialize_tiny_model(root / "model", seed=0)), data=data)
+    return SimpleNamespace(
+        model=str(materialize_tiny_model(root / "model", seed=0)), data=data, embedder=_tiny_bart(root / "bart")
+    )
+
+
+BART_DIM = 24
+
+
+def _tiny_bart(path: Path) -> str:
+    """A tiny BartModel with the bundled tokenizer, saved as a user's embedding model directory."""
+    from transformers import AutoTokenizer, BartConfig, BartModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path())
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=len(tok),
+        d_model=BART_DIM,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+    )
+    BartModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
 
 
 def _main():
@@ -71,7 +100,13 @@ def fake_hub_server():
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, inputs, ray_client, fake_hub_server):
     tmp = tmp_path_factory.mktemp("trl_script_full")
-    argv = _args(tmp, inputs.model, inputs.data, "script-full", "--push_to_hub", "--hub_model_id", "me/bco-script")
+    argv = _args(
+        tmp,
+        inputs.model,
+        inputs.data,
+        "script-full",
+        *("--embedding_model", inputs.embedder, "--push_to_hub", "--hub_model_id", "me/bco-script"),
+    )
     return SimpleNamespace(tmp=tmp, trainer=_main()(argv), hub=fake_hub_server)
 
 
@@ -110,6 +145,20 @@ def test_full_fine_tuning_script(full_run, inputs):
     assert commit["path"].startswith("/api/models/me/bco-script/commit/")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(commit["files"])
     assert set(full_run.hub.auth) == {"Bearer hf_script_token"}
+    # UDM through the script's embedding function: the classifier is fitted on the BART embeddings, the rejected
+    # rows are weighted by it
+    from mlflow.tracking import MlflowClient
+
+    from bco_ray.bco.udm import classifier_from_json
+
+    result = trainer.result
+    assert trainer.config.udm.enabled
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert {"udm/accuracy", "loss", "delta"} <= set(run.data.metrics)
+    clf = classifier_from_json((Path(result.raw.precompute_dir) / "classifier.json").read_bytes())
+    assert clf.n_features_in_ == BART_DIM
+    weight = run.data.metrics["precompute/mean_rejected_weight"]
+    assert weight != pytest.approx(1.0) and 0.5 <= weight <= 10.0
 
 
 def test_peft_script_trains_an_all_linear_lora_adapter(peft_run):
