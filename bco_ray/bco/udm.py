@@ -4,15 +4,21 @@ embedding) and the clamped density-ratio weight it gives each undesirable row.""
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
+
+if TYPE_CHECKING:  # scikit-learn is imported where a classifier is made: the processes that only tokenize, score
+    # or train (scoring actors, Ray Train workers, the driver) never pay its ~1 s import
+    from sklearn.linear_model import LogisticRegression
 
 
 def fit_udm_classifier(chosen: np.ndarray, rejected: np.ndarray) -> tuple[LogisticRegression, dict]:
     """Fit on chosen (label 1) and rejected (label 0) prompt embeddings, balanced classes as the reference."""
     x = np.concatenate([chosen, rejected]).astype(np.float32)
     y = np.concatenate([np.ones(len(chosen)), np.zeros(len(rejected))])
+    from sklearn.linear_model import LogisticRegression
+
     clf = LogisticRegression(class_weight="balanced").fit(x, y)
     metrics = {
         "udm/accuracy": float(clf.score(x, y)),
@@ -61,6 +67,8 @@ def classifier_from_json(data: bytes | str) -> LogisticRegression:
     d = json.loads(data)
     if d.get("kind") != "sklearn.linear_model.LogisticRegression":
         raise ValueError(f"not a UDM classifier record: kind={d.get('kind')!r}")
+    from sklearn.linear_model import LogisticRegression
+
     clf = LogisticRegression()
     clf.classes_ = np.asarray(d["classes"])
     dtype = np.dtype(d.get("dtype", "float64"))  # exact: float32 values survive JSON's float64

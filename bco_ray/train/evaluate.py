@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.metrics import roc_auc_score
 
 from bco_ray.train.batches import collate
 from bco_ray.train.forward import bco_forward
@@ -58,5 +57,7 @@ def evaluate(model, batches: list[dict], delta, cfg, pad_id: int, device, rank: 
     y = np.concatenate([g[1] for g in gathered]).astype(bool)
     out = {f"eval/{k}": v for k, v in m.items() if k not in ("tokens", "flops")}
     out["eval/accuracy"] = float(((z > 0) == y).mean()) if len(y) else float("nan")
+    from sklearn.metrics import roc_auc_score  # here: the workers that never evaluate skip its ~1 s import
+
     out["eval/auc"] = float(roc_auc_score(y, z)) if 0 < y.sum() < len(y) else float("nan")
     return out
