@@ -140,6 +140,7 @@ def jobs(mlflow_server, ray_head, tmp_path_factory):
         None,
         "--mlflow.run_name=beta-0.5",
         "--train.beta=0.5",
+        "--train.num_workers=1",  # the first job ran 2 workers; this one is about the rerun and the local Ray
         env={"MLFLOW_TRACKING_URI": mlflow_server},
         log="b.log",
     )
