@@ -40,33 +40,14 @@ def stop_ray_head(proc: subprocess.Popen, tmp: str) -> None:
     on the machine."""
     import psutil
 
-    def mine() -> list:
-        procs = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if tmp in " ".join(p.info["cmdline"] or []):
-                    procs.append(p)
-            except psutil.Error:
-                pass
-        return procs
-
-    try:
-        head = psutil.Process(proc.pid)
-        procs = [head, *head.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for attempt in range(2):
-        procs = list({p.pid: p for p in procs + mine()}.values())
-        for p in procs:
-            try:
-                p.terminate() if attempt == 0 else p.kill()
-            except psutil.Error:
-                pass
-        procs = psutil.wait_procs(procs, timeout=10)[1]
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        pass
+    mine = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if tmp in " ".join(p.info["cmdline"] or []):
+                mine.append(p)
+        except psutil.Error:
+            pass
+    _stop_tree(proc, mine)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -173,25 +154,33 @@ SUBMIT_DATA = "--data.train=tests/data/train.jsonl --data.eval=tests/data/eval.j
 SMALL = (TEST_DATA[0], "--udm.enabled=false", "--data.eval=none", "--train.logging_steps=1", "--train.eval_steps=0")
 
 
-def _stop_tree(proc: subprocess.Popen) -> None:
-    """Terminate a process and everything it started (then kill what is left)."""
+def _stop_tree(proc: subprocess.Popen, also: list | None = None, grace: float = 1.0) -> None:
+    """Stop a process and everything it started (and the processes `also` names): SIGTERM to all, then SIGKILL
+    whatever is left after `grace` seconds (as `ray stop --force` does; a test's servers and Ray nodes hold
+    nothing worth a graceful stop, and Ray's processes, all told to stop at once, wait on each other for 10 s)."""
     import psutil
 
     try:
         root = psutil.Process(proc.pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return
-    for p in reversed(procs):
+        procs = []
+    procs = list({p.pid: p for p in procs + list(also or [])}.values())
+    for p in procs:
         try:
             p.terminate()
         except psutil.Error:
             pass
-    for p in psutil.wait_procs(procs, timeout=10)[1]:
+    for p in psutil.wait_procs(procs, timeout=grace)[1]:
         try:
             p.kill()
         except psutil.Error:
             pass
+    psutil.wait_procs(procs, timeout=10)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
