@@ -119,6 +119,23 @@ def small_cluster_cpus() -> int:
     return min(usable_cpus(), 2)
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def sqlite_store(db: Path) -> str:
+    """`sqlite:///<db>`, the file first copied from an empty MLflow store migrated once per test process (MLflow's
+    schema migrations cost ~4 s on a new file, in every job that would create one)."""
+    if not db.exists():
+        if not _STORE_TEMPLATE:
+            from mlflow.tracking import MlflowClient
+
+            template = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+            MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
+            _STORE_TEMPLATE.append(template)
+        shutil.copyfile(_STORE_TEMPLATE[0], db)
+    return f"sqlite:///{db}"
+
+
 def run_job(
     tmp: Path, *overrides: str, head: RayHead | None = None, cache: Path | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:
@@ -128,7 +145,7 @@ def run_job(
         sys.executable,
         str(ROOT / "jobs" / "bco.py"),
         f"--output_dir={tmp / 'outputs'}",
-        f"--mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"--mlflow.tracking_uri={sqlite_store(tmp / 'mlflow.db')}",
         *([f"--precompute.cache_dir={cache}"] if cache else []),
         *overrides,
     ]
@@ -213,7 +230,7 @@ class MlflowServer:
                 str(Path(sys.executable).parent / "mlflow"),
                 "server",
                 "--backend-store-uri",
-                f"sqlite:///{d / 'mlflow.db'}",
+                sqlite_store(d / "mlflow.db"),
                 "--artifacts-destination",
                 artifacts,
                 "--host",

@@ -27,7 +27,7 @@ import torch
 from bco_ray import BCOConfig, BCOTrainer
 from bco_ray.builtin import ASSETS, materialize_tiny_model
 
-from harness import ROOT
+from harness import ROOT, sqlite_store
 
 REF = json.loads((ROOT / "tests" / "parity" / "reference_trainer_step1.json").read_text())
 PARITY_KEYS = (
@@ -105,7 +105,7 @@ def snippet(tmp_path_factory, tiny_models, local_ray):
         bf16=False,
         use_cpu=True,
         run_name="snippet",
-        mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        mlflow_tracking_uri=sqlite_store(tmp / "mlflow.db"),
         mlflow_experiment="api",
     )
     trainer = BCOTrainer(

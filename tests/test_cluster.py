@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import ROOT, free_port, job_env, stop_ray_head
+from harness import ROOT, free_port, job_env, sqlite_store, stop_ray_head
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
 GPU_RECIPE = ROOT / "configs" / "qwen2.5-0.5b.yaml"
@@ -175,7 +175,7 @@ class FakeCluster:
             "python",
             "jobs/bco.py",
             f"--output_dir={self.out / 'outputs'}",
-            f"--mlflow.tracking_uri=sqlite:///{self.out / 'mlflow.db'}",
+            f"--mlflow.tracking_uri={sqlite_store(self.out / 'mlflow.db')}",
             f"--mlflow.run_name={submission_id}",
             *TINY,
             *job_args,

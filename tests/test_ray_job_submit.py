@@ -14,7 +14,7 @@ import pytest
 
 from bco_ray.storage import local_path
 
-from harness import RAY_BIN, ROOT, SUBMIT_DATA, RayHead
+from harness import RAY_BIN, ROOT, SUBMIT_DATA, RayHead, sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,7 @@ def test_a_1_cpu_head_runs_the_job_and_a_stopped_job_resumes(tmp_path, monkeypat
     try:
         head.wait()
         t0 = time.time()
-        db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        db = sqlite_store(tmp_path / "mlflow.db")
         too_big = _submit(head, tmp_path / "out-2", db, "bco-1cpu-2workers", "--train.max_steps=2")
         assert too_big.returncode != 0 and time.time() - t0 < 120
         assert "needs 2 × 1 CPU = 2 CPU" in too_big.stdout + too_big.stderr

@@ -19,7 +19,7 @@ import torch
 
 from bco_ray.builtin import ASSETS, materialize_tiny_model, tokenizer_path
 
-from harness import ROOT
+from harness import ROOT, sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +31,7 @@ def _args(tmp: Path, model: str, data: Path, name: str, *extra: str) -> list[str
         *("--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "0.5", "--save_strategy", "no"),
         *("--logging_first_step", "--max_length", "256", "--max_completion_length", "128"),
         *("--no_remove_unused_columns", "--warmup_steps", "0.1", "--bf16", "false", "--report_to", "none"),
-        *("--run_name", name, "--mlflow_tracking_uri", f"sqlite:///{tmp / 'mlflow.db'}", "--num_workers", "1"),
+        *("--run_name", name, "--mlflow_tracking_uri", sqlite_store(tmp / "mlflow.db"), "--num_workers", "1"),
         *extra,
     ]
 
