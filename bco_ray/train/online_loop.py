@@ -106,7 +106,7 @@ class OnlineWorker:
             if msg["kind"] != "round":
                 return msg["kind"] == "stop"
             self.train_round(r, msg)
-            r += 1
+            r = self.rounds_done = r + 1
 
     def train_round(self, r: int, msg: dict) -> None:
         up, t = self.updater, self.t
