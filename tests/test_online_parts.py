@@ -104,3 +104,19 @@ def test_online_command_line(tmp_path, capsys):
     assert cli.main(["online", f"--output_dir={tmp_path}", "--udm.enabled=true", "--dry-run"]) == 2
     assert "udm.enabled" in capsys.readouterr().err
     assert "online" in cli.COMMANDS
+
+
+def test_a_round_checkpointed_but_not_marked_is_marked_not_trained_again(tmp_path):
+    from bco_ray.errors import StorageError
+    from bco_ray.online.store import RoundStore
+
+    store = RoundStore(str(tmp_path / "rounds"))
+    row = {"prompt": "What is 2 + 3?\nAnswer:", "completion": " 5", "label": True, "round": 0, "policy_step": 0}
+    for r in range(2):
+        store.write_rows(r, [{**row, "round": r}])
+    store.mark_updated(0, {"round": 0})
+    assert store.next_round() == (1, True)  # round 1: rows committed, its update not marked
+    assert store.reconcile(2) == 2  # the checkpoint holds round 1: it was trained before the job stopped
+    assert store.next_round() == (2, False) and store.updated_info(1)["from_checkpoint"]
+    with pytest.raises(StorageError, match="checkpoint holds 1"):
+        store.reconcile(1)

@@ -17,7 +17,6 @@ import ray
 
 from bco_ray.config.schema import Config, ConfigError
 from bco_ray.console import console
-from bco_ray.errors import StorageError
 from bco_ray.job import signals
 from bco_ray.job.checks import Checked, ResourcesUnavailableError, check_resources, run_checks, unavailable_error
 from bco_ray.job.context import Job, Phases
@@ -193,15 +192,7 @@ def _ready(job: Job, parts: RayParts, store: RoundStore) -> None:
         ) from e
     ready = parts.group.wait(parts.group.channel.wait_ready.remote(1), "the training workers to start")
     console(f"[bco-ray] online: worker group ready {ready['at'] - parts.group.started_at:.1f} s after fit started")
-    start, _ = store.next_round()
-    done = int(ready["rounds_done"])
-    if done < start:
-        raise StorageError(
-            f"online rounds at {store.root}: {start} rounds are marked trained but the latest checkpoint holds "
-            f"{done}; the checkpoints under train.storage_path were removed: use a new mlflow.run_name"
-        )
-    for q in range(start, done):
-        store.mark_updated(q, {"round": q, "from_checkpoint": True})
+    store.reconcile(int(ready["rounds_done"]))
     if ready["policy"]:
         ray.get(parts.rollout.load_policy.remote(ready["policy"]))
         parts.use_weights(ready["policy"])

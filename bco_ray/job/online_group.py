@@ -15,8 +15,10 @@ import pyarrow.parquet as pq
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.exceptions import ControllerError
 
 from bco_ray.errors import TrainingError
+from bco_ray.job.checks import unavailable_error
 from bco_ray.job.context import Job
 from bco_ray.tracking.mlflow_run import worker_env
 from bco_ray.train import hooks
@@ -28,7 +30,7 @@ class WorkerGroup:
     channel until the driver posts a stop (or an abort)."""
 
     def __init__(self, job: Job, channel, planned_rows: int):
-        self.channel, self.result, self.error = channel, None, None
+        self.cfg, self.channel, self.result, self.error = job.cfg, channel, None, None
         self.trainer = _trainer(job, channel, planned_rows)
         self.thread = threading.Thread(target=self._fit, name="bco-online-fit", daemon=True)
         self.started_at = 0.0
@@ -50,9 +52,19 @@ class WorkerGroup:
             if done:
                 return ray.get(done[0])
             if not self.thread.is_alive():
+                self._raise_unavailable()
                 raise TrainingError(f"the training worker group ended while the job waited for {what}") from (
                     self.error
                 )
+
+    def _raise_unavailable(self) -> None:
+        """A worker group that never got its resources (as the offline train stage reports it)."""
+        e = self.error
+        if isinstance(e, ControllerError) and type(e.controller_failure).__name__ == "WorkerGroupStartupTimeoutError":
+            t = self.cfg.train
+            gpu = ", GPU: 1" if t.use_gpu else ""
+            asks = f"{t.num_workers} × {{CPU: {t.cpus_per_worker:g}{gpu}}} (train.num_workers, train.cpus_per_worker)"
+            raise unavailable_error(self.cfg, "The Ray Train worker group", asks) from e
 
     def finish(self, timeout: float | None = None):
         """Wait for fit to return (after a stop or an abort posted); its Result, or its error raised."""
