@@ -78,10 +78,17 @@ def rollout(tmp_path_factory):
 
 def test_rollout_samples_k_per_prompt_seeded(rollout):
     prompts = ["What is 2 + 3?\nAnswer:", "What is 7 * 6?\nAnswer:"]
-    out = rollout.generate(prompts, 3, seed=5)
-    assert [p for p, _ in out] == [prompts[0]] * 3 + [prompts[1]] * 3
-    assert all(isinstance(c, str) for _, c in out)
-    assert rollout.generate(prompts, 3, seed=5) == out
+    out, empty = rollout.generate(prompts, 3, seed=5)
+    assert [p for p, _ in out] == [prompts[0]] * 3 + [prompts[1]] * 3 and empty == 0
+    assert all(isinstance(c, str) and c.strip() for _, c in out)
+    assert rollout.generate(prompts, 3, seed=5) == (out, 0)
+
+
+def test_rollout_leaves_out_empty_completions(rollout, monkeypatch):
+    eos = rollout.tok.eos_token_id
+    monkeypatch.setattr(rollout.backend, "sample", lambda ids, seed: [[eos], [29, eos]][: len(ids)])
+    out, empty = rollout.generate(["What is 2 + 3?\nAnswer:"], 2, seed=0)
+    assert empty == 1 and len(out) == 1 and out[0][1].strip()
 
 
 def test_rollout_scores_as_the_pass(rollout):

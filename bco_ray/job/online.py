@@ -206,6 +206,7 @@ def _log_round(job: Job, parts: RayParts, res: RoundResult) -> dict:
     m["time/round/sync"] = u["export_s"] + u["load_s"]
     m["time/round/checkpoint"] = u["checkpoint_s"]
     m.update({"online/delta": u["delta"], "online/policy_step": float(u["step"])})
+    m["online/empty_completions"] = float(parts.empty)  # samples left out: no text to label or train on
     m["time/round/total"] = total = time.perf_counter() - parts.t_round
     compute = sum(m.get(f"time/round/{k}", 0.0) for k in ("generate", "label", "score", "update"))
     m["time/round/overhead"] = total - compute

@@ -124,15 +124,16 @@ class RayParts:
 
     def __init__(self, job: Job, rollout, group: WorkerGroup, root: str):
         self.job, self.rollout, self.group, self.root = job, rollout, group, root
-        self.r, self.step, self.weights = 0, 0, None
+        self.r, self.step, self.weights, self.empty = 0, 0, None, 0
         self.t_round = time.perf_counter()
 
     def at(self, r: int) -> None:
-        self.r, self.t_round = r, time.perf_counter()
+        self.r, self.t_round, self.empty = r, time.perf_counter(), 0
 
     def generate(self, prompts, k: int):
         seed = self.job.cfg.train.seed * 1_000_003 + self.r
-        return ray.get(self.rollout.generate.remote(list(prompts), k, seed))
+        samples, self.empty = ray.get(self.rollout.generate.remote(list(prompts), k, seed))
+        return samples
 
     def score(self, rows: list[dict]) -> list[dict]:
         return ray.get(self.rollout.score.remote(rows))

@@ -62,14 +62,17 @@ class Rollout:
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"][-self.max_prompt_length :]
         return with_bos(ids, self.tok.bos_token_id)
 
-    def generate(self, prompts: list[str], k: int, seed: int) -> list[tuple[str, str]]:
-        """k sampled completions of each prompt from the current policy: [(prompt, completion text)], each
-        prompt's k in a row. Seeded: a round generates the same samples again from the same policy."""
+    def generate(self, prompts: list[str], k: int, seed: int) -> tuple[list[tuple[str, str]], int]:
+        """k sampled completions of each prompt from the current policy: ([(prompt, completion text)], each
+        prompt's k in a row; the number of samples left out because their text is empty or blank: the policy
+        stopped at once, nothing to label or train on, as the data reader refuses an empty completion). Seeded: a
+        round generates the same samples again from the same policy."""
         asked = [p for p in prompts for _ in range(k)]
         out = self.backend.sample([self.prompt_ids(p) for p in asked], seed)
         eos = self.tok.eos_token_id
         texts = [self.tok.decode([t for t in ids if t != eos], skip_special_tokens=True) for ids in out]
-        return list(zip(asked, texts))
+        kept = [(p, c) for p, c in zip(asked, texts) if c.strip()]
+        return kept, len(asked) - len(kept)
 
     def score(self, rows: list[dict]) -> list[dict]:
         """The rows (prompt, completion, label) tokenized as the offline pass tokenizes them, with their reference
