@@ -1,6 +1,6 @@
 """Online BCO end to end (marked e2e): one job for the module, `python jobs/online.py` on the session's Ray head
 (2 CPUs: one training worker beside the rollout actor), 2 rounds of 8 prompts × 2 samples from the tiny builtin
-policy, UDM off → Ray Train + DeepSpeed (the worker group kept alive across the rounds) → MLflow. The round logic
+policy, UDM off, the held-out generation eval on 8 prompts → Ray Train + DeepSpeed (the worker group kept alive across the rounds) → MLflow. The round logic
 itself is unit-tested without Ray in tests/test_online_rounds.py and tests/test_online_parts.py."""
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def online_job(ray_head, tmp_path_factory):
         f"--online.prompts_per_round={PROMPTS}",
         f"--online.samples_per_prompt={K}",
         "--online.max_new_tokens=8",
+        "--eval.num_prompts=8",
+        "--eval.max_new_tokens=8",
         "--mlflow.run_name=online",
         head=ray_head,
         script="online.py",
@@ -71,6 +73,8 @@ def test_mlflow_has_rounds_and_steps(online_job):
     for key in ("time/round/generate", "time/round/sync", "time/round/update", "time/round/overhead"):
         assert steps(key) == [0, 1], key
     assert steps("loss") == [1, 2] and steps("delta") == [1, 2]
+    # the held-out eval: the initial policy (step 0), then after each round (online.eval_every=1)
+    assert steps("eval/gen/score") == [0, 1, 2] and steps("eval/gen/score_ref") == [0, 1, 2]
     delta = {m.step: m.value for m in client.get_metric_history(result["run_id"], "delta")}
     assert delta[2] == pytest.approx(result["final"]["delta"])
     assert client.get_run(result["run_id"]).info.status == "FINISHED"

@@ -17,6 +17,7 @@ import ray
 
 from bco_ray.config.schema import Config, ConfigError
 from bco_ray.console import console
+from bco_ray.eval import report
 from bco_ray.job import signals
 from bco_ray.job.checks import Checked, ResourcesUnavailableError, check_resources, run_checks, unavailable_error
 from bco_ray.job.context import Job, Phases
@@ -32,6 +33,7 @@ from bco_ray.online.rollout import Rollout
 from bco_ray.online.rounds import RoundResult, run_rounds
 from bco_ray.online.store import RoundStore
 from bco_ray.precompute.sizing import pass_resources
+from bco_ray.tracking.history import entry
 from bco_ray.tracking.tracker import MlflowTracker
 
 
@@ -197,6 +199,8 @@ def _ready(job: Job, parts: RayParts, store: RoundStore) -> None:
         ray.get(parts.rollout.load_policy.remote(ready["policy"]))
         parts.use_weights(ready["policy"])
     parts.step = int(ready["step"])
+    if evaluates(job.cfg) and not ready["rounds_done"]:  # step 0: the initial policy, where every curve starts
+        _evaluate(job, parts, 0, job.paths.policy)
 
 
 def _log_round(job: Job, parts: RayParts, res: RoundResult) -> dict:
@@ -210,6 +214,9 @@ def _log_round(job: Job, parts: RayParts, res: RoundResult) -> dict:
     m["time/round/total"] = total = time.perf_counter() - parts.t_round
     compute = sum(m.get(f"time/round/{k}", 0.0) for k in ("generate", "label", "score", "update"))
     m["time/round/overhead"] = total - compute
+    last = res.round + 1 == job.cfg.online.rounds
+    if evaluates(job.cfg) and ((res.round + 1) % job.cfg.online.eval_every == 0 or last):
+        m["time/round/eval"] = _evaluate(job, parts, res.round + 1, parts.weights)  # not in the round's total
     job.log_metrics(m, step=res.round)
     rows = res.rows
     table = {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
@@ -219,6 +226,22 @@ def _log_round(job: Job, parts: RayParts, res: RoundResult) -> dict:
     times = " ".join(f"{k.rsplit('/', 1)[1]} {v:.2f}" for k, v in m.items() if k.startswith("time/round/"))
     console(f"[bco-ray] round {res.round}: pass rate {m['online/pass_rate']:.3f}, δ {u['delta']:.4f}; s: {times}")
     return {"round": res.round, **m}
+
+
+def evaluates(cfg: Config) -> bool:
+    """The held-out generation eval runs (eval.generate, data.eval and online.eval_every > 0)."""
+    return bool(cfg.eval.generate and cfg.data.eval and cfg.online.eval_every > 0)
+
+
+def _evaluate(job: Job, parts: RayParts, step: int, path: str) -> float:
+    """The generation eval of the policy at `path` as `step` (0: the initial policy; r + 1: after round r) on the
+    rollout actor; eval/gen/* metrics and tables into the run (bco_ray/eval/report.py). Returns its seconds."""
+    t0 = time.perf_counter()
+    rows = ray.get(parts.rollout.evaluate.remote(step, path))
+    metrics = report.log_report(job.tracker, rows) if rows else {}
+    job.history.extend(entry(s, m) for s, m in sorted(metrics.items()))
+    console(f"[bco-ray] {report.summary_line(metrics)}")
+    return time.perf_counter() - t0
 
 
 def _remove(uri: str) -> None:

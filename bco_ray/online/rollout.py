@@ -15,6 +15,7 @@ import torch
 
 from bco_ray.config.schema import Config
 from bco_ray.data.tokenize import with_bos
+from bco_ray.eval.pipeline import Generator, generator_kwargs, held_out_prompts
 from bco_ray.models import Paths, load_tokenizer, pick_dtype, reference_dtype
 from bco_ray.online.generate import HFBackend
 from bco_ray.precompute.stages import RefLogps, tokenize
@@ -29,6 +30,7 @@ class Rollout:
     def __init__(self, cfg: Config, paths: Paths, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
+        self.cfg, self.paths, self.evaluator = cfg, paths, None
         m, o, p, d = cfg.model, cfg.online, cfg.precompute, cfg.data
         gpus = p.num_gpus_per_actor
         device = torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
@@ -95,6 +97,16 @@ class Rollout:
         t0 = time.perf_counter()
         self.backend.load(path)
         return time.perf_counter() - t0
+
+    def evaluate(self, step: int, path: str) -> list[dict]:
+        """The generation eval's rows (bco_ray/eval/pipeline.py's Generator: the offline job's eval code) for the
+        policy at `path` as step `step`: greedy completions of the held-out prompts, policy vs reference, their
+        verifier scores and implicit rewards. The reference's completions are made at the first call."""
+        if self.evaluator is None:
+            cfg = self.cfg
+            prompts = held_out_prompts(cfg.data.eval, self.tok, cfg.eval.num_prompts, cfg.data.max_prompt_length)
+            self.evaluator = Generator(**generator_kwargs(cfg, self.paths, prompts, self.tok, None))
+        return self.evaluator(pa.Table.from_pylist([{"step": step, "path": path}])).to_pylist()
 
     def ping(self) -> bool:
         return True
