@@ -1,14 +1,15 @@
-"""The `bco-ray` command: `bco-ray train | precompute | compare`.
+"""The `bco-ray` command: `bco-ray train | online | precompute | compare`.
 
     bco-ray train                                        # embedded defaults (configs/tiny.yaml)
     bco-ray train --config configs/X.yaml --train.lr=1e-6
     bco-ray train --config configs/X.yaml --print-config # the resolved config, as YAML
     bco-ray train --config configs/X.yaml --dry-run      # every check, no Ray work
+    bco-ray online                                       # online BCO, embedded defaults (configs/online.yaml)
     bco-ray precompute --config configs/X.yaml [--precompute.force]
     bco-ray compare --experiment sweep --metric eval/auc
     ray job submit --working-dir . -- python jobs/bco.py --config configs/X.yaml
 
-`jobs/bco.py`, `jobs/precompute.py` and `jobs/compare.py` are the same commands as scripts, for
+`jobs/bco.py`, `jobs/online.py`, `jobs/precompute.py` and `jobs/compare.py` are the same commands as scripts, for
 `ray job submit --working-dir .` (Ray puts the working directory on the driver's PYTHONPATH).
 A `bco-ray: <kind> error: <message>` ends with the kind's exit status (bco_ray/errors.py).
 """
@@ -37,7 +38,12 @@ from bco_ray.job import signals
 # and a bad option answer at once.
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+ONLINE_CONFIG = DEFAULT_CONFIG.with_name("online.yaml")  # the online job's: 1 training worker beside the rollout
 TRAIN_DOC = "Run a BCO job: Ray Data precompute → Ray Train + DeepSpeed → MLflow."
+ONLINE_DOC = (
+    "Run online BCO: rounds of the policy's own completions, labelled by online.labeler, scored by the "
+    "reference and trained with BCO on a Ray Train worker group kept alive across rounds; MLflow."
+)
 PRECOMPUTE_DOC = (
     "Run only the Ray Data pass: tokenize → reference log-probs → UDM weights, into the precompute "
     "cache. A later train job with the same model, data and pass settings reuses it."
@@ -54,9 +60,10 @@ Prints the table and writes compare_<experiment>_<metric>.{csv,md,png} under --o
 The tracking server: --tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db (the jobs' default)."""
 
 
-def _default_config() -> Path | None:
-    """configs/tiny.yaml of a source checkout; an installed package without it starts from the built-in defaults."""
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+def _default_config(path: Path = DEFAULT_CONFIG) -> Path | None:
+    """configs/tiny.yaml (or the command's own) of a source checkout; an installed package without it starts from
+    the built-in defaults."""
+    return path if path.exists() else None
 
 
 # ---------------------------------------------------------------- the config commands' command line
@@ -114,11 +121,13 @@ def resolved_yaml(cfg: Config) -> str:
     return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False, allow_unicode=True)
 
 
-def _parse(prog: str, doc: str, argv: list[str]) -> tuple[argparse.Namespace, Config | None]:
+def _parse(
+    prog: str, doc: str, argv: list[str], default: Path = DEFAULT_CONFIG
+) -> tuple[argparse.Namespace, Config | None]:
     """Options and the config; None when --help or --print-config printed what was asked. Raises ConfigError."""
     parser = _config_parser(prog, doc)
     args, overrides = parser.parse_known_args(argv)
-    config_file = Path(args.config) if args.config else _default_config()
+    config_file = Path(args.config) if args.config else _default_config(default)
     if args.help:
         console(config_help(parser, config_file if config_file and config_file.exists() else None).removesuffix("\n"))
         return args, None
@@ -161,18 +170,22 @@ def _print_dry_run(cfg: Config, paths) -> None:
     )
 
 
-def _command(prog: str, doc: str, argv: list[str] | None, body, precompute: bool) -> int:
+def _command(prog: str, doc: str, argv: list[str] | None, body, precompute: bool, online: bool = False) -> int:
     """A config command: its options and config, checked (bco_ray/job/checks.py: run_checks, the job's one
     resolution of its locations) where the command needs it now: a precompute command, or --dry-run (which
     prints what was checked); then `body(prog, argv, config, checks' result or None)` (a train job runs its
-    checks itself). Returns the exit status."""
+    checks itself; `online`: the online job's config and checks). Returns the exit status."""
     argv = _command_argv(argv)
     try:
-        args, cfg = _parse(prog, doc, argv)
+        args, cfg = _parse(prog, doc, argv, ONLINE_CONFIG if online else DEFAULT_CONFIG)
         if cfg is None:
             return 0
         checked = None
-        if precompute or args.dry_run:
+        if online and args.dry_run:
+            from bco_ray.job.online import check_online_job
+
+            checked = check_online_job(cfg)[0]  # exactly the checks run_online makes before it starts Ray
+        elif precompute or args.dry_run:
             from bco_ray.job.checks import run_checks
 
             checked = run_checks(cfg, hub=not precompute)  # exactly the checks run_job makes before it starts Ray
@@ -192,12 +205,28 @@ def train(argv: list[str] | None = None, prog: str = "bco-ray train") -> int:
 def _train(prog: str, argv: list[str], cfg: Config, _checked) -> int:
     from bco_ray.job import run
 
+    return _run(run.run_job, prog, argv, cfg)
+
+
+def online(argv: list[str] | None = None, prog: str = "bco-ray online") -> int:
+    """`bco-ray online`: the online job (bco_ray/job/online.py). Returns the exit status."""
+    return _command(prog, ONLINE_DOC, argv, _online, precompute=False, online=True)
+
+
+def _online(prog: str, argv: list[str], cfg: Config, _checked) -> int:
+    from bco_ray.job import online
+
+    return _run(online.run_online, prog, argv, cfg)
+
+
+def _run(job, prog: str, argv: list[str], cfg: Config) -> int:
+    """`job(cfg)` (run_job, run_online) as a command: its exit status, and how to resume it where it stopped."""
     # `ray job stop` and schedulers send SIGTERM: it ends the job like Ctrl-C, the MLflow run marked KILLED, and
     # the command with 143 (130 for Ctrl-C). Checkpoints and the precompute cache are committed atomically, so
     # nothing half-written is trusted.
     signals.install()
     try:
-        run.run_job(cfg)
+        job(cfg)
     except KeyboardInterrupt as e:
         stop = signals.interrupted(e)
         console(f"bco-ray: {stop}", sys.stderr)
@@ -325,6 +354,7 @@ def compare(argv: list[str] | None = None, prog: str = "bco-ray compare") -> int
 
 COMMANDS = {
     "train": (train, TRAIN_DOC),
+    "online": (online, ONLINE_DOC),
     "precompute": (precompute, PRECOMPUTE_DOC),
     "compare": (compare, COMPARE_DOC.split("\n")[0]),
 }

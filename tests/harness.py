@@ -137,13 +137,19 @@ def sqlite_store(db: Path) -> str:
 
 
 def run_job(
-    tmp: Path, *overrides: str, head: RayHead | None = None, cache: Path | None = None, timeout: int = 900
+    tmp: Path,
+    *overrides: str,
+    head: RayHead | None = None,
+    cache: Path | None = None,
+    timeout: int = 900,
+    script: str = "bco.py",
 ) -> subprocess.CompletedProcess:
-    """`python jobs/bco.py` with the embedded defaults, writing into tmp; on `head` if given (else a local
-    Ray of its own, as `make demo`), with the precompute cache in `cache` if given."""
+    """`python jobs/bco.py` (or another job script: `script="online.py"`) with the embedded defaults, writing
+    into tmp; on `head` if given (else a local Ray of its own, as `make demo`), with the precompute cache in
+    `cache` if given."""
     cmd = [
         sys.executable,
-        str(ROOT / "jobs" / "bco.py"),
+        str(ROOT / "jobs" / script),
         f"--output_dir={tmp / 'outputs'}",
         f"--mlflow.tracking_uri={sqlite_store(tmp / 'mlflow.db')}",
         *([f"--precompute.cache_dir={cache}"] if cache else []),

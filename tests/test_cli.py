@@ -181,7 +181,7 @@ def test_console_script_and_job_scripts():
     version = subprocess.run([BIN / "bco-ray", "--version"], capture_output=True, text=True, check=True).stdout
     assert version.strip() == f"bco-ray {__import__('bco_ray').__version__}"
     usage = subprocess.run([BIN / "bco-ray"], capture_output=True, text=True)
-    assert usage.returncode == 2 and "bco-ray {train,precompute,compare}" in usage.stderr
+    assert usage.returncode == 2 and "bco-ray {train,online,precompute,compare}" in usage.stderr
     for script, text in (
         ("bco.py", "--train.beta=0.1"),
         ("precompute.py", "--precompute.force=false"),

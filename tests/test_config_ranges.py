@@ -108,6 +108,7 @@ RANGE_CASES = [
     ("--online.threshold=inf", "online.threshold"),
     ("--online.replay_rounds=-1", "online.replay_rounds"),
     ("--online.eval_every=-1", "online.eval_every"),
+    ("--online.rollout_cpus=0", "online.rollout_cpus"),
 ]
 
 

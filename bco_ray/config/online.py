@@ -29,3 +29,5 @@ class OnlineConfig:
     # sample is dropped and counted (online/label_errors)
     replay_rounds: int = ranged(0, ">= 0")  # each update also trains on the rows of this many previous rounds
     eval_every: int = ranged(1, ">= 0")  # generation eval every this many rounds; 0: never
+    rollout_cpus: float = ranged(1.0, "> 0")  # CPUs the rollout actor (generation and reference scoring)
+    # reserves, beside the train.num_workers × train.cpus_per_worker of the training workers

@@ -204,13 +204,9 @@ class Generator:
         return pa.Table.from_pylist(rows)
 
 
-def run_generation_eval(cfg: Config, paths: Paths, snapshots: dict[int, str], res, tokenizer) -> list[dict]:
-    """Rows of every (snapshot step, prompt, completion kind); [] when there are no prompts."""
-    e = cfg.eval
-    prompts = held_out_prompts(cfg.data.eval, tokenizer, e.num_prompts, cfg.data.max_prompt_length)
-    if not prompts or not snapshots:
-        return []
-    m, g = cfg.model, cfg.precompute.num_gpus_per_actor
+def generator_kwargs(cfg: Config, paths: Paths, prompts: list[dict], tokenizer, threads: int | None) -> dict:
+    """The `Generator` of the config's generation eval over `prompts` (held_out_prompts'), as keywords."""
+    e, m, g = cfg.eval, cfg.model, cfg.precompute.num_gpus_per_actor
     settings = {
         "max_new_tokens": e.max_new_tokens,
         "batch_size": e.batch_size,
@@ -220,7 +216,7 @@ def run_generation_eval(cfg: Config, paths: Paths, snapshots: dict[int, str], re
         "seed": cfg.train.seed,
         "tokenizer": paths.tokenizer,
     }
-    kwargs = dict(
+    return dict(
         reference=paths.reference,
         prompts=prompts,
         verifier=e.verifier,
@@ -235,8 +231,17 @@ def run_generation_eval(cfg: Config, paths: Paths, snapshots: dict[int, str], re
         beta=cfg.train.beta,
         eos_id=tokenizer.eos_token_id,
         pad_id=paths.pad_id,
-        threads=res.actor_threads,
+        threads=threads,
     )
+
+
+def run_generation_eval(cfg: Config, paths: Paths, snapshots: dict[int, str], res, tokenizer) -> list[dict]:
+    """Rows of every (snapshot step, prompt, completion kind); [] when there are no prompts."""
+    e, g = cfg.eval, cfg.precompute.num_gpus_per_actor
+    prompts = held_out_prompts(cfg.data.eval, tokenizer, e.num_prompts, cfg.data.max_prompt_length)
+    if not prompts or not snapshots:
+        return []
+    kwargs = generator_kwargs(cfg, paths, prompts, tokenizer, res.actor_threads)
     items = [{"step": s, "path": p} for s, p in sorted(snapshots.items())]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         Generator,

@@ -120,12 +120,19 @@ def run_rounds(
     prompts_of: Callable[[int], Sequence[Any]],
     *parts: Any,
     policy_step: Callable[[], int] = lambda: 0,
+    after_round: Callable[[RoundResult], None] | None = None,
     **options: int,
 ) -> list[RoundResult]:
     """Rounds from where the store says the run stopped (`RoundStore.next_round`) up to `rounds`; `prompts_of(r)`
     gives round r's prompts (a PromptSource's, deterministic in the round), `policy_step()` the current policy's
-    optimizer step (recorded with each round's rows). `parts` are `run_round`'s (generate, label, score, update,
-    store) and `options` its keywords (samples_per_prompt, replay_rounds)."""
+    optimizer step (recorded with each round's rows), `after_round(result)` (if given) is called as each round
+    ends (a job logs the round there). `parts` are `run_round`'s (generate, label, score, update, store) and
+    `options` its keywords (samples_per_prompt, replay_rounds)."""
     store: RoundStore = parts[-1]
     start, _ = store.next_round()
-    return [run_round(r, prompts_of(r), *parts, policy_step=policy_step(), **options) for r in range(start, rounds)]
+    results = []
+    for r in range(start, rounds):
+        results.append(run_round(r, prompts_of(r), *parts, policy_step=policy_step(), **options))
+        if after_round is not None:
+            after_round(results[-1])
+    return results

@@ -124,3 +124,17 @@ class RoundStore:
                 "not written by one online run: use a new mlflow.run_name or output_dir"
             )
         return r, has_rows
+
+    def reconcile(self, checkpointed: int) -> int:
+        """Agree with the trainer's checkpoint, which holds `checkpointed` rounds: a round it holds but the store
+        has not marked (the job stopped between the round's checkpoint and its marker) is marked now, so it is not
+        trained twice. Returns the round to run next. A checkpoint behind the markers is refused."""
+        start, _ = self.next_round()
+        if checkpointed < start:
+            raise StorageError(
+                f"online rounds at {self.root}: {start} rounds are marked trained but the latest checkpoint holds "
+                f"{checkpointed}; the checkpoints under train.storage_path were removed: use a new mlflow.run_name"
+            )
+        for r in range(start, checkpointed):
+            self.mark_updated(r, {"round": r, "from_checkpoint": True})
+        return checkpointed

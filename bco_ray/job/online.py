@@ -1,0 +1,250 @@
+"""An online BCO job, driver side (`bco-ray online`, jobs/online.py): the offline job's checks plus the online ones
+(the labeler imported and tried, the prompts readable, the values in range) → Ray, and the cluster's fit for the
+training workers beside the rollout actor → the tracker's run → the long-lived parts (the rollout actor, the channel
+and the Ray Train worker group: bco_ray/job/online_group.py) → rounds (bco_ray/online/rounds.py's run_rounds, each
+round logged as it ends) → stop: the final model collected and published as the offline job publishes it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import ray
+
+from bco_ray.config.schema import Config, ConfigError
+from bco_ray.console import console
+from bco_ray.eval import report
+from bco_ray.job import signals
+from bco_ray.job.checks import Checked, ResourcesUnavailableError, check_resources, run_checks, unavailable_error
+from bco_ray.job.context import Job, Phases
+from bco_ray.job.online_group import RayParts, WorkerGroup
+from bco_ray.job.preflight import check_shared_paths
+from bco_ray.job.run import _publish, _refuse_finished, init_ray
+from bco_ray.job.train_stage import _collect_model
+from bco_ray.online.channel import STOP, Channel
+from bco_ray.online.checks import check_online
+from bco_ray.online.labeler import Labeler
+from bco_ray.online.prompts import PromptsError, PromptSource
+from bco_ray.online.rollout import Rollout
+from bco_ray.online.rounds import RoundResult, run_rounds
+from bco_ray.online.store import RoundStore
+from bco_ray.precompute.sizing import pass_resources
+from bco_ray.tracking.history import entry
+from bco_ray.tracking.tracker import MlflowTracker
+
+
+@dataclass
+class OnlineResult:
+    """What `run_online` returns; also written as <output_dir>/runs/<run_name>/result.json."""
+
+    model_dir: str
+    final: dict  # rank 0's final record: step, delta, delta_count (rewards δ has absorbed, all rounds), rounds
+    out_dir: str
+    rounds: list[dict] = field(default_factory=list)  # each round run now: {"round": r, **online/*, time/round/*}
+    starts: list[dict] = field(default_factory=list)  # each start of the worker group: pid, rounds_done, step
+    history: list[dict] = field(default_factory=list)
+    run_id: str = ""
+    tracking_uri: str = ""
+    run_name: str = ""
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def check_online_job(cfg: Config) -> tuple[Checked, PromptSource, Labeler]:
+    """Every check before Ray: the offline job's (config, data, models, hub), then the online section's."""
+    checked = run_checks(cfg)
+    cfg = checked.cfg
+    o, t = cfg.online, cfg.train
+    if cfg.udm.enabled:
+        raise ConfigError("udm.enabled: online BCO does not weight its rows with UDM yet; set --udm.enabled=false")
+    per_step = t.num_workers * t.micro_batch_size * t.gradient_accumulation_steps
+    if o.prompts_per_round * o.samples_per_prompt < per_step:
+        raise ConfigError(
+            f"online.prompts_per_round × online.samples_per_prompt = {o.prompts_per_round * o.samples_per_prompt} "
+            f"rows a round, fewer than one optimizer step of train.num_workers × train.micro_batch_size × "
+            f"train.gradient_accumulation_steps = {per_step}; ask for more prompts or samples, or smaller steps"
+        )
+    source, labeler = check_online(cfg)
+    if not isinstance(source.round(0, 1)[0], str):
+        raise PromptsError(f"online.prompts {o.prompts!r} gives conversations; the online job samples text prompts")
+    return checked, source, labeler
+
+
+def check_online_fits(cfg: Config, started_locally: bool) -> int:
+    """The training workers and the rollout actor fit the cluster together (a cluster that can grow may fit
+    later); returns the rollout's torch threads."""
+    t, o = cfg.train, cfg.online
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    can_grow = cpus == 0 and not started_locally
+    need = t.num_workers * t.cpus_per_worker + o.rollout_cpus
+    if not can_grow and need > cpus + 1e-9:
+        raise ResourcesUnavailableError(
+            f"the online job needs train.num_workers × train.cpus_per_worker + online.rollout_cpus = "
+            f"{t.num_workers} × {t.cpus_per_worker:g} + {o.rollout_cpus:g} = {need:g} CPU, but this cluster has "
+            f"{cpus:g} CPU and cannot grow; lower train.num_workers (e.g. --train.num_workers="
+            f"{max(1, int((cpus - o.rollout_cpus) // max(t.cpus_per_worker, 1e-9)))}), train.cpus_per_worker or "
+            "online.rollout_cpus, or run on a larger cluster"
+        )
+    # Generation and the update alternate: on a small machine the rollout computes on every CPU while it runs.
+    return max(1, int(cpus)) if 0 < cpus < 3 else max(1, int(o.rollout_cpus))
+
+
+def run_online(cfg: Config) -> OnlineResult:
+    """Checks → Ray → the tracker's run → rounds → the final model. SIGTERM / SIGINT stop it as they stop
+    `run_job` (the MLflow run KILLED, `signals.Interrupted` raised)."""
+    t0, phases = time.time(), Phases()
+    checked, source, labeler = check_online_job(cfg)
+    cfg = checked.cfg
+    tracker = MlflowTracker(cfg)
+    run_name = cfg.mlflow.run_name or time.strftime("online-%Y%m%d-%H%M%S")
+    if cfg.mlflow.run_name:
+        _refuse_finished(cfg, tracker, run_name)
+    phases.lap("checks")
+    local = init_ray(cfg)
+    phases.lap("ray_start")
+    check_resources(cfg, local)
+    threads = check_online_fits(cfg, local)
+    check_shared_paths(cfg, checked.paths, tracker.uri)
+    phases.lap("preflight")
+    out_dir = Path(cfg.output_dir) / "runs" / run_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res = pass_resources(ray.cluster_resources().get("CPU", 0.0), 1, not local)
+    with signals.stop_signals():
+        resumed = tracker.start(run_name)
+        console(f"[bco-ray] MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}): {tracker.view_hint()}")
+        job = Job(cfg, checked.paths, checked.data_report, res, run_name, out_dir, tracker, phases)
+        result = _tracked(job, source, labeler, threads)
+    result = dataclasses.replace(
+        result, run_id=tracker.run_id, tracking_uri=tracker.uri, run_name=run_name,
+        seconds=round(time.time() - t0, 1), timings=phases.seconds,
+    )  # fmt: skip
+    (out_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+    console(f"[bco-ray] online done in {result.seconds} s ({phases.line()}): model at {result.model_dir}")
+    return result
+
+
+def _tracked(job: Job, source: PromptSource, labeler: Labeler, threads: int) -> OnlineResult:
+    try:
+        result = _rounds(job, source, labeler, threads)
+    except KeyboardInterrupt as e:
+        stop = signals.interrupted(e)
+        job.tracker.finish("KILLED", f"{type(stop).__name__}: {stop}")
+        raise stop from e
+    except BaseException as e:
+        job.tracker.finish("FAILED", f"{type(e).__name__}: {e}")
+        raise
+    job.tracker.finish("FINISHED")
+    return result
+
+
+def _rounds(job: Job, source: PromptSource, labeler: Labeler, threads: int) -> OnlineResult:
+    """The long-lived parts, the rounds, the stop and the final model."""
+    cfg, o = job.cfg, job.cfg.online
+    root = f"{job.storage_dir}/online"
+    store = RoundStore(f"{root}/rounds")
+    gpus = {"num_gpus": cfg.precompute.num_gpus_per_actor} if cfg.precompute.num_gpus_per_actor > 0 else {}
+    rollout = ray.remote(Rollout).options(num_cpus=o.rollout_cpus, **gpus).remote(cfg, job.paths, threads)
+    channel = Channel.remote()
+    group = WorkerGroup(job, channel, o.rounds * o.prompts_per_round * o.samples_per_prompt)
+    group.start()
+    parts, logged = RayParts(job, rollout, group, root), []
+
+    def prompts_of(r: int):
+        parts.at(r)
+        return source.round(r, o.prompts_per_round)
+
+    try:
+        _ready(job, parts, store)
+        job.phases.lap("start")
+        run_rounds(
+            o.rounds, prompts_of, parts.generate, labeler.label, parts.score, parts.update, store,
+            policy_step=lambda: parts.step, after_round=lambda res: logged.append(_log_round(job, parts, res)),
+            samples_per_prompt=o.samples_per_prompt, replay_rounds=o.replay_rounds,
+        )  # fmt: skip
+        job.phases.lap("rounds")
+        ray.get(channel.post.remote(o.rounds, STOP))
+        fit = group.finish()
+    except BaseException:
+        parts.abort()
+        raise
+    starts = ray.get(channel.starts.remote())
+    _remove(f"{root}/policy")  # the exports the rollout loaded; the final model is the run's own
+    trained = _collect_model(job, fit.checkpoint)
+    job.history.extend(trained.history)
+    _publish(job, trained)
+    job.log_metrics(job.phases.seconds, step=o.rounds)
+    model_dir = str(trained.model_dir)
+    return OnlineResult(model_dir, trained.final, str(job.out_dir), logged, starts, job.history)
+
+
+def _ready(job: Job, parts: RayParts, store: RoundStore) -> None:
+    """The rollout actor and the worker group up; the store and the workers' checkpoint reconciled (a round
+    checkpointed but not marked, because the job stopped in between, is marked now: not trained twice); a
+    resumed group's policy loaded into the rollout."""
+    o, t = job.cfg.online, job.cfg.train
+    try:
+        ray.get(parts.rollout.ping.remote(), timeout=max(1.0, t.resources_timeout_s))
+    except ray.exceptions.GetTimeoutError as e:
+        raise unavailable_error(
+            job.cfg, "The rollout actor", f"{{CPU: {o.rollout_cpus:g}}} (online.rollout_cpus)"
+        ) from e
+    ready = parts.group.wait(parts.group.channel.wait_ready.remote(1), "the training workers to start")
+    console(f"[bco-ray] online: worker group ready {ready['at'] - parts.group.started_at:.1f} s after fit started")
+    store.reconcile(int(ready["rounds_done"]))
+    if ready["policy"]:
+        ray.get(parts.rollout.load_policy.remote(ready["policy"]))
+        parts.use_weights(ready["policy"])
+    parts.step = int(ready["step"])
+    if evaluates(job.cfg) and not ready["rounds_done"]:  # step 0: the initial policy, where every curve starts
+        _evaluate(job, parts, 0, job.paths.policy)
+
+
+def _log_round(job: Job, parts: RayParts, res: RoundResult) -> dict:
+    """The round's metrics (step = the round) and its samples table into the run; a console line."""
+    m, u = dict(res.metrics), res.update_metrics
+    m["time/round/update"] = u["update_s"]  # the workers' compute (run_round timed the whole exchange)
+    m["time/round/sync"] = u["export_s"] + u["load_s"]
+    m["time/round/checkpoint"] = u["checkpoint_s"]
+    m.update({"online/delta": u["delta"], "online/policy_step": float(u["step"])})
+    m["online/empty_completions"] = float(parts.empty)  # samples left out: no text to label or train on
+    m["time/round/total"] = total = time.perf_counter() - parts.t_round
+    compute = sum(m.get(f"time/round/{k}", 0.0) for k in ("generate", "label", "score", "update"))
+    m["time/round/overhead"] = total - compute
+    last = res.round + 1 == job.cfg.online.rounds
+    if evaluates(job.cfg) and ((res.round + 1) % job.cfg.online.eval_every == 0 or last):
+        m["time/round/eval"] = _evaluate(job, parts, res.round + 1, parts.weights)  # not in the round's total
+    job.log_metrics(m, step=res.round)
+    rows = res.rows
+    table = {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
+    job.tracker.log_table(
+        {**table, "label": [bool(r["label"]) for r in rows]}, f"online/samples_round_{res.round:04d}.json"
+    )
+    times = " ".join(f"{k.rsplit('/', 1)[1]} {v:.2f}" for k, v in m.items() if k.startswith("time/round/"))
+    console(f"[bco-ray] round {res.round}: pass rate {m['online/pass_rate']:.3f}, δ {u['delta']:.4f}; s: {times}")
+    return {"round": res.round, **m}
+
+
+def evaluates(cfg: Config) -> bool:
+    """The held-out generation eval runs (eval.generate, data.eval and online.eval_every > 0)."""
+    return bool(cfg.eval.generate and cfg.data.eval and cfg.online.eval_every > 0)
+
+
+def _evaluate(job: Job, parts: RayParts, step: int, path: str) -> float:
+    """The generation eval of the policy at `path` as `step` (0: the initial policy; r + 1: after round r) on the
+    rollout actor; eval/gen/* metrics and tables into the run (bco_ray/eval/report.py). Returns its seconds."""
+    t0 = time.perf_counter()
+    rows = ray.get(parts.rollout.evaluate.remote(step, path))
+    metrics = report.log_report(job.tracker, rows) if rows else {}
+    job.history.extend(entry(s, m) for s, m in sorted(metrics.items()))
+    console(f"[bco-ray] {report.summary_line(metrics)}")
+    return time.perf_counter() - t0
+
+
+def _remove(uri: str) -> None:
+    fs, p = fsspec.core.url_to_fs(uri)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
