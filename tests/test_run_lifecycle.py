@@ -130,7 +130,7 @@ def test_a_finished_run_name_is_refused_before_any_ray_work(store, tmp_path):
     mlflow_run.open_run(cfg, "done")
     mlflow_run.close_run("FINISHED")
     with pytest.raises(InputError, match="mlflow.run_name 'done' finished already .* another --mlflow.run_name"):
-        run._refuse_finished(cfg, MlflowTracker(cfg), "done")
+        run.refuse_finished(cfg, MlflowTracker(cfg), "done")
     # No store yet: nothing is created by the check.
     missing = tmp_path / "none" / "mlflow.db"
     assert mlflow_run.finished_run(_cfg(f"sqlite:///{missing}", tmp_path), "done") is None

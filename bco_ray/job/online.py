@@ -23,8 +23,8 @@ from bco_ray.job.checks import Checked, ResourcesUnavailableError, check_resourc
 from bco_ray.job.context import Job, Phases
 from bco_ray.job.online_group import RayParts, WorkerGroup
 from bco_ray.job.preflight import check_shared_paths
-from bco_ray.job.run import _publish, _refuse_finished, init_ray
-from bco_ray.job.train_stage import _collect_model
+from bco_ray.job.run import init_ray, publish_model, refuse_finished
+from bco_ray.job.train_stage import collect_model
 from bco_ray.online.channel import STOP, Channel
 from bco_ray.online.checks import check_online
 from bco_ray.online.labeler import Labeler
@@ -102,7 +102,7 @@ def run_online(cfg: Config) -> OnlineResult:
     tracker = MlflowTracker(cfg)
     run_name = cfg.mlflow.run_name or time.strftime("online-%Y%m%d-%H%M%S")
     if cfg.mlflow.run_name:
-        _refuse_finished(cfg, tracker, run_name)
+        refuse_finished(cfg, tracker, run_name)
     phases.lap("checks")
     local = init_ray(cfg)
     phases.lap("ray_start")
@@ -173,9 +173,9 @@ def _rounds(job: Job, source: PromptSource, labeler: Labeler, threads: int) -> O
         raise
     starts = ray.get(channel.starts.remote())
     _remove(f"{root}/policy")  # the exports the rollout loaded; the final model is the run's own
-    trained = _collect_model(job, fit.checkpoint)
+    trained = collect_model(job, fit.checkpoint)
     job.history.extend(trained.history)
-    _publish(job, trained)
+    publish_model(job, trained)
     job.log_metrics(job.phases.seconds, step=o.rounds)
     model_dir = str(trained.model_dir)
     return OnlineResult(model_dir, trained.final, str(job.out_dir), logged, starts, job.history)

@@ -119,7 +119,7 @@ def run_job(cfg: Config) -> JobResult:
     tracker = MlflowTracker(cfg)
     run_name = cfg.mlflow.run_name or time.strftime("bco-%Y%m%d-%H%M%S")
     if cfg.mlflow.run_name:
-        _refuse_finished(cfg, tracker, run_name)
+        refuse_finished(cfg, tracker, run_name)
     phases.lap("checks")
     res, n_nodes = _start_ray(cfg, checked.paths, tracker, phases)
     out_dir = Path(cfg.output_dir) / "runs" / run_name
@@ -150,7 +150,7 @@ def run_job(cfg: Config) -> JobResult:
     return result
 
 
-def _refuse_finished(cfg: Config, tracker: Tracker, run_name: str) -> None:
+def refuse_finished(cfg: Config, tracker: Tracker, run_name: str) -> None:
     """A run name that FINISHED is not trained again (nor logged as a second MLflow run of the same name)."""
     done = tracker.finished_run(run_name)
     if done is not None:
@@ -199,12 +199,12 @@ def _pipeline(job: Job) -> JobResult:
     diverged = trained.final.get("diverged")
     if diverged:  # its last good checkpoint's model, if there is one, is published; then the run fails
         if trained.model_dir is not None:
-            _publish(job, trained)
+            publish_model(job, trained)
         _log_plots(job, pre)
         raise diverged_error(job.cfg, diverged)
     if job.cfg.eval.generate and pre.eval:  # reference vs policy completions of held-out prompts (bco_ray/eval/)
         _generation_eval(job, trained)
-    _publish(job, trained)
+    publish_model(job, trained)
     _log_plots(job, pre)
     job.log_metrics(job.phases.seconds, step=trained.step)
     return JobResult(
@@ -282,7 +282,7 @@ def _generation_eval(job: Job, trained: Trained) -> None:
     job.phases.lap("generation_eval")
 
 
-def _publish(job: Job, trained: Trained) -> None:
+def publish_model(job: Job, trained: Trained) -> None:
     """Model card (its metrics from the job's history), the model (registered if asked), and the hub push (if
     asked)."""
     cfg, run_id, run_name, model_dir = job.cfg, job.run_id, job.run_name, trained.model_dir

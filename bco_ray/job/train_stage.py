@@ -48,7 +48,7 @@ def train(job: Job, pre: PrecomputeResult) -> Trained:
     job.phases.lap("publish_precompute")
     final_ckpt = _fit(job.cfg, trainer).checkpoint
     job.phases.lap("fit")
-    trained = _collect_model(job, final_ckpt)
+    trained = collect_model(job, final_ckpt)
     worker = trained.final.get("timings", {})  # measured by rank 0: engine ready, training, evaluation, save
     if worker.get("engine_ready_at", 0) < t_fit:  # a finished run's final model reported again: not this fit's
         worker = {}
@@ -146,7 +146,7 @@ def _fit(cfg: Config, trainer: TorchTrainer):
         raise
 
 
-def _collect_model(job: Job, final_ckpt) -> Trained:
+def collect_model(job: Job, final_ckpt) -> Trained:
     """The final checkpoint's model, copied whole into <out_dir>/model (once), and its final.json."""
     with final_ckpt.as_directory() as d:
         model_dir = job.out_dir / "model"

@@ -30,8 +30,8 @@ from bco_ray.tracking.step_logger import StepLogger
 from bco_ray.train import hooks
 from bco_ray.train.batches import collate
 from bco_ray.train.divergence import check_values
-from bco_ray.train.recipe import _report_finished
-from bco_ray.train.snapshots import _publish
+from bco_ray.train.recipe import report_finished
+from bco_ray.train.snapshots import publish_dir
 from bco_ray.train.spec import WorkerSpec
 from bco_ray.train.updater import PolicyUpdater
 
@@ -79,7 +79,7 @@ class OnlineWorker:
             return True
         with ckpt.as_directory() as d:
             if os.path.exists(os.path.join(d, "final.json")):
-                _report_finished(d, self.rank)
+                report_finished(d, self.rank)
                 return False
             state = self.updater.load_checkpoint(d)
         self.rounds_done = state["round"] + 1
@@ -145,7 +145,7 @@ class OnlineWorker:
         with tempfile.TemporaryDirectory() as d:
             self.updater.export_weights(os.path.join(d, "model"), lora_merged=True)
             if self.rank == 0:
-                _publish(os.path.join(d, "model"), dest)
+                publish_dir(os.path.join(d, "model"), dest)
 
     def checkpoint(self, r: int) -> None:
         """Every rank's updater state with the round it closes and rank 0's metric history."""

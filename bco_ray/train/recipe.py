@@ -65,7 +65,7 @@ class BCORecipe:
             return True
         with ckpt.as_directory() as d:
             if os.path.exists(os.path.join(d, "final.json")):
-                _report_finished(d, self.rank)
+                report_finished(d, self.rank)
                 return False
             state = self.updater.load_checkpoint(d)
         self.epoch, self.skip = state["epoch"], state["micro_in_epoch"]
@@ -204,7 +204,7 @@ class BCORecipe:
             dist.barrier()
 
 
-def _report_finished(d: str, rank: int) -> None:
+def report_finished(d: str, rank: int) -> None:
     """Re-running a finished run name: report its final model again instead of training from scratch."""
     with open(os.path.join(d, "final.json")) as f:
         final = json.load(f)

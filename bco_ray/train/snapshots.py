@@ -30,10 +30,10 @@ def save_snapshot(export, storage_dir: str, step: int, rank: int) -> None:
         export(src)
         if rank == 0:
             open(os.path.join(src, COMPLETE), "w").close()
-            _publish(src, f"{snapshot_root(storage_dir)}/step_{step:07d}")
+            publish_dir(src, f"{snapshot_root(storage_dir)}/step_{step:07d}")
 
 
-def _publish(src: str, dest: str) -> None:
+def publish_dir(src: str, dest: str) -> None:
     if is_remote(dest):
         fs, p = fsspec.core.url_to_fs(dest)
         if fs.exists(p):
