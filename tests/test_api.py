@@ -19,6 +19,10 @@ from bco_ray.builtin import ASSETS, materialize_tiny_model
 from bco_ray.config.schema import ConfigError
 
 TRAIN_ROWS = [json.loads(line) for line in (ASSETS / "arithmetic" / "train.jsonl").read_text().splitlines()[:48]]
+# The settings of TRL's snippet as tests/test_api_runs.py runs it (those of trl's recorded step-1 log)
+SNIPPET = dict(
+    per_device_train_batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-3, logging_steps=1, beta=0.1
+) | dict(bf16=False, use_cpu=True, run_name="snippet")
 
 
 # =============================================================================== BCOConfig, no Ray
@@ -222,18 +226,7 @@ def test_a_config_file_stating_the_trainers_settings_runs_the_trainers_job(tmp_p
 
     policy = str(materialize_tiny_model(tmp_path / "policy", seed=0))
     reference = str(materialize_tiny_model(tmp_path / "reference", seed=1))
-    args = BCOConfig(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=16,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-3,
-        max_steps=1,
-        logging_steps=1,
-        beta=0.1,
-        bf16=False,
-        use_cpu=True,
-        run_name="snippet",
-    )
+    args = BCOConfig(output_dir=str(tmp_path / "out"), **SNIPPET, max_steps=1)
     trainer = BCOTrainer(
         model=policy,
         ref_model=reference,

@@ -58,18 +58,9 @@ def _tiny_bart(path: Path) -> str:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_path())
     torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=len(tok),
-        d_model=BART_DIM,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=48,
-        decoder_ffn_dim=48,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-    )
+    sizes = {f"{part}_{k}": v for part in ("encoder", "decoder") for k, v in (("layers", 1), ("ffn_dim", 48))}
+    heads = {"encoder_attention_heads": 2, "decoder_attention_heads": 2}
+    config = BartConfig(vocab_size=len(tok), d_model=BART_DIM, **sizes, **heads, pad_token_id=tok.pad_token_id)
     BartModel(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -97,30 +88,23 @@ def fake_hub_server():
     server.shutdown()
 
 
+def _run(tmp_path_factory, inputs, name: str, *extra: str) -> SimpleNamespace:
+    tmp = tmp_path_factory.mktemp(name)
+    return SimpleNamespace(tmp=tmp, trainer=_main()(_args(tmp, inputs.model, inputs.data, name, *extra)))
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, inputs, ray_client, fake_hub_server):
-    tmp = tmp_path_factory.mktemp("trl_script_full")
-    argv = _args(
-        tmp,
-        inputs.model,
-        inputs.data,
-        "script-full",
-        *("--embedding_model", inputs.embedder, "--push_to_hub", "--hub_model_id", "me/bco-script"),
-    )
-    return SimpleNamespace(tmp=tmp, trainer=_main()(argv), hub=fake_hub_server)
+    hub = ("--push_to_hub", "--hub_model_id", "me/bco-script")
+    run = _run(tmp_path_factory, inputs, "script-full", "--embedding_model", inputs.embedder, *hub)
+    run.hub = fake_hub_server
+    return run
 
 
 @pytest.fixture(scope="module")
 def peft_run(tmp_path_factory, inputs, ray_client):
-    tmp = tmp_path_factory.mktemp("trl_script_peft")
-    argv = _args(
-        tmp,
-        inputs.model,
-        inputs.data,
-        "script-peft",
-        *("--use_peft", "--lora_target_modules", "all-linear", "--bco_ray_overrides", '{"train.zero_stage": 0}'),
-    )
-    return SimpleNamespace(tmp=tmp, trainer=_main()(argv))
+    lora = ("--use_peft", "--lora_target_modules", "all-linear")
+    return _run(tmp_path_factory, inputs, "script-peft", *lora, "--bco_ray_overrides", '{"train.zero_stage": 0}')
 
 
 def test_full_fine_tuning_script(full_run, inputs):
