@@ -34,7 +34,6 @@ def conversations(round, n, seed):  # noqa: A002 - the prompt function contract'
 @pytest.mark.parametrize(
     ("overrides", "error", "names"),
     [
-        (["--udm.enabled=true"], ConfigError, "udm.enabled"),
         (["--online.prompts_per_round=3", "--online.samples_per_prompt=2"], ConfigError, "online.prompts_per_round"),
         ([f"--online.prompts={__name__}:conversations"], PromptsError, "online.prompts"),
     ],
@@ -108,8 +107,8 @@ def test_online_command_line(tmp_path, capsys):
     assert cli.main(["online", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert "num_workers: 1" in printed and "rollout_cpus: 1" in printed  # configs/online.yaml
-    assert cli.main(["online", f"--output_dir={tmp_path}", "--udm.enabled=true", "--dry-run"]) == 2
-    assert "udm.enabled" in capsys.readouterr().err
+    assert cli.main(["online", f"--output_dir={tmp_path}", "--online.samples_per_prompt=0", "--dry-run"]) == 2
+    assert "online.samples_per_prompt" in capsys.readouterr().err
     assert "online" in cli.COMMANDS
 
 
@@ -127,3 +126,27 @@ def test_a_round_checkpointed_but_not_marked_is_marked_not_trained_again(tmp_pat
     assert store.next_round() == (2, False) and store.updated_info(1)["from_checkpoint"]
     with pytest.raises(StorageError, match="checkpoint holds 1"):
         store.reconcile(1)
+
+
+def test_udm_weighs_a_rounds_undesirable_rows_by_a_classifier_fitted_on_its_own_prompts(tmp_path):
+    """udm.enabled: the classifier is fitted on the scored rows' prompts (desirable vs undesirable) with the pass's
+    embedder; undesirable rows of prompts that are mostly answered well weigh more, within the clamp; too few
+    rows of a label: every row weighs 1."""
+    from bco_ray.job.checks import resolve_paths
+
+    cfg = resolve_locations(config(tmp_path, "--udm.enabled=true", "--udm.max_density_ratio=4"))
+    rollout = Rollout(cfg, resolve_paths(cfg)[0], threads=1)
+    easy, hard = "What is 2 + 3?\nAnswer:", "What is 123 * 47?\nAnswer:"
+    rows = [{"prompt": easy, "completion": " 5", "label": True}] * 6 + [
+        {"prompt": easy, "completion": " 6", "label": False},
+        *[{"prompt": hard, "completion": " 11", "label": False}] * 5,
+        {"prompt": hard, "completion": " 5781", "label": True},
+    ]
+    w = [r["udm_weight"] for r in rollout.score(rows)]
+    report = rollout.udm_report()
+    assert report["udm/fitted"] == 1.0 and 0 <= report["udm/accuracy"] <= 1
+    assert all(x == 1.0 for x in w[:6]) and w[12] == 1.0  # desirable rows weigh 1
+    assert w[6] > w[7] and all(0.5 <= x <= 4.0 for x in w)  # the easy prompt's failure weighs more
+    assert report["udm/mean_rejected_weight"] == pytest.approx(sum(w[6:12]) / 6, rel=1e-5)
+    assert [r["udm_weight"] for r in rollout.score(rows[:7])] == [1.0] * 7  # 1 undesirable row: nothing fitted
+    assert rollout.udm_report()["udm/fitted"] == 0.0

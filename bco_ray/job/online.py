@@ -59,8 +59,6 @@ def check_online_job(cfg: Config) -> tuple[Checked, PromptSource, Labeler]:
     checked = run_checks(cfg)
     cfg = checked.cfg
     o, t = cfg.online, cfg.train
-    if cfg.udm.enabled:
-        raise ConfigError("udm.enabled: online BCO does not weight its rows with UDM yet; set --udm.enabled=false")
     per_step = t.num_workers * t.micro_batch_size * t.gradient_accumulation_steps
     if o.prompts_per_round * o.samples_per_prompt < per_step:
         raise ConfigError(
@@ -211,6 +209,7 @@ def _log_round(job: Job, parts: RayParts, res: RoundResult) -> dict:
     m["time/round/checkpoint"] = u["checkpoint_s"]
     m.update({"online/delta": u["delta"], "online/policy_step": float(u["step"])})
     m["online/empty_completions"] = float(parts.empty)  # samples left out: no text to label or train on
+    m.update(parts.udm)  # udm.enabled: the classifier fitted on the rows this round trains on
     m["time/round/total"] = total = time.perf_counter() - parts.t_round
     compute = sum(m.get(f"time/round/{k}", 0.0) for k in ("generate", "label", "score", "update"))
     m["time/round/overhead"] = total - compute

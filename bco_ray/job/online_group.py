@@ -125,6 +125,7 @@ class RayParts:
     def __init__(self, job: Job, rollout, group: WorkerGroup, root: str):
         self.job, self.rollout, self.group, self.root = job, rollout, group, root
         self.r, self.step, self.weights, self.empty = 0, 0, None, 0
+        self.udm: dict[str, float] = {}  # the last round's UDM figures (udm.enabled)
         self.t_round = time.perf_counter()
 
     def at(self, r: int) -> None:
@@ -136,7 +137,10 @@ class RayParts:
         return samples
 
     def score(self, rows: list[dict]) -> list[dict]:
-        return ray.get(self.rollout.score.remote(rows))
+        scored = ray.get(self.rollout.score.remote(rows))
+        if self.job.cfg.udm.enabled:
+            self.udm = ray.get(self.rollout.udm_report.remote())  # logged with the round
+        return scored
 
     def update(self, rows: list[dict]) -> dict:
         """The rows to the workers (Parquet under the run), their update, then the new weights to the rollout."""

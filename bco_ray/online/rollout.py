@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -18,7 +19,8 @@ from bco_ray.data.tokenize import with_bos
 from bco_ray.eval.pipeline import Generator, generator_kwargs, held_out_prompts
 from bco_ray.models import Paths, load_tokenizer, pick_dtype, reference_dtype
 from bco_ray.online.generate import HFBackend
-from bco_ray.precompute.stages import RefLogps, tokenize
+from bco_ray.precompute.pipeline import embed_kwargs
+from bco_ray.precompute.stages import Embed, RefLogps, tokenize
 
 SCORED = ("input_ids", "prompt_len", "label", "ref_logps", "udm_weight")  # what the update needs of a row
 
@@ -58,6 +60,8 @@ class Rollout:
             paths.reference, m.revision, reference_dtype(cfg), gpus, p.token_budget, p.logp_chunk_size,
             paths.pad_id, m.attn_implementation, p.packed,
         )  # fmt: skip
+        self.embedder = Embed(**embed_kwargs(cfg, paths)) if cfg.udm.enabled else None  # the pass's UDM embedder
+        self.udm_metrics: dict[str, float] = {}
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """A text prompt's ids as training tokenizes it (its end kept, BOS in front)."""
@@ -78,7 +82,7 @@ class Rollout:
 
     def score(self, rows: list[dict]) -> list[dict]:
         """The rows (prompt, completion, label) tokenized as the offline pass tokenizes them, with their reference
-        log-probs and a UDM weight of 1: [{input_ids, prompt_len, label, ref_logps, udm_weight}]. A row whose
+        log-probs and their UDM weight (1 without udm.enabled; `udm_weights`): [{input_ids, prompt_len, label, ref_logps, udm_weight}]. A row whose
         completion is empty after tokenization is dropped (as the pass drops it)."""
         table = pa.table(
             {
@@ -88,9 +92,37 @@ class Rollout:
             }
         )
         scored = self.ref(tokenize(table, split="train", **self.tokenize_kwargs))
-        n = scored.num_rows
-        scored = scored.append_column("udm_weight", pa.array([1.0] * n, pa.float32()))
+        labels = np.asarray(scored.column("label").to_pylist(), dtype=bool)
+        texts = scored.column("prompt_text").to_pylist()  # the rendered prompts, as the offline pass embeds them
+        weights = self.udm_weights(texts, labels) if self.embedder is not None else np.ones(len(labels), np.float32)
+        scored = scored.append_column("udm_weight", pa.array(weights, pa.float32()))
         return scored.select(list(SCORED)).to_pylist()
+
+    def udm_weights(self, prompts: list[str], labels: np.ndarray) -> np.ndarray:
+        """UDM weights of the rows an update trains on (the round's rows and its replayed ones): the classifier is
+        fitted on these rows' own prompts, desirable vs undesirable (a prompt once per sample of it, at most
+        udm.prompt_sample_size of each label, drawn with the round's seed), and weighs each undesirable row by
+        clamp(p / (1 - p), udm.min_density_ratio, udm.max_density_ratio) (bco_ray/bco/udm.py, as the offline pass).
+        Fewer than 2 rows of either label: nothing to fit, every row weighs 1 (udm/fitted 0)."""
+        from bco_ray.bco.udm import fit_udm_classifier, udm_weights
+
+        u, ones = self.cfg.udm, np.ones(len(labels), np.float32)
+        if min(labels.sum(), (~labels).sum()) < 2:
+            self.udm_metrics = {"udm/fitted": 0.0, "udm/mean_rejected_weight": 1.0}
+            return ones
+        emb = self.embedder.embed(prompts)
+        rng = np.random.default_rng([self.cfg.train.seed, len(labels)])
+        pick = {lab: np.flatnonzero(labels == lab) for lab in (True, False)}
+        pick = {lab: rng.choice(i, u.prompt_sample_size, replace=False) if len(i) > u.prompt_sample_size else i
+                for lab, i in pick.items()}  # fmt: skip
+        clf, metrics = fit_udm_classifier(emb[pick[True]], emb[pick[False]])
+        w = udm_weights(clf, emb, labels, u.min_density_ratio, u.max_density_ratio)
+        self.udm_metrics = {**metrics, "udm/fitted": 1.0, "udm/mean_rejected_weight": float(w[~labels].mean())}
+        return w
+
+    def udm_report(self) -> dict[str, float]:
+        """The last `score`'s UDM figures (udm/accuracy, udm/fitted, udm/mean_rejected_weight); {} without UDM."""
+        return dict(self.udm_metrics)
 
     def load_policy(self, path: str) -> float:
         """The updated policy from `path`; returns the seconds it took."""
