@@ -169,7 +169,9 @@ class BCOConfig:
         self.ignored_fields = {**self._set_but_ignored(), **(legacy or {})}
         for k, v in self.ignored_fields.items():
             warnings.warn(
-                f"BCOConfig.{k}={v!r} has no effect in bco-ray ({why_ignored(k)})", BCOConfigWarning, stacklevel=3
+                f"{type(self).__name__}.{k}={v!r} has no effect in bco-ray ({why_ignored(k)})",
+                BCOConfigWarning,
+                stacklevel=3,
             )
         if self.precompute_ref_log_probs is False:
             warnings.warn(

@@ -69,6 +69,18 @@ def as_number(out: Any) -> float | None:
     raise TypeError(f"returned {type(out).__name__} {str(out)[:80]!r}, not a number")
 
 
+def _check_per_sample(i: int, f: Callable) -> None:
+    try:
+        inspect.signature(f).bind("prompt", "completion")
+    except TypeError as e:
+        raise RewardFunctionError(
+            f"reward_funcs[{i}] {func_name(f)} cannot be called as f(prompt, completion) (bco-ray's labeler "
+            f"contract) and has no `completions` parameter (TRL's f(prompts, completions, **kwargs)): {e}"
+        ) from e
+    except ValueError:  # no readable signature: the probe call decides
+        pass
+
+
 class RewardLabel:
     """`(prompt, completion) -> verdict` from reward functions (see the module's docstring). `columns` gives the
     dataset row's other columns of a prompt (passed to batch functions as lists of one); `weights` one weight
@@ -95,6 +107,9 @@ class RewardLabel:
             )
         self.weights = None if weights is None else [float(w) for w in weights]
         self.batch = [is_batch(f) for f in self.funcs]
+        for i, f in enumerate(self.funcs):
+            if not self.batch[i]:
+                _check_per_sample(i, f)
         self.columns = columns or {}
         names = [func_name(f) for f in self.funcs]
         self.__name__ = names[0] if len(names) == 1 else " + ".join(names)
