@@ -171,7 +171,7 @@ def test_trainer_checks_its_arguments_before_saving(tmp_path):
         "chat": ({"train_dataset": [{"prompt": [{"role": "user", "content": "hi"}]}]}, ValueError, "conversation"),
         "reward": ({"reward_funcs": [accuracy, "org/rm"]}, RewardFunctionError, r"reward_funcs\[1\] is str"),
     }
-    for name, (kw, error, match) in bad.items():
+    for kw, error, match in bad.values():
         call = {"model": str(SFT_DIR), "reward_funcs": accuracy, "args": args, "train_dataset": prompts, **kw}
         with pytest.raises(error, match=match):
             OnlineBCOTrainer(**call)
