@@ -20,6 +20,7 @@ from bco_ray.eval.arithmetic import verify
 from bco_ray.online.labeler import Labeler, LabelerError
 from bco_ray.online.prompts import PromptsError, read_prompts
 from bco_ray.online.rewards import IN_PROCESS, RewardFunctionError, RewardLabel
+from bco_ray.online.store import RoundStore
 
 from harness import sqlite_store
 
@@ -208,7 +209,11 @@ def test_online_trainer_trains_the_users_model(online_run):
     online = r.raw
     assert r.global_step == 1 and online.final["rounds"] == 1 and len(online.rounds) == 1
     assert online.final["delta_count"] == pytest.approx(16)  # 8 prompts × 2 samples, labelled here
-    assert 0.0 <= online.rounds[0]["online/pass_rate"] <= 1.0
+    rows = RoundStore(f"{online_run.tmp}/out/ray/online-api/online/rounds").read_rows(0)
+    assert len(rows) == 16 and all(
+        row["label"] == (accuracy([row["prompt"]], [row["completion"]])[0] >= 0.5) for row in rows
+    )
+    assert online.rounds[0]["online/pass_rate"] == sum(row["label"] for row in rows) / 16
     changed = [k for k, v in online_run.model.state_dict().items() if not torch.equal(v, online_run.initial[k])]
     assert changed and trainer.model is online_run.model  # the object passed holds the trained weights
     logs = trainer.state.log_history
