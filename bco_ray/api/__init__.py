@@ -12,11 +12,15 @@
 warning, unknown names raise TypeError. `BCOTrainer` saves in-memory models, tokenizers, datasets and the
 UDM embedding function once, content-addressed, under `inputs_dir` (default `$BCO_RAY_STORAGE/inputs`, else
 `<output_dir>/inputs`; a path or an `s3://` URI: the workers and actors load them from there), builds the Config and runs the job. See docs/trl_migration.md.
+
+`OnlineBCOConfig` / `OnlineBCOTrainer` (api/online_config.py, api/online_trainer.py): the same for online BCO, in
+the shape of trl's online trainers (`reward_funcs`, GRPOConfig's generation fields), running the online job.
 """
 
 from bco_ray.api.config import BCOConfig, BCOConfigWarning
+from bco_ray.api.online_config import OnlineBCOConfig
 
-__all__ = ["BCOConfig", "BCOTrainer", "BCOTrainOutput", "BCOConfigWarning"]
+__all__ = ["BCOConfig", "BCOTrainer", "BCOTrainOutput", "BCOConfigWarning", "OnlineBCOConfig", "OnlineBCOTrainer"]
 
 
 def __getattr__(name: str):
@@ -26,4 +30,8 @@ def __getattr__(name: str):
         from bco_ray.api import trainer
 
         return getattr(trainer, name)
+    if name == "OnlineBCOTrainer":
+        from bco_ray.api import online_trainer
+
+        return online_trainer.OnlineBCOTrainer
     raise AttributeError(f"module 'bco_ray.api' has no attribute {name!r}")

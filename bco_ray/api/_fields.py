@@ -228,6 +228,17 @@ _IGNORED_BY_PREFIX: tuple[tuple[tuple[str, ...], str], ...] = (
         "Ray Train + DeepSpeed run the workers",
     ),
     (("do_train", "do_eval", "do_predict"), "read by your script only (as in transformers)"),
+    # GRPOConfig's fields that OnlineBCOConfig accepts
+    (
+        ("top_k", "min_p", "repetition_penalty", "generation_kwargs", "use_vllm"),
+        "online BCO samples with temperature and top_p (transformers' generate on the rollout actor)",
+    ),
+    (
+        ("num_iterations", "epsilon", "loss_type", "scale_rewards", "mask_truncated_completions"),
+        "GRPO's loss settings: online BCO trains each round's rows once, with the BCO loss",
+    ),
+    (("log_completions",), "each round's samples are logged to MLflow (online/samples_round_*.json)"),
+    (("shuffle_dataset",), "the prompts are always drawn in seeded shuffled passes"),
 )
 
 

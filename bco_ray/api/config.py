@@ -134,6 +134,8 @@ class BCOConfig:
     # the fields set to no effect ({name: value}), filled on construction; not an argument
     ignored_fields: dict = field(default_factory=dict, init=False, repr=False)
 
+    _whole_epochs = True  # num_train_epochs is whole epochs of train.num_epochs (OnlineBCOConfig: rounds)
+
     def __init__(self, output_dir: str | None = None, **kwargs: Any):
         fields = {f.name: f for f in dataclasses.fields(self) if f.init}
         if "evaluation_strategy" in kwargs and "eval_strategy" not in kwargs:  # transformers < 4.46 name
@@ -146,7 +148,7 @@ class BCOConfig:
                 guess = difflib.get_close_matches(k, known, n=1)
                 hints.append(f"'{k}'" + (f" (did you mean '{guess[0]}'?)" if guess else ""))
             raise TypeError(
-                f"BCOConfig got unknown field(s) {', '.join(hints)}: not a field of TRL's BCOConfig / "
+                f"{type(self).__name__} got unknown field(s) {', '.join(hints)}: not a field of TRL's BCOConfig / "
                 "transformers' TrainingArguments nor a bco-ray extra (see docs/trl_migration.md)"
             )
         for f in fields.values():
@@ -167,7 +169,9 @@ class BCOConfig:
         self.ignored_fields = {**self._set_but_ignored(), **(legacy or {})}
         for k, v in self.ignored_fields.items():
             warnings.warn(
-                f"BCOConfig.{k}={v!r} has no effect in bco-ray ({why_ignored(k)})", BCOConfigWarning, stacklevel=3
+                f"{type(self).__name__}.{k}={v!r} has no effect in bco-ray ({why_ignored(k)})",
+                BCOConfigWarning,
+                stacklevel=3,
             )
         if self.precompute_ref_log_probs is False:
             warnings.warn(
@@ -226,7 +230,7 @@ class BCOConfig:
     def _training_fields(self) -> dict[str, Any]:
         """{bco-ray field: value} of the optimisation, schedule, lengths and BCO/UDM settings."""
         epochs = self.num_train_epochs
-        if float(epochs) != int(epochs):
+        if float(epochs) != int(epochs) and self._whole_epochs:
             if self.max_steps is None or self.max_steps <= 0:
                 warnings.warn(
                     f"BCOConfig.num_train_epochs={epochs}: bco-ray trains whole epochs; rounded up to "

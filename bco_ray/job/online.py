@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +55,9 @@ class OnlineResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def check_online_job(cfg: Config) -> tuple[Checked, PromptSource, Labeler]:
-    """Every check before Ray: the offline job's (config, data, models, hub), then the online section's."""
+def check_online_job(cfg: Config, labeler: Callable | None = None) -> tuple[Checked, PromptSource, Labeler]:
+    """Every check before Ray: the offline job's (config, data, models, hub), then the online section's
+    (`labeler`: an in-process labeler used instead of online.labeler, bco_ray/online/checks.py)."""
     checked = run_checks(cfg)
     cfg = checked.cfg
     o, t = cfg.online, cfg.train
@@ -66,7 +68,7 @@ def check_online_job(cfg: Config) -> tuple[Checked, PromptSource, Labeler]:
             f"rows a round, fewer than one optimizer step of train.num_workers × train.micro_batch_size × "
             f"train.gradient_accumulation_steps = {per_step}; ask for more prompts or samples, or smaller steps"
         )
-    source, labeler = check_online(cfg)
+    source, labeler = check_online(cfg, labeler)
     if not isinstance(source.round(0, 1)[0], str):
         raise PromptsError(f"online.prompts {o.prompts!r} gives conversations; the online job samples text prompts")
     return checked, source, labeler
@@ -91,11 +93,12 @@ def check_online_fits(cfg: Config, started_locally: bool) -> int:
     return max(1, int(cpus)) if 0 < cpus < 3 else max(1, int(o.rollout_cpus))
 
 
-def run_online(cfg: Config) -> OnlineResult:
+def run_online(cfg: Config, labeler: Callable | None = None) -> OnlineResult:
     """Checks → Ray → the tracker's run → rounds → the final model. SIGTERM / SIGINT stop it as they stop
-    `run_job` (the MLflow run KILLED, `signals.Interrupted` raised)."""
+    `run_job` (the MLflow run KILLED, `signals.Interrupted` raised). `labeler`: a function `(prompt, completion)
+    -> verdict` that labels on this driver instead of online.labeler (the Python API's reward functions)."""
     t0, phases = time.time(), Phases()
-    checked, source, labeler = check_online_job(cfg)
+    checked, source, labeler = check_online_job(cfg, labeler)
     cfg = checked.cfg
     tracker = MlflowTracker(cfg)
     run_name = cfg.mlflow.run_name or time.strftime("online-%Y%m%d-%H%M%S")

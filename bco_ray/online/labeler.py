@@ -3,7 +3,8 @@ number | dict`, turned into a thumbs-up / thumbs-down. A bool is the label; a nu
 "correct") is desirable iff it is >= `online.threshold`. `Labeler.load` imports it and tries it on one prompt with
 an empty completion, so a labeler that cannot work fails before any Ray work; at run time a labeler that raises
 stops the job naming the prompt and completion, or (`online.on_label_error: skip`) the sample is skipped and
-counted."""
+counted. A TRL-style batch reward function (`f(prompts, completions, **kwargs) -> list`) is adapted to the contract
+(bco_ray/online/rewards.py); `Labeler.checked` takes a function given in-process (the Python API's reward_funcs)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 from bco_ray.errors import InputError
 from bco_ray.eval.generation import load_verifier
+from bco_ray.online.rewards import RewardLabel, is_batch
 
 FIELD = "online.labeler"
 _CONTRACT = 'a bool, a number, or a dict with a "score" (or "correct") entry'
@@ -47,43 +49,55 @@ class Labeler:
     """`label(prompt, completion)`: True (desirable), False, or None (skipped: the labeler raised and
     `on_error="skip"`); `errors` counts the skipped samples."""
 
-    def __init__(self, fn: Callable, spec: str, threshold: float = 0.5, on_error: str = "error"):
+    def __init__(self, fn: Callable, spec: str, threshold: float = 0.5, on_error: str = "error", field: str = FIELD):
         if on_error not in ("error", "skip"):
             raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
         self.fn, self.spec, self.threshold, self.on_error = fn, spec, threshold, on_error
+        self.field = field
         self.errors = 0
 
     @classmethod
     def load(cls, spec: str, probe_prompt: Any, threshold: float = 0.5, on_error: str = "error") -> Labeler:
-        """Import `spec`, check it takes (prompt, completion), and call it on `probe_prompt` with an empty
-        completion: its answer must be within the contract. Raises LabelerError naming online.labeler."""
+        """Import `spec` (a TRL-style batch reward function is adapted: bco_ray/online/rewards.py) and `checked`
+        it. Raises LabelerError naming online.labeler."""
         try:
             fn = load_verifier(spec, FIELD)
         except InputError as e:
             raise LabelerError(str(e)) from e
+        if is_batch(fn):
+            fn = RewardLabel([fn])
+        return cls.checked(fn, spec, probe_prompt, threshold, on_error)
+
+    @classmethod
+    def checked(
+        cls, fn: Callable, spec: str, probe_prompt: Any, threshold: float = 0.5, on_error: str = "error",
+        field: str = FIELD,
+    ) -> Labeler:  # fmt: skip
+        """Check that `fn` takes (prompt, completion), and call it on `probe_prompt` with an empty completion: its
+        answer must be within the contract. Raises LabelerError naming `field` and `spec`."""
+        name = f"{field} {spec!r}"
         try:
             inspect.signature(fn).bind(probe_prompt, "")
         except TypeError as e:
             raise LabelerError(
-                f"{FIELD} {spec!r} cannot be called as {spec.partition(':')[2]}(prompt, completion): {e}"
+                f"{name} cannot be called as {spec.partition(':')[2] or spec}(prompt, completion): {e}"
             ) from e
         except ValueError:  # a builtin or C function without a readable signature: the call below decides
             pass
-        labeler = cls(fn, spec, threshold, on_error)
+        labeler = cls(fn, spec, threshold, on_error, field)
         try:
             out = fn(probe_prompt, "")
         except Exception as e:
             raise LabelerError(
-                f"{FIELD} {spec!r} raised {type(e).__name__}: {e} on the prompt {_short(probe_prompt)} with an "
-                "empty completion; it must return a verdict for any completion of the online.prompts (return a "
-                "failing verdict for one it cannot read)"
+                f"{name} raised {type(e).__name__}: {e} on the prompt {_short(probe_prompt)} with an empty "
+                "completion; it must return a verdict for any completion of the online.prompts (return a failing "
+                "verdict for one it cannot read)"
             ) from e
         try:
             verdict(out, threshold)
         except (TypeError, ValueError) as e:
             raise LabelerError(
-                f"{FIELD} {spec!r} {e} on the prompt {_short(probe_prompt)} with an empty completion; it must "
-                f"return {_CONTRACT}"
+                f"{name} {e} on the prompt {_short(probe_prompt)} with an empty completion; it must return {_CONTRACT}"
             ) from None
         return labeler
 
@@ -95,7 +109,7 @@ class Labeler:
                 self.errors += 1
                 return None
             raise LabelerError(
-                f"{FIELD} {self.spec!r} failed on the prompt {_short(prompt)} and the completion "
+                f"{self.field} {self.spec!r} failed on the prompt {_short(prompt)} and the completion "
                 f"{_short(completion)}: {type(e).__name__}: {e}. Make it return {_CONTRACT} for every completion, "
                 "or set online.on_label_error=skip to skip and count such samples"
             ) from e

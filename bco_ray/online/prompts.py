@@ -33,24 +33,45 @@ def is_function_spec(spec: str) -> bool:
 
 def read_prompts(spec: str, on_bad_rows: str = "error") -> list[Prompt]:
     """The distinct prompts of a data spec, in reading order, read through the one reader (a paired row's
-    prompt once). Raises PromptsError naming online.prompts."""
+    prompt once; a row with a prompt and no completion columns, as TRL's GRPO datasets have, its prompt).
+    Raises PromptsError naming online.prompts."""
     seen: set[str] = set()
     out: list[Prompt] = []
     try:
         for unit in plan_units(spec, "online"):
-            check = UnitCheck(unit, on_bad_rows)
+            check, checked = UnitCheck(unit, on_bad_rows), 0
             for index, row in iter_unit(unit):
-                for u in check(index, row):
+                units = _prompt_only(row, unit.source, index)
+                if units is None:
+                    units, checked = check(index, row), checked + 1
+                for u in units:
                     key = json.dumps(u["prompt"], ensure_ascii=False, sort_keys=True)
                     if key not in seen:
                         seen.add(key)
                         out.append(u["prompt"])
-            check.finish()
+            if checked or not out:
+                check.finish()
     except (DataFormatError, FileNotFoundError, ValueError) as e:
         raise PromptsError(f"online.prompts {spec!r}: {e}") from e
     if not out:
         raise PromptsError(f"online.prompts {spec!r} has no prompts: give data with a prompt column")
     return out
+
+
+_ANSWER_COLUMNS = frozenset({"completion", "label", "chosen", "rejected"})
+
+
+def _prompt_only(row: Any, source: str, index: int) -> list[dict] | None:
+    """[{"prompt": p}] for a prompt-only row (a "prompt" column, none of the answer columns; other columns are
+    the user's), checked: a non-empty text or a list of messages. None for any other row (the reader checks it)."""
+    if not isinstance(row, dict) or "prompt" not in row or _ANSWER_COLUMNS & set(row):
+        return None
+    p = row["prompt"]
+    if not ((isinstance(p, str) and p.strip()) or (isinstance(p, list) and p and all(isinstance(m, dict) for m in p))):
+        raise PromptsError(
+            f"{source} row {index}: the prompt must be a non-empty text or a list of messages, got {p!r:.80}"
+        )
+    return [{"prompt": p}]
 
 
 class PromptSource:
