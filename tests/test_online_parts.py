@@ -127,3 +127,21 @@ def test_a_round_checkpointed_but_not_marked_is_marked_not_trained_again(tmp_pat
     assert store.next_round() == (2, False) and store.updated_info(1)["from_checkpoint"]
     with pytest.raises(StorageError, match="checkpoint holds 1"):
         store.reconcile(1)
+
+
+def test_a_stop_signal_waits_for_a_deferred_block():
+    """A round's metrics and its `logged` marker land together: SIGTERM inside `signals.deferred()` stops the job
+    at the block's end (the job's handler: `Interrupted`, exit status 143), not inside it."""
+    import os
+    import signal
+
+    from bco_ray.job import signals
+
+    done = []
+    with signals.stop_signals(), pytest.raises(signals.Interrupted) as stop:
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("metrics")
+            done.append("marker")
+        done.append("after")
+    assert done == ["metrics", "marker"] and stop.value.exit_code == 143

@@ -235,13 +235,14 @@ def _log_round(job: Job, parts: RayParts, store: RoundStore, res: RoundResult, *
     due = evaluates(job.cfg) and ((res.round + 1) % job.cfg.online.eval_every == 0 or last)
     if due and weights and not store.is_evaluated(res.round + 1):  # the policy after this round
         m["time/round/eval"] = _evaluate(job, parts, store, res.round + 1, weights)  # not in the round's total
-    job.log_metrics(m, step=res.round)
     rows = res.rows
     table = {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
-    job.tracker.log_table(
-        {**table, "label": [bool(r["label"]) for r in rows]}, f"online/samples_round_{res.round:04d}.json"
-    )
-    store.mark_logged(res.round)
+    with signals.deferred():  # the metrics, the table and the marker land together (a stop waits for them)
+        job.log_metrics(m, step=res.round)
+        job.tracker.log_table(
+            {**table, "label": [bool(r["label"]) for r in rows]}, f"online/samples_round_{res.round:04d}.json"
+        )
+        store.mark_logged(res.round)
     times = " ".join(f"{k.rsplit('/', 1)[1]} {v:.2f}" for k, v in m.items() if k.startswith("time/round/"))
     delta = f", δ {u['delta']:.4f}" if u else ""
     console(f"[bco-ray] round {res.round}: pass rate {m['online/pass_rate']:.3f}{delta}; s: {times}")
@@ -259,8 +260,9 @@ def _evaluate(job: Job, parts: RayParts, store: RoundStore, step: int, path: str
     (a resumed job does not log it again). Returns its seconds."""
     t0 = time.perf_counter()
     rows = ray.get(parts.rollout.evaluate.remote(step, path))
-    metrics = report.log_report(job.tracker, rows) if rows else {}
-    store.mark_evaluated(step)
+    with signals.deferred():  # the eval's metrics and tables and its marker land together
+        metrics = report.log_report(job.tracker, rows) if rows else {}
+        store.mark_evaluated(step)
     job.history.extend(entry(s, m) for s, m in sorted(metrics.items()))
     console(f"[bco-ray] {report.summary_line(metrics)}")
     return time.perf_counter() - t0
