@@ -144,3 +144,30 @@ def test_mlflow_has_each_round_and_step_once(online_job):
     assert "plots/online.png" in plots and "plots/loss.png" in plots, plots
     png = client.download_artifacts(result["run_id"], "plots/online.png", str(tmp))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.e2e
+def test_compare_reads_the_online_run(online_job, capsys):
+    """`bco-ray compare` (jobs/compare.py) on the module's store: the per-round metrics tabled and drawn over
+    rounds, the training loss over optimizer steps."""
+    import csv
+
+    from bco_ray.cli import compare
+
+    tmp, result, _ = online_job
+    uri, out = f"sqlite:///{tmp / 'mlflow.db'}", tmp / "compare"
+    client = MlflowClient(uri)
+    passes = {m.step: m.value for m in client.get_metric_history(result["run_id"], "online/pass_rate")}
+    for metric, unit, last in (("online/pass_rate", "round", 1), ("eval/gen/score", "round", 2), ("loss", "step", 2)):
+        args = ["--experiment", "bco-ray-online", "--metric", metric, "--tracking-uri", uri, "--out", str(out)]
+        assert compare(args) == 0, capsys.readouterr()
+        stem = f"compare_bco-ray-online_{metric.replace('/', '_')}"
+        (row,) = list(csv.DictReader(open(out / f"{stem}.csv")))
+        assert row["run_id"] == result["run_id"] and row["status"] == "FINISHED"
+        assert int(row[f"last {unit}"]) == last, row
+        assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+        if metric == "online/pass_rate":
+            assert float(row[f"{metric} final"]) == pytest.approx(passes[1])
+            assert float(row[f"{metric} best (max)"]) == pytest.approx(max(passes.values()))
+        else:
+            assert float(row["online/pass_rate final"]) == pytest.approx(passes[1])
