@@ -96,9 +96,14 @@ def test_stored_labels_are_the_labelers_each_round_once(online_job):
         assert all(row["label"] == verdict(verify(row["prompt"], row["completion"]), 0.5) for row in rows)
         info = store.updated_info(r)  # trained by run_round itself (not marked from a checkpoint), on its rows
         assert info["rows"] == ROWS and info["update"]["step"] == r + 1, info
-    # round 0 was labelled and trained by attempt 1 only: its files predate the stop
-    assert (tmp / "outputs/ray/online/online/rounds/round=0/rows.parquet").stat().st_mtime < first["at"]
-    assert (tmp / "outputs/ray/online/online/rounds/round=0/updated").stat().st_mtime < first["at"]
+    # round 0 was labelled and trained by attempt 1 only (its files predate the stop), round 1 by attempt 2 only;
+    # each round's files written once (atomically: no temporary left), every round and eval logged (markers)
+    rounds = tmp / "outputs/ray/online/online/rounds"
+    assert all((rounds / f"round=0/{f}").stat().st_mtime < first["at"] for f in ("rows.parquet", "updated"))
+    assert (rounds / "round=1/rows.parquet").stat().st_mtime > first["at"]
+    for r in range(ROUNDS):
+        assert sorted(p.name for p in (rounds / f"round={r}").iterdir()) == ["logged", "rows.parquet", "updated"]
+    assert all(store.is_evaluated(s) for s in range(ROUNDS + 1))
 
 
 @pytest.mark.e2e
