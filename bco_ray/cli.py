@@ -305,7 +305,7 @@ def _compare_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.`udm.enabled` = 'True'\"")
     parser.add_argument(
         "--extra",
-        default="loss,rewards/margins,eval/auc,eval/gen/score,eval/gen/score_ref",
+        default="loss,rewards/margins,eval/auc,eval/gen/score,eval/gen/score_ref,online/pass_rate",
         help="comma-separated metrics shown with their final value",
     )
     parser.add_argument(

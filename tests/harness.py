@@ -136,6 +136,18 @@ def sqlite_store(db: Path) -> str:
     return f"sqlite:///{db}"
 
 
+def job_command(tmp: Path, *overrides: str, cache: Path | None = None, script: str = "bco.py") -> list[str]:
+    """The command line of `run_job` (for a test that starts the job itself, e.g. to stop it)."""
+    return [
+        sys.executable,
+        str(ROOT / "jobs" / script),
+        f"--output_dir={tmp / 'outputs'}",
+        f"--mlflow.tracking_uri={sqlite_store(tmp / 'mlflow.db')}",
+        *([f"--precompute.cache_dir={cache}"] if cache else []),
+        *overrides,
+    ]
+
+
 def run_job(
     tmp: Path,
     *overrides: str,
@@ -147,14 +159,7 @@ def run_job(
     """`python jobs/bco.py` (or another job script: `script="online.py"`) with the embedded defaults, writing
     into tmp; on `head` if given (else a local Ray of its own, as `make demo`), with the precompute cache in
     `cache` if given."""
-    cmd = [
-        sys.executable,
-        str(ROOT / "jobs" / script),
-        f"--output_dir={tmp / 'outputs'}",
-        f"--mlflow.tracking_uri={sqlite_store(tmp / 'mlflow.db')}",
-        *([f"--precompute.cache_dir={cache}"] if cache else []),
-        *overrides,
-    ]
+    cmd = job_command(tmp, *overrides, cache=cache, script=script)
     env = head.client_env() if head else job_env()
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)

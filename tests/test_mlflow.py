@@ -273,3 +273,27 @@ def test_peak_flops_table():
     assert throughput.peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 156e12
     assert throughput.peak_flops("NVIDIA A10G") is None and throughput.peak_flops("NVIDIA A10") == 125e12
     assert throughput.peak_flops("Some Future GPU") is None
+
+
+def test_an_online_run_is_plotted_and_compared_over_rounds(local_store, tmp_path):
+    """An online run's per-round metrics (step r: round r, or the policy after r rounds) go to plots/online.png and
+    compare over rounds; its loss stays per optimizer step (bco_ray/job/online.py logs both)."""
+    client = MlflowClient(local_store)
+    exp = client.create_experiment("unit-online")
+    rid = client.create_run(exp, run_name="online").info.run_id
+    for r in range(3):
+        client.log_metric(rid, "online/pass_rate", 0.1 * (r + 1), step=r)
+        client.log_metric(rid, "loss", 0.69 - 0.01 * r, step=2 * r + 2)
+    for s in range(4):
+        client.log_metric(rid, "eval/gen/score", 0.05 * s, step=s)
+        client.log_metric(rid, "eval/gen/score_ref", 0.05, step=s)
+    client.set_terminated(rid, "FINISHED")
+    files = {Path(f).stem: f for f in plots.plot_run(client, rid, str(tmp_path / "plots"))}
+    assert "online" in files and "gen_score" not in files and "loss" in files  # eval over rounds, not steps
+    assert png_stats(files["online"])[2] > 0.0005
+    passes = compare.compare_runs(client, "unit-online", "online/pass_rate")
+    assert passes.unit == "round" and "best round" in passes.header and passes.runs[0].best_step == 2
+    assert compare.compare_runs(client, "unit-online", "eval/gen/score").unit == "round"
+    loss = compare.compare_runs(client, "unit-online", "loss")
+    assert loss.unit == "step" and loss.runs[0].last_step == 6 and "online/pass_rate" in loss.extra
+    assert png_stats(compare.write_outputs(passes, str(tmp_path / "cmp"))["png"])[2] > 0.0005

@@ -150,3 +150,21 @@ def test_udm_weighs_a_rounds_undesirable_rows_by_a_classifier_fitted_on_its_own_
     assert report["udm/mean_rejected_weight"] == pytest.approx(sum(w[6:12]) / 6, rel=1e-5)
     assert [r["udm_weight"] for r in rollout.score(rows[:7])] == [1.0] * 7  # 1 undesirable row: nothing fitted
     assert rollout.udm_report()["udm/fitted"] == 0.0
+
+
+def test_a_stop_signal_waits_for_a_deferred_block():
+    """A round's metrics and its `logged` marker land together: SIGTERM inside `signals.deferred()` stops the job
+    at the block's end (the job's handler: `Interrupted`, exit status 143), not inside it."""
+    import os
+    import signal
+
+    from bco_ray.job import signals
+
+    done = []
+    with signals.stop_signals(), pytest.raises(signals.Interrupted) as stop:
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("metrics")
+            done.append("marker")
+        done.append("after")
+    assert done == ["metrics", "marker"] and stop.value.exit_code == 143

@@ -18,7 +18,7 @@ from bco_ray.eval.arithmetic import verify
 from bco_ray.online.checks import check_online
 from bco_ray.online.labeler import Labeler, LabelerError
 from bco_ray.online.prompts import PromptsError, PromptSource, is_function_spec
-from bco_ray.online.rounds import RoundError, run_round, run_rounds
+from bco_ray.online.rounds import RoundError, run_round, run_rounds, stored_result
 from bco_ray.online.store import RoundStore
 
 ME = __name__  # the labelers and prompt functions below are imported by name, as a user's would be
@@ -316,3 +316,24 @@ def test_a_store_with_gaps_is_refused(tmp_path, source, labeler):
     store.write_rows(2, [{"prompt": "p", "completion": "c", "label": True, "round": 2, "policy_step": 0}])
     with pytest.raises(StorageError, match=r"round 0 is the first not trained, yet rounds \[2\]"):
         store.next_round()
+
+
+def test_a_round_trained_before_a_stop_is_logged_once_after_it(tmp_path, source, labeler):
+    """The job logs a round after its marker; stopped in between, the resumed job finds it unlogged and logs it
+    from what the marker recorded (a round marked from the workers' checkpoint: from its rows)."""
+    store, update = RoundStore(str(tmp_path)), FakeUpdate()
+    args = (lambda r: source.round(r, 3), fake_generate([]), labeler.label, fake_score, update, store)
+    first = run_rounds(2, *args, samples_per_prompt=2)
+    assert store.unlogged() == [0, 1]
+    store.mark_logged(0)
+    assert store.unlogged() == [1] and not store.is_evaluated(2)
+    again = stored_result(store, 1)
+    assert (again.round, again.rows, again.metrics) == (1, first[1].rows, first[1].metrics)
+    assert again.update_metrics == {"loss": 0.1 * 6} and again.resumed
+    store.mark_logged(1)
+    store.mark_evaluated(2)
+    assert store.unlogged() == [] and store.is_evaluated(2) and store.next_round() == (2, False)
+    store.write_rows(2, store.read_rows(1))  # round 2 trained and checkpointed, the job stopped before its marker
+    assert store.reconcile(3) == 3 and store.unlogged() == [2]
+    from_ckpt = stored_result(store, 2)
+    assert from_ckpt.update_metrics == {} and from_ckpt.metrics["online/pass_rate"] == 0.5

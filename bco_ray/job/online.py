@@ -31,7 +31,7 @@ from bco_ray.online.checks import check_online
 from bco_ray.online.labeler import Labeler
 from bco_ray.online.prompts import PromptsError, PromptSource
 from bco_ray.online.rollout import Rollout
-from bco_ray.online.rounds import RoundResult, run_rounds
+from bco_ray.online.rounds import RoundResult, run_rounds, stored_result
 from bco_ray.online.store import RoundStore
 from bco_ray.precompute.sizing import pass_resources
 from bco_ray.tracking.history import entry
@@ -163,7 +163,7 @@ def _rounds(job: Job, source: PromptSource, labeler: Labeler, threads: int) -> O
         job.phases.lap("start")
         run_rounds(
             o.rounds, prompts_of, parts.generate, labeler.label, parts.score, parts.update, store,
-            policy_step=lambda: parts.step, after_round=lambda res: logged.append(_log_round(job, parts, res)),
+            policy_step=lambda: parts.step, after_round=lambda res: logged.append(_log_round(job, parts, store, res)),
             samples_per_prompt=o.samples_per_prompt, replay_rounds=o.replay_rounds,
         )  # fmt: skip
         job.phases.lap("rounds")
@@ -178,6 +178,7 @@ def _rounds(job: Job, source: PromptSource, labeler: Labeler, threads: int) -> O
     job.history.extend(trained.history)
     publish_model(job, trained)
     job.log_metrics(job.phases.seconds, step=o.rounds)
+    _log_plots(job)
     model_dir = str(trained.model_dir)
     return OnlineResult(model_dir, trained.final, str(job.out_dir), logged, starts, job.history)
 
@@ -200,33 +201,53 @@ def _ready(job: Job, parts: RayParts, store: RoundStore) -> None:
         ray.get(parts.rollout.load_policy.remote(ready["policy"]))
         parts.use_weights(ready["policy"])
     parts.step = int(ready["step"])
-    if evaluates(job.cfg) and not ready["rounds_done"]:  # step 0: the initial policy, where every curve starts
-        _evaluate(job, parts, 0, job.paths.policy)
+    if evaluates(job.cfg) and not ready["rounds_done"] and not store.is_evaluated(0):
+        _evaluate(job, parts, store, 0, job.paths.policy)  # step 0: the initial policy, where every curve starts
+    for r in store.unlogged():  # stopped after the round's marker, before its metrics were all logged
+        console(f"[bco-ray] online: round {r} was trained before the stop; logging its metrics now")
+        weights = parts.weights if r + 1 == int(ready["rounds_done"]) else None  # the policy after round r
+        _log_round(job, parts, store, stored_result(store, r), weights=weights)
 
 
-def _log_round(job: Job, parts: RayParts, res: RoundResult) -> dict:
-    """The round's metrics (step = the round) and its samples table into the run; a console line."""
+def _round_metrics(parts: RayParts, res: RoundResult, live: bool) -> dict:
+    """online/* and time/round/* of a round; a round logged after a resume (`live` False) has what its marker
+    recorded: no wall time of the round, no update metrics if it was marked from the workers' checkpoint."""
     m, u = dict(res.metrics), res.update_metrics
-    m["time/round/update"] = u["update_s"]  # the workers' compute (run_round timed the whole exchange)
-    m["time/round/sync"] = u["export_s"] + u["load_s"]
-    m["time/round/checkpoint"] = u["checkpoint_s"]
-    m.update({"online/delta": u["delta"], "online/policy_step": float(u["step"])})
-    m["online/empty_completions"] = float(parts.empty)  # samples left out: no text to label or train on
-    m.update(parts.udm)  # udm.enabled: the classifier fitted on the rows this round trains on
-    m["time/round/total"] = total = time.perf_counter() - parts.t_round
-    compute = sum(m.get(f"time/round/{k}", 0.0) for k in ("generate", "label", "score", "update"))
-    m["time/round/overhead"] = total - compute
+    if u:
+        m["time/round/update"] = u["update_s"]  # the workers' compute (run_round timed the whole exchange)
+        m["time/round/sync"] = u["export_s"] + u["load_s"]
+        m["time/round/checkpoint"] = u["checkpoint_s"]
+        m.update({"online/delta": u["delta"], "online/policy_step": float(u["step"])})
+    if live:
+        m["online/empty_completions"] = float(parts.empty)  # samples left out: no text to label or train on
+        m.update(parts.udm)  # udm.enabled: the classifier fitted on the rows this round trains on
+        m["time/round/total"] = total = time.perf_counter() - parts.t_round
+        compute = sum(m.get(f"time/round/{k}", 0.0) for k in ("generate", "label", "score", "update"))
+        m["time/round/overhead"] = total - compute
+    return m
+
+
+def _log_round(job: Job, parts: RayParts, store: RoundStore, res: RoundResult, **resumed) -> dict:
+    """The round's metrics (step = the round), its eval (when due) and its samples table into the run, then the
+    round marked logged; a console line. Each part is logged once, across a stop and a resume. `resumed`: a
+    round trained before a stop, logged now: {"weights": its policy's export, or None if gone}."""
+    m, u = _round_metrics(parts, res, live=not resumed), res.update_metrics
+    weights = resumed["weights"] if resumed else parts.weights
     last = res.round + 1 == job.cfg.online.rounds
-    if evaluates(job.cfg) and ((res.round + 1) % job.cfg.online.eval_every == 0 or last):
-        m["time/round/eval"] = _evaluate(job, parts, res.round + 1, parts.weights)  # not in the round's total
-    job.log_metrics(m, step=res.round)
+    due = evaluates(job.cfg) and ((res.round + 1) % job.cfg.online.eval_every == 0 or last)
+    if due and weights and not store.is_evaluated(res.round + 1):  # the policy after this round
+        m["time/round/eval"] = _evaluate(job, parts, store, res.round + 1, weights)  # not in the round's total
     rows = res.rows
     table = {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
-    job.tracker.log_table(
-        {**table, "label": [bool(r["label"]) for r in rows]}, f"online/samples_round_{res.round:04d}.json"
-    )
+    with signals.deferred():  # the metrics, the table and the marker land together (a stop waits for them)
+        job.log_metrics(m, step=res.round)
+        job.tracker.log_table(
+            {**table, "label": [bool(r["label"]) for r in rows]}, f"online/samples_round_{res.round:04d}.json"
+        )
+        store.mark_logged(res.round)
     times = " ".join(f"{k.rsplit('/', 1)[1]} {v:.2f}" for k, v in m.items() if k.startswith("time/round/"))
-    console(f"[bco-ray] round {res.round}: pass rate {m['online/pass_rate']:.3f}, δ {u['delta']:.4f}; s: {times}")
+    delta = f", δ {u['delta']:.4f}" if u else ""
+    console(f"[bco-ray] round {res.round}: pass rate {m['online/pass_rate']:.3f}{delta}; s: {times}")
     return {"round": res.round, **m}
 
 
@@ -235,15 +256,25 @@ def evaluates(cfg: Config) -> bool:
     return bool(cfg.eval.generate and cfg.data.eval and cfg.online.eval_every > 0)
 
 
-def _evaluate(job: Job, parts: RayParts, step: int, path: str) -> float:
+def _evaluate(job: Job, parts: RayParts, store: RoundStore, step: int, path: str) -> float:
     """The generation eval of the policy at `path` as `step` (0: the initial policy; r + 1: after round r) on the
-    rollout actor; eval/gen/* metrics and tables into the run (bco_ray/eval/report.py). Returns its seconds."""
+    rollout actor; eval/gen/* metrics and tables into the run (bco_ray/eval/report.py), then marked in the store
+    (a resumed job does not log it again). Returns its seconds."""
     t0 = time.perf_counter()
     rows = ray.get(parts.rollout.evaluate.remote(step, path))
-    metrics = report.log_report(job.tracker, rows) if rows else {}
+    with signals.deferred():  # the eval's metrics and tables and its marker land together
+        metrics = report.log_report(job.tracker, rows) if rows else {}
+        store.mark_evaluated(step)
     job.history.extend(entry(s, m) for s, m in sorted(metrics.items()))
     console(f"[bco-ray] {report.summary_line(metrics)}")
     return time.perf_counter() - t0
+
+
+def _log_plots(job: Job) -> None:
+    """The run's curves into its plots/ (bco_ray/tracking/plots.py), online.png among them: the pass rate and the
+    held-out score of policy and reference over the rounds."""
+    job.tracker.log_figures(None, title=job.run_name, mean_weight=None)
+    job.phases.lap("plots")
 
 
 def _remove(uri: str) -> None:

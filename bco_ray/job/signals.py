@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _received: list[int] = []  # the signals the handler took, in order
+_deferred: list[int] = []  # [depth of `deferred` blocks, then the signals held back in them]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -39,6 +40,9 @@ def install(before: Callable[[], None] | None = None) -> dict:
         return {}
 
     def handler(signum, frame):
+        if _deferred and _deferred[0] > 0:  # inside a `deferred` block: raised at its end
+            _deferred.append(signum)
+            return
         _received.append(signum)
         for s in SIGNALS:  # the clean-up (stop workers, close the MLflow run) runs once, uninterrupted
             signal.signal(s, signal.SIG_IGN)
@@ -51,6 +55,7 @@ def install(before: Callable[[], None] | None = None) -> dict:
 
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     _received.clear()
+    _deferred[:] = [0]
     for s in SIGNALS:
         signal.signal(s, handler)
     return previous
@@ -77,6 +82,25 @@ def stop_signals(before: Callable[[], None] | None = None) -> Iterator[None]:
         yield
     finally:
         restore(previous)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A stop signal taken inside the block takes effect at its end (the handler `install` set runs then): for
+    writes that must land together, e.g. a round's metrics and the marker that says they are logged, so that a
+    resumed job neither logs them twice nor misses them. Keep such blocks short (no waiting on the cluster)."""
+    if not _deferred or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferred[0] += 1
+    try:
+        yield
+    finally:
+        _deferred[0] -= 1
+        if _deferred[0] == 0 and len(_deferred) > 1:
+            signum = _deferred[1]
+            del _deferred[1:]
+            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

@@ -111,8 +111,10 @@ def run_round(
     scored = _timed(times, "score", score, rows + replayed)
     update_metrics = _timed(times, "update", update, scored)
     metrics = {**round_metrics(rows, errors), "online/replay_rows": float(len(replayed)), **times}
-    store.mark_updated(r, {"round": r, "rows": len(rows), "trained_rows": len(scored), "metrics": metrics})
-    return RoundResult(r, rows, len(scored), metrics, dict(update_metrics or {}), resumed)
+    update_metrics = dict(update_metrics or {})
+    info = {"round": r, "rows": len(rows), "trained_rows": len(scored), "metrics": metrics, "update": update_metrics}
+    store.mark_updated(r, info)
+    return RoundResult(r, rows, len(scored), metrics, update_metrics, resumed)
 
 
 def run_rounds(
@@ -136,3 +138,11 @@ def run_rounds(
         if after_round is not None:
             after_round(results[-1])
     return results
+
+
+def stored_result(store: RoundStore, r: int) -> RoundResult:
+    """Round r as its marker recorded it, for a resumed job that must still log it: its rows, its metrics and the
+    update's (a round marked from the workers' checkpoint has only the metrics its rows give)."""
+    rows, info = store.read_rows(r), store.updated_info(r)
+    metrics = info.get("metrics") or round_metrics(rows, store.label_errors(r))
+    return RoundResult(r, rows, int(info.get("trained_rows", len(rows))), metrics, info.get("update", {}), True)

@@ -6,7 +6,9 @@
                                     round's update starts; the count of samples whose labelling failed rides in
                                     the file's metadata
     <root>/round=<r>/updated        written after the round's update (and, in a job, its round-boundary
-                                    checkpoint) is committed: JSON with the round's metrics
+                                    checkpoint) is committed: JSON with the round's metrics and the update's
+    <root>/round=<r>/logged         written after the round's metrics (and its eval) are in the tracker's run
+    <root>/evaluated_step=<s>       written after the held-out eval of the policy after s rounds is logged
 
 So a round is labelled at most once (its rows exist: they are read back, never regenerated) and trained at most
 once (its marker exists: it is done); `next_round` finds where a stopped run resumes. The rows are read back
@@ -26,7 +28,7 @@ from bco_ray import storage
 from bco_ray.data.reader import UnitCheck, iter_unit, plan_units
 from bco_ray.errors import StorageError
 
-ROWS, MARKER = "rows.parquet", "updated"
+ROWS, MARKER, LOGGED = "rows.parquet", "updated", "logged"
 _ROUND_DIR = re.compile(r"round=(\d+)$")
 
 
@@ -93,6 +95,26 @@ class RoundStore:
     def updated_info(self, r: int) -> dict:
         with fsspec.open(self.uri(r, MARKER), "r") as f:
             return json.load(f)
+
+    def mark_logged(self, r: int) -> None:
+        _atomic_write(self.uri(r, LOGGED), b"")
+
+    def is_logged(self, r: int) -> bool:
+        return self._exists(r, LOGGED)
+
+    def _eval_uri(self, step: int) -> str:
+        return storage.join(self.root, f"evaluated_step={step}")
+
+    def mark_evaluated(self, step: int) -> None:
+        _atomic_write(self._eval_uri(step), b"")
+
+    def is_evaluated(self, step: int) -> bool:
+        return self.fs.exists(fsspec.core.url_to_fs(self._eval_uri(step))[1])
+
+    def unlogged(self) -> list[int]:
+        """The rounds trained (marked) whose metrics are not in the tracker's run yet: the job stopped between a
+        round's marker and the end of its logging. A resumed job logs them before it runs a round."""
+        return [r for r, (_, marked) in sorted(self.rounds().items()) if marked and not self.is_logged(r)]
 
     def rounds(self) -> dict[int, tuple[bool, bool]]:
         """{round: (rows committed, update marked)} of every round directory under the root."""

@@ -178,15 +178,16 @@ def plot_run(client: MlflowClient, run_id: str, out_dir: str, title: str | None 
     if title is None:
         run = client.get_run(run_id)
         title = run.info.run_name or run_id
-    panels = PANELS + [OVERVIEW_EXTRA]
+    online = bool(history(client, run_id, ONLINE_KEY)[0])
+    panels = [p for p in PANELS if not (online and p.name in ONLINE_PANELS)] + [OVERVIEW_EXTRA]
     series = {k: history(client, run_id, k) for p in panels for k in p.keys}
     steps = [s for st, _ in series.values() for s in st]
     xlim = None
     if steps and max(steps) > min(steps):
         pad = max(0.3, 0.03 * (max(steps) - min(steps)))
         xlim = (min(steps) - pad, max(steps) + pad)
-    paths = []
-    for panel in PANELS:
+    paths = [plot_online(client, run_id, os.path.join(out_dir, "online.png"), title)] if online else []
+    for panel in panels[:-1]:
         fig, ax = plt.subplots(figsize=(7, 4))
         if _draw(ax, panel, series, title, xlim):
             fig.tight_layout()
@@ -210,6 +211,35 @@ def plot_run(client: MlflowClient, run_id: str, out_dir: str, title: str | None 
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+ONLINE_KEY = "online/pass_rate"  # an online run's: its eval steps count rounds, not optimizer steps
+ONLINE_PANELS = ("gen_score", "gen_reward")  # drawn over rounds in online.png instead
+
+
+def plot_online(client: MlflowClient, run_id: str, out_path: str, title: str | None = None) -> str:
+    """An online run over its rounds (bco_ray/job/online.py): the share of each round's samples labelled
+    desirable (online/pass_rate at step r: sampled from the policy trained on r rounds) and the held-out greedy
+    verifier score of the policy after r rounds (eval/gen/score at step r) vs the reference's."""
+    keys = (ONLINE_KEY, "eval/gen/score", "eval/gen/score_ref")
+    labels = {ONLINE_KEY: "pass rate of the round's samples", **LABELS}
+    labels["eval/gen/score"], labels["eval/gen/score_ref"] = "held-out score: policy", "held-out score: reference"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, color in zip(keys, ("#1f77b4", COLORS["eval/gen/score"], COLORS["eval/gen/score_ref"])):
+        steps, values = history(client, run_id, key)
+        if steps:
+            ls = "--" if key.endswith("_ref") else "-"
+            ax.plot(steps, values, marker="o", ms=5, lw=1.5, ls=ls, color=color, label=labels[key])
+    ax.set_title("Online BCO: pass rate and held-out score" + (f"  ·  {title}" if title else ""), fontsize=10)
+    ax.set_xlabel("rounds trained (the policy's)")
+    ax.set_ylabel("share / mean score")
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=DPI)
+    plt.close(fig)
+    return out_path
 
 
 def plot_weight_hist(hist: dict, out_path: str, title: str | None = None, mean: float | None = None) -> str:
