@@ -1,6 +1,7 @@
 """Online BCO end to end (marked e2e): one job for the module, `python jobs/online.py` on the session's Ray head
 (2 CPUs: one training worker beside the rollout actor), 2 rounds of 8 prompts × 2 samples from the tiny builtin
-policy, UDM off, the held-out generation eval on 8 prompts → Ray Train + DeepSpeed (the worker group kept alive
+policy, UDM on (each round's classifier; the API's e2e run, tests/test_online_api.py, has it off), the held-out
+generation eval on 8 prompts → Ray Train + DeepSpeed (the worker group kept alive
 across the rounds) → MLflow. The job is stopped once and killed once on its way, as the issue's faults say:
 
   attempt 1   stopped by SIGTERM (as `ray job stop` stops it) as soon as round 0 is trained (its `updated` marker)
@@ -37,6 +38,7 @@ ARGS = (
     "--eval.num_prompts=8",
     "--eval.max_new_tokens=8",
     "--train.max_failures=1",
+    "--udm.enabled=true",
     "--mlflow.run_name=online",
 )
 
@@ -138,6 +140,11 @@ def test_mlflow_has_each_round_and_step_once(online_job):
     for key in ("online/desirable", "time/round/generate", "time/round/sync", "time/round/update"):
         assert steps(key) == [0, 1], key
     assert steps("loss") == [1, 2] and steps("delta") == [1, 2]
+    # UDM per round, as the round scored it (a round caught up after the stop has no live figures): round 1 ran
+    # in attempt 2; a round with fewer than 2 rows of a label weighs every row 1 (udm/fitted 0)
+    assert 1 in steps("udm/fitted") and steps("udm/fitted") in ([1], [0, 1])
+    weights = [m.value for m in client.get_metric_history(result["run_id"], "udm/mean_rejected_weight")]
+    assert weights and all(0.5 <= w <= 10.0 for w in weights)
     # the held-out eval: the initial policy (step 0), then after each round (online.eval_every=1)
     assert steps("eval/gen/score") == [0, 1, 2] and steps("eval/gen/score_ref") == [0, 1, 2]
     delta = {m.step: m.value for m in client.get_metric_history(result["run_id"], "delta")}
