@@ -24,7 +24,7 @@ from bco_ray.job.checks import Checked, ResourcesUnavailableError, check_resourc
 from bco_ray.job.context import Job, Phases
 from bco_ray.job.online_group import RayParts, WorkerGroup
 from bco_ray.job.preflight import check_shared_paths
-from bco_ray.job.run import init_ray, publish_model, refuse_finished
+from bco_ray.job.run import init_ray, publish_model, refuse_finished, tracked
 from bco_ray.job.train_stage import collect_model
 from bco_ray.online.channel import STOP, Channel
 from bco_ray.online.checks import check_online
@@ -118,27 +118,13 @@ def run_online(cfg: Config, labeler: Callable | None = None) -> OnlineResult:
         resumed = tracker.start(run_name)
         console(f"[bco-ray] MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}): {tracker.view_hint()}")
         job = Job(cfg, checked.paths, checked.data_report, res, run_name, out_dir, tracker, phases)
-        result = _tracked(job, source, labeler, threads)
+        result = tracked(job, lambda: _rounds(job, source, labeler, threads))
     result = dataclasses.replace(
         result, run_id=tracker.run_id, tracking_uri=tracker.uri, run_name=run_name,
         seconds=round(time.time() - t0, 1), timings=phases.seconds,
     )  # fmt: skip
     (out_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2, default=str))
     console(f"[bco-ray] online done in {result.seconds} s ({phases.line()}): model at {result.model_dir}")
-    return result
-
-
-def _tracked(job: Job, source: PromptSource, labeler: Labeler, threads: int) -> OnlineResult:
-    try:
-        result = _rounds(job, source, labeler, threads)
-    except KeyboardInterrupt as e:
-        stop = signals.interrupted(e)
-        job.tracker.finish("KILLED", f"{type(stop).__name__}: {stop}")
-        raise stop from e
-    except BaseException as e:
-        job.tracker.finish("FAILED", f"{type(e).__name__}: {e}")
-        raise
-    job.tracker.finish("FINISHED")
     return result
 
 

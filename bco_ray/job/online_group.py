@@ -5,7 +5,6 @@ score on the rollout actor, update through the channel to the workers, then the 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -13,15 +12,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import ControllerError
 
 from bco_ray.errors import TrainingError
 from bco_ray.job.checks import unavailable_error
 from bco_ray.job.context import Job
-from bco_ray.tracking.mlflow_run import worker_env
-from bco_ray.train import hooks
+from bco_ray.job.train_stage import worker_group
 from bco_ray.train.spec import MlflowTarget, ModelLocations, WorkerSpec
 
 
@@ -83,7 +80,7 @@ class WorkerGroup:
 def _trainer(job: Job, channel, planned_rows: int) -> TorchTrainer:
     from bco_ray.train.online_loop import online_loop_per_worker  # the workers' code imports DeepSpeed
 
-    t, paths = job.cfg.train, job.paths
+    paths = job.paths
     spec = WorkerSpec(
         cfg=job.cfg,
         models=ModelLocations(policy=paths.policy, tokenizer=paths.tokenizer, pad_id=paths.pad_id),
@@ -93,21 +90,8 @@ def _trainer(job: Job, channel, planned_rows: int) -> TorchTrainer:
         mlflow=MlflowTarget(job.uri, job.run_id, job.cfg.mlflow.log_system_metrics),
         fit_started_at=time.time(),
     )
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(t.resources_timeout_s)
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
-        online_loop_per_worker,
-        train_loop_config={"spec": spec, "channel": channel},
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
-        run_config=RunConfig(
-            name=job.run_name,
-            storage_path=t.storage_path,
-            failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            worker_runtime_env={"env_vars": {**worker_env(job.uri), **hooks.env_for_workers()}},
-        ),
+        online_loop_per_worker, train_loop_config={"spec": spec, "channel": channel}, **worker_group(job)
     )
 
 

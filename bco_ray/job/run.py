@@ -13,8 +13,10 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import ray
 import ray.data
@@ -84,6 +86,9 @@ def init_ray(cfg: Config) -> bool:
         return True
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class JobResult:
     """What `run_job` returns; also written as <output_dir>/runs/<run_name>/result.json."""
@@ -133,7 +138,7 @@ def run_job(cfg: Config) -> JobResult:
             f"outputs {cfg.output_dir} ({n_nodes} node{'s' if n_nodes != 1 else ''})"
         )
         job = Job(cfg, checked.paths, checked.data_report, res, run_name, out_dir, tracker, phases)
-        result = _tracked(job)
+        result = tracked(job, lambda: _pipeline(job))
     result = dataclasses.replace(
         result,
         paths=checked.paths,
@@ -161,11 +166,11 @@ def refuse_finished(cfg: Config, tracker: Tracker, run_name: str) -> None:
         )
 
 
-def _tracked(job: Job) -> JobResult:
-    """The pipeline inside the tracker's run, which ends FINISHED, KILLED (a signal) or FAILED (with the error)."""
+def tracked(job: Job, body: Callable[[], T]) -> T:
+    """`body()` inside the tracker's run, which ends FINISHED, KILLED (a signal) or FAILED (with the error); the
+    offline pipeline's and the online job's rounds."""
     try:
-        job.tracker.set_tags(ray_tags())  # job id, submission id, dashboard URL
-        result = _pipeline(job)
+        result = body()
     except KeyboardInterrupt as e:
         stop = signals.interrupted(e)
         job.tracker.finish("KILLED", f"{type(stop).__name__}: {stop}")
@@ -192,6 +197,7 @@ def _start_ray(cfg: Config, paths: Paths, tracker: Tracker, phases: Phases) -> t
 
 def _pipeline(job: Job) -> JobResult:
     """The stages inside the MLflow run: precompute → train → generation eval → publish → plots."""
+    job.tracker.set_tags(ray_tags())  # job id, submission id, dashboard URL
     pre = _precompute(job)
     _log_inputs(job, pre)
     trained = train(job, pre)

@@ -77,22 +77,35 @@ def _trainer(job: Job, pre: PrecomputeResult, t_fit: float) -> TorchTrainer:
     # The workers' code imports DeepSpeed (slow, chatty): only once a job trains, not wherever bco_ray.job.run is.
     from bco_ray.train.loop import train_loop_per_worker
 
-    t = job.cfg.train
-    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     # The workers hold the CPUs while their shards stream in: the light Parquet reads that feed them ask for
     # no CPU, or on a cluster the workers fill they would wait forever behind the workers that wait for them.
     datasets = {"train": ray.data.read_parquet(pre.train, ray_remote_args={"num_cpus": 0})}
     if pre.eval:
         datasets["eval"] = ray.data.read_parquet(pre.eval, ray_remote_args={"num_cpus": 0})
+    return _Trainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": _spec(job, pre, t_fit)},
+        **worker_group(job),
+        datasets=datasets,
+        # Not split by Ray Data (whose streaming split hands blocks to whichever worker asks first): every
+        # worker reads the ordered split and takes its own rows of each global batch, so a resumed epoch
+        # replays exactly the rows the interrupted one had not trained (bco_ray/train/batching.py: rank_batches).
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+
+
+def worker_group(job: Job) -> dict:
+    """The TorchTrainer settings of a job's worker group (the offline job's and the online job's): its size and
+    resources, gloo or NCCL, the run's storage, checkpoints and failures, the workers' environment."""
+    t = job.cfg.train
     # How long the worker group's placement group may stay pending (autoscaling included); Ray Train
     # passes the variable on from this driver to its controller.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(t.resources_timeout_s)
     # The controller sees the workers finish at its next poll (Ray's default: every 2 s, so 1 s late on average);
     # a poll is one small remote call per worker. A missed poll only fails a worker after 10 minutes.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    return _Trainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": _spec(job, pre, t_fit)},
+    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return dict(
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
@@ -105,11 +118,6 @@ def _trainer(job: Job, pre: PrecomputeResult, t_fit: float) -> TorchTrainer:
             # Test/diagnostic hooks (bco_ray/train/hooks.py) reach the workers through their environment.
             worker_runtime_env={"env_vars": {**worker_env(job.uri), **hooks.env_for_workers()}},
         ),
-        datasets=datasets,
-        # Not split by Ray Data (whose streaming split hands blocks to whichever worker asks first): every
-        # worker reads the ordered split and takes its own rows of each global batch, so a resumed epoch
-        # replays exactly the rows the interrupted one had not trained (bco_ray/train/batching.py: rank_batches).
-        dataset_config=DataConfig(datasets_to_split=[]),
     )
 
 

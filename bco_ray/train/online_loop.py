@@ -14,7 +14,6 @@ stop     the final model and final.json as the run's last report (an abort ends 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 import time
@@ -30,7 +29,7 @@ from bco_ray.tracking.step_logger import StepLogger
 from bco_ray.train import hooks
 from bco_ray.train.batches import collate
 from bco_ray.train.divergence import check_values
-from bco_ray.train.recipe import report_finished
+from bco_ray.train.recipe import report_final, restore_latest
 from bco_ray.train.snapshots import publish_dir
 from bco_ray.train.spec import WorkerSpec
 from bco_ray.train.updater import PolicyUpdater
@@ -74,14 +73,9 @@ class OnlineWorker:
 
     def resume(self) -> bool:
         """The latest round-boundary checkpoint into the updater. False: the run had finished already."""
-        ckpt = ray.train.get_checkpoint()
-        if not ckpt:
-            return True
-        with ckpt.as_directory() as d:
-            if os.path.exists(os.path.join(d, "final.json")):
-                report_finished(d, self.rank)
-                return False
-            state = self.updater.load_checkpoint(d)
+        state = restore_latest(self.updater)
+        if not state:
+            return state is not None
         self.rounds_done = state["round"] + 1
         self.logger.history = state.get("history", [])
         if self.rank == 0:
@@ -165,10 +159,6 @@ class OnlineWorker:
         final = {"step": up.step, "delta": delta["mean"], "delta_count": delta["count"], "rounds": self.rounds_done}
         with tempfile.TemporaryDirectory() as d:
             up.export_weights(os.path.join(d, "model"))
-            if self.rank == 0:
-                with open(os.path.join(d, "final.json"), "w") as f:
-                    json.dump({**final, "history": self.logger.history}, f)
-            ckpt = ray.train.Checkpoint.from_directory(d) if self.rank == 0 else None
-            ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name=f"final_step{up.step:07d}")
+            report_final(d, self.rank, final, self.logger.history, up.step)
         if dist.is_initialized():
             dist.barrier()

@@ -60,14 +60,9 @@ class BCORecipe:
     def resume(self) -> bool:
         """Restore the latest checkpoint, if any. False: this run name had finished already; its final model was
         reported again and there is nothing to train."""
-        ckpt = ray.train.get_checkpoint()
-        if not ckpt:
-            return True
-        with ckpt.as_directory() as d:
-            if os.path.exists(os.path.join(d, "final.json")):
-                report_finished(d, self.rank)
-                return False
-            state = self.updater.load_checkpoint(d)
+        state = restore_latest(self.updater)
+        if not state:
+            return state is not None
         self.epoch, self.skip = state["epoch"], state["micro_in_epoch"]
         self.logger.history = state.get("history", [])
         if self.rank == 0:
@@ -195,13 +190,33 @@ class BCORecipe:
                 up.export_weights(os.path.join(d, "model"))
             self.timings["save"] = time.time() - t_save
             final["timings"] = self.timings
-            if self.rank == 0:
-                with open(os.path.join(d, "final.json"), "w") as f:
-                    json.dump({**final, "history": self.logger.history}, f)
-            ckpt = ray.train.Checkpoint.from_directory(d) if self.rank == 0 else None
-            ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name=f"final_step{up.step:07d}")
+            report_final(d, self.rank, final, self.logger.history, up.step)
         if dist.is_initialized():
             dist.barrier()
+
+
+def report_final(d: str, rank: int, final: dict, history: list, step: int) -> None:
+    """The run's last report: directory `d` (the model, and final.json with the metric history, which rank 0
+    writes) as its final checkpoint; the offline recipe's and the online loop's."""
+    if rank == 0:
+        with open(os.path.join(d, "final.json"), "w") as f:
+            json.dump({**final, "history": history}, f)
+    ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+    ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name=f"final_step{step:07d}")
+
+
+def restore_latest(updater: PolicyUpdater) -> dict | None:
+    """The latest checkpoint Ray Train hands this worker, loaded into `updater`: the caller's position saved with
+    it ({} without a checkpoint), or None when it is a finished run's (its final model is reported again: nothing
+    to train). The offline recipe and the online loop resume through it."""
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return {}
+    with ckpt.as_directory() as d:
+        if os.path.exists(os.path.join(d, "final.json")):
+            report_finished(d, updater.rank)
+            return None
+        return updater.load_checkpoint(d)
 
 
 def report_finished(d: str, rank: int) -> None:
