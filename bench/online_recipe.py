@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -81,13 +82,20 @@ def eval_prompts(families: list[str], n: int) -> list[str]:
     return [p for p in prompts if gen.solve(p)[0] in families][:n]
 
 
-def train_prompts(families: list[str], n: int, seed: int, r: int, exclude: set[str]) -> list[str]:
-    """Round r's `n` generated prompts, families in turn, none of them in `exclude` (the held-out ones)."""
-    rng = random.Random(f"{seed}-{r}")
+def operands(prompt: str) -> tuple:
+    """(family, operands): prompts that differ only in phrasing share it; held-out ones are disjoint in it."""
+    return gen.solve(prompt)[0], tuple(int(x) for x in re.findall(r"\d+", prompt))
+
+
+def train_prompts(families: list[str], n: int, seed: int, r: int, exclude: set[tuple]) -> list[str]:
+    """Round r's `n` generated prompts, families in turn, distinct in their operands and none of whose operands
+    are in `exclude` (the held-out prompts')."""
+    rng, seen = random.Random(f"{seed}-{r}"), set(exclude)
     out: list[str] = []
     while len(out) < n:
         prompt = gen.make_row(rng, families[len(out) % len(families)])["prompt"]
-        if prompt not in exclude:
+        if operands(prompt) not in seen:
+            seen.add(operands(prompt))
             out.append(prompt)
     return out
 
@@ -157,8 +165,12 @@ def run(a) -> dict:
     reference = load_causal_lm(str(SFT_DIR), dtype=torch.float32).eval().requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     delta = RunningMean()
-    held_out = eval_prompts(a.families, a.eval_prompts)
-    exclude = set(held_out) | set(eval_prompts(list(gen.FAMILIES), 10**9))
+    bundled = {operands(p) for p in eval_prompts(list(gen.FAMILIES), 10**9)}
+    if a.eval_source == "gen":  # generated held-out prompts (their own seed), none of them a bundled eval prompt
+        held_out = train_prompts(a.families, a.eval_prompts, a.seed, -1, bundled)
+    else:
+        held_out = eval_prompts(a.families, a.eval_prompts)
+    exclude = {operands(p) for p in held_out} | bundled
     ref_score = greedy_score(task, reference, held_out)
     print(f"eval: {len(held_out)} held-out prompts ({','.join(a.families)}); reference greedy {ref_score:.1f}%")
     curve, history, t0, best = [], [], time.perf_counter(), ref_score
@@ -223,6 +235,7 @@ def parse_args(argv=None):
     p.add_argument("--balance", action="store_true", help="scale undesirable weights by #desirable/#undesirable")
     p.add_argument("--families", default="double,sub", help="comma-separated gen.py families, or 'all'")
     p.add_argument("--eval-prompts", type=int, default=96)
+    p.add_argument("--eval-source", choices=["file", "gen"], default="file", help="bundled eval set or generated")
     p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
