@@ -4,13 +4,17 @@ the recipe search for the online demo (issue "Online BCO", section Targets).
 Built from the project's own pieces: the builtin SFT model and tokenizer, `generate` and `completion_logps`
 (bco_ray/eval/generation.py), the verifier (bco_ray/eval/arithmetic.py `verify`, score >= 0.5 is desirable), and
 the BCO loss with its running-mean δ (bco_ray/bco/loss.py, as bco_ray/train/forward.py uses them). Each round:
-`--prompts` generated prompts of `--families` (bco_ray/assets/arithmetic/gen.py, none of them a held-out one),
-`--k` samples each at `--temperature` from the current policy, labels, reference log-probs (the frozen SFT
-model), `--epochs` passes of AdamW over the round's rows (plus `--replay` previous rounds'), and every
-`--eval-every` rounds the held-out greedy verifier score of policy vs reference on the first `--eval-prompts`
-prompts of the bundled eval set in those families. One line per round, then a summary; `--json` writes the curve.
+`--prompts` generated prompts of `--families` (bco_ray/assets/arithmetic/gen.py), `--k` samples each at
+`--temperature` from the current policy, labels, reference log-probs (the frozen SFT model), `--epochs` passes
+of AdamW in steps of `--batch-size` rows over the round's rows (plus `--replay` previous rounds'), and every
+`--eval-every` rounds the held-out greedy verifier score of policy vs reference on `--eval-prompts` prompts of
+those families: the bundled eval set's first ones (`--eval-source file`) or generated ones (`gen`). Training
+prompts never share a (family, operands) pair with a held-out prompt or the bundled eval set, so a gain is not a
+memorised answer. `--undesirable-weight` scales the undesirable rows' loss (the `weights` of `bco_losses`;
+0 trains on the desirable rows only), `--balance` scales it by the round's #desirable/#undesirable.
+One line per round, then a summary; `--json` writes the curve.
 
-    python -m bench.online_recipe --families double,sub --rounds 20 --prompts 64 --k 8 --lr 3e-4 --beta 0.1
+    python -m bench.online_recipe --families double --temperature 1 --lr 3e-4 --undesirable-weight 0 --rounds 30
 
 Figures depend on the threads torch uses (`--threads`, default 1).
 """
