@@ -96,11 +96,15 @@ def train_prompts(families: list[str], n: int, seed: int, r: int, exclude: set[t
     are in `exclude` (the held-out prompts')."""
     rng, seen = random.Random(f"{seed}-{r}"), set(exclude)
     out: list[str] = []
-    while len(out) < n:
+    for _ in range(1000 * n):
+        if len(out) == n:
+            break
         prompt = gen.make_row(rng, families[len(out) % len(families)])["prompt"]
         if operands(prompt) not in seen:
             seen.add(operands(prompt))
             out.append(prompt)
+    if len(out) < n:
+        raise ValueError(f"{families} have fewer than {n} distinct operand sets left: ask for fewer prompts")
     return out
 
 
