@@ -96,7 +96,7 @@ def train_prompts(families: list[str], n: int, seed: int, r: int, exclude: set[t
     are in `exclude` (the held-out prompts')."""
     rng, seen = random.Random(f"{seed}-{r}"), set(exclude)
     out: list[str] = []
-    for _ in range(1000 * n):
+    for _ in range(200 * n):
         if len(out) == n:
             break
         prompt = gen.make_row(rng, families[len(out) % len(families)])["prompt"]
@@ -185,13 +185,19 @@ def run(a) -> dict:
     for r in range(a.rounds):
         t_round = time.perf_counter()
         rows = sample_round(task, policy, reference, train_prompts(a.families, a.prompts, a.seed, r, exclude), a, r)
+        sample_s = time.perf_counter() - t_round
         history = (history + [rows])[-(a.replay + 1) :]
         batch = history[0]
         for extra in history[1:]:
             batch = batch.extend(extra)
         stats = update(policy, opt, delta, batch, a, r, task.pad)
         train_s = time.perf_counter() - t_round
-        point = {"round": r + 1, "train_s": round(train_s, 2), "pass_rate": 100.0 * sum(rows.labels) / len(rows.labels)}
+        point = {
+            "round": r + 1,
+            "train_s": round(train_s, 2),
+            "sample_s": round(sample_s, 2),
+            "pass_rate": 100.0 * sum(rows.labels) / len(rows.labels),
+        }
         point |= {"loss": round(stats["loss"], 4), "reward": round(stats["reward"], 4), "delta": float(delta.mean)}
         if a.eval_every and ((r + 1) % a.eval_every == 0 or r + 1 == a.rounds):
             point["score"] = greedy_score(task, policy, held_out)
@@ -200,7 +206,7 @@ def run(a) -> dict:
         curve.append(point)
         shown = f"policy {point['score']:5.1f}% vs ref {ref_score:5.1f}%" if "score" in point else ""
         print(
-            f"round {r + 1:3d}  elapsed {point['elapsed_s']:6.1f}s  train {train_s:5.2f}s  "
+            f"round {r + 1:3d}  elapsed {point['elapsed_s']:6.1f}s  train {train_s:5.2f}s (sample {sample_s:4.2f}s)  "
             f"pass {point['pass_rate']:5.1f}%  loss {point['loss']:.3f}  δ {point['delta']:+.3f}  {shown}",
             flush=True,
         )
