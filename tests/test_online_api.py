@@ -41,14 +41,14 @@ def test_grpo_fields_map_onto_the_online_section():
     args = OnlineBCOConfig(
         output_dir="out", per_device_train_batch_size=8, gradient_accumulation_steps=2, num_generations=4,
         temperature=0.7, top_p=0.9, max_completion_length=24, learning_rate=1e-4, max_steps=6, threshold=0.25,
-        replay_rounds=1, beta=0.2,
+        replay_rounds=1, beta=0.2, undesirable_weight=0.5,
     )  # fmt: skip
     cfg = args.to_config()
     o = cfg.online
     # trl: generation batch = 8 × 1 worker × steps_per_generation (= accumulation 2) = 16 completions = 4 prompts × 4
     assert (o.samples_per_prompt, o.prompts_per_round, o.temperature, o.top_p) == (4, 4, 0.7, 0.9)
     assert (o.max_new_tokens, o.threshold, o.replay_rounds, o.labeler) == (24, 0.25, 1, IN_PROCESS)
-    assert o.rounds == 6  # one optimizer step a round: max_steps rounds
+    assert o.rounds == 6 and o.undesirable_weight == 0.5  # one optimizer step a round: max_steps rounds
     assert (cfg.train.lr, cfg.train.beta, cfg.train.max_steps, cfg.udm.enabled) == (1e-4, 0.2, -1, False)
     assert (cfg.mlflow.experiment, cfg.eval.generate, cfg.data.eval) == ("bco-ray-online", False, None)
 

@@ -31,10 +31,15 @@ from harness import job_command, run_job
 ROUNDS, PROMPTS, K = 2, 8, 2
 ROWS = PROMPTS * K  # one optimizer step of train.micro_batch_size=16 rows a round: step s+1 is round s's
 ARGS = (
+    "--online.prompts=builtin:arithmetic/train",  # a data spec's prompts (the demo's are a prompt function's)
     f"--online.rounds={ROUNDS}",
     f"--online.prompts_per_round={PROMPTS}",
     f"--online.samples_per_prompt={K}",
     "--online.max_new_tokens=8",
+    "--online.eval_every=1",
+    "--online.undesirable_weight=1",  # every row trains, weighted by UDM
+    "--train.micro_batch_size=16",
+    "--train.logging_steps=1",
     "--eval.num_prompts=8",
     "--eval.max_new_tokens=8",
     "--train.max_failures=1",

@@ -71,7 +71,8 @@ def test_each_rank_trains_its_own_rows_of_whole_steps():
 def rollout(tmp_path_factory):
     from bco_ray.job.checks import resolve_paths
 
-    cfg = resolve_locations(config(tmp_path_factory.mktemp("rollout"), "--online.max_new_tokens=6"))
+    cfg = config(tmp_path_factory.mktemp("rollout"), "--online.max_new_tokens=6", "--online.undesirable_weight=1")
+    cfg = resolve_locations(cfg)
     return Rollout(cfg, resolve_paths(cfg)[0], threads=1)
 
 
@@ -110,6 +111,29 @@ def test_online_command_line(tmp_path, capsys):
     assert cli.main(["online", f"--output_dir={tmp_path}", "--online.samples_per_prompt=0", "--dry-run"]) == 2
     assert "online.samples_per_prompt" in capsys.readouterr().err
     assert "online" in cli.COMMANDS
+    assert cli.main(["online", f"--output_dir={tmp_path}", "--dry-run"]) == 0  # the embedded demo checks out
+
+
+def test_the_demos_training_prompts_never_ask_a_held_out_number():
+    """configs/online.yaml trains on `double_prompts` and evaluates on builtin:arithmetic/eval-double: no number
+    of the held-out prompts is ever asked in training, each round asks distinct numbers, the same (seed, round)
+    asks the same prompts, and every prompt is one the verifier knows as `double`."""
+    from bco_ray.assets.arithmetic.gen import solve
+    from bco_ray.builtin import BUILTIN_EVAL_DOUBLE
+    from bco_ray.eval.arithmetic import double_prompts
+    from bco_ray.online.prompts import read_prompts
+
+    held_out = {solve(p)[1] // 2 for p in read_prompts(BUILTIN_EVAL_DOUBLE)}
+    assert len(read_prompts(BUILTIN_EVAL_DOUBLE)) == 67 and all(
+        solve(p)[0] == "double" for p in read_prompts(BUILTIN_EVAL_DOUBLE)
+    )
+    asked = [double_prompts(r, 128, 42) for r in range(3)]
+    numbers = [[solve(p)[1] // 2 for p in prompts] for prompts in asked]
+    assert all(solve(p)[0] == "double" for prompts in asked for p in prompts)
+    assert all(len(set(ns)) == 128 and not set(ns) & held_out for ns in numbers)
+    assert double_prompts(1, 128, 42) == asked[1] and asked[0] != asked[1] != double_prompts(1, 128, 43)
+    with pytest.raises(ValueError, match="at most 434"):
+        double_prompts(0, 435, 42)
 
 
 def test_a_round_checkpointed_but_not_marked_is_marked_not_trained_again(tmp_path):
@@ -131,10 +155,11 @@ def test_a_round_checkpointed_but_not_marked_is_marked_not_trained_again(tmp_pat
 def test_udm_weighs_a_rounds_undesirable_rows_by_a_classifier_fitted_on_its_own_prompts(tmp_path):
     """udm.enabled: the classifier is fitted on the scored rows' prompts (desirable vs undesirable) with the pass's
     embedder; undesirable rows of prompts that are mostly answered well weigh more, within the clamp; too few
-    rows of a label: every row weighs 1."""
+    rows of a label: every row weighs 1. online.undesirable_weight scales the undesirable rows' weights."""
     from bco_ray.job.checks import resolve_paths
 
-    cfg = resolve_locations(config(tmp_path, "--udm.enabled=true", "--udm.max_density_ratio=4"))
+    cfg = config(tmp_path, "--udm.enabled=true", "--udm.max_density_ratio=4", "--online.undesirable_weight=1")
+    cfg = resolve_locations(cfg)
     rollout = Rollout(cfg, resolve_paths(cfg)[0], threads=1)
     easy, hard = "What is 2 + 3?\nAnswer:", "What is 123 * 47?\nAnswer:"
     rows = [{"prompt": easy, "completion": " 5", "label": True}] * 6 + [
@@ -148,7 +173,10 @@ def test_udm_weighs_a_rounds_undesirable_rows_by_a_classifier_fitted_on_its_own_
     assert all(x == 1.0 for x in w[:6]) and w[12] == 1.0  # desirable rows weigh 1
     assert w[6] > w[7] and all(0.5 <= x <= 4.0 for x in w)  # the easy prompt's failure weighs more
     assert report["udm/mean_rejected_weight"] == pytest.approx(sum(w[6:12]) / 6, rel=1e-5)
-    assert [r["udm_weight"] for r in rollout.score(rows[:7])] == [1.0] * 7  # 1 undesirable row: nothing fitted
+    rollout.cfg.online.undesirable_weight = 0.5  # scales the undesirable rows' UDM weights, not the desirable's
+    assert [r["udm_weight"] for r in rollout.score(rows)] == pytest.approx([1.0] * 6 + [x / 2 for x in w[6:12]] + [1.0])
+    rollout.cfg.online.undesirable_weight = 0.0
+    assert [r["udm_weight"] for r in rollout.score(rows[:7])] == [1.0] * 6 + [0.0]  # 1 undesirable row: no fit
     assert rollout.udm_report()["udm/fitted"] == 0.0
 
 

@@ -40,6 +40,7 @@ ONLINE_ROUTES: dict[str, tuple[str, str]] = {
     "threshold": ("online.threshold", "a reward >= threshold is desirable"),
     "on_label_error": ("online.on_label_error", '"error" or "skip" a sample whose reward function raises'),
     "replay_rounds": ("online.replay_rounds", "each update also trains on this many previous rounds' rows"),
+    "undesirable_weight": ("online.undesirable_weight", "scales the undesirable rows' loss (KTOConfig's name)"),
     "rollout_cpus": ("online.rollout_cpus", "CPUs of the rollout actor, beside the training workers"),
 }
 
@@ -79,6 +80,7 @@ class OnlineBCOConfig(BCOConfig):
     threshold: float = 0.5
     on_label_error: str = "error"
     replay_rounds: int = 0
+    undesirable_weight: float = 1.0
     rollout_cpus: float = 1.0
 
     _whole_epochs = False  # num_train_epochs gives the rounds (a fraction is fine)
@@ -135,9 +137,10 @@ class OnlineBCOConfig(BCOConfig):
             "online.threshold": self.threshold,
             "online.on_label_error": self.on_label_error,
             "online.replay_rounds": self.replay_rounds,
+            "online.undesirable_weight": self.undesirable_weight,
             "online.rollout_cpus": self.rollout_cpus,
             "online.labeler": IN_PROCESS,
-            "udm.enabled": False,  # online rows are not UDM-weighted (the online job refuses it)
+            "udm.enabled": False,  # UDM needs an embedding model, which OnlineBCOTrainer does not take
             "eval.generate": False,  # the held-out generation eval takes eval.verifier: bco_ray_overrides
             "data.eval": None,
         }

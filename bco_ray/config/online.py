@@ -27,6 +27,8 @@ class OnlineConfig:
     threshold: float = ranged(0.5, "finite")  # a number the labeler returns is desirable iff it is >= this
     on_label_error: Literal["error", "skip"] = "error"  # error: a labeler that raises stops the job; skip: the
     # sample is dropped and counted (online/label_errors)
+    undesirable_weight: float = ranged(1.0, ">= 0")  # scales the undesirable rows' loss (times their UDM weight),
+    # as KTOConfig's undesirable_weight; 0 trains on the desirable rows only (δ still averages every row's reward)
     replay_rounds: int = ranged(0, ">= 0")  # each update also trains on the rows of this many previous rounds
     eval_every: int = ranged(1, ">= 0")  # generation eval every this many rounds; 0: never
     rollout_cpus: float = ranged(1.0, "> 0")  # CPUs the rollout actor (generation and reference scoring)

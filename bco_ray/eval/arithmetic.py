@@ -7,9 +7,12 @@ whether the answer is well formed (exactly one number) and hedged ("Maybe 12?", 
 
 from __future__ import annotations
 
+import functools
+import json
+import random
 import re
 
-from bco_ray.assets.arithmetic.gen import HEDGED_STYLES, solve
+from bco_ray.assets.arithmetic.gen import FAMILIES, HEDGED_STYLES, SUFFIX, solve
 
 _NUMBER = re.compile(r"-?\d+")
 # The words that open or close a hedged style: "Maybe", "I think it is", "not sure", "Probably".
@@ -33,3 +36,24 @@ def verify(prompt: str, completion: str) -> dict[str, float]:
         "well_formed": float(well_formed),
         "hedged": float(bool(_HEDGES.search(completion))),
     }
+
+
+def double_prompts(round: int, n: int, seed: int) -> list[str]:
+    """An `online.prompts` function: round `round`'s `n` generated `double` prompts ("What is twice 170?"), in the
+    bundled set's phrasings, each of a different number, none of them a number of the held-out set
+    (`builtin:arithmetic/eval-double`, the bundled eval set's `double` rows): a gain on the held-out set is the
+    rule learned, not answers remembered. Deterministic in (seed, round)."""
+    numbers = [n_ for n_ in range(2, 500) if n_ not in _held_out_doubles()]
+    if n > len(numbers):
+        raise ValueError(f"double_prompts gives at most {len(numbers)} prompts a round, {n} were asked for")
+    rng = random.Random(f"double-{seed}-{round}")
+    phrasings = FAMILIES["double"][3]
+    return [rng.choice(phrasings).format(a=a) + SUFFIX for a in rng.sample(numbers, n)]
+
+
+@functools.cache
+def _held_out_doubles() -> frozenset[int]:
+    from bco_ray.builtin import BUILTIN_EVAL_DOUBLE, resolve_data
+
+    with open(resolve_data(BUILTIN_EVAL_DOUBLE), encoding="utf-8") as f:
+        return frozenset(solve(json.loads(line)["prompt"])[1] // 2 for line in f if line.strip())

@@ -82,7 +82,8 @@ class Rollout:
 
     def score(self, rows: list[dict]) -> list[dict]:
         """The rows (prompt, completion, label) tokenized as the offline pass tokenizes them, with their reference
-        log-probs and their UDM weight (1 without udm.enabled; `udm_weights`): [{input_ids, prompt_len, label, ref_logps, udm_weight}]. A row whose
+        log-probs and their loss weight (`udm_weights`, 1 without udm.enabled; an undesirable row's times
+        online.undesirable_weight): [{input_ids, prompt_len, label, ref_logps, udm_weight}]. A row whose
         completion is empty after tokenization is dropped (as the pass drops it)."""
         table = pa.table(
             {
@@ -95,6 +96,7 @@ class Rollout:
         labels = np.asarray(scored.column("label").to_pylist(), dtype=bool)
         texts = scored.column("prompt_text").to_pylist()  # the rendered prompts, as the offline pass embeds them
         weights = self.udm_weights(texts, labels) if self.embedder is not None else np.ones(len(labels), np.float32)
+        weights[~labels] *= self.cfg.online.undesirable_weight
         scored = scored.append_column("udm_weight", pa.array(weights, pa.float32()))
         return scored.select(list(SCORED)).to_pylist()
 

@@ -1,7 +1,9 @@
 """Deterministic generator for the bundled arithmetic thumbs-up/down dataset.
 
 Writes ``train.jsonl`` and ``eval.jsonl`` next to this file, one
-``{"prompt": str, "completion": str, "label": bool}`` object per line.
+``{"prompt": str, "completion": str, "label": bool}`` object per line, and
+``eval_double.jsonl``: the eval rows of the ``double`` family (the online demo's
+held-out prompts).
 A row is labelled ``true`` iff the number in the completion equals the true
 result of the prompt.  The per-family share of correct answers differs on
 purpose (addition mostly right, multiplication / multi-step mostly wrong), so
@@ -143,7 +145,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     r, seen = random.Random(SEED), set()
     write_jsonl(HERE / "train.jsonl", generate(N_TRAIN, r, seen))
-    write_jsonl(HERE / "eval.jsonl", generate(N_EVAL, r, seen))
+    eval_rows = generate(N_EVAL, r, seen)
+    write_jsonl(HERE / "eval.jsonl", eval_rows)
+    write_jsonl(HERE / "eval_double.jsonl", [row for row in eval_rows if solve(row["prompt"])[0] == "double"])
 
 
 if __name__ == "__main__":
