@@ -107,6 +107,7 @@ RANGE_CASES = [
     ("--online.threshold=nan", "online.threshold"),
     ("--online.threshold=inf", "online.threshold"),
     ("--online.replay_rounds=-1", "online.replay_rounds"),
+    ("--online.undesirable_weight=-0.5", "online.undesirable_weight"),
     ("--online.eval_every=-1", "online.eval_every"),
     ("--online.rollout_cpus=0", "online.rollout_cpus"),
 ]
@@ -154,6 +155,7 @@ def test_out_of_range_value_names_field_value_and_range(override, field):
         "--online.threshold=-3.5",  # any finite number
         "--online.eval_every=0",  # never
         "--online.replay_rounds=0",
+        "--online.undesirable_weight=0",  # the desirable rows only
         "--online.top_p=1",
     ],
 )
@@ -161,7 +163,7 @@ def test_boundaries_and_sentinels_stay_valid(override):
     load_config(overrides=[override])
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "qwen2.5-0.5b.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "qwen2.5-0.5b.yaml", "online.yaml"])
 def test_shipped_configs_load(name):
     load_config(ROOT / "configs" / name)
 
