@@ -79,9 +79,9 @@ def _trainer(job: Job, pre: PrecomputeResult, t_fit: float) -> TorchTrainer:
 
     # The workers hold the CPUs while their shards stream in: the light Parquet reads that feed them ask for
     # no CPU, or on a cluster the workers fill they would wait forever behind the workers that wait for them.
-    datasets = {"train": ray.data.read_parquet(pre.train, ray_remote_args={"num_cpus": 0})}
+    datasets = {"train": ray.data.read_parquet(pre.train, num_cpus=0)}
     if pre.eval:
-        datasets["eval"] = ray.data.read_parquet(pre.eval, ray_remote_args={"num_cpus": 0})
+        datasets["eval"] = ray.data.read_parquet(pre.eval, num_cpus=0)
     return _Trainer(
         train_loop_per_worker,
         train_loop_config={"spec": _spec(job, pre, t_fit)},

@@ -143,7 +143,7 @@ def fit_classifier(cfg: Config, scored_train: str, counts: dict[bool, int], res:
     u = cfg.udm
     rng = np.random.default_rng(cfg.data.seed)
     ds = ray.data.read_parquet(
-        scored_train, columns=["label", "prompt_embedding", "fit_sample"], ray_remote_args={"num_cpus": res.task_cpus}
+        scored_train, columns=["label", "prompt_embedding", "fit_sample"], num_cpus=res.task_cpus
     )
     ds = ds.map_batches(lambda t: t.filter(t["fit_sample"]), batch_format="pyarrow", num_cpus=res.task_cpus)
     labels, emb = [], []
@@ -166,7 +166,7 @@ def finalized(
     adjacent: shuffle so micro-batches mix labels. A split of up to precompute.local_shuffle_max_rows rows
     is permuted in one seeded task (one block); a larger one takes Ray Data's all-to-all random shuffle."""
     u, seed = cfg.udm, cfg.data.seed
-    ds = ray.data.read_parquet(scored_split, ray_remote_args={"num_cpus": res.task_cpus})
+    ds = ray.data.read_parquet(scored_split, num_cpus=res.task_cpus)
     local = shuffle and rows <= cfg.precompute.local_shuffle_max_rows
     if shuffle:
         ds = ds.repartition(1) if local else ds.random_shuffle(seed=seed)
@@ -321,7 +321,7 @@ def _run_pass(cfg: Config, paths: Paths, cache: Cache, report: DataReport, res: 
                 cfg, f"{adir}/scored/split={name}", name == "train", counts[True] + counts[False], clf_json, res
             ).write_parquet(path, ray_remote_args={"num_cpus": res.task_cpus})
             splits[name] = _summarise(
-                ray.data.read_parquet(path, ray_remote_args={"num_cpus": res.task_cpus}),
+                ray.data.read_parquet(path, num_cpus=res.task_cpus),
                 u.min_density_ratio,
                 u.max_density_ratio,
                 res,
