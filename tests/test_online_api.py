@@ -110,6 +110,31 @@ def test_batch_functions_get_the_prompts_other_columns():
     assert lab(PROMPT, " 19") == 1.0 and seen == {"solution": ["19"], "kwargs": {"level": [2]}}
 
 
+def test_a_rounds_samples_reach_a_batch_function_in_one_call():
+    """`label_batch` (what a round calls): a TRL batch function once for all the samples, with each prompt's
+    columns; the labels equal the per-sample ones. A batch call that raises is redone sample by sample, so the
+    error names the sample (or, with skip, only that sample is skipped)."""
+    calls = []
+
+    def judge(prompts, completions, solution, **kwargs):
+        calls.append(len(completions))
+        if any("boom" in c for c in completions):
+            raise RuntimeError("cannot judge")
+        return [float(c.strip() == s) for c, s in zip(completions, solution, strict=True)]
+
+    other = ROWS[1]["prompt"]
+    columns = {PROMPT: {"solution": RIGHT.strip()}, other: {"solution": "-1"}}
+    samples = [(PROMPT, RIGHT), (PROMPT, " 7"), (other, " -1"), (other, RIGHT)]
+    lab = Labeler.checked(RewardLabel([judge, brevity], columns=columns), "judge", PROMPT, threshold=1.5)
+    calls.clear()
+    assert lab.label_batch(samples) == [lab.label(p, c) for p, c in samples] and calls[0] == 4
+    assert calls == [4, 1, 1, 1, 1] and lab.label_batch(samples)[:3] == [True, False, True]
+    skip = Labeler.checked(RewardLabel([judge], columns=columns), "judge", PROMPT, on_error="skip")
+    assert skip.label_batch([*samples[:2], (PROMPT, " boom")]) == [True, False, None] and skip.errors == 1
+    with pytest.raises(LabelerError, match="the completion ' boom'.*cannot judge"):
+        lab.label_batch([*samples, (PROMPT, " boom")])
+
+
 @pytest.mark.parametrize(
     "funcs, weights, match",
     [

@@ -217,7 +217,7 @@ def test_a_round_stores_the_labelers_labels_and_reads_back_as_offline_data(tmp_p
         3,
         source.round(3, 8),
         fake_generate(calls),
-        labeler.label,
+        labeler.label_batch,
         fake_score,
         update,
         store,
@@ -246,7 +246,7 @@ def test_a_round_with_one_label_still_updates_and_skips_are_counted(tmp_path, so
         0,
         source.round(0, 4),
         every_wrong,
-        Labeler.load(f"{ME}:raises_on_seven", P).label,
+        Labeler.load(f"{ME}:raises_on_seven", P).label_batch,
         fake_score,
         update,
         store,
@@ -256,14 +256,14 @@ def test_a_round_with_one_label_still_updates_and_skips_are_counted(tmp_path, so
     assert res.metrics["online/pass_rate"] == 0.0
     skipping = Labeler.load(f"{ME}:raises_on_seven", P, on_error="skip")
     sevens = lambda prompts, k: [(p, c) for p in prompts for c in ("7", "17", "12")]  # noqa: E731
-    res = run_round(1, source.round(1, 4), sevens, skipping.label, fake_score, update, store)
+    res = run_round(1, source.round(1, 4), sevens, skipping.label_batch, fake_score, update, store)
     assert res.metrics["online/label_errors"] == 8 and len(res.rows) == 4 and store.label_errors(1) == 8
     with pytest.raises(RoundError, match="failed on all 8 samples"):
         run_round(
             2,
             source.round(2, 4),
             lambda ps, k: [(p, "7") for p in ps for _ in "ab"],
-            skipping.label,
+            skipping.label_batch,
             fake_score,
             update,
             store,
@@ -276,7 +276,7 @@ def test_replay_adds_the_previous_rounds_rows(tmp_path, source, labeler):
         4,
         lambda r: source.round(r, 3),
         fake_generate([]),
-        labeler.label,
+        labeler.label_batch,
         fake_score,
         update,
         store,
@@ -293,7 +293,7 @@ def test_replay_adds_the_previous_rounds_rows(tmp_path, source, labeler):
 def test_resume_never_labels_or_trains_a_round_twice(tmp_path, source, labeler):
     store, calls, update = RoundStore(str(tmp_path)), [], FakeUpdate(fail_at=2)  # killed during round 2's update
     counted = []
-    label = lambda p, c: counted.append((p, c)) or labeler.label(p, c)  # noqa: E731
+    label = lambda samples: counted.extend(samples) or labeler.label_batch(samples)  # noqa: E731
     args = (lambda r: source.round(r, 3), fake_generate(calls), label, fake_score, update, store)
     with pytest.raises(RuntimeError, match="killed"):
         run_rounds(4, *args, samples_per_prompt=2)
@@ -322,7 +322,7 @@ def test_a_round_trained_before_a_stop_is_logged_once_after_it(tmp_path, source,
     """The job logs a round after its marker; stopped in between, the resumed job finds it unlogged and logs it
     from what the marker recorded (a round marked from the workers' checkpoint: from its rows)."""
     store, update = RoundStore(str(tmp_path)), FakeUpdate()
-    args = (lambda r: source.round(r, 3), fake_generate([]), labeler.label, fake_score, update, store)
+    args = (lambda r: source.round(r, 3), fake_generate([]), labeler.label_batch, fake_score, update, store)
     first = run_rounds(2, *args, samples_per_prompt=2)
     assert store.unlogged() == [0, 1]
     store.mark_logged(0)

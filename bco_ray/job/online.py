@@ -148,7 +148,7 @@ def _rounds(job: Job, source: PromptSource, labeler: Labeler, threads: int) -> O
         _ready(job, parts, store)
         job.phases.lap("start")
         run_rounds(
-            o.rounds, prompts_of, parts.generate, labeler.label, parts.score, parts.update, store,
+            o.rounds, prompts_of, parts.generate, labeler.label_batch, parts.score, parts.update, store,
             policy_step=lambda: parts.step, after_round=lambda res: logged.append(_log_round(job, parts, store, res)),
             samples_per_prompt=o.samples_per_prompt, replay_rounds=o.replay_rounds,
         )  # fmt: skip

@@ -105,11 +105,34 @@ class Labeler:
         try:
             return verdict(self.fn(prompt, completion), self.threshold)
         except Exception as e:
-            if self.on_error == "skip":
-                self.errors += 1
-                return None
-            raise LabelerError(
-                f"{self.field} {self.spec!r} failed on the prompt {_short(prompt)} and the completion "
-                f"{_short(completion)}: {type(e).__name__}: {e}. Make it return {_CONTRACT} for every completion, "
-                "or set online.on_label_error=skip to skip and count such samples"
-            ) from e
+            return self._failed(prompt, completion, e)
+
+    def label_batch(self, samples: list[tuple[Any, str]]) -> list[bool | None]:
+        """`label` of each sample. Reward functions in TRL's batch contract (bco_ray/online/rewards.py) are called
+        once for all the samples; if such a call raises, every sample is labelled on its own, so the error names
+        the sample it fails on (or only that sample is skipped)."""
+        call_batch = getattr(self.fn, "call_batch", None)
+        if call_batch is None or not samples:
+            return [self.label(p, c) for p, c in samples]
+        try:
+            outs = call_batch([p for p, _ in samples], [c for _, c in samples])
+        except Exception:  # noqa: BLE001 - found again, sample by sample, below
+            return [self.label(p, c) for p, c in samples]
+        labels: list[bool | None] = []
+        for (prompt, completion), out in zip(samples, outs, strict=True):
+            try:
+                labels.append(verdict(self.fn.combine(out), self.threshold))
+            except Exception as e:
+                labels.append(self._failed(prompt, completion, e))
+        return labels
+
+    def _failed(self, prompt: Any, completion: str, e: Exception) -> None:
+        """A sample the labeler failed on: counted and skipped (None) with on_error="skip", else LabelerError."""
+        if self.on_error == "skip":
+            self.errors += 1
+            return None
+        raise LabelerError(
+            f"{self.field} {self.spec!r} failed on the prompt {_short(prompt)} and the completion "
+            f"{_short(completion)}: {type(e).__name__}: {e}. Make it return {_CONTRACT} for every completion, "
+            "or set online.on_label_error=skip to skip and count such samples"
+        ) from e

@@ -83,7 +83,8 @@ def _check_per_sample(i: int, f: Callable) -> None:
 
 class RewardLabel:
     """`(prompt, completion) -> verdict` from reward functions (see the module's docstring). `columns` gives the
-    dataset row's other columns of a prompt (passed to batch functions as lists of one); `weights` one weight
+    dataset row's other columns of a prompt (passed to batch functions as lists, one entry per sample; a round's
+    samples go to a batch function in one call: `call_batch`); `weights` one weight
     per function (None: 1 each)."""
 
     def __init__(
@@ -115,7 +116,31 @@ class RewardLabel:
         self.__name__ = names[0] if len(names) == 1 else " + ".join(names)
 
     def __call__(self, prompt: Any, completion: str) -> Any:
-        outs = [self._one(i, prompt, completion) for i in range(len(self.funcs))]
+        return self.combine([self._one(i, prompt, completion) for i in range(len(self.funcs))])
+
+    def call_batch(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[list[Any]]:
+        """Each function's output for every sample, as `combine` takes them: a batch function called once for all
+        the samples (their prompts' columns as lists), a per-sample one on each. Raises whatever a function
+        raises, or RewardFunctionError for a batch answer of the wrong length."""
+        outs = []
+        for i, f in enumerate(self.funcs):
+            if not self.batch[i]:
+                outs.append([f(p, c) for p, c in zip(prompts, completions, strict=True)])
+                continue
+            rows = [self.columns.get(p if isinstance(p, str) else repr(p), {}) for p in prompts]
+            extra = {k: [row.get(k) for row in rows] for k in {k for row in rows for k in row}}
+            got = f(prompts=list(prompts), completions=list(completions), **extra)
+            if isinstance(got, (str, bytes)) or not isinstance(got, Sequence) or len(got) != len(prompts):
+                shown = f"{len(got)} values" if isinstance(got, Sequence) else type(got).__name__
+                raise RewardFunctionError(
+                    f"reward_funcs[{i}] {func_name(f)} returned {shown} for {len(prompts)} completions: a TRL reward "
+                    "function returns a list with one reward (a number or None) per completion"
+                )
+            outs.append([as_number(x) for x in got])
+        return [list(sample) for sample in zip(*outs, strict=True)]
+
+    def combine(self, outs: list[Any]) -> Any:
+        """One sample's verdict from each function's output (see the module's docstring)."""
         if len(outs) == 1 and self.weights is None:
             if outs[0] is None:
                 raise RewardFunctionError(f"reward_funcs[0] {self.__name__} returned None (no reward)")

@@ -3,7 +3,7 @@ generator, reference scorer and policy updater plug in without changing the roun
 with fakes (tests/test_online_rounds.py).
 
     generate(prompts, k) -> [(prompt, completion), ...]   k samples of each prompt from the current policy
-    label(prompt, completion) -> True | False | None       None: skipped (bco_ray/online/labeler.py)
+    label([(prompt, completion), ...]) -> [True | False | None, ...]   None: skipped (bco_ray/online/labeler.py)
     score(rows) -> rows                                    the rows with their reference log-probs
     update(rows) -> metrics                                the BCO update on them (δ over all rewards seen)
 
@@ -24,7 +24,7 @@ from bco_ray.errors import InputError
 from bco_ray.online.store import RoundStore
 
 Generate = Callable[[Sequence[Any], int], list[tuple[Any, str]]]
-Label = Callable[[Any, str], "bool | None"]
+Label = Callable[[list[tuple[Any, str]]], "list[bool | None]"]
 Score = Callable[[list[dict]], list[dict]]
 Update = Callable[[list[dict]], dict]
 
@@ -46,8 +46,7 @@ class RoundResult:
 def label_samples(r: int, samples: list[tuple[Any, str]], label: Label, policy_step: int) -> tuple[list[dict], int]:
     """The round's rows from its samples, and how many samples the labeler skipped."""
     rows, skipped = [], 0
-    for prompt, completion in samples:
-        y = label(prompt, completion)
+    for (prompt, completion), y in zip(samples, label(samples), strict=True):
         if y is None:
             skipped += 1
             continue
