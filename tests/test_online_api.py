@@ -88,6 +88,11 @@ def test_per_sample_and_batch_functions_label_as_the_labeler_contract():
         assert per_sample.label(PROMPT, completion) is want and batch.label(PROMPT, completion) is want
     boolean = Labeler.checked(RewardLabel([lambda p, c: c == RIGHT]), "eq", PROMPT, threshold=5.0)
     assert boolean.label(PROMPT, RIGHT) is True  # one function's bool is the label, whatever the threshold
+    batch_bools = Labeler.checked(
+        RewardLabel([lambda prompts, completions: [c == RIGHT for c in completions]]), "eq", PROMPT, threshold=0.0
+    )  # a batch function's bools are labels too, not 1.0 / 0.0 against the threshold
+    samples = [(PROMPT, RIGHT), (PROMPT, " 7")]
+    assert batch_bools.label_batch(samples) == [batch_bools.label(p, c) for p, c in samples] == [True, False]
 
 
 def test_several_functions_weighted_sum_thresholded():

@@ -36,11 +36,21 @@ def conversations(round, n, seed):  # noqa: A002 - the prompt function contract'
     [
         (["--online.prompts_per_round=3", "--online.samples_per_prompt=2"], ConfigError, "online.prompts_per_round"),
         ([f"--online.prompts={__name__}:conversations"], PromptsError, "online.prompts"),
+        (["--train.max_steps=5"], ConfigError, "train.max_steps"),  # the rounds set the length
     ],
 )
 def test_online_checks_name_the_field(tmp_path, overrides, error, names):
     with pytest.raises(error, match=names.replace(".", r"\.")):
         check_online_job(config(tmp_path, *overrides))
+
+
+def test_the_lr_schedule_spans_the_replayed_rows_too(tmp_path):
+    """The LR schedule's length is every row the updates train on: with replay, round r trains its own rows and
+    those of min(r, replay_rounds) previous rounds (else a linear schedule would reach 0 rounds early)."""
+    o = config(tmp_path, "--online.rounds=4", "--online.prompts_per_round=2", "--online.samples_per_prompt=3").online
+    assert online_job.planned_rows(o) == 4 * 6
+    o.replay_rounds = 2
+    assert online_job.planned_rows(o) == 6 * (1 + 2 + 3 + 3)
 
 
 def test_the_workers_and_the_rollout_must_fit_together(tmp_path, monkeypatch):

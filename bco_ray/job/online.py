@@ -68,10 +68,22 @@ def check_online_job(cfg: Config, labeler: Callable | None = None) -> tuple[Chec
             f"rows a round, fewer than one optimizer step of train.num_workers × train.micro_batch_size × "
             f"train.gradient_accumulation_steps = {per_step}; ask for more prompts or samples, or smaller steps"
         )
+    if t.max_steps != -1 or t.num_epochs != 1:
+        raise ConfigError(
+            f"train.max_steps={t.max_steps} / train.num_epochs={t.num_epochs}: an online job's length is "
+            "online.rounds (each round's rows trained once); leave train.max_steps=-1 and train.num_epochs=1"
+        )
     source, labeler = check_online(cfg, labeler)
     if not isinstance(source.round(0, 1)[0], str):
         raise PromptsError(f"online.prompts {o.prompts!r} gives conversations; the online job samples text prompts")
     return checked, source, labeler
+
+
+def planned_rows(o) -> int:
+    """The rows the updates train on over the run (the LR schedule's length): each round's
+    prompts_per_round × samples_per_prompt rows, plus the rows of up to replay_rounds previous rounds."""
+    per_round = o.prompts_per_round * o.samples_per_prompt
+    return sum(per_round * (1 + min(r, o.replay_rounds)) for r in range(o.rounds))
 
 
 def check_online_fits(cfg: Config, started_locally: bool) -> int:
@@ -136,7 +148,7 @@ def _rounds(job: Job, source: PromptSource, labeler: Labeler, threads: int) -> O
     gpus = {"num_gpus": cfg.precompute.num_gpus_per_actor} if cfg.precompute.num_gpus_per_actor > 0 else {}
     rollout = ray.remote(Rollout).options(num_cpus=o.rollout_cpus, **gpus).remote(cfg, job.paths, threads)
     channel = Channel.remote()
-    group = WorkerGroup(job, channel, o.rounds * o.prompts_per_round * o.samples_per_prompt)
+    group = WorkerGroup(job, channel, planned_rows(o))
     group.start()
     parts, logged = RayParts(job, rollout, group, root), []
 
@@ -145,20 +157,25 @@ def _rounds(job: Job, source: PromptSource, labeler: Labeler, threads: int) -> O
         return source.round(r, o.prompts_per_round)
 
     try:
-        _ready(job, parts, store)
+        finished = _ready(job, parts, store)
         job.phases.lap("start")
-        run_rounds(
-            o.rounds, prompts_of, parts.generate, labeler.label_batch, parts.score, parts.update, store,
-            policy_step=lambda: parts.step, after_round=lambda res: logged.append(_log_round(job, parts, store, res)),
-            samples_per_prompt=o.samples_per_prompt, replay_rounds=o.replay_rounds,
-        )  # fmt: skip
-        job.phases.lap("rounds")
-        ray.get(channel.post.remote(o.rounds, STOP))
+        if not finished:
+            run_rounds(
+                o.rounds, prompts_of, parts.generate, labeler.label_batch, parts.score, parts.update, store,
+                policy_step=lambda: parts.step,
+                after_round=lambda res: logged.append(_log_round(job, parts, store, res)),
+                samples_per_prompt=o.samples_per_prompt, replay_rounds=o.replay_rounds,
+            )  # fmt: skip
+            job.phases.lap("rounds")
+            ray.get(channel.post.remote(o.rounds, STOP))
         fit = group.finish()
     except BaseException:
         parts.abort()
+        for actor in (rollout, channel):  # not left holding their CPUs (a notebook keeps the traceback's handles)
+            ray.kill(actor)
         raise
     starts = ray.get(channel.starts.remote())
+    ray.kill(rollout)
     _remove(f"{root}/policy")  # the exports the rollout loaded; the final model is the run's own
     trained = collect_model(job, fit.checkpoint)
     job.history.extend(trained.history)
@@ -169,10 +186,11 @@ def _rounds(job: Job, source: PromptSource, labeler: Labeler, threads: int) -> O
     return OnlineResult(model_dir, trained.final, str(job.out_dir), logged, starts, job.history)
 
 
-def _ready(job: Job, parts: RayParts, store: RoundStore) -> None:
+def _ready(job: Job, parts: RayParts, store: RoundStore) -> bool:
     """The rollout actor and the worker group up; the store and the workers' checkpoint reconciled (a round
     checkpointed but not marked, because the job stopped in between, is marked now: not trained twice); a
-    resumed group's policy loaded into the rollout."""
+    resumed group's policy loaded into the rollout. True: the run's workers had saved its final model already
+    (stopped after that, before the job ended): nothing to train, the model is published again."""
     o, t = job.cfg.online, job.cfg.train
     try:
         ray.get(parts.rollout.ping.remote(), timeout=max(1.0, t.resources_timeout_s))
@@ -182,6 +200,13 @@ def _ready(job: Job, parts: RayParts, store: RoundStore) -> None:
         ) from e
     ready = parts.group.wait(parts.group.channel.wait_ready.remote(1), "the training workers to start")
     console(f"[bco-ray] online: worker group ready {ready['at'] - parts.group.started_at:.1f} s after fit started")
+    if ready.get("finished"):
+        return True
+    if int(ready["rounds_done"]) > o.rounds:
+        raise ConfigError(
+            f"online.rounds={o.rounds}, but this run (mlflow.run_name) has trained {ready['rounds_done']} rounds "
+            f"already: resume it with --online.rounds={ready['rounds_done']} or more, or start a new run name"
+        )
     store.reconcile(int(ready["rounds_done"]))
     if ready["policy"]:
         ray.get(parts.rollout.load_policy.remote(ready["policy"]))
@@ -193,6 +218,7 @@ def _ready(job: Job, parts: RayParts, store: RoundStore) -> None:
         console(f"[bco-ray] online: round {r} was trained before the stop; logging its metrics now")
         weights = parts.weights if r + 1 == int(ready["rounds_done"]) else None  # the policy after round r
         _log_round(job, parts, store, stored_result(store, r), weights=weights)
+    return False
 
 
 def _round_metrics(parts: RayParts, res: RoundResult, live: bool) -> dict:

@@ -6,7 +6,8 @@ async Ray actor (no CPU) the driver creates and hands to the workers in their lo
     driver → workers   post(r, message)     {"kind": "round", ...}: round r's scored rows (a Parquet path) and where
                                             to export the weights;
                                             post(r, STOP) ends the loop (the final model is saved), ABORT without
-    workers → driver   done(r, metrics)     rank 0 after round r's update, export and checkpoint
+    workers → driver   done(r, metrics)     rank 0 after round r's update, export and checkpoint (again, from
+                                            the checkpoint, by a group restarted before it said so)
 
 Messages are kept by round, so a worker group that Ray Train restarts (a failed worker) asks again for the round its
 checkpoint stops before and gets the same message. Every wait is asyncio, so nothing polls."""
@@ -67,6 +68,12 @@ class Channel:
     async def done(self, r: int, metrics: dict) -> None:
         self.results[r] = metrics
         await self._notify()
+
+    async def done_if_missing(self, r: int, metrics: dict) -> None:
+        """`done(r, metrics)` unless round r's result is in already (a group restarted between round r's
+        checkpoint and its `done`)."""
+        if r not in self.results:
+            await self.done(r, metrics)
 
     async def result(self, r: int, timeout: float | None = None) -> dict | None:
         """Round r's update metrics, or None after `timeout` s."""

@@ -69,6 +69,12 @@ def as_number(out: Any) -> float | None:
     raise TypeError(f"returned {type(out).__name__} {str(out)[:80]!r}, not a number")
 
 
+def _verdict_value(x: Any) -> Any:
+    """A batch function's answer for one sample: a bool (numpy's too) stays a bool, the label itself when it is
+    the one function's; anything else as a number (`as_number`)."""
+    return bool(x) if isinstance(x, bool) or type(x).__name__ == "bool_" else as_number(x)
+
+
 def _check_per_sample(i: int, f: Callable) -> None:
     try:
         inspect.signature(f).bind("prompt", "completion")
@@ -136,7 +142,7 @@ class RewardLabel:
                     f"reward_funcs[{i}] {func_name(f)} returned {shown} for {len(prompts)} completions: a TRL reward "
                     "function returns a list with one reward (a number or None) per completion"
                 )
-            outs.append([as_number(x) for x in got])
+            outs.append([_verdict_value(x) for x in got])
         return [list(sample) for sample in zip(*outs, strict=True)]
 
     def combine(self, outs: list[Any]) -> Any:
@@ -164,4 +170,4 @@ class RewardLabel:
                 f"reward_funcs[{i}] {func_name(f)} returned {shown} for 1 completion: a TRL reward function "
                 "returns a list with one reward (a number or None) per completion"
             )
-        return as_number(out[0])
+        return _verdict_value(out[0])

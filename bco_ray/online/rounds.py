@@ -9,7 +9,8 @@ with fakes (tests/test_online_rounds.py).
 
 A round: generate → label → commit the rows (bco_ray/online/store.py) → score the rows and the replayed rows of
 the previous `replay_rounds` rounds → update → mark the round trained. Every round goes to the update, even one
-whose samples all got the same label (δ, the running mean of the rewards, still gives both signs a target). A
+whose samples all got the same label (δ, the running mean of the rewards, still gives both signs a target), and
+one whose rows fill no whole optimizer step (the workers then train nothing that round). A
 round whose rows are committed but not marked (the run stopped during its update) runs its update again on the
 same rows: no round is labelled or trained twice."""
 
@@ -99,10 +100,15 @@ def run_round(
     else:
         samples = _timed(times, "generate", generate, prompts, samples_per_prompt)
         rows, errors = _timed(times, "label", label_samples, r, samples, label, policy_step)
-        if not rows:
+        if not rows and errors:
             raise RoundError(
                 f"round {r}: online.labeler failed on all {errors} samples (online.on_label_error=skip): nothing to "
                 "train on; fix the labeler or check the samples"
+            )
+        if not rows:
+            raise RoundError(
+                f"round {r}: every sampled completion was empty (the policy ended each at once): nothing to label; "
+                "check the policy's generations, or sample more (online.temperature, online.samples_per_prompt)"
             )
         store.write_rows(r, rows, errors)
         rows = store.read_rows(r)  # as the one reader reads them back (what a resumed round trains on)

@@ -43,6 +43,7 @@ def online_loop_per_worker(config: dict) -> None:
     hooks.install_from_env()
     worker = OnlineWorker(config["spec"], config["channel"])
     if not worker.resume():  # this run name had finished already: its final model was reported again
+        worker.announce(finished=True)
         return
     worker.announce()
     if worker.run():
@@ -70,6 +71,7 @@ class OnlineWorker:
         mlflow = dataclasses.asdict(spec.mlflow) if spec.mlflow else None
         self.logger = StepLogger(mlflow, self.rank, buffered=True)
         self.rounds_done = 0
+        self.last_done: dict | None = None  # the last checkpointed round's `done` metrics (after a resume)
 
     def resume(self) -> bool:
         """The latest round-boundary checkpoint into the updater. False: the run had finished already."""
@@ -78,19 +80,26 @@ class OnlineWorker:
             return state is not None
         self.rounds_done = state["round"] + 1
         self.logger.history = state.get("history", [])
+        self.last_done = state.get("done")
         if self.rank == 0:
             console(f"[bco-ray] online: resumed after round {state['round']} at step {self.updater.step}")
         return True
 
-    def announce(self) -> None:
-        """Rank 0 tells the driver the group is ready; a resumed group first exports its policy (every rank)."""
+    def announce(self, finished: bool = False) -> None:
+        """Rank 0 tells the driver the group is ready (or, `finished`, that the run's final model is reported
+        again: nothing to train); a resumed group first exports its policy (every rank). A group Ray Train restarted
+        after round r's checkpoint but before rank 0 said round r was done says it now (the driver may be waiting
+        for it)."""
         policy = None
-        if self.rounds_done:
+        if self.rounds_done and not finished:
             policy = f"{self.spec.storage_dir}/online/policy/resumed-{self.rounds_done}"
             self.export(policy)
         if self.rank == 0:
             info = {"rounds_done": self.rounds_done, "policy": policy, "pid": os.getpid(), "at": time.time()}
-            ray.get(self.channel.ready.remote({**info, "step": self.updater.step, "engine": self.updater.times}))
+            info.update(finished=finished, step=self.updater.step, engine=self.updater.times)
+            ray.get(self.channel.ready.remote(info))
+            if self.last_done is not None:
+                ray.get(self.channel.done_if_missing.remote(self.rounds_done - 1, self.last_done))
 
     def run(self) -> bool:
         """Rounds as the driver posts them. True at a stop (save the final model), False at an abort."""
@@ -110,8 +119,8 @@ class OnlineWorker:
         steps = micro_batch_rows(
             len(rows["label"]), t.seed, r, self.world, self.rank, t.micro_batch_size, t.gradient_accumulation_steps
         )
-        if not steps:
-            raise RuntimeError(f"round {r}: {len(rows['label'])} rows give no whole optimizer step")
+        if not steps and self.rank == 0:  # rows lost to empty completions or labeler skips: nothing to step on
+            console(f"[bco-ray] online: round {r}'s {len(rows['label'])} rows fill no optimizer step; not trained")
         for i, step in enumerate(steps):
             batches = [
                 collate({k: [rows[k][j] for j in idx] for k in SCORED}, self.spec.models.pad_id, g == len(step) - 1)
@@ -126,13 +135,12 @@ class OnlineWorker:
         t1 = time.perf_counter()
         self.export(msg["weights"])
         t2 = time.perf_counter()
-        self.checkpoint(r)
-        t3 = time.perf_counter()
+        delta = up.delta.state_dict()
+        done = {"step": up.step, "steps": len(steps), "update_s": t1 - t0, "export_s": t2 - t1, "checkpoint_s": 0.0}
+        done.update({"delta": delta["mean"], "delta_count": delta["count"]})
+        self.checkpoint(r, done)
         if self.rank == 0:
-            delta = up.delta.state_dict()
-            done = {"step": up.step, "steps": len(steps), "update_s": t1 - t0, "export_s": t2 - t1}
-            done.update({"checkpoint_s": t3 - t2, "delta": delta["mean"], "delta_count": delta["count"]})
-            ray.get(self.channel.done.remote(r, done))
+            ray.get(self.channel.done.remote(r, {**done, "checkpoint_s": time.perf_counter() - t2}))
 
     def export(self, dest: str) -> None:
         """The policy in Hugging Face format at `dest` (every rank: ZeRO-3 gathers; rank 0 writes)."""
@@ -141,11 +149,11 @@ class OnlineWorker:
             if self.rank == 0:
                 publish_dir(os.path.join(d, "model"), dest)
 
-    def checkpoint(self, r: int) -> None:
-        """Every rank's updater state with the round it closes and rank 0's metric history."""
+    def checkpoint(self, r: int, done: dict) -> None:
+        """Every rank's updater state with the round it closes, its `done` metrics and rank 0's metric history."""
         up = self.updater
         with tempfile.TemporaryDirectory() as d:
-            up.save_checkpoint(d, {"round": r, "history": self.logger.history})
+            up.save_checkpoint(d, {"round": r, "history": self.logger.history, "done": done})
             self.logger.flush()
             ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report({"step": up.step, "round": r}, checkpoint=ckpt, checkpoint_dir_name=f"round_{r:05d}")
