@@ -17,6 +17,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -71,8 +72,6 @@ def _runs(client: MlflowClient) -> list:
 
 
 def _exists(path: str) -> bool:
-    from pathlib import Path
-
     return Path(path).exists()
 
 
@@ -88,6 +87,7 @@ def online_job(ray_head, tmp_path_factory):
         train_hooks.use(mp, fail_at_step=2)  # the worker dies after round 1's step, once
         proc = run_job(tmp, *ARGS, head=ray_head, script="online.py")
     assert proc.returncode == 0, (tmp / "job.log").read_text()[-6000:]
+    (tmp / "job.log").rename(tmp / "job2.log")
     result = json.loads((tmp / "outputs" / "runs" / "online" / "result.json").read_text())
     return tmp, result, first
 
@@ -121,7 +121,7 @@ def test_stopped_job_and_killed_worker_resume_at_the_last_round(online_job):
     # worker, again at round 1: the group kept alive across rounds otherwise
     assert [s["rounds_done"] for s in result["starts"]] == [1, 1], result["starts"]
     assert [s["step"] for s in result["starts"]] == [1, 1]
-    log = (tmp / "job.log").read_text()
+    log = (tmp / "job2.log").read_text()
     assert "injected failure: rank 0 exits at step 2" in log
     assert log.count("resumed after round 0 at step 1") == 2, log[-4000:]
     assert [r["round"] for r in result["rounds"]] == [1]  # round 0 was not run again
@@ -188,3 +188,25 @@ def test_compare_reads_the_online_run(online_job, capsys):
             assert float(row[f"{metric} best (max)"]) == pytest.approx(max(passes.values()))
         else:
             assert float(row["online/pass_rate final"]) == pytest.approx(passes[1])
+
+
+@pytest.mark.e2e
+def test_a_run_stopped_after_its_final_model_publishes_it_again(online_job, ray_head):
+    """The module's last test (it runs the job once more): a run whose workers had saved the final model, but
+    whose job ended before the run did (marked KILLED here, as a stop in the model's publishing leaves it), run
+    again under its name: nothing is labelled or trained, the final model is published again, the run FINISHED."""
+    tmp, result, _ = online_job
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client.set_terminated(result["run_id"], "KILLED")
+    rounds = tmp / "outputs/ray/online/online/rounds"
+    written = {p: p.stat().st_mtime for p in rounds.rglob("*")}
+    proc = run_job(tmp, *ARGS, head=ray_head, script="online.py")
+    log = (tmp / "job.log").read_text()
+    assert proc.returncode == 0 and f"run already finished at step {ROUNDS}" in log, log[-6000:]
+    again = json.loads((tmp / "outputs" / "runs" / "online" / "result.json").read_text())
+    assert again["run_id"] == result["run_id"] and again["rounds"] == [] and again["final"]["step"] == ROUNDS
+    assert [s["finished"] for s in again["starts"]] == [True]
+    assert {p: p.stat().st_mtime for p in rounds.rglob("*")} == written  # no round labelled or marked again
+    assert client.get_run(result["run_id"]).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(result["run_id"], "loss")) == [1, 2]
+    assert (Path(again["model_dir"]) / "model.safetensors").is_file()

@@ -49,6 +49,9 @@ class WorkerGroup:
             if done:
                 return ray.get(done[0])
             if not self.thread.is_alive():
+                done, _ = ray.wait([ref], timeout=2.0)  # sent just before the workers ended (a finished run's)
+                if done:
+                    return ray.get(done[0])
                 self._raise_unavailable()
                 raise TrainingError(f"the training worker group ended while the job waited for {what}") from (
                     self.error
