@@ -43,12 +43,18 @@ def double_prompts(round: int, n: int, seed: int) -> list[str]:
     bundled set's phrasings, each of a different number, none of them a number of the held-out set
     (`builtin:arithmetic/eval-double`, the bundled eval set's `double` rows): a gain on the held-out set is the
     rule learned, not answers remembered. Deterministic in (seed, round)."""
-    numbers = [n_ for n_ in range(2, 500) if n_ not in _held_out_doubles()]
+    numbers = _training_doubles()
     if n > len(numbers):
         raise ValueError(f"double_prompts gives at most {len(numbers)} prompts a round, {n} were asked for")
     rng = random.Random(f"double-{seed}-{round}")
     phrasings = FAMILIES["double"][3]
     return [rng.choice(phrasings).format(a=a) + SUFFIX for a in rng.sample(numbers, n)]
+
+
+@functools.cache
+def _training_doubles() -> list[int]:
+    """The `double` family's numbers (gen.py: 2..499) less the held-out set's."""
+    return [a for a in range(2, 500) if a not in _held_out_doubles()]
 
 
 @functools.cache

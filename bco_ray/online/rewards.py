@@ -122,7 +122,7 @@ class RewardLabel:
         self.__name__ = names[0] if len(names) == 1 else " + ".join(names)
 
     def __call__(self, prompt: Any, completion: str) -> Any:
-        return self.combine([self._one(i, prompt, completion) for i in range(len(self.funcs))])
+        return self.combine(self.call_batch([prompt], [completion])[0])
 
     def call_batch(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[list[Any]]:
         """Each function's output for every sample, as `combine` takes them: a batch function called once for all
@@ -139,7 +139,7 @@ class RewardLabel:
             if isinstance(got, (str, bytes)) or not isinstance(got, Sequence) or len(got) != len(prompts):
                 shown = f"{len(got)} values" if isinstance(got, Sequence) else type(got).__name__
                 raise RewardFunctionError(
-                    f"reward_funcs[{i}] {func_name(f)} returned {shown} for {len(prompts)} completions: a TRL reward "
+                    f"reward_funcs[{i}] {func_name(f)} returned {shown} for {len(prompts)} completion(s): a TRL reward "
                     "function returns a list with one reward (a number or None) per completion"
                 )
             outs.append([_verdict_value(x) for x in got])
@@ -156,18 +156,3 @@ class RewardLabel:
             raise RewardFunctionError(f"every reward function returned None (no reward) ({self.__name__})")
         weights = self.weights or [1.0] * len(numbers)
         return sum(w * x for w, x in zip(weights, numbers, strict=True) if x is not None)
-
-    def _one(self, i: int, prompt: Any, completion: str) -> Any:
-        f = self.funcs[i]
-        if not self.batch[i]:
-            return f(prompt, completion)
-        key = prompt if isinstance(prompt, str) else repr(prompt)
-        extra = {k: [v] for k, v in self.columns.get(key, {}).items()}
-        out = f(prompts=[prompt], completions=[completion], **extra)
-        if isinstance(out, (str, bytes)) or not isinstance(out, Sequence) or len(out) != 1:
-            shown = f"{len(out)} values" if isinstance(out, Sequence) else type(out).__name__
-            raise RewardFunctionError(
-                f"reward_funcs[{i}] {func_name(f)} returned {shown} for 1 completion: a TRL reward function "
-                "returns a list with one reward (a number or None) per completion"
-            )
-        return _verdict_value(out[0])
