@@ -111,4 +111,7 @@ def init_distributed(device) -> None:
             os.environ["MASTER_PORT"] = str(sk.getsockname()[1])
     if device.type == "cuda":
         torch.cuda.set_device(0)
+    from bco_ray.train.jit_builds import skip_inference_comm_op
+
+    skip_inference_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")

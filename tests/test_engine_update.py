@@ -34,6 +34,8 @@ import numpy as np
 import pytest
 import torch
 
+from bco_ray.train.jit_builds import skip_inference_comm_op
+
 # Several processes (DeepSpeed ranks on gloo) or a bench run: the full suite, not `make test-fast`.
 pytestmark = pytest.mark.slow
 
@@ -76,6 +78,7 @@ def _init_world_of_one() -> None:
         LOCAL_WORLD_SIZE="1",
     )
     torch.set_num_threads(1)
+    skip_inference_comm_op()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
 
 
@@ -194,9 +197,12 @@ class _Null:
 def _all_stages() -> dict:
     """Run in a fresh process (DeepSpeed keeps process-wide state): the reference, then every stage's engine.
     Plain numbers back: per stage the largest |engine - AdamW| over the parameters and the gradient norms."""
+    import deepspeed.comm.comm as ds_comm
+
     _init_world_of_one()
     ref_after, ref_norms, before = _reference()
     out = {"ref_norms": ref_norms, "moved": max(float((ref_after[n] - before[n]).abs().max()) for n in before)}
+    out["shm_op_built"] = ds_comm.cdb.shm_comm_op is not None
     for stage, kw in STAGES.items():
         try:
             after, norms, optimizer = _engine_run(_train_config(**kw))
@@ -220,6 +226,11 @@ def results() -> dict:
 def test_reference_update_is_visible_and_clipped(results):
     assert results["moved"] > 100 * TOL  # the update is visible at this tolerance
     assert min(results["ref_norms"]) > 2 * MAX_GRAD_NORM  # clipping is active on every step
+
+
+def test_no_inference_comm_op_is_built(results):
+    """DeepSpeed's CPU shared-memory all-reduce (inference only) is not JIT-built for a training engine."""
+    assert results["shm_op_built"] is False
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

@@ -35,6 +35,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from bco_ray.train.jit_builds import skip_inference_comm_op
+
 from tiny_models import tiny_kwargs
 
 # Several processes (DeepSpeed ranks on gloo) or a bench run: the full suite, not `make test-fast`.
@@ -171,6 +173,7 @@ def init_gloo_rank(rank: int, world: int, port: int) -> None:
         LOCAL_WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
+    skip_inference_comm_op()
     deepspeed.init_distributed(
         dist_backend="gloo", auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=PG_TIMEOUT_S)
     )

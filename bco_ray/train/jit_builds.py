@@ -1,4 +1,5 @@
-"""Where DeepSpeed builds its just-in-time ops. Standard library only: the tests' conftest calls it at start-up."""
+"""Where DeepSpeed builds its just-in-time ops, and which it need not build. `pin_jit_builds` is standard library
+only: the tests' conftest calls it at start-up."""
 
 from __future__ import annotations
 
@@ -19,3 +20,14 @@ def pin_jit_builds() -> None:
     bin_dir, path = os.path.dirname(sys.executable), os.environ.get("PATH", "")
     if os.path.exists(os.path.join(bin_dir, "ninja")) and not path.startswith(bin_dir + os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
+def skip_inference_comm_op() -> None:
+    """On a CPU accelerator, DeepSpeed's first `init_distributed` JIT-builds a shared-memory all-reduce
+    (`deepspeed_shm_comm`: about 40 s of compiling on 2 cores, once per environment and node) that only its
+    inference all-reduce calls; a training engine's collectives go through torch.distributed (gloo). Marked
+    unavailable, as DeepSpeed marks it where the platform lacks it, it is not built. Call it before
+    `deepspeed.init_distributed`; on a GPU accelerator the op does not exist and this changes nothing."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
