@@ -97,7 +97,6 @@ def ds_torch_adam(choice: str) -> bool:
 
 
 def init_distributed(device) -> None:
-    import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -111,7 +110,6 @@ def init_distributed(device) -> None:
             os.environ["MASTER_PORT"] = str(sk.getsockname()[1])
     if device.type == "cuda":
         torch.cuda.set_device(0)
-    from bco_ray.train.jit_builds import skip_inference_comm_op
+    from bco_ray.train import jit_builds
 
-    skip_inference_comm_op()
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    jit_builds.init_distributed("nccl" if device.type == "cuda" else "gloo")

@@ -277,6 +277,19 @@ def test_use_bf16_reads_the_typed_field():
     assert deepspeed_config(load_config(overrides=["--train.bf16=true"]).train, 1, False)["bf16"] == {"enabled": True}
 
 
+def test_cpu_jobs_use_torch_adamw_and_gpu_offload_keeps_deepspeeds_cpu_adam():
+    """No JIT-built CPU Adam where there is no GPU (offloaded or not); GPU jobs that offload keep DeepSpeed's."""
+    from bco_ray.config.schema import TrainConfig
+    from bco_ray.train.ds_config import deepspeed_config
+
+    def torch_adam(offload: bool, on_gpu: bool) -> bool:
+        t = TrainConfig(zero_stage=2, offload_optimizer=offload)
+        return deepspeed_config(t, 1, on_gpu)["optimizer"]["params"].get("torch_adam", False)
+
+    assert [torch_adam(offload, False) for offload in (False, True)] == [True, True]
+    assert [torch_adam(offload, True) for offload in (False, True)] == [False, False]
+
+
 def test_deepspeed_jit_builds_are_pinned_to_this_environment(monkeypatch, tmp_path):
     """One build directory per Python environment and that environment's ninja: two environments (or a venv's
     ninja and the system's) no longer rebuild each other's DeepSpeed ops; a directory the user set is kept."""

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 import torch
 
-from bco_ray.train.jit_builds import skip_inference_comm_op
+from bco_ray.train.jit_builds import init_distributed
 
 # Several processes (DeepSpeed ranks on gloo) or a bench run: the full suite, not `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -67,8 +67,6 @@ def _free_port() -> int:
 
 def _init_world_of_one() -> None:
     """torch.distributed (gloo, loopback) with one rank, as the worker of a 1-worker job sees it."""
-    import deepspeed
-
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(_free_port()),
@@ -78,8 +76,7 @@ def _init_world_of_one() -> None:
         LOCAL_WORLD_SIZE="1",
     )
     torch.set_num_threads(1)
-    skip_inference_comm_op()
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    init_distributed("gloo", auto_mpi_discovery=False, verbose=False)
 
 
 def _model():

@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from bco_ray.train.jit_builds import skip_inference_comm_op
+from bco_ray.train.jit_builds import init_distributed
 
 from tiny_models import tiny_kwargs
 
@@ -162,8 +162,6 @@ def _train(chunk_size: int, rank: int) -> dict:
 
 def init_gloo_rank(rank: int, world: int, port: int) -> None:
     """One spawned rank of a gloo process group on loopback, one thread, as DeepSpeed's launcher would set it up."""
-    import deepspeed
-
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -173,10 +171,7 @@ def init_gloo_rank(rank: int, world: int, port: int) -> None:
         LOCAL_WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
-    skip_inference_comm_op()
-    deepspeed.init_distributed(
-        dist_backend="gloo", auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=PG_TIMEOUT_S)
-    )
+    init_distributed("gloo", auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=PG_TIMEOUT_S))
 
 
 def record_error(out_dir: str, rank: int) -> None:

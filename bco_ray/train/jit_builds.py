@@ -1,5 +1,5 @@
-"""Where DeepSpeed builds its just-in-time ops, and which it need not build. `pin_jit_builds` is standard library
-only: the tests' conftest calls it at start-up."""
+"""Where DeepSpeed builds its just-in-time ops, and which it need not build. Standard library only at import: the
+tests' conftest calls `pin_jit_builds` at start-up."""
 
 from __future__ import annotations
 
@@ -22,12 +22,15 @@ def pin_jit_builds() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
-def skip_inference_comm_op() -> None:
-    """On a CPU accelerator, DeepSpeed's first `init_distributed` JIT-builds a shared-memory all-reduce
-    (`deepspeed_shm_comm`: about 40 s of compiling on 2 cores, once per environment and node) that only its
-    inference all-reduce calls; a training engine's collectives go through torch.distributed (gloo). Marked
-    unavailable, as DeepSpeed marks it where the platform lacks it, it is not built. Call it before
-    `deepspeed.init_distributed`; on a GPU accelerator the op does not exist and this changes nothing."""
+def init_distributed(backend: str, **kwargs) -> None:
+    """`deepspeed.init_distributed` with the JIT builds pinned (above) and without the one op a training engine never
+    uses: on a CPU accelerator, DeepSpeed's first init JIT-builds a shared-memory all-reduce (`deepspeed_shm_comm`,
+    about 40 s of compiling on 2 cores, once per environment and node) that only its inference all-reduce calls; a
+    training engine's collectives go through torch.distributed (gloo). It is marked unavailable, as DeepSpeed marks
+    it where the platform lacks it, and so not built. On a GPU accelerator the op does not exist: nothing changes."""
+    import deepspeed
     import deepspeed.ops
 
+    pin_jit_builds()
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend, **kwargs)

@@ -19,7 +19,7 @@ from bco_ray.train.divergence import check_device
 from bco_ray.train.ds_config import deepspeed_config, use_bf16
 from bco_ray.train.evaluate import evaluate
 from bco_ray.train.forward import micro_batch_loss
-from bco_ray.train.jit_builds import pin_jit_builds, skip_inference_comm_op
+from bco_ray.train.jit_builds import init_distributed
 from bco_ray.train.metrics import WindowSums
 from bco_ray.train.spec import WorkerSpec
 from bco_ray.train.throughput import flop_shape, peak_flops, train_flops
@@ -86,9 +86,7 @@ class PolicyUpdater:
         self.on_gpu = t.use_gpu and torch.cuda.is_available()
         self.device = ray.train.torch.get_device() if self.on_gpu else torch.device("cpu")
         torch.manual_seed(t.seed)
-        pin_jit_builds()
-        skip_inference_comm_op()
-        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
+        init_distributed("nccl" if self.on_gpu else "gloo")
         self.times["joined"] = time.time()
         self.schedule = s = StepSchedule.of(t, rows, self.world)
         model = build_policy(spec.cfg, spec.models.policy, self.on_gpu)
